@@ -1,0 +1,1 @@
+//! (fetch helper fills this module)

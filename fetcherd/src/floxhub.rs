@@ -1,0 +1,1 @@
+//! (floxhub helper fills this module)
