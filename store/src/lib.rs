@@ -15,23 +15,40 @@
 //!   written and its NarHash matched; a crash at any moment leaves nothing half-visible.
 //! - **Exact reproduction**: [`Store::dump_nar`] hashes to the narinfo's NarHash and
 //!   [`Store::export`] writes the tree `nix-store --restore` makes.
+//!
+//! On disk, a store directory holds `db.sqlite` (see [`db`] for the schema), `objects/<2 hex>/
+//! <64 hex>` object files (see [`objects`]), `tmp/` for objects being written, and `lock`.
+//!
+//! Concurrency: a `Store` is `Send + Sync`; ingests of different paths run in parallel, a
+//! second ingest of the same path waits for the first. Every open `Store` holds a shared lock
+//! on `lock`; [`Store::gc`] needs it exclusively and fails with [`StoreError::Busy`] while any
+//! other `Store` (in this or another process) is open (see [`lock`]).
 
-// PLACEHOLDER: the store helper replaces this file; the public API below is the contract the
-// fetcher and the command line are written against.
+pub mod db;
+mod dump;
+mod environments;
+mod error;
+mod gc;
+mod ingest;
+pub mod lock;
+pub mod objects;
+mod tree;
+mod verify;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
-use kof_nar::{NarInfo, StorePath};
+use kof_nar::{NixHash, StorePath};
+use rusqlite::{OptionalExtension, Row};
 
-/// Errors from the store. (The real type has one variant per cause, each keeping its source.)
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// placeholder
-    #[error("placeholder")]
-    Placeholder,
-}
+pub use environments::RootRecord;
+pub use error::StoreError;
+pub use gc::GcReport;
+pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
+pub use objects::{Codec, Digest, ObjectInfo};
+pub use tree::{FileContent, FileReader, NodeKind, TreeNode};
+pub use verify::{CorruptItem, Corruption, VerifyReport};
 
 /// The metadata of one stored path: the narinfo fields worth keeping, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,65 +130,146 @@ pub struct Stats {
     pub environments: u64,
 }
 
-/// The store.
+/// The store: one directory on the node, shared by every environment and pod.
 pub struct Store {
-    _root: PathBuf,
+    dir: PathBuf,
+    db: db::Pool,
+    objects: objects::Objects,
+    lock: lock::StoreLock,
+    /// Ingests hold it shared, gc exclusively, so gc in this process never races an ingest
+    /// that found an object present and is about to reference it.
+    gc_guard: RwLock<()>,
+    inflight: ingest::InFlight,
+}
+
+const PATH_COLUMNS: &str = "id, store_path, nar_hash, nar_size, deriver, sigs, ca, source_cache, \
+                            registered_at";
+
+fn path_row(conn: &rusqlite::Connection, r: &Row<'_>) -> Result<PathInfo, StoreError> {
+    let id: i64 = r.get(0)?;
+    let base: String = r.get(1)?;
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::CorruptMetadata(format!("{what} of stored path {base:?}: {e}"))
+    };
+    let store_path = StorePath::from_base_name(&base).map_err(|e| bad("name", &e))?;
+    let nar_hash = NixHash::parse(&r.get::<_, String>(2)?).map_err(|e| bad("NarHash", &e))?;
+    let mut references = Vec::new();
+    let mut stmt =
+        conn.prepare_cached("SELECT reference FROM refs WHERE path_id = ? ORDER BY reference")?;
+    for reference in stmt.query_map([id], |r| r.get::<_, String>(0))? {
+        let reference = reference?;
+        references.push(StorePath::from_base_name(&reference).map_err(|e| bad("reference", &e))?);
+    }
+    Ok(PathInfo {
+        store_path,
+        nar_hash,
+        nar_size: r.get::<_, i64>(3)? as u64,
+        references,
+        deriver: r.get(4)?,
+        sigs: serde_json::from_str(&r.get::<_, String>(5)?)?,
+        ca: r.get(6)?,
+        source_cache: r.get(7)?,
+        registered_at: r.get(8)?,
+    })
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `dir`.
-    pub fn open(_dir: &Path) -> Result<Store, StoreError> {
-        unimplemented!()
+    /// Opens (creating if needed) the store at `dir`, migrating its database. Takes the
+    /// shared lock for the life of the `Store`; if no one else has the store open, first
+    /// removes what interrupted writers left in `tmp/`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("creating", dir, e))?;
+        let (lock, exclusive) = lock::StoreLock::open(dir)?;
+        let objects = objects::Objects::open(dir)?;
+        let db = db::Pool::open(&dir.join("db.sqlite"))?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            db,
+            objects,
+            lock,
+            gc_guard: RwLock::new(()),
+            inflight: ingest::InFlight::default(),
+        };
+        if exclusive {
+            let cleaned = store.clean_tmp();
+            store.lock.downgrade()?;
+            cleaned?;
+        }
+        Ok(store)
     }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Whether `path` is stored (fully ingested and visible).
-    pub fn has_path(&self, _path: &StorePath) -> Result<bool, StoreError> {
-        unimplemented!()
+    pub fn has_path(&self, path: &StorePath) -> Result<bool, StoreError> {
+        let conn = self.db.get()?;
+        let found = conn
+            .prepare_cached("SELECT 1 FROM paths WHERE store_path = ?")?
+            .exists([path.base_name()])?;
+        Ok(found)
     }
+
     /// The stored metadata of `path`.
-    pub fn path_info(&self, _path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
-        unimplemented!()
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+        let conn = self.db.get()?;
+        let found = conn
+            .prepare_cached(&format!(
+                "SELECT {PATH_COLUMNS} FROM paths WHERE store_path = ?"
+            ))?
+            .query_row([path.base_name()], |r| Ok(path_row(&conn, r)))
+            .optional()?;
+        found.transpose()
     }
+
     /// All stored paths, sorted.
     pub fn list_paths(&self) -> Result<Vec<PathInfo>, StoreError> {
-        unimplemented!()
+        let conn = self.db.get()?;
+        let mut stmt = conn.prepare_cached(&format!("SELECT {PATH_COLUMNS} FROM paths"))?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(path_row(&conn, r)?);
+        }
+        out.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+        Ok(out)
     }
-    /// Ingests the uncompressed NAR of `info.store_path` read from `nar`. Verifies the NAR's
-    /// sha256 and size against `info.nar_hash` / `info.nar_size`; on any error nothing becomes
-    /// visible. Safe to call from several threads at once for different paths. Ingesting a
-    /// path already stored is a no-op that still consumes and verifies the stream.
-    pub fn ingest_nar(
-        &self,
-        _info: &NarInfo,
-        _source_cache: &str,
-        _nar: &mut dyn Read,
-    ) -> Result<IngestStats, StoreError> {
-        unimplemented!()
-    }
-    /// Writes the NAR of a stored path.
-    pub fn dump_nar(&self, _path: &StorePath, _out: &mut dyn Write) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-    /// Writes a stored path's tree to `dir` (which must not exist), as `nix-store --restore`.
-    pub fn export(&self, _path: &StorePath, _dir: &Path) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-    /// Records a resolved environment generation.
-    pub fn put_environment(&self, _env: &EnvironmentRecord) -> Result<(), StoreError> {
-        unimplemented!()
-    }
-    /// Marks an environment generation as kept by gc. A live (unpinned) root replaces the
-    /// environment's previous unpinned root; pinned roots stay until removed.
-    pub fn set_root(
-        &self,
-        _owner: &str,
-        _name: &str,
-        _generation: u64,
-        _pinned: bool,
-    ) -> Result<(), StoreError> {
-        unimplemented!()
-    }
+
     /// Totals.
     pub fn stats(&self) -> Result<Stats, StoreError> {
-        unimplemented!()
+        let conn = self.db.get()?;
+        let (store_paths, logical_bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(nar_size), 0) FROM paths",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let (objects, unique_bytes, stored_bytes): (i64, i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(stored_size), 0) FROM objects",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let environments: i64 =
+            conn.query_row("SELECT count(*) FROM environments", [], |r| r.get(0))?;
+        Ok(Stats {
+            store_paths: store_paths as u64,
+            logical_bytes: logical_bytes as u64,
+            stored_bytes: stored_bytes as u64,
+            unique_bytes: unique_bytes as u64,
+            objects: objects as u64,
+            environments: environments as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Store>();
     }
 }

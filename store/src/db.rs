@@ -1,0 +1,202 @@
+//! The SQLite metadata database: schema, migrations, and a small pool of connections so that
+//! several threads can read and ingest at once (SQLite in WAL mode serialises the writers;
+//! `busy_timeout` makes them wait for each other instead of failing).
+//!
+//! Tables:
+//! - `paths`: one row per visible store path, with its narinfo data. A row exists only once
+//!   the path's objects are durable and its NarHash matched.
+//! - `refs`: the References of each path (base names).
+//! - `nodes`: each path's tree, one row per file, directory or symlink, numbered in NAR order
+//!   (pre-order, entries sorted) so `ORDER BY id` replays the NAR. A regular file names its
+//!   whole-content BLAKE3 `digest`; if `chunked` it is split into the `chunks` rows of that
+//!   digest, otherwise the digest is the object itself. `nar_offset` is where the file's
+//!   contents start in the NAR (for HTTP range requests).
+//! - `chunks`: the chunk list of each chunked file content, shared by every path holding it.
+//! - `objects`: every object with a file on disk: size, stored size, codec.
+//! - `environments`, `roots`: resolved environment generations and the ones gc must keep.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::error::StoreError;
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE paths (
+    id INTEGER PRIMARY KEY,
+    store_path TEXT NOT NULL UNIQUE,
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL,
+    deriver TEXT,
+    sigs TEXT NOT NULL,
+    ca TEXT,
+    source_cache TEXT NOT NULL,
+    registered_at INTEGER NOT NULL
+);
+CREATE TABLE refs (
+    path_id INTEGER NOT NULL REFERENCES paths(id) ON DELETE CASCADE,
+    reference TEXT NOT NULL,
+    PRIMARY KEY (path_id, reference)
+) WITHOUT ROWID;
+CREATE TABLE nodes (
+    path_id INTEGER NOT NULL REFERENCES paths(id) ON DELETE CASCADE,
+    id INTEGER NOT NULL,
+    parent INTEGER,
+    name BLOB,
+    kind INTEGER NOT NULL,
+    executable INTEGER NOT NULL DEFAULT 0,
+    size INTEGER,
+    target BLOB,
+    digest BLOB,
+    chunked INTEGER NOT NULL DEFAULT 0,
+    nar_offset INTEGER,
+    PRIMARY KEY (path_id, id)
+) WITHOUT ROWID;
+CREATE INDEX nodes_by_parent ON nodes(path_id, parent, name);
+CREATE INDEX nodes_by_digest ON nodes(digest);
+CREATE TABLE chunks (
+    file_digest BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    object BLOB NOT NULL,
+    PRIMARY KEY (file_digest, idx)
+) WITHOUT ROWID;
+CREATE INDEX chunks_by_object ON chunks(object);
+CREATE TABLE objects (
+    digest BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL,
+    codec INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE environments (
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    system TEXT NOT NULL,
+    lockfile TEXT NOT NULL,
+    vars TEXT NOT NULL,
+    hook TEXT,
+    history TEXT NOT NULL,
+    roots TEXT NOT NULL,
+    closure TEXT NOT NULL,
+    resolved_at INTEGER NOT NULL,
+    PRIMARY KEY (owner, name, generation)
+);
+CREATE TABLE roots (
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    pinned INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (owner, name, generation)
+);
+";
+
+/// Brings the database at `conn` to [`SCHEMA_VERSION`], one step per version, each step in its
+/// own transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        match version {
+            SCHEMA_VERSION => return Ok(()),
+            v if v > SCHEMA_VERSION => {
+                return Err(StoreError::SchemaTooNew {
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                })
+            }
+            0 => {
+                tx.execute_batch(SCHEMA_V1)?;
+                tx.pragma_update(None, "user_version", 1)?;
+            }
+            v => {
+                return Err(StoreError::CorruptMetadata(format!(
+                    "no migration from schema version {v}"
+                )))
+            }
+        }
+        tx.commit()?;
+    }
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(60))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode: a power loss may drop the last commits but never corrupts; every
+    // object a committed row names was fsynced before the commit.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// A pool of connections to one database file.
+pub(crate) struct Pool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Pool {
+    /// Opens the database at `path`, migrating it.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = connect(path)?;
+        migrate(&mut conn)?;
+        Ok(Pool {
+            path: path.to_path_buf(),
+            idle: Mutex::new(vec![conn]),
+        })
+    }
+
+    /// A connection, returned to the pool when dropped.
+    pub(crate) fn get(&self) -> Result<PooledConn<'_>, StoreError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => connect(&self.path)?,
+        };
+        Ok(PooledConn {
+            pool: self,
+            conn: Some(conn),
+        })
+    }
+}
+
+/// A connection borrowed from a [`Pool`].
+pub(crate) struct PooledConn<'a> {
+    pool: &'a Pool,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for PooledConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("connection present until drop")
+    }
+}
+
+impl std::ops::DerefMut for PooledConn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Drop for PooledConn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            // A connection left inside a transaction (an error path) is not reused.
+            if c.is_autocommit() {
+                let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < 8 {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Atomic ingest of a NAR stream: contents go into objects as the NAR is parsed, the NAR's own
+//! sha256 and length are checked against the narinfo at the end, and only then does one SQLite
+//! transaction make the path visible.
+//!
+//! Memory stays bounded whatever the NAR: a file up to [`SMALL_FILE_MAX`] is buffered whole,
+//! a larger one goes through FastCDC one chunk (at most [`CHUNK_MAX`]) at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::sync::{Condvar, Mutex};
+
+use fastcdc::v2020::StreamCDC;
+use kof_nar::hash::HashingReader;
+use kof_nar::nar::{self, NarError, NarVisitor};
+use kof_nar::{NarInfo, StorePath};
+use rusqlite::{params, Connection, OptionalExtension};
+use tracing::{debug, warn};
+
+use crate::error::StoreError;
+use crate::objects::{Digest, ObjectInfo};
+use crate::tree::{KIND_DIRECTORY, KIND_REGULAR, KIND_SYMLINK};
+use crate::{IngestStats, Store};
+
+/// Files up to this size are one object each; larger ones are split by FastCDC.
+///
+/// 1 MiB because: most files in store paths are far smaller, and splitting a file that is at
+/// most four average chunks long buys little sharing for more rows; it bounds what one ingest
+/// buffers per file; and it equals [`CHUNK_MAX`], so every object is at most 1 MiB and a read
+/// of any byte range of a compressed object decompresses at most 1 MiB.
+pub const SMALL_FILE_MAX: u64 = 1 << 20;
+/// FastCDC minimum chunk size.
+pub const CHUNK_MIN: u32 = 64 << 10;
+/// FastCDC average chunk size: 256 KiB keeps the chunk count of a 100 MiB library near 400
+/// while a few changed bytes cost about one chunk.
+pub const CHUNK_AVG: u32 = 256 << 10;
+/// FastCDC maximum chunk size.
+pub const CHUNK_MAX: u32 = 1 << 20;
+
+/// A node row as it will be inserted.
+struct NodeRow {
+    id: i64,
+    parent: Option<i64>,
+    name: Option<Vec<u8>>,
+    kind: i64,
+    executable: bool,
+    size: Option<u64>,
+    target: Option<Vec<u8>>,
+    digest: Option<Digest>,
+    chunked: bool,
+    nar_offset: Option<u64>,
+}
+
+struct ChunkRow {
+    offset: u64,
+    size: u64,
+    object: Digest,
+}
+
+/// Collects a path's tree while its contents are written into objects.
+struct IngestVisitor<'a> {
+    store: &'a Store,
+    conn: &'a Connection,
+    nodes: Vec<NodeRow>,
+    stack: Vec<i64>,
+    /// Objects this ingest wrote.
+    written: HashMap<Digest, ObjectInfo>,
+    /// Every object the path uses.
+    referenced: HashSet<Digest>,
+    chunk_lists: HashMap<Digest, Vec<ChunkRow>>,
+}
+
+fn visitor_err(e: StoreError) -> NarError {
+    NarError::Visitor(Box::new(e))
+}
+
+impl IngestVisitor<'_> {
+    fn push(&mut self, name: Option<&[u8]>, mut row: NodeRow) -> i64 {
+        let id = self.nodes.len() as i64;
+        row.id = id;
+        row.parent = if name.is_some() {
+            self.stack.last().copied()
+        } else {
+            None
+        };
+        row.name = name.map(|n| n.to_vec());
+        self.nodes.push(row);
+        id
+    }
+
+    /// Makes sure the object `digest` with content `data` exists, writing it if the store
+    /// has no row for it.
+    fn ensure_object(&mut self, digest: Digest, data: &[u8]) -> Result<(), StoreError> {
+        if !self.referenced.insert(digest) {
+            return Ok(());
+        }
+        let known = self
+            .conn
+            .prepare_cached("SELECT 1 FROM objects WHERE digest = ?")?
+            .query_row([&digest.0[..]], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if !known {
+            let info = self.store.objects.write(digest, data)?;
+            self.written.insert(digest, info);
+        }
+        Ok(())
+    }
+
+    fn node(kind: i64) -> NodeRow {
+        NodeRow {
+            id: 0,
+            parent: None,
+            name: None,
+            kind,
+            executable: false,
+            size: None,
+            target: None,
+            digest: None,
+            chunked: false,
+            nar_offset: None,
+        }
+    }
+}
+
+/// Feeds the bytes it passes on to a BLAKE3 hasher.
+struct HashTee<'a, R> {
+    inner: R,
+    hasher: &'a mut blake3::Hasher,
+}
+
+impl<R: Read> Read for HashTee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl NarVisitor for IngestVisitor<'_> {
+    fn enter_directory(&mut self, name: Option<&[u8]>) -> Result<(), NarError> {
+        let id = self.push(name, Self::node(KIND_DIRECTORY));
+        self.stack.push(id);
+        Ok(())
+    }
+
+    fn leave_directory(&mut self) -> Result<(), NarError> {
+        self.stack.pop();
+        Ok(())
+    }
+
+    fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), NarError> {
+        let mut row = Self::node(KIND_SYMLINK);
+        row.target = Some(target.to_vec());
+        self.push(name, row);
+        Ok(())
+    }
+
+    fn regular(
+        &mut self,
+        name: Option<&[u8]>,
+        executable: bool,
+        size: u64,
+        nar_offset: u64,
+        contents: &mut dyn Read,
+    ) -> Result<(), NarError> {
+        let (digest, chunked) = if size <= SMALL_FILE_MAX {
+            let mut buf = Vec::with_capacity(size as usize);
+            contents.read_to_end(&mut buf)?;
+            let digest = Digest::of(&buf);
+            self.ensure_object(digest, &buf).map_err(visitor_err)?;
+            (digest, false)
+        } else {
+            let mut hasher = blake3::Hasher::new();
+            let mut list = Vec::new();
+            let tee = HashTee {
+                inner: contents,
+                hasher: &mut hasher,
+            };
+            let mut total = 0u64;
+            for chunk in StreamCDC::new(tee, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                let chunk = chunk.map_err(|e| match e {
+                    fastcdc::v2020::Error::IoError(io) => NarError::Io(io),
+                    other => NarError::Io(std::io::Error::other(other.to_string())),
+                })?;
+                let d = Digest::of(&chunk.data);
+                self.ensure_object(d, &chunk.data).map_err(visitor_err)?;
+                list.push(ChunkRow {
+                    offset: chunk.offset,
+                    size: chunk.length as u64,
+                    object: d,
+                });
+                total += chunk.length as u64;
+            }
+            debug_assert_eq!(
+                total, size,
+                "the NAR parser yields exactly the file's bytes"
+            );
+            let digest = Digest::from(hasher.finalize());
+            self.chunk_lists.entry(digest).or_insert(list);
+            (digest, true)
+        };
+        let mut row = Self::node(KIND_REGULAR);
+        row.executable = executable;
+        row.size = Some(size);
+        row.digest = Some(digest);
+        row.chunked = chunked;
+        row.nar_offset = Some(nar_offset);
+        self.push(name, row);
+        Ok(())
+    }
+}
+
+/// Parses and discards a NAR (for re-ingest of a stored path, which still verifies the stream).
+struct DiscardVisitor;
+
+impl NarVisitor for DiscardVisitor {
+    fn enter_directory(&mut self, _: Option<&[u8]>) -> Result<(), NarError> {
+        Ok(())
+    }
+    fn leave_directory(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
+    fn symlink(&mut self, _: Option<&[u8]>, _: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
+    fn regular(
+        &mut self,
+        _: Option<&[u8]>,
+        _: bool,
+        _: u64,
+        _: u64,
+        _: &mut dyn Read,
+    ) -> Result<(), NarError> {
+        Ok(())
+    }
+}
+
+/// Store paths being ingested by this process, so a second ingest of the same path waits for
+/// the first and then finds it stored.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    paths: Mutex<HashSet<StorePath>>,
+    done: Condvar,
+}
+
+pub(crate) struct InFlightGuard<'a> {
+    set: &'a InFlight,
+    path: StorePath,
+}
+
+impl InFlight {
+    pub(crate) fn claim(&self, path: &StorePath) -> InFlightGuard<'_> {
+        let mut paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        while paths.contains(path) {
+            paths = self.done.wait(paths).unwrap_or_else(|p| p.into_inner());
+        }
+        paths.insert(path.clone());
+        InFlightGuard {
+            set: self,
+            path: path.clone(),
+        }
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        let mut paths = self.set.paths.lock().unwrap_or_else(|p| p.into_inner());
+        paths.remove(&self.path);
+        self.set.done.notify_all();
+    }
+}
+
+fn nar_error(path: &StorePath, e: NarError) -> StoreError {
+    match e {
+        NarError::Visitor(b) => match b.downcast::<StoreError>() {
+            Ok(se) => *se,
+            Err(other) => StoreError::Nar {
+                path: path.clone(),
+                source: NarError::Visitor(other),
+            },
+        },
+        source => StoreError::Nar {
+            path: path.clone(),
+            source,
+        },
+    }
+}
+
+fn check_hash<R>(info: &NarInfo, hashing: HashingReader<R>) -> Result<u64, StoreError> {
+    let (got, count, _) = hashing.finish();
+    if count != info.nar_size {
+        return Err(StoreError::NarSizeMismatch {
+            path: info.store_path.clone(),
+            expected: info.nar_size,
+            got: count,
+        });
+    }
+    if got != info.nar_hash {
+        return Err(StoreError::NarHashMismatch {
+            path: info.store_path.clone(),
+            expected: info.nar_hash,
+            got,
+        });
+    }
+    Ok(count)
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Ingests the uncompressed NAR of `info.store_path` read from `nar`. Verifies the NAR's
+    /// sha256 and size against `info.nar_hash` / `info.nar_size`; on any error nothing becomes
+    /// visible. Safe to call from several threads at once for different paths; a second
+    /// ingest of a path being ingested waits for the first. Ingesting a path already stored
+    /// is a no-op that still consumes and verifies the stream.
+    pub fn ingest_nar(
+        &self,
+        info: &NarInfo,
+        source_cache: &str,
+        nar: &mut dyn Read,
+    ) -> Result<IngestStats, StoreError> {
+        let path = &info.store_path;
+        let _gc = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _claim = self.inflight.claim(path);
+        let mut hashing = HashingReader::new(nar);
+
+        if self.has_path(path)? {
+            nar::parse(&mut hashing, &mut DiscardVisitor).map_err(|e| nar_error(path, e))?;
+            let nar_bytes = check_hash(info, hashing)?;
+            if let Some(stored) = self.path_info(path)? {
+                if stored.nar_hash != info.nar_hash {
+                    warn!(%path, stored = %stored.nar_hash, offered = %info.nar_hash,
+                        "path already stored with another NarHash; keeping the stored one");
+                }
+            }
+            return Ok(IngestStats {
+                nar_bytes,
+                ..IngestStats::default()
+            });
+        }
+
+        let mut conn = self.db.get()?;
+        let mut v = IngestVisitor {
+            store: self,
+            conn: &conn,
+            nodes: Vec::new(),
+            stack: Vec::new(),
+            written: HashMap::new(),
+            referenced: HashSet::new(),
+            chunk_lists: HashMap::new(),
+        };
+        nar::parse(&mut hashing, &mut v).map_err(|e| nar_error(path, e))?;
+        let nar_bytes = check_hash(info, hashing)?;
+        let IngestVisitor {
+            nodes,
+            written,
+            referenced,
+            chunk_lists,
+            ..
+        } = v;
+        self.objects.sync_dirs(written.keys())?;
+
+        let stats = IngestStats {
+            nar_bytes,
+            new_stored_bytes: written.values().map(|o| o.stored_size).sum(),
+            new_objects: written.len() as u64,
+            objects: referenced.len() as u64,
+        };
+        let committed = commit(
+            &mut conn,
+            info,
+            source_cache,
+            &nodes,
+            &written,
+            &chunk_lists,
+        )?;
+        debug!(%path, ?stats, committed, "ingested");
+        Ok(stats)
+    }
+}
+
+/// Makes the path visible in one transaction; `false` if another process stored it meanwhile.
+fn commit(
+    conn: &mut Connection,
+    info: &NarInfo,
+    source_cache: &str,
+    nodes: &[NodeRow],
+    written: &HashMap<Digest, ObjectInfo>,
+    chunk_lists: &HashMap<Digest, Vec<ChunkRow>>,
+) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let base = info.store_path.base_name();
+    let exists = tx
+        .query_row("SELECT 1 FROM paths WHERE store_path = ?", [&base], |_| {
+            Ok(())
+        })
+        .optional()?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    {
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO objects (digest, size, stored_size, codec) VALUES (?, ?, ?, ?)",
+        )?;
+        for o in written.values() {
+            ins.execute(params![
+                &o.digest.0[..],
+                o.size as i64,
+                o.stored_size as i64,
+                o.codec.to_sql()
+            ])?;
+        }
+        let mut ins = tx.prepare_cached(
+            "INSERT OR IGNORE INTO chunks (file_digest, idx, offset, size, object)
+             VALUES (?, ?, ?, ?, ?)",
+        )?;
+        for (file, list) in chunk_lists {
+            for (i, c) in list.iter().enumerate() {
+                ins.execute(params![
+                    &file.0[..],
+                    i as i64,
+                    c.offset as i64,
+                    c.size as i64,
+                    &c.object.0[..]
+                ])?;
+            }
+        }
+        let sigs: Vec<String> = info.sigs.iter().map(|s| s.to_string()).collect();
+        tx.execute(
+            "INSERT INTO paths (store_path, nar_hash, nar_size, deriver, sigs, ca, source_cache,
+                                registered_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            params![
+                base,
+                info.nar_hash.to_nix_string(),
+                info.nar_size as i64,
+                info.deriver,
+                serde_json::to_string(&sigs)?,
+                info.ca,
+                source_cache,
+                now()
+            ],
+        )?;
+        let path_id = tx.last_insert_rowid();
+        let mut ins =
+            tx.prepare_cached("INSERT OR IGNORE INTO refs (path_id, reference) VALUES (?, ?)")?;
+        for r in &info.references {
+            ins.execute(params![path_id, r.base_name()])?;
+        }
+        let mut ins = tx.prepare_cached(
+            "INSERT INTO nodes (path_id, id, parent, name, kind, executable, size, target, digest,
+                                chunked, nar_offset)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for n in nodes {
+            ins.execute(params![
+                path_id,
+                n.id,
+                n.parent,
+                n.name,
+                n.kind,
+                n.executable as i64,
+                n.size.map(|s| s as i64),
+                n.target,
+                n.digest.map(|d| d.0.to_vec()),
+                n.chunked as i64,
+                n.nar_offset.map(|o| o as i64)
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
