@@ -1,1 +1,242 @@
-//! (floxhub helper fills this module)
+//! Resolution of an environment reference to what the node must fetch: FloxHub branch →
+//! `metadata.json` → the live (or pinned) generation → its `manifest.lock` → the store paths
+//! to install for the node's system.
+//!
+//! Everything read is validated ([`crate::generations`], [`crate::lockfile`]) before a
+//! [`ResolvedEnvironment`] exists; a resolution either succeeds whole or fails with an error
+//! naming the environment and the cause.
+
+use std::collections::BTreeMap;
+
+use kof_nar::StorePath;
+use kof_store::EnvironmentRecord;
+use thiserror::Error;
+
+use crate::envref::EnvRef;
+use crate::floxhub::{FloxHubClient, FloxHubError, Token};
+use crate::generations::{Generations, GenerationsError};
+use crate::lockfile::{Lockfile, LockfileError};
+
+/// Why an environment could not be resolved.
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    /// FloxHub could not be read (not found, auth, network, timeout, bad data).
+    #[error(transparent)]
+    FloxHub(#[from] FloxHubError),
+    /// `metadata.json` was refused.
+    #[error("environment {env}: {source}")]
+    Metadata {
+        /// `owner/name`.
+        env: String,
+        /// Why.
+        #[source]
+        source: GenerationsError,
+    },
+    /// The pinned generation does not exist.
+    #[error("environment {env}: generation {generation} does not exist (known generations: {known:?}, live {live})")]
+    NoSuchGeneration {
+        /// `owner/name`.
+        env: String,
+        /// The pinned generation.
+        generation: u64,
+        /// The generations that exist.
+        known: Vec<u64>,
+        /// The live one.
+        live: u64,
+    },
+    /// The generation has no `manifest.lock`.
+    #[error("environment {env}: generation {generation} has no manifest.lock")]
+    LockfileMissing {
+        /// `owner/name`.
+        env: String,
+        /// The generation.
+        generation: u64,
+    },
+    /// The generation's `manifest.lock` was refused.
+    #[error("environment {env}: generation {generation}: {source}")]
+    Lockfile {
+        /// `owner/name`.
+        env: String,
+        /// The generation.
+        generation: u64,
+        /// Why.
+        #[source]
+        source: LockfileError,
+    },
+    /// Nothing is installed for the node's system.
+    #[error("environment {env}: generation {generation} has no packages for {system} (it has packages for: {available:?})")]
+    NoPackagesForSystem {
+        /// `owner/name`.
+        env: String,
+        /// The generation.
+        generation: u64,
+        /// The node's system.
+        system: String,
+        /// The systems the lockfile has packages for.
+        available: Vec<String>,
+    },
+}
+
+/// An environment generation, resolved for one system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedEnvironment {
+    /// FloxHub owner.
+    pub owner: String,
+    /// Environment name.
+    pub name: String,
+    /// The generation resolved (the pinned one, or the live one).
+    pub generation: u64,
+    /// Whether the reference pinned the generation.
+    pub pinned: bool,
+    /// The node's system.
+    pub system: String,
+    /// The floxmeta commit read.
+    pub commit: String,
+    /// The generation's `manifest.lock`, verbatim.
+    pub lockfile_text: String,
+    /// The same, parsed.
+    pub lockfile: Lockfile,
+    /// `[vars]`.
+    pub vars: BTreeMap<String, String>,
+    /// The `on-activate` hook.
+    pub hook: Option<String>,
+    /// The raw history entries of `metadata.json`: the audit trail.
+    pub history: serde_json::Value,
+    /// The store paths installed for `system`, sorted.
+    pub roots: Vec<StorePath>,
+    /// The live generation at resolution time.
+    pub live: u64,
+    /// The newest generation at resolution time.
+    pub newest: u64,
+}
+
+impl ResolvedEnvironment {
+    /// `owner/name:generation`.
+    pub fn env_ref(&self) -> EnvRef {
+        EnvRef {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+            generation: Some(self.generation),
+        }
+    }
+
+    /// The store's record of this environment, with its whole `closure`, stamped now.
+    pub fn to_record(&self, closure: Vec<StorePath>) -> EnvironmentRecord {
+        let mut closure = closure;
+        closure.sort();
+        closure.dedup();
+        let resolved_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        EnvironmentRecord {
+            owner: self.owner.clone(),
+            name: self.name.clone(),
+            generation: self.generation,
+            system: self.system.clone(),
+            lockfile: self.lockfile_text.clone(),
+            vars: self.vars.clone(),
+            hook: self.hook.clone(),
+            history: self.history.clone(),
+            roots: self.roots.clone(),
+            closure,
+            resolved_at,
+        }
+    }
+}
+
+/// Resolves environment references for one node system.
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    /// Where environments are read from.
+    pub floxhub: FloxHubClient,
+    /// The node's Nix system (`x86_64-linux`).
+    pub system: String,
+}
+
+impl Resolver {
+    /// A resolver for `system`.
+    pub fn new(floxhub: FloxHubClient, system: impl Into<String>) -> Self {
+        Resolver {
+            floxhub,
+            system: system.into(),
+        }
+    }
+
+    /// Fetches the environment's branch and resolves the pinned generation, or the live one.
+    /// Blocking (runs git); call it from `spawn_blocking` in async code.
+    pub fn resolve(
+        &self,
+        r: &EnvRef,
+        token: Option<&Token>,
+    ) -> Result<ResolvedEnvironment, ResolveError> {
+        let env = r.env_name();
+        let fetched = self.floxhub.fetch(r, token)?;
+        let metadata = self.floxhub.read_metadata(r, &fetched.commit)?;
+        let generations =
+            Generations::parse(&metadata).map_err(|source| ResolveError::Metadata {
+                env: env.clone(),
+                source,
+            })?;
+        let generation = match r.generation {
+            Some(g) if !generations.contains(g) => {
+                return Err(ResolveError::NoSuchGeneration {
+                    env,
+                    generation: g,
+                    known: generations.known.iter().copied().collect(),
+                    live: generations.live,
+                })
+            }
+            Some(g) => g,
+            None => generations.live,
+        };
+        let lockfile_text = self
+            .floxhub
+            .read_lockfile(r, &fetched.commit, generation)?
+            .ok_or_else(|| ResolveError::LockfileMissing {
+                env: env.clone(),
+                generation,
+            })?;
+        let lockfile =
+            Lockfile::parse(&lockfile_text).map_err(|source| ResolveError::Lockfile {
+                env: env.clone(),
+                generation,
+                source,
+            })?;
+        let roots = lockfile.roots_for(&self.system);
+        if roots.is_empty() {
+            let available = lockfile.systems();
+            return Err(ResolveError::NoPackagesForSystem {
+                env,
+                generation,
+                system: self.system.clone(),
+                available,
+            });
+        }
+        tracing::info!(
+            env = %env,
+            generation,
+            live = generations.live,
+            newest = generations.newest,
+            roots = roots.len(),
+            commit = %fetched.commit,
+            "resolved environment"
+        );
+        Ok(ResolvedEnvironment {
+            owner: r.owner.clone(),
+            name: r.name.clone(),
+            generation,
+            pinned: r.generation.is_some(),
+            system: self.system.clone(),
+            commit: fetched.commit,
+            vars: lockfile.vars().clone(),
+            hook: lockfile.hook().map(str::to_string),
+            lockfile_text,
+            lockfile,
+            history: generations.history_raw,
+            roots,
+            live: generations.live,
+            newest: generations.newest,
+        })
+    }
+}
