@@ -1,1 +1,602 @@
-//! (fetch helper fills this module)
+//! One Nix binary cache, spoken to over HTTP(S) or read from a local `file://` directory.
+//!
+//! [`BinaryCache`] fetches `nix-cache-info`, narinfos, `.ls` listings and (compressed) NAR
+//! streams. Everything it returns is parsed with `kof-nar` and checked for what can be checked
+//! here (the narinfo names the path asked for, bodies stay under a size limit); signatures are
+//! [`crate::substituters`]' job and NAR contents the fetcher's and the store's. Small requests are
+//! retried with exponential backoff and jitter on transient failures (5xx, 429, connection errors,
+//! timeouts, truncated bodies); a NAR stream is retried only while opening it, since a failure
+//! in the middle of a body is retried by the fetcher for the whole path.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use kof_nar::listing::Listing;
+use kof_nar::{NarInfo, StorePath};
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+
+/// Largest narinfo, `nix-cache-info` or listing body accepted, by default.
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 1 << 20;
+/// Size of the chunks a `file://` NAR is read in.
+const FILE_CHUNK: usize = 64 * 1024;
+
+/// `" for /nix/store/..."` when the request was about a store path.
+fn for_path(path: &Option<StorePath>) -> String {
+    match path {
+        Some(p) => format!(" (for {p})"),
+        None => String::new(),
+    }
+}
+
+/// Why a request to a cache failed. Every variant names the URL, and the store path when the
+/// request was about one.
+#[derive(Debug, Error)]
+pub enum CacheError {
+    /// The substituter URL itself is unusable.
+    #[error("bad binary cache URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// Connecting, sending, or reading the body failed (includes timeouts and truncated bodies).
+    #[error("GET {url}{}: {source}", for_path(.path))]
+    Transport {
+        /// The URL requested.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// reqwest's error.
+        source: reqwest::Error,
+    },
+    /// The server answered with a status that is neither success nor 404.
+    #[error("GET {url}{}: HTTP status {status}", for_path(.path))]
+    Status {
+        /// The URL requested.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// The status code.
+        status: u16,
+    },
+    /// A metadata body was larger than allowed.
+    #[error("GET {url}{}: body larger than {limit} bytes", for_path(.path))]
+    TooLarge {
+        /// The URL requested.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// The limit.
+        limit: usize,
+    },
+    /// Reading a `file://` cache failed.
+    #[error("reading {url}{}: {source}", for_path(.path))]
+    File {
+        /// The URL.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A metadata body is not UTF-8.
+    #[error("GET {url}{}: body is not UTF-8", for_path(.path))]
+    NotUtf8 {
+        /// The URL.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+    },
+    /// The narinfo does not parse.
+    #[error("invalid narinfo {url} (for {path}): {source}")]
+    NarInfo {
+        /// The URL.
+        url: String,
+        /// The store path asked for.
+        path: StorePath,
+        /// The parse error.
+        source: Box<kof_nar::narinfo::NarInfoError>,
+    },
+    /// The narinfo describes another store path than the one asked for.
+    #[error("narinfo {url} was asked for {requested} but describes {got}")]
+    WrongStorePath {
+        /// The URL.
+        url: String,
+        /// The path asked for.
+        requested: StorePath,
+        /// The path it names.
+        got: StorePath,
+    },
+    /// The `.ls` listing does not parse.
+    #[error("invalid NAR listing {url} (for {path}): {source}")]
+    Listing {
+        /// The URL.
+        url: String,
+        /// The store path.
+        path: StorePath,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// `nix-cache-info` is malformed.
+    #[error("invalid {url}: {reason}")]
+    CacheInfo {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The cache serves a store other than `/nix/store`.
+    #[error("{url} has StoreDir {store_dir:?}, not /nix/store")]
+    WrongStoreDir {
+        /// The URL.
+        url: String,
+        /// What it says.
+        store_dir: String,
+    },
+}
+
+impl CacheError {
+    /// Whether trying again may succeed (server errors, rate limits, connection trouble,
+    /// timeouts, truncated bodies).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CacheError::Transport { .. } => true,
+            CacheError::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+}
+
+/// How requests are retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all (at least 1).
+    pub attempts: u32,
+    /// Delay before the second attempt; doubled for each further one, with ±50% jitter.
+    pub base_delay: Duration,
+    /// Largest delay between attempts.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay to wait after failed attempt number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let capped = exp.min(self.max_delay);
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5);
+        capped.mul_f64(jitter)
+    }
+}
+
+/// Options of the shared HTTP client.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Limit on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Limit on waiting for each read (each body chunk), so a stalled transfer fails.
+    pub read_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Builds the HTTP client every cache of a process shares (connection pooling, rustls).
+pub fn http_client(opts: &HttpOptions) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(opts.connect_timeout)
+        .read_timeout(opts.read_timeout)
+        .user_agent(concat!("kof-fetcherd/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// What `nix-cache-info` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheInfo {
+    /// Always `/nix/store` (anything else is refused).
+    pub store_dir: String,
+    /// `WantMassQuery`.
+    pub want_mass_query: bool,
+    /// `Priority` (lower is preferred), if given.
+    pub priority: Option<u32>,
+}
+
+/// A stream of NAR file bytes, as served (still compressed).
+pub type NarStream = Pin<Box<dyn Stream<Item = Result<Bytes, CacheError>> + Send>>;
+
+#[derive(Debug, Clone)]
+enum Location {
+    /// Base URL, ending in `/`.
+    Http(reqwest::Url),
+    /// Directory.
+    File(PathBuf),
+}
+
+/// One binary cache.
+#[derive(Debug, Clone)]
+pub struct BinaryCache {
+    url: String,
+    location: Location,
+    client: reqwest::Client,
+    retry: RetryPolicy,
+    max_metadata_bytes: usize,
+}
+
+impl BinaryCache {
+    /// A cache at `url` (`http://`, `https://` or `file://`), using `client`.
+    pub fn new(
+        url: &str,
+        client: reqwest::Client,
+        retry: RetryPolicy,
+    ) -> Result<BinaryCache, CacheError> {
+        let bad = |reason: &str| CacheError::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let trimmed = url.trim_end_matches('/');
+        let location = if let Some(dir) = trimmed.strip_prefix("file://") {
+            let dir = dir.split('?').next().unwrap_or_default();
+            if !dir.starts_with('/') {
+                return Err(bad("a file:// URL needs an absolute path"));
+            }
+            Location::File(PathBuf::from(dir))
+        } else if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
+            let parsed =
+                reqwest::Url::parse(&format!("{trimmed}/")).map_err(|e| bad(&e.to_string()))?;
+            if parsed.query().is_some() || parsed.fragment().is_some() {
+                return Err(bad("query strings and fragments are not supported"));
+            }
+            Location::Http(parsed)
+        } else {
+            return Err(bad("only http://, https:// and file:// are supported"));
+        };
+        Ok(BinaryCache {
+            url: trimmed.to_string(),
+            location,
+            client,
+            retry,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
+        })
+    }
+
+    /// Sets the largest metadata body accepted.
+    pub fn with_max_metadata_bytes(mut self, limit: usize) -> Self {
+        self.max_metadata_bytes = limit;
+        self
+    }
+
+    /// The cache's URL as configured (no trailing `/`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The full URL of `rel` (a path relative to the cache root).
+    pub fn url_of(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.url)
+    }
+
+    /// Reads and checks `nix-cache-info`.
+    pub async fn cache_info(&self) -> Result<CacheInfo, CacheError> {
+        let url = self.url_of("nix-cache-info");
+        let body = self
+            .get_small("nix-cache-info", None)
+            .await?
+            .ok_or_else(|| CacheError::Status {
+                url: url.clone(),
+                path: None,
+                status: 404,
+            })?;
+        let text = String::from_utf8(body).map_err(|_| CacheError::NotUtf8 {
+            url: url.clone(),
+            path: None,
+        })?;
+        let mut store_dir = None;
+        let mut want_mass_query = false;
+        let mut priority = None;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line.split_once(':').ok_or_else(|| CacheError::CacheInfo {
+                url: url.clone(),
+                reason: format!("line {line:?} is not `Key: value`"),
+            })?;
+            let v = v.trim();
+            match k {
+                "StoreDir" => store_dir = Some(v.to_string()),
+                "WantMassQuery" => want_mass_query = v == "1",
+                "Priority" => {
+                    priority = Some(v.parse().map_err(|_| CacheError::CacheInfo {
+                        url: url.clone(),
+                        reason: format!("Priority {v:?} is not a number"),
+                    })?)
+                }
+                _ => {}
+            }
+        }
+        let store_dir = store_dir.ok_or_else(|| CacheError::CacheInfo {
+            url: url.clone(),
+            reason: "no StoreDir".into(),
+        })?;
+        if store_dir != kof_nar::store_path::STORE_DIR {
+            return Err(CacheError::WrongStoreDir { url, store_dir });
+        }
+        Ok(CacheInfo {
+            store_dir,
+            want_mass_query,
+            priority,
+        })
+    }
+
+    /// The narinfo of `path`, or `None` if this cache does not have it.
+    #[tracing::instrument(skip(self), fields(cache = %self.url, path = %path))]
+    pub async fn narinfo(&self, path: &StorePath) -> Result<Option<NarInfo>, CacheError> {
+        let rel = format!("{}.narinfo", path.hash_part());
+        let url = self.url_of(&rel);
+        let Some(body) = self.get_small(&rel, Some(path)).await? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8(body).map_err(|_| CacheError::NotUtf8 {
+            url: url.clone(),
+            path: Some(path.clone()),
+        })?;
+        let info = NarInfo::parse(&text).map_err(|source| CacheError::NarInfo {
+            url: url.clone(),
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        if &info.store_path != path {
+            return Err(CacheError::WrongStorePath {
+                url,
+                requested: path.clone(),
+                got: info.store_path,
+            });
+        }
+        Ok(Some(info))
+    }
+
+    /// The NAR listing (`.ls`) of `path`, or `None` if the cache has none.
+    pub async fn listing(&self, path: &StorePath) -> Result<Option<Listing>, CacheError> {
+        let rel = format!("{}.ls", path.hash_part());
+        let url = self.url_of(&rel);
+        let Some(body) = self.get_small(&rel, Some(path)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|source| CacheError::Listing {
+                url,
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// The full URL of `info`'s NAR file.
+    pub fn nar_url(&self, info: &NarInfo) -> String {
+        self.url_of(&info.url)
+    }
+
+    /// Opens the NAR file of `info` as a stream of (compressed) chunks. Opening is retried on
+    /// transient errors; an error in the middle of the body comes out of the stream.
+    pub async fn nar_stream(&self, info: &NarInfo) -> Result<NarStream, CacheError> {
+        let path = info.store_path.clone();
+        let url = self.nar_url(info);
+        match &self.location {
+            Location::File(dir) => {
+                let file = tokio::fs::File::open(dir.join(&info.url))
+                    .await
+                    .map_err(|source| CacheError::File {
+                        url: url.clone(),
+                        path: Some(path.clone()),
+                        source,
+                    })?;
+                let stream = futures_util::stream::unfold(Some(file), move |file| {
+                    let url = url.clone();
+                    let path = path.clone();
+                    async move {
+                        let mut file = file?;
+                        let mut buf = vec![0u8; FILE_CHUNK];
+                        match file.read(&mut buf).await {
+                            Ok(0) => None,
+                            Ok(n) => {
+                                buf.truncate(n);
+                                Some((Ok(Bytes::from(buf)), Some(file)))
+                            }
+                            Err(source) => Some((
+                                Err(CacheError::File {
+                                    url,
+                                    path: Some(path),
+                                    source,
+                                }),
+                                None,
+                            )),
+                        }
+                    }
+                });
+                Ok(Box::pin(stream))
+            }
+            Location::Http(base) => {
+                let full = self.join(base, &info.url, Some(&path))?;
+                let resp = self
+                    .with_retries(&url, Some(&path), || async {
+                        let resp =
+                            self.client
+                                .get(full.clone())
+                                .send()
+                                .await
+                                .map_err(|source| CacheError::Transport {
+                                    url: url.clone(),
+                                    path: Some(path.clone()),
+                                    source,
+                                })?;
+                        let status = resp.status();
+                        if !status.is_success() {
+                            return Err(CacheError::Status {
+                                url: url.clone(),
+                                path: Some(path.clone()),
+                                status: status.as_u16(),
+                            });
+                        }
+                        Ok(resp)
+                    })
+                    .await?;
+                let stream = futures_util::stream::unfold(Some(resp), move |resp| {
+                    let url = url.clone();
+                    let path = path.clone();
+                    async move {
+                        let mut resp = resp?;
+                        match resp.chunk().await {
+                            Ok(Some(b)) => Some((Ok(b), Some(resp))),
+                            Ok(None) => None,
+                            Err(source) => Some((
+                                Err(CacheError::Transport {
+                                    url,
+                                    path: Some(path),
+                                    source,
+                                }),
+                                None,
+                            )),
+                        }
+                    }
+                });
+                Ok(Box::pin(stream))
+            }
+        }
+    }
+
+    fn join(
+        &self,
+        base: &reqwest::Url,
+        rel: &str,
+        path: Option<&StorePath>,
+    ) -> Result<reqwest::Url, CacheError> {
+        base.join(rel).map_err(|e| CacheError::BadUrl {
+            url: format!("{}{}", self.url_of(rel), for_path(&path.cloned())),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or attempts run out.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        url: &str,
+        path: Option<&StorePath>,
+        mut attempt: F,
+    ) -> Result<T, CacheError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CacheError>>,
+    {
+        let attempts = self.retry.attempts.max(1);
+        let mut n = 1;
+        loop {
+            match attempt().await {
+                Err(e) if e.is_transient() && n < attempts => {
+                    let delay = self.retry.delay(n);
+                    tracing::warn!(%url, path = ?path.map(|p| p.to_string()), attempt = n,
+                        ?delay, error = %e, "transient cache error, retrying");
+                    tokio::time::sleep(delay).await;
+                    n += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// GETs a small file relative to the cache root; `None` on 404 (or a missing file).
+    async fn get_small(
+        &self,
+        rel: &str,
+        path: Option<&StorePath>,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
+        let url = self.url_of(rel);
+        let limit = self.max_metadata_bytes;
+        let too_large = || CacheError::TooLarge {
+            url: url.clone(),
+            path: path.cloned(),
+            limit,
+        };
+        match &self.location {
+            Location::File(dir) => {
+                let file_path = dir.join(rel);
+                let file_err = |source| CacheError::File {
+                    url: url.clone(),
+                    path: path.cloned(),
+                    source,
+                };
+                let file = match tokio::fs::File::open(&file_path).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(file_err(e)),
+                };
+                let mut body = Vec::new();
+                file.take(limit as u64 + 1)
+                    .read_to_end(&mut body)
+                    .await
+                    .map_err(file_err)?;
+                if body.len() > limit {
+                    return Err(too_large());
+                }
+                Ok(Some(body))
+            }
+            Location::Http(base) => {
+                let full = self.join(base, rel, path)?;
+                self.with_retries(&url, path, || async {
+                    let transport = |source| CacheError::Transport {
+                        url: url.clone(),
+                        path: path.cloned(),
+                        source,
+                    };
+                    let mut resp = self
+                        .client
+                        .get(full.clone())
+                        .send()
+                        .await
+                        .map_err(transport)?;
+                    let status = resp.status();
+                    if status == reqwest::StatusCode::NOT_FOUND {
+                        return Ok(None);
+                    }
+                    if !status.is_success() {
+                        return Err(CacheError::Status {
+                            url: url.clone(),
+                            path: path.cloned(),
+                            status: status.as_u16(),
+                        });
+                    }
+                    if resp.content_length().is_some_and(|l| l > limit as u64) {
+                        return Err(too_large());
+                    }
+                    let mut body = Vec::new();
+                    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+                        if body.len() + chunk.len() > limit {
+                            return Err(too_large());
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                    Ok(Some(body))
+                })
+                .await
+            }
+        }
+    }
+}
