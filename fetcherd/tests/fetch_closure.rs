@@ -1,0 +1,391 @@
+//! Fetching closures over real HTTP from caches written by the real Nix, into a real store.
+
+mod fetch_support;
+
+use std::sync::Arc;
+
+use fetch_support::*;
+use kof_fetcherd::closure::{ClosureEntry, ClosureError};
+use kof_fetcherd::fetcher::{FetchError, FetchEvent, PathError};
+use kof_fetcherd::substituters::SubstituteError;
+use kof_nar::{NixHash, StorePath};
+use kof_store::Store;
+
+/// Every path of `app`'s closure is stored and dumps to exactly `nix-store --dump`'s NAR.
+fn assert_closure_stored(store: &Store, fx: &Fixture) {
+    for p in nix_closure(&fx.app) {
+        assert!(store.has_path(&p).unwrap(), "{p} stored");
+        let mut nar = Vec::new();
+        store.dump_nar(&p, &mut nar).unwrap();
+        let reference = nix_dump(&p);
+        assert_eq!(nar.len(), reference.len(), "{p} NAR size");
+        assert!(nar == reference, "{p}: dump_nar differs from nix-store --dump");
+        let info = store.path_info(&p).unwrap().unwrap();
+        assert_eq!(info.nar_hash, NixHash::digest(&nar), "{p} NarHash");
+    }
+}
+
+fn nothing_stored(store: &Store, fx: &Fixture) {
+    for p in [&fx.app, &fx.lib, &fx.dep] {
+        assert!(!store.has_path(p).unwrap(), "{p} must not be stored");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fetches_closure_from_every_compression() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    for cache in ["zstd", "xz", "bzip2", "none"] {
+        let (_dir, store) = temp_store();
+        let f = fetcher(&store, &[server.url(cache)], &[&fx.trusted_key], true);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let summary = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), Some(tx)))
+            .await
+            .unwrap_or_else(|e| panic!("{cache}: {e}"));
+        assert_eq!(summary.paths, 3, "{cache}");
+        assert_eq!(summary.paths_fetched, 3, "{cache}");
+        assert_eq!(summary.paths_already_present, 0, "{cache}");
+        assert_closure_stored(&store, fx);
+        // Byte counts match the cache's files and the NARs.
+        let mut file_bytes = 0;
+        let mut nar_bytes = 0;
+        for p in nix_closure(&fx.app) {
+            let (file, _) = nar_file(&fx.dir.join(cache), &p);
+            file_bytes += std::fs::metadata(file).unwrap().len();
+            nar_bytes += nix_dump(&p).len() as u64;
+        }
+        assert_eq!(summary.bytes_downloaded, file_bytes, "{cache}");
+        assert_eq!(summary.nar_bytes, nar_bytes, "{cache}");
+        assert!(summary.new_stored_bytes > 0, "{cache}");
+        // Events: one Resolved, a start and a done per path, no failure.
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        assert!(matches!(
+            events[0],
+            FetchEvent::Resolved { paths: 3, to_fetch: 3, total_download_bytes, total_nar_bytes }
+                if total_download_bytes == file_bytes && total_nar_bytes == nar_bytes
+        ), "{cache}: {:?}", events[0]);
+        let started = events.iter().filter(|e| matches!(e, FetchEvent::PathStarted { .. })).count();
+        let done: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                FetchEvent::PathDone { path, .. } => Some(path.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started, 3, "{cache}");
+        assert_eq!(done.len(), 3, "{cache}");
+        assert!(events.iter().any(|e| matches!(e, FetchEvent::Progress { path, .. } if *path == fx.dep)));
+        assert!(!events.iter().any(|e| matches!(e, FetchEvent::PathFailed { .. })));
+
+        // A second fetch finds everything stored: no NAR is requested again.
+        let nar_requests = server.count_matching(&format!("/{cache}/nar/"));
+        assert_eq!(nar_requests, 3, "{cache}");
+        let again = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+            .await
+            .unwrap();
+        assert_eq!(again.paths_already_present, 3);
+        assert_eq!(again.paths_fetched, 0);
+        assert_eq!(again.bytes_downloaded, 0);
+        assert_eq!(server.count_matching(&format!("/{cache}/nar/")), nar_requests);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn closure_matches_nix_and_uses_stored_references() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let (_dir, store) = temp_store();
+    let f = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
+    let closure = bounded(f.resolve(std::slice::from_ref(&fx.app))).await.unwrap();
+    assert_eq!(closure.paths(), nix_closure(&fx.app));
+    assert!(closure.entries.iter().all(|e| matches!(e, ClosureEntry::Remote(_))));
+
+    // Once `dep` is stored, a fresh fetcher resolves it from the store without asking a cache.
+    bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap();
+    let narinfo = format!("zstd/{}.narinfo", fx.dep.hash_part());
+    let before = server.count(&narinfo);
+    let f2 = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
+    let closure = bounded(f2.resolve(std::slice::from_ref(&fx.app))).await.unwrap();
+    assert_eq!(closure.paths(), nix_closure(&fx.app));
+    assert_eq!(server.count(&narinfo), before, "stored path looked up remotely");
+    let dep_entry = closure.entries.iter().find(|e| e.path() == &fx.dep).unwrap();
+    assert!(matches!(dep_entry, ClosureEntry::Stored(_)));
+    let summary = bounded(f2.fetch(&closure, None)).await.unwrap();
+    assert_eq!((summary.paths_fetched, summary.paths_already_present), (2, 1));
+    assert_closure_stored(&store, fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_url_caches_work() {
+    let fx = fixture();
+    let (_dir, store) = temp_store();
+    let url = format!("file://{}", fx.dir.join("xz").display());
+    let f = fetcher(&store, &[url], &[&fx.trusted_key], true);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_closure_stored(&store, fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refuses_unsigned_untrusted_and_badly_signed_caches() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    for cache in ["unsigned", "untrusted", "badsig"] {
+        let (_dir, store) = temp_store();
+        let f = fetcher(&store, &[server.url(cache)], &[&fx.trusted_key], true);
+        let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+            .await
+            .unwrap_err();
+        let FetchError::Closure(ClosureError::Lookup { path, source }) = &err else {
+            panic!("{cache}: {err:?}");
+        };
+        assert_eq!(path, &fx.app);
+        let url = server.url(cache);
+        match (cache, source) {
+            ("unsigned", SubstituteError::Unsigned { path, cache: c }) => {
+                assert_eq!((path, c), (&fx.app, &url))
+            }
+            ("untrusted", SubstituteError::Untrusted { keys, cache: c, .. }) => {
+                assert_eq!(keys, &["other-1".to_string()]);
+                assert_eq!(c, &url);
+            }
+            ("badsig", SubstituteError::InvalidSignature { key, cache: c, .. }) => {
+                assert_eq!(key, "kof-test-1");
+                assert_eq!(c, &url);
+            }
+            _ => panic!("{cache}: wrong refusal {source:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains(&fx.app.to_string()) && msg.contains(&url), "{msg}");
+        nothing_stored(&store, fx);
+        assert_eq!(server.count_matching(&format!("/{cache}/nar/")), 0, "{cache}: NAR fetched");
+    }
+    // Without require_sigs the unsigned cache is accepted.
+    let (_dir, store) = temp_store();
+    let f = fetcher(&store, &[server.url("unsigned")], &[&fx.trusted_key], false);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_closure_stored(&store, fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_found_falls_through_to_the_next_cache() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let (_dir, store) = temp_store();
+    // `empty` has nothing, `deponly` has only dep, `zstd` has everything.
+    let urls = [server.url("empty"), server.url("deponly"), server.url("zstd")];
+    let f = fetcher(&store, &urls, &[&fx.trusted_key], true);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_closure_stored(&store, fx);
+    for p in [&fx.app, &fx.lib, &fx.dep] {
+        assert_eq!(server.count(&format!("empty/{}.narinfo", p.hash_part())), 1);
+    }
+    assert_eq!(server.count_matching("/deponly/nar/"), 1, "dep from deponly");
+    assert_eq!(server.count_matching("/zstd/nar/"), 2, "app and lib from zstd");
+    let info = store.path_info(&fx.dep).unwrap().unwrap();
+    assert_eq!(info.source_cache, server.url("deponly"));
+    // A path in no cache is missing, naming who referenced it.
+    let (_dir2, store2) = temp_store();
+    let f = fetcher(&store2, &[server.url("empty"), server.url("deponly")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap_err();
+    assert!(
+        matches!(&err, FetchError::Closure(ClosureError::Missing { path, referenced_by: None }) if path == &fx.app),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_reference_names_the_referrer() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    copy_cache(&fx.dir.join("zstd"), &dir.path().join("c"));
+    std::fs::remove_file(dir.path().join(format!("c/{}.narinfo", fx.dep.hash_part()))).unwrap();
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap_err();
+    let FetchError::Closure(ClosureError::Missing { path, referenced_by }) = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(path, &fx.dep);
+    // Both app and lib reference dep; whichever was walked first is named.
+    let by = referenced_by.clone().unwrap();
+    assert!(by == fx.app || by == fx.lib, "{by}");
+    assert!(err.to_string().contains(&fx.dep.to_string()));
+    nothing_stored(&store, fx);
+}
+
+/// Flips `from` to `to` inside the file (first occurrence).
+fn patch(file: &std::path::Path, from: &[u8], to: &[u8]) {
+    let mut data = std::fs::read(file).unwrap();
+    let at = data
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    data[at..at + to.len()].copy_from_slice(to);
+    std::fs::write(file, data).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupted_nar_file_is_refused_with_nothing_ingested() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    copy_cache(&fx.dir.join("none"), &dir.path().join("c"));
+    // Same length, other bytes, inside a file's contents: the NAR still parses.
+    let (file, url) = nar_file(&dir.path().join("c"), &fx.dep);
+    patch(&file, b"hello\n", b"jello\n");
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(failures.len(), 1);
+    match &*failures[0] {
+        PathError::FileHash { path, url: u, expected, got } => {
+            assert_eq!(path, &fx.dep);
+            assert_eq!(u, &format!("{}/{url}", server.url("c")));
+            assert_ne!(expected, got);
+            assert_eq!(got, &NixHash::digest(&std::fs::read(&file).unwrap()));
+        }
+        other => panic!("expected FileHash, got {other:?}"),
+    }
+    // Not retried at the same cache: a verification failure is not transient.
+    assert_eq!(server.count(&format!("c/{url}")), 1);
+    assert!(!store.has_path(&fx.dep).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corruption_without_file_hash_is_caught_by_nar_hash() {
+    // A hostile cache can strip FileHash/FileSize (the signature does not cover them); the
+    // store's NarHash check must still refuse the NAR.
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    copy_cache(&fx.dir.join("none"), &c);
+    let (file, _) = nar_file(&c, &fx.dep);
+    patch(&file, b"hello\n", b"jello\n");
+    strip_file_fields(&c, &fx.dep);
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        matches!(&*failures[0], PathError::Ingest { path, .. } if path == &fx.dep),
+        "{:?}",
+        failures[0]
+    );
+    assert!(!store.has_path(&fx.dep).unwrap());
+}
+
+fn strip_file_fields(cache: &std::path::Path, p: &StorePath) {
+    let ni = cache.join(format!("{}.narinfo", p.hash_part()));
+    let text = std::fs::read_to_string(&ni).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !l.starts_with("FileHash:") && !l.starts_with("FileSize:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&ni, kept).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn junk_after_the_compressed_stream_is_refused() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    for cache in ["xz", "bzip2", "zstd"] {
+        let c = dir.path().join(cache);
+        copy_cache(&fx.dir.join(cache), &c);
+        let (file, _) = nar_file(&c, &fx.dep);
+        let mut data = std::fs::read(&file).unwrap();
+        data.extend_from_slice(b"trailing junk that is not a compressed stream");
+        std::fs::write(&file, data).unwrap();
+        // With FileSize/FileHash present the size check catches it; strip them so the
+        // decompressor's end-of-stream check is what is tested.
+        strip_file_fields(&c, &fx.dep);
+    }
+    let server = Server::start(dir.path()).await;
+    for cache in ["xz", "bzip2", "zstd"] {
+        let (_d, store) = temp_store();
+        let f = fetcher(&store, &[server.url(cache)], &[&fx.trusted_key], true);
+        let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+            .await
+            .unwrap_err();
+        let FetchError::Paths { failures, .. } = &err else {
+            panic!("{cache}: {err:?}")
+        };
+        match (cache, &*failures[0]) {
+            // The bzip2 decoder stops at its stream's end: the drain finds the junk.
+            ("bzip2", PathError::TrailingCompressed { path, .. }) => assert_eq!(path, &fx.dep),
+            // xz2 feeds what follows the stream's end back to liblzma, which calls it corrupt;
+            // zstd reads concatenated frames, and junk is an invalid frame.
+            ("xz" | "zstd", PathError::Decompress { path, .. }) => assert_eq!(path, &fx.dep),
+            (_, other) => panic!("{cache}: {other:?}"),
+        }
+        assert!(!store.has_path(&fx.dep).unwrap(), "{cache}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_fetches_download_each_nar_once() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("xz")], &[&fx.trusted_key], true);
+    let roots = [fx.app.clone()];
+    let (a, b) = bounded(async { tokio::join!(f.fetch_closure(&roots, None), f.fetch_closure(&roots, None)) }).await;
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.paths, 3);
+    assert_eq!(b.paths, 3);
+    for p in nix_closure(&fx.app) {
+        let (_, url) = nar_file(&fx.dir.join("xz"), &p);
+        assert_eq!(server.count(&format!("xz/{url}")), 1, "{p} NAR requested once");
+        assert_eq!(server.count(&format!("xz/{}.narinfo", p.hash_part())), 1, "{p} narinfo once");
+    }
+    assert_closure_stored(&store, fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transient_failures_are_retried() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let (_, dep_url) = nar_file(&fx.dir.join("zstd"), &fx.dep);
+    let (_, lib_url) = nar_file(&fx.dir.join("zstd"), &fx.lib);
+    server.fault(&format!("zstd/{dep_url}"), Fault::Truncate { n: 2 });
+    server.fault(&format!("zstd/{lib_url}"), Fault::Status { status: 503, n: 2 });
+    server.fault(
+        &format!("zstd/{}.narinfo", fx.app.hash_part()),
+        Fault::Status { status: 500, n: 1 },
+    );
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_eq!(server.count(&format!("zstd/{dep_url}")), 3);
+    assert_eq!(server.count(&format!("zstd/{lib_url}")), 3);
+    assert_eq!(server.count(&format!("zstd/{}.narinfo", fx.app.hash_part())), 2);
+    assert_closure_stored(&store, fx);
+
+    // Persistent server errors give up after the configured attempts, naming path and URL.
+    let (_d2, store2) = temp_store();
+    server.fault(&format!("zstd/{dep_url}"), Fault::Status { status: 502, n: 100 });
+    let f = fetcher(&store2, &[server.url("zstd")], &[&fx.trusted_key], true);
+    let before = server.count(&format!("zstd/{dep_url}"));
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else { panic!("{err:?}") };
+    let msg = failures[0].to_string();
+    assert!(msg.contains(&fx.dep.to_string()) && msg.contains(&dep_url) && msg.contains("502"), "{msg}");
+    // quick_retry: 4 attempts for the path, each opening the stream with up to 4 tries.
+    assert_eq!(server.count(&format!("zstd/{dep_url}")) - before, 16);
+    assert!(!store2.has_path(&fx.dep).unwrap());
+    let _ = Arc::clone(&store2);
+}
