@@ -47,7 +47,7 @@ pub use error::StoreError;
 pub use gc::GcReport;
 pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
 pub use objects::{Codec, Digest, ObjectInfo};
-pub use tree::{FileContent, FileReader, NodeKind, TreeNode};
+pub use tree::{FileContent, FilePiece, FileReader, NodeKind, TreeNode};
 pub use verify::{CorruptItem, Corruption, VerifyReport};
 
 /// The metadata of one stored path: the narinfo fields worth keeping, and where it came from.

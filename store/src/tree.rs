@@ -61,9 +61,11 @@ pub struct TreeNode {
 }
 
 /// One piece of a file: the object holding bytes `offset..offset + object.size` of it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Piece {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilePiece {
+    /// Where the piece starts in the file.
     pub offset: u64,
+    /// The object holding it.
     pub object: ObjectInfo,
 }
 
@@ -82,7 +84,7 @@ pub(crate) fn pieces(
     content: &FileContent,
     start: u64,
     end: u64,
-) -> Result<Vec<Piece>, StoreError> {
+) -> Result<Vec<FilePiece>, StoreError> {
     if !content.chunked {
         let obj = conn
             .prepare_cached(
@@ -100,7 +102,7 @@ pub(crate) fn pieces(
                 obj.digest, obj.size, content.size
             )));
         }
-        return Ok(vec![Piece {
+        return Ok(vec![FilePiece {
             offset: 0,
             object: obj,
         }]);
@@ -120,7 +122,7 @@ pub(crate) fn pieces(
                 content.digest
             )));
         }
-        out.push(Piece {
+        out.push(FilePiece {
             offset: r.get::<_, i64>(0)? as u64,
             object: object_row(r, 1)?,
         });
@@ -148,7 +150,7 @@ pub(crate) fn pieces(
 /// A stream of a file's content, object after object (see [`Store::open_file`]).
 pub struct FileReader<'a> {
     store: &'a Store,
-    pieces: std::vec::IntoIter<Piece>,
+    pieces: std::vec::IntoIter<FilePiece>,
     current: Option<(Box<dyn Read + Send>, ObjectInfo, u64)>,
 }
 
@@ -265,6 +267,18 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// The objects a file is made of, in order (one for an unchunked file). With
+    /// [`Store::object_path`], a raw object's file can be handed out directly.
+    pub fn file_pieces(&self, content: &FileContent) -> Result<Vec<FilePiece>, StoreError> {
+        let conn = self.db.get()?;
+        pieces(&conn, content, 0, content.size)
+    }
+
+    /// Where an object's file is (its bytes are the content only if its codec is raw).
+    pub fn object_path(&self, digest: &Digest) -> std::path::PathBuf {
+        self.objects.path(digest)
     }
 
     /// A stream of a file's whole content.
