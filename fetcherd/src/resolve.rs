@@ -59,9 +59,9 @@ pub enum ResolveError {
         env: String,
         /// The generation.
         generation: u64,
-        /// Why.
+        /// Why (boxed: it is large and rare).
         #[source]
-        source: LockfileError,
+        source: Box<LockfileError>,
     },
     /// Nothing is installed for the node's system.
     #[error("environment {env}: generation {generation} has no packages for {system} (it has packages for: {available:?})")]
@@ -201,7 +201,7 @@ impl Resolver {
             Lockfile::parse(&lockfile_text).map_err(|source| ResolveError::Lockfile {
                 env: env.clone(),
                 generation,
-                source,
+                source: Box::new(source),
             })?;
         let roots = lockfile.roots_for(&self.system);
         if roots.is_empty() {
