@@ -129,8 +129,8 @@ pub fn read_token_file(path: &Path) -> Result<Token, TokenError> {
 /// repository URL; none holds the token.
 #[derive(Debug, Error)]
 pub enum FloxHubError {
-    /// The configured base URL is not `http://` or `https://`.
-    #[error("FloxHub URL {url:?} is not an http(s) URL")]
+    /// The configured base URL is not `http://` or `https://`, has no host, or holds credentials.
+    #[error("FloxHub URL {url:?} is not an http(s) URL with a host and without credentials")]
     BadBaseUrl {
         /// The URL.
         url: String,
@@ -272,8 +272,15 @@ impl FloxHubClient {
     /// 120 s overall timeout per git run, and below 1000 B/s for 30 s counts as stalled.
     pub fn new(base_url: &str, cache_dir: impl Into<PathBuf>) -> Result<Self, FloxHubError> {
         let base_url = base_url.trim_end_matches('/').to_string();
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(FloxHubError::BadBaseUrl { url: base_url });
+        let authority = base_url
+            .strip_prefix("http://")
+            .or_else(|| base_url.strip_prefix("https://"))
+            .map(|rest| rest.split('/').next().unwrap_or(""));
+        // Credentials in the URL would end up in logs and errors: tokens go in a token file.
+        if !matches!(authority, Some(a) if !a.is_empty() && !a.contains('@')) {
+            return Err(FloxHubError::BadBaseUrl {
+                url: base_url.split('@').next_back().unwrap_or("").to_string(),
+            });
         }
         Ok(FloxHubClient {
             base_url,
@@ -362,7 +369,7 @@ impl FloxHubClient {
         if let Some(t) = token {
             config.push(("http.extraHeader".into(), t.authorization()));
         }
-        let out = self
+        let fetched = self
             .run_git(
                 &mirror,
                 &[
@@ -380,18 +387,31 @@ impl FloxHubClient {
                 &config,
                 1 << 20,
             )
-            .map_err(|e| self.run_error(e, &name, &url))?;
-        if !out.status.success() {
-            return Err(classify_fetch_failure(
-                &out.stderr,
-                &FetchContext {
-                    env: &name,
-                    url: &url,
-                    branch: &env.name,
-                    had_token: token.is_some(),
-                    low_speed_secs: self.low_speed_time.as_secs().max(1),
-                },
-            ));
+            .map_err(|e| self.run_error(e, &name, &url))
+            .and_then(|out| {
+                if out.status.success() {
+                    return Ok(());
+                }
+                Err(classify_fetch_failure(
+                    &out.stderr,
+                    &FetchContext {
+                        env: &name,
+                        url: &url,
+                        branch: &env.name,
+                        had_token: token.is_some(),
+                        low_speed_secs: self.low_speed_time.as_secs().max(1),
+                    },
+                ))
+            });
+        if let Err(e) = fetched {
+            // A mirror made for an owner that turned out not to exist (or not to be reachable)
+            // is not kept: the cache holds only owners that were fetched at least once.
+            if created_mirror {
+                if let Err(rm) = fs::remove_dir_all(&mirror) {
+                    tracing::warn!(mirror = %mirror.display(), error = %rm, "cannot remove new mirror");
+                }
+            }
+            return Err(e);
         }
         let out = self
             .run_git(

@@ -494,6 +494,32 @@ mod tests {
     }
 
     #[test]
+    fn manifest_sections() {
+        let lf = Lockfile::parse(&format!(
+            r#"{{"lockfile-version":1,"manifest":{{"schema-version":"1.10.0",
+                "vars":{{"A":"1","B":"two words"}},
+                "hook":{{"on-activate":"export C=3\n"}},
+                "profile":{{"bash":"alias x=y"}},
+                "options":{{"systems":["x86_64-linux"],"activate":{{"mode":"dev"}},"cuda-detection":false}},
+                "services":{{"web":{{"command":"serve"}}}}}},
+              "packages":[{{"install_id":"h","system":"x86_64-linux","priority":3,
+                "outputs":{{"out":"{HELLO}"}},"outputs_to_install":["out"],"group":"g"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(lf.vars().get("B").map(String::as_str), Some("two words"));
+        assert_eq!(lf.hook(), Some("export C=3\n"));
+        assert_eq!(lf.manifest.options.activate_mode.as_deref(), Some("dev"));
+        assert_eq!(
+            lf.manifest.options.systems.as_deref(),
+            Some(&["x86_64-linux".to_string()][..])
+        );
+        assert_eq!(lf.manifest.profile.as_ref().unwrap()["bash"], "alias x=y");
+        assert_eq!(lf.manifest.raw["services"]["web"]["command"], "serve");
+        assert_eq!(lf.packages[0].priority, 3);
+        assert_eq!(lf.systems(), vec!["x86_64-linux".to_string()]);
+    }
+
+    #[test]
     fn refuses_hostile_lockfiles() {
         let err = |s: &str| Lockfile::parse(s).unwrap_err();
         assert!(matches!(err("{"), LockfileError::Json(_)));

@@ -388,6 +388,18 @@ fn broken_environments_are_refused_with_their_name() {
         "nometa",
         &[("README".to_string(), "hi".to_string())],
     );
+    // metadata.json over the 16 MiB limit (compresses well, so the transfer is small), and
+    // metadata.json that is a directory.
+    let huge = format!(
+        "{{\"version\":2,\"pad\":\"{}\",\"history\":[]}}",
+        " ".repeat(17 << 20)
+    );
+    hub.push("alice", "huge", &[("metadata.json".to_string(), huge)]);
+    hub.push(
+        "alice",
+        "dirmeta",
+        &[("metadata.json/x".to_string(), "{}".to_string())],
+    );
 
     let cache = tempfile::tempdir().unwrap();
     let r = resolver(&hub, cache.path(), SYSTEM);
@@ -434,6 +446,18 @@ fn broken_environments_are_refused_with_their_name() {
         matches!(&err, ResolveError::Metadata { env, .. } if env == "alice/future"),
         "{err:?}"
     );
+
+    for (name, needle) in [
+        ("alice/huge", "more than the 16777216"),
+        ("alice/dirmeta", "not a file"),
+    ] {
+        let err = r.resolve(&env(name), None).unwrap_err();
+        assert!(
+            matches!(&err, ResolveError::FloxHub(FloxHubError::BadData { env, .. }) if env == name),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(needle), "{err}");
+    }
 
     let err = r.resolve(&env("alice/nometa"), None).unwrap_err();
     assert!(
@@ -559,6 +583,10 @@ fn missing_environment_owner_and_server() {
         "{err:?}"
     );
     assert!(err.to_string().contains("nobody/floxmeta"), "{err}");
+    assert!(
+        !cache.path().join("nobody.git").exists(),
+        "no mirror is kept for an owner that does not exist"
+    );
 
     // Connection refused: a port that was just released.
     let port = {
