@@ -19,7 +19,10 @@ fn assert_closure_stored(store: &Store, fx: &Fixture) {
         store.dump_nar(&p, &mut nar).unwrap();
         let reference = nix_dump(&p);
         assert_eq!(nar.len(), reference.len(), "{p} NAR size");
-        assert!(nar == reference, "{p}: dump_nar differs from nix-store --dump");
+        assert!(
+            nar == reference,
+            "{p}: dump_nar differs from nix-store --dump"
+        );
         let info = store.path_info(&p).unwrap().unwrap();
         assert_eq!(info.nar_hash, NixHash::digest(&nar), "{p} NarHash");
     }
@@ -62,12 +65,19 @@ async fn fetches_closure_from_every_compression() {
         while let Ok(e) = rx.try_recv() {
             events.push(e);
         }
-        assert!(matches!(
-            events[0],
-            FetchEvent::Resolved { paths: 3, to_fetch: 3, total_download_bytes, total_nar_bytes }
-                if total_download_bytes == file_bytes && total_nar_bytes == nar_bytes
-        ), "{cache}: {:?}", events[0]);
-        let started = events.iter().filter(|e| matches!(e, FetchEvent::PathStarted { .. })).count();
+        assert!(
+            matches!(
+                events[0],
+                FetchEvent::Resolved { paths: 3, to_fetch: 3, total_download_bytes, total_nar_bytes }
+                    if total_download_bytes == file_bytes && total_nar_bytes == nar_bytes
+            ),
+            "{cache}: {:?}",
+            events[0]
+        );
+        let started = events
+            .iter()
+            .filter(|e| matches!(e, FetchEvent::PathStarted { .. }))
+            .count();
         let done: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
@@ -77,8 +87,12 @@ async fn fetches_closure_from_every_compression() {
             .collect();
         assert_eq!(started, 3, "{cache}");
         assert_eq!(done.len(), 3, "{cache}");
-        assert!(events.iter().any(|e| matches!(e, FetchEvent::Progress { path, .. } if *path == fx.dep)));
-        assert!(!events.iter().any(|e| matches!(e, FetchEvent::PathFailed { .. })));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, FetchEvent::Progress { path, .. } if *path == fx.dep)));
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, FetchEvent::PathFailed { .. })));
 
         // A second fetch finds everything stored: no NAR is requested again.
         let nar_requests = server.count_matching(&format!("/{cache}/nar/"));
@@ -89,7 +103,10 @@ async fn fetches_closure_from_every_compression() {
         assert_eq!(again.paths_already_present, 3);
         assert_eq!(again.paths_fetched, 0);
         assert_eq!(again.bytes_downloaded, 0);
-        assert_eq!(server.count_matching(&format!("/{cache}/nar/")), nar_requests);
+        assert_eq!(
+            server.count_matching(&format!("/{cache}/nar/")),
+            nar_requests
+        );
     }
 }
 
@@ -99,22 +116,42 @@ async fn closure_matches_nix_and_uses_stored_references() {
     let server = Server::start(&fx.dir).await;
     let (_dir, store) = temp_store();
     let f = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
-    let closure = bounded(f.resolve(std::slice::from_ref(&fx.app))).await.unwrap();
+    let closure = bounded(f.resolve(std::slice::from_ref(&fx.app)))
+        .await
+        .unwrap();
     assert_eq!(closure.paths(), nix_closure(&fx.app));
-    assert!(closure.entries.iter().all(|e| matches!(e, ClosureEntry::Remote(_))));
+    assert!(closure
+        .entries
+        .iter()
+        .all(|e| matches!(e, ClosureEntry::Remote(_))));
 
     // Once `dep` is stored, a fresh fetcher resolves it from the store without asking a cache.
-    bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap();
+    bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap();
     let narinfo = format!("zstd/{}.narinfo", fx.dep.hash_part());
     let before = server.count(&narinfo);
     let f2 = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
-    let closure = bounded(f2.resolve(std::slice::from_ref(&fx.app))).await.unwrap();
+    let closure = bounded(f2.resolve(std::slice::from_ref(&fx.app)))
+        .await
+        .unwrap();
     assert_eq!(closure.paths(), nix_closure(&fx.app));
-    assert_eq!(server.count(&narinfo), before, "stored path looked up remotely");
-    let dep_entry = closure.entries.iter().find(|e| e.path() == &fx.dep).unwrap();
+    assert_eq!(
+        server.count(&narinfo),
+        before,
+        "stored path looked up remotely"
+    );
+    let dep_entry = closure
+        .entries
+        .iter()
+        .find(|e| e.path() == &fx.dep)
+        .unwrap();
     assert!(matches!(dep_entry, ClosureEntry::Stored(_)));
     let summary = bounded(f2.fetch(&closure, None)).await.unwrap();
-    assert_eq!((summary.paths_fetched, summary.paths_already_present), (2, 1));
+    assert_eq!(
+        (summary.paths_fetched, summary.paths_already_present),
+        (2, 1)
+    );
     assert_closure_stored(&store, fx);
 }
 
@@ -124,7 +161,9 @@ async fn file_url_caches_work() {
     let (_dir, store) = temp_store();
     let url = format!("file://{}", fx.dir.join("xz").display());
     let f = fetcher(&store, &[url], &[&fx.trusted_key], true);
-    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap();
     assert_eq!(s.paths_fetched, 3);
     assert_closure_stored(&store, fx);
 }
@@ -159,14 +198,23 @@ async fn refuses_unsigned_untrusted_and_badly_signed_caches() {
             _ => panic!("{cache}: wrong refusal {source:?}"),
         }
         let msg = err.to_string();
-        assert!(msg.contains(&fx.app.to_string()) && msg.contains(&url), "{msg}");
+        assert!(
+            msg.contains(&fx.app.to_string()) && msg.contains(&url),
+            "{msg}"
+        );
         nothing_stored(&store, fx);
-        assert_eq!(server.count_matching(&format!("/{cache}/nar/")), 0, "{cache}: NAR fetched");
+        assert_eq!(
+            server.count_matching(&format!("/{cache}/nar/")),
+            0,
+            "{cache}: NAR fetched"
+        );
     }
     // Without require_sigs the unsigned cache is accepted.
     let (_dir, store) = temp_store();
     let f = fetcher(&store, &[server.url("unsigned")], &[&fx.trusted_key], false);
-    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap();
     assert_eq!(s.paths_fetched, 3);
     assert_closure_stored(&store, fx);
 }
@@ -177,22 +225,43 @@ async fn not_found_falls_through_to_the_next_cache() {
     let server = Server::start(&fx.dir).await;
     let (_dir, store) = temp_store();
     // `empty` has nothing, `deponly` has only dep, `zstd` has everything.
-    let urls = [server.url("empty"), server.url("deponly"), server.url("zstd")];
+    let urls = [
+        server.url("empty"),
+        server.url("deponly"),
+        server.url("zstd"),
+    ];
     let f = fetcher(&store, &urls, &[&fx.trusted_key], true);
-    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap();
     assert_eq!(s.paths_fetched, 3);
     assert_closure_stored(&store, fx);
     for p in [&fx.app, &fx.lib, &fx.dep] {
         assert_eq!(server.count(&format!("empty/{}.narinfo", p.hash_part())), 1);
     }
-    assert_eq!(server.count_matching("/deponly/nar/"), 1, "dep from deponly");
-    assert_eq!(server.count_matching("/zstd/nar/"), 2, "app and lib from zstd");
+    assert_eq!(
+        server.count_matching("/deponly/nar/"),
+        1,
+        "dep from deponly"
+    );
+    assert_eq!(
+        server.count_matching("/zstd/nar/"),
+        2,
+        "app and lib from zstd"
+    );
     let info = store.path_info(&fx.dep).unwrap().unwrap();
     assert_eq!(info.source_cache, server.url("deponly"));
     // A path in no cache is missing, naming who referenced it.
     let (_dir2, store2) = temp_store();
-    let f = fetcher(&store2, &[server.url("empty"), server.url("deponly")], &[&fx.trusted_key], true);
-    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap_err();
+    let f = fetcher(
+        &store2,
+        &[server.url("empty"), server.url("deponly")],
+        &[&fx.trusted_key],
+        true,
+    );
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, FetchError::Closure(ClosureError::Missing { path, referenced_by: None }) if path == &fx.app),
         "{err:?}"
@@ -208,8 +277,14 @@ async fn missing_reference_names_the_referrer() {
     let server = Server::start(dir.path()).await;
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
-    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap_err();
-    let FetchError::Closure(ClosureError::Missing { path, referenced_by }) = &err else {
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap_err();
+    let FetchError::Closure(ClosureError::Missing {
+        path,
+        referenced_by,
+    }) = &err
+    else {
         panic!("{err:?}");
     };
     assert_eq!(path, &fx.dep);
@@ -242,13 +317,20 @@ async fn corrupted_nar_file_is_refused_with_nothing_ingested() {
     let server = Server::start(dir.path()).await;
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
-    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap_err();
     let FetchError::Paths { failures, .. } = &err else {
         panic!("{err:?}")
     };
     assert_eq!(failures.len(), 1);
     match &*failures[0] {
-        PathError::FileHash { path, url: u, expected, got } => {
+        PathError::FileHash {
+            path,
+            url: u,
+            expected,
+            got,
+        } => {
             assert_eq!(path, &fx.dep);
             assert_eq!(u, &format!("{}/{url}", server.url("c")));
             assert_ne!(expected, got);
@@ -275,7 +357,9 @@ async fn corruption_without_file_hash_is_caught_by_nar_hash() {
     let server = Server::start(dir.path()).await;
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
-    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap_err();
     let FetchError::Paths { failures, .. } = &err else {
         panic!("{err:?}")
     };
@@ -342,14 +426,25 @@ async fn concurrent_fetches_download_each_nar_once() {
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("xz")], &[&fx.trusted_key], true);
     let roots = [fx.app.clone()];
-    let (a, b) = bounded(async { tokio::join!(f.fetch_closure(&roots, None), f.fetch_closure(&roots, None)) }).await;
+    let (a, b) = bounded(async {
+        tokio::join!(f.fetch_closure(&roots, None), f.fetch_closure(&roots, None))
+    })
+    .await;
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.paths, 3);
     assert_eq!(b.paths, 3);
     for p in nix_closure(&fx.app) {
         let (_, url) = nar_file(&fx.dir.join("xz"), &p);
-        assert_eq!(server.count(&format!("xz/{url}")), 1, "{p} NAR requested once");
-        assert_eq!(server.count(&format!("xz/{}.narinfo", p.hash_part())), 1, "{p} narinfo once");
+        assert_eq!(
+            server.count(&format!("xz/{url}")),
+            1,
+            "{p} NAR requested once"
+        );
+        assert_eq!(
+            server.count(&format!("xz/{}.narinfo", p.hash_part())),
+            1,
+            "{p} narinfo once"
+        );
     }
     assert_closure_stored(&store, fx);
 }
@@ -361,31 +456,192 @@ async fn transient_failures_are_retried() {
     let (_, dep_url) = nar_file(&fx.dir.join("zstd"), &fx.dep);
     let (_, lib_url) = nar_file(&fx.dir.join("zstd"), &fx.lib);
     server.fault(&format!("zstd/{dep_url}"), Fault::Truncate { n: 2 });
-    server.fault(&format!("zstd/{lib_url}"), Fault::Status { status: 503, n: 2 });
+    server.fault(
+        &format!("zstd/{lib_url}"),
+        Fault::Status { status: 503, n: 2 },
+    );
     server.fault(
         &format!("zstd/{}.narinfo", fx.app.hash_part()),
         Fault::Status { status: 500, n: 1 },
     );
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
-    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None)).await.unwrap();
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap();
     assert_eq!(s.paths_fetched, 3);
     assert_eq!(server.count(&format!("zstd/{dep_url}")), 3);
     assert_eq!(server.count(&format!("zstd/{lib_url}")), 3);
-    assert_eq!(server.count(&format!("zstd/{}.narinfo", fx.app.hash_part())), 2);
+    assert_eq!(
+        server.count(&format!("zstd/{}.narinfo", fx.app.hash_part())),
+        2
+    );
     assert_closure_stored(&store, fx);
 
     // Persistent server errors give up after the configured attempts, naming path and URL.
     let (_d2, store2) = temp_store();
-    server.fault(&format!("zstd/{dep_url}"), Fault::Status { status: 502, n: 100 });
+    server.fault(
+        &format!("zstd/{dep_url}"),
+        Fault::Status {
+            status: 502,
+            n: 100,
+        },
+    );
     let f = fetcher(&store2, &[server.url("zstd")], &[&fx.trusted_key], true);
     let before = server.count(&format!("zstd/{dep_url}"));
-    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None)).await.unwrap_err();
-    let FetchError::Paths { failures, .. } = &err else { panic!("{err:?}") };
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
     let msg = failures[0].to_string();
-    assert!(msg.contains(&fx.dep.to_string()) && msg.contains(&dep_url) && msg.contains("502"), "{msg}");
+    assert!(
+        msg.contains(&fx.dep.to_string()) && msg.contains(&dep_url) && msg.contains("502"),
+        "{msg}"
+    );
     // quick_retry: 4 attempts for the path, each opening the stream with up to 4 tries.
     assert_eq!(server.count(&format!("zstd/{dep_url}")) - before, 16);
     assert!(!store2.has_path(&fx.dep).unwrap());
     let _ = Arc::clone(&store2);
+}
+
+/// Replaces `p`'s NAR file in `cache` (an xz cache) with `xz(nar)`, and drops the narinfo's
+/// FileSize (and FileHash too when `strip_hash`).
+fn rewrite_xz(cache: &std::path::Path, p: &StorePath, nar: &[u8], strip_hash: bool) {
+    use std::io::Read;
+    let (file, _) = nar_file(cache, p);
+    let mut out = Vec::new();
+    xz2::read::XzEncoder::new(nar, 1)
+        .read_to_end(&mut out)
+        .unwrap();
+    assert_ne!(
+        out,
+        std::fs::read(&file).unwrap(),
+        "recompression differs from Nix's"
+    );
+    std::fs::write(&file, out).unwrap();
+    let ni = cache.join(format!("{}.narinfo", p.hash_part()));
+    let text = std::fs::read_to_string(&ni).unwrap();
+    let kept: String = text
+        .lines()
+        .filter(|l| !(l.starts_with("FileSize:") || strip_hash && l.starts_with("FileHash:")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&ni, kept).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_hash_is_checked_before_the_store_commits() {
+    // The file decompresses to the correct NAR (the store alone would accept it), but it is not
+    // the file the narinfo's FileHash names. Only the FileHash check can refuse it, and it must
+    // do so before the store commits.
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    copy_cache(&fx.dir.join("xz"), &c);
+    rewrite_xz(&c, &fx.dep, &nix_dump(&fx.dep), false);
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        matches!(&*failures[0], PathError::FileHash { path, .. } if path == &fx.dep),
+        "{:?}",
+        failures[0]
+    );
+    assert!(
+        !store.has_path(&fx.dep).unwrap(),
+        "committed despite a FileHash mismatch"
+    );
+
+    // The same file with FileHash dropped too is accepted: the NAR is right.
+    let c2 = dir.path().join("c2");
+    copy_cache(&fx.dir.join("xz"), &c2);
+    rewrite_xz(&c2, &fx.dep, &nix_dump(&fx.dep), true);
+    let f = fetcher(&store, &[server.url("c2")], &[&fx.trusted_key], true);
+    bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap();
+    assert!(store.has_path(&fx.dep).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decompressed_data_beyond_nar_size_is_refused() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    copy_cache(&fx.dir.join("xz"), &c);
+    let mut nar = nix_dump(&fx.dep);
+    nar.extend_from_slice(b"\0\0\0\0\0\0\0\0 junk after the NAR");
+    rewrite_xz(&c, &fx.dep, &nar, true);
+    // And a NAR cut short.
+    let full = nix_dump(&fx.lib);
+    rewrite_xz(&c, &fx.lib, &full[..full.len() - 8], true);
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.lib), None))
+        .await
+        .unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    // Sorted by path; find each.
+    let by_path = |p: &StorePath| failures.iter().find(|f| f.path() == p).unwrap();
+    assert!(
+        matches!(&**by_path(&fx.dep), PathError::NarTooLong { .. }),
+        "{:?}",
+        by_path(&fx.dep)
+    );
+    assert!(
+        matches!(&**by_path(&fx.lib), PathError::NarTooShort { expected, got, .. } if *got + 8 == *expected),
+        "{:?}",
+        by_path(&fx.lib)
+    );
+    assert!(!store.has_path(&fx.dep).unwrap());
+    assert!(!store.has_path(&fx.lib).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_file_at_one_cache_falls_back_to_the_next() {
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    copy_cache(&fx.dir.join("none"), &dir.path().join("bad"));
+    let (file, url) = nar_file(&dir.path().join("bad"), &fx.dep);
+    patch(&file, b"hello\n", b"jello\n");
+    copy_cache(&fx.dir.join("zstd"), &dir.path().join("good"));
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(
+        &store,
+        &[server.url("bad"), server.url("good")],
+        &[&fx.trusted_key],
+        true,
+    );
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap();
+    assert_eq!(s.paths_fetched, 1);
+    assert_eq!(
+        server.count(&format!("bad/{url}")),
+        1,
+        "not retried at the bad cache"
+    );
+    assert_eq!(server.count_matching("/good/nar/"), 1);
+    let info = store.path_info(&fx.dep).unwrap().unwrap();
+    assert_eq!(info.source_cache, server.url("good"));
+    assert_closure_stored_for(&store, &fx.dep);
+}
+
+fn assert_closure_stored_for(store: &Store, p: &StorePath) {
+    let mut nar = Vec::new();
+    store.dump_nar(p, &mut nar).unwrap();
+    assert!(nar == nix_dump(p));
 }

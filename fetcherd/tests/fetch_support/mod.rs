@@ -65,7 +65,9 @@ in { inherit dep lib app; }
 "#;
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -101,7 +103,10 @@ fn gen_key(dir: &Path, file: &str, name: &str) -> (PathBuf, String) {
         .arg(name)
         .arg(&sec)
         .arg(&public));
-    (sec, std::fs::read_to_string(&public).unwrap().trim().to_string())
+    (
+        sec,
+        std::fs::read_to_string(&public).unwrap().trim().to_string(),
+    )
 }
 
 fn nix_copy(to: &str, paths: &[&StorePath]) {
@@ -171,6 +176,13 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+impl Fixture {
+    /// A valid store path no cache has.
+    pub fn other_path_not_in_caches(&self) -> StorePath {
+        StorePath::parse("/nix/store/00000000000000000000000000000000-kof-absent").unwrap()
+    }
+}
+
 /// Copies a cache directory so a test can damage it.
 pub fn copy_cache(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -209,10 +221,7 @@ pub fn nix_dump(path: &StorePath) -> Vec<u8> {
 /// `nix-store -qR`: the reference closure, sorted.
 pub fn nix_closure(path: &StorePath) -> Vec<StorePath> {
     let out = run(Command::new("nix-store").arg("-qR").arg(path.to_absolute()));
-    let mut v: Vec<StorePath> = out
-        .lines()
-        .map(|l| StorePath::parse(l).unwrap())
-        .collect();
+    let mut v: Vec<StorePath> = out.lines().map(|l| StorePath::parse(l).unwrap()).collect();
     v.sort();
     v
 }
@@ -266,10 +275,11 @@ impl Server {
                 };
                 let (root, c, f) = (root.clone(), c.clone(), f.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (root, c, f) = (root.clone(), c.clone(), f.clone());
-                        async move { Ok::<_, Infallible>(serve(&root, &c, &f, req)) }
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (root, c, f) = (root.clone(), c.clone(), f.clone());
+                            async move { Ok::<_, Infallible>(serve(&root, &c, &f, req)) }
+                        });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
@@ -313,10 +323,7 @@ impl Server {
 
     /// Injects a fault for URL path `/rel`.
     pub fn fault(&self, rel: &str, fault: Fault) {
-        self.faults
-            .lock()
-            .unwrap()
-            .insert(format!("/{rel}"), fault);
+        self.faults.lock().unwrap().insert(format!("/{rel}"), fault);
     }
 }
 
@@ -349,7 +356,8 @@ fn serve(
         match faults.get_mut(&path) {
             Some(Fault::Status { n, .. } | Fault::Truncate { n }) if *n > 0 => {
                 let f = faults.get(&path).cloned();
-                if let Some(Fault::Status { n, .. } | Fault::Truncate { n }) = faults.get_mut(&path) {
+                if let Some(Fault::Status { n, .. } | Fault::Truncate { n }) = faults.get_mut(&path)
+                {
                     *n -= 1;
                 }
                 f
