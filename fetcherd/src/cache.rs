@@ -489,10 +489,17 @@ impl BinaryCache {
         rel: &str,
         path: Option<&StorePath>,
     ) -> Result<reqwest::Url, CacheError> {
-        base.join(rel).map_err(|e| CacheError::BadUrl {
+        let bad = |reason: String| CacheError::BadUrl {
             url: format!("{}{}", self.url_of(rel), for_path(&path.cloned())),
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        let full = base.join(rel).map_err(|e| bad(e.to_string()))?;
+        // The narinfo's URL is checked to be a plain relative path, but URL parsing also
+        // resolves percent-encoded dot segments: make sure the result stays under the cache.
+        if !full.as_str().starts_with(base.as_str()) {
+            return Err(bad("resolves outside the cache".into()));
+        }
+        Ok(full)
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or attempts run out.

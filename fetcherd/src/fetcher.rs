@@ -71,6 +71,19 @@ pub enum PathError {
         /// Bytes received (when larger, the count at which reading stopped).
         got: u64,
     },
+    /// The narinfo gives no FileSize and the file is larger than any compression of a NAR of
+    /// NarSize bytes could be (a bound so a hostile cache cannot stream forever).
+    #[error(
+        "{path}: {url} is larger than {limit} bytes, more than a NAR of NarSize could compress to"
+    )]
+    FileTooLarge {
+        /// The path.
+        path: StorePath,
+        /// The NAR file URL.
+        url: String,
+        /// The bound.
+        limit: u64,
+    },
     /// The NAR file's sha256 is not the narinfo's FileHash.
     #[error("{path}: {url} has hash {got}, FileHash says {expected}")]
     FileHash {
@@ -185,6 +198,7 @@ impl PathError {
             PathError::Open { path, .. }
             | PathError::Download { path, .. }
             | PathError::FileSize { path, .. }
+            | PathError::FileTooLarge { path, .. }
             | PathError::FileHash { path, .. }
             | PathError::Decompress { path, .. }
             | PathError::TrailingCompressed { path, .. }
@@ -778,6 +792,7 @@ fn pipeline(
         hashing: Some(HashingReader::new(channel)),
         expected_hash: info.file_hash,
         expected_size: info.file_size,
+        limit: max_file_size(info.nar_size),
         ctx: ctx.clone(),
     };
     let buffered = BufReader::with_capacity(64 * 1024, checked);
@@ -856,7 +871,17 @@ struct FileCheck {
     hashing: Option<HashingReader<ChannelReader>>,
     expected_hash: Option<NixHash>,
     expected_size: Option<u64>,
+    /// Bound on the file's size when FileSize is absent.
+    limit: u64,
     ctx: Arc<Ctx>,
+}
+
+/// The largest file accepted for a NAR of `nar_size` bytes when the narinfo gives no FileSize:
+/// xz, zstd and bzip2 all expand incompressible input by well under 1/8, plus a constant.
+fn max_file_size(nar_size: u64) -> u64 {
+    nar_size
+        .saturating_add(nar_size / 8)
+        .saturating_add(64 * 1024)
 }
 
 impl Read for FileCheck {
@@ -869,15 +894,23 @@ impl Read for FileCheck {
         }
         let n = hashing.read(buf)?;
         let count = hashing.count();
-        if let Some(expected) = self.expected_size {
-            if count > expected {
+        match self.expected_size {
+            Some(expected) if count > expected => {
                 return Err(self.ctx.fail(PathError::FileSize {
                     path: self.ctx.path.clone(),
                     url: self.ctx.url.clone(),
                     expected,
                     got: count,
-                }));
+                }))
             }
+            None if count > self.limit => {
+                return Err(self.ctx.fail(PathError::FileTooLarge {
+                    path: self.ctx.path.clone(),
+                    url: self.ctx.url.clone(),
+                    limit: self.limit,
+                }))
+            }
+            _ => {}
         }
         if n > 0 {
             return Ok(n);

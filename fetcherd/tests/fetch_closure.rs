@@ -645,3 +645,112 @@ fn assert_closure_stored_for(store: &Store, p: &StorePath) {
     store.dump_nar(p, &mut nar).unwrap();
     assert!(nar == nix_dump(p));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_download_times_out_and_is_retried() {
+    use kof_fetcherd::cache::{http_client, BinaryCache, HttpOptions};
+    use kof_fetcherd::substituters::Substituters;
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let (_, dep_url) = nar_file(&fx.dir.join("xz"), &fx.dep);
+    let rel = format!("xz/{dep_url}");
+    server.fault(&rel, Fault::Stall { n: 1 });
+    let client = http_client(&HttpOptions {
+        connect_timeout: std::time::Duration::from_secs(5),
+        read_timeout: std::time::Duration::from_millis(500),
+    })
+    .unwrap();
+    let cache = BinaryCache::new(&server.url("xz"), client, quick_retry()).unwrap();
+    let keys = vec![kof_nar::PublicKey::parse(&fx.trusted_key).unwrap()];
+    let subs = Arc::new(Substituters::new(vec![cache], keys, true));
+    let (_d, store) = temp_store();
+    let f = fetcher_with(&store, subs);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap();
+    assert_eq!(s.paths_fetched, 1);
+    assert_eq!(server.count(&rel), 2, "stalled once, then fetched");
+    assert_closure_stored_for(&store, &fx.dep);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn endless_file_without_file_size_is_cut_off() {
+    // zstd skippable frames decode to nothing: a hostile cache could send them forever.
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    copy_cache(&fx.dir.join("zstd"), &c);
+    let (file, _) = nar_file(&c, &fx.lib);
+    let mut data = std::fs::read(&file).unwrap();
+    for _ in 0..64 {
+        data.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        data.extend_from_slice(&4096u32.to_le_bytes());
+        data.extend_from_slice(&[0u8; 4096]);
+    }
+    std::fs::write(&file, data).unwrap();
+    strip_file_fields(&c, &fx.lib);
+    // dep is fine; only lib's file is bad.
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.lib), None))
+        .await
+        .unwrap_err();
+    let FetchError::Paths { failures, total } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!((*total, failures.len()), (2, 1));
+    assert!(
+        matches!(&*failures[0], PathError::FileTooLarge { path, .. } if path == &fx.lib),
+        "{:?}",
+        failures[0]
+    );
+    assert!(!store.has_path(&fx.lib).unwrap());
+    assert!(
+        store.has_path(&fx.dep).unwrap(),
+        "the good path of the closure is still fetched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nar_url_escaping_the_cache_is_refused() {
+    // The signature does not cover URL: a cache can point it anywhere it likes.
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    copy_cache(&fx.dir.join("xz"), &c);
+    let ni = c.join(format!("{}.narinfo", fx.dep.hash_part()));
+    let text = std::fs::read_to_string(&ni).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("URL: ") {
+                "URL: nar/%2e%2e/%2E%2E/secret\n".to_string()
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&ni, text).unwrap();
+    let server = Server::start(dir.path()).await;
+    let (_d, store) = temp_store();
+    let f = fetcher(&store, &[server.url("c")], &[&fx.trusted_key], true);
+    let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
+        .await
+        .unwrap_err();
+    let FetchError::Paths { failures, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        matches!(
+            &*failures[0],
+            PathError::Open {
+                source: kof_fetcherd::cache::CacheError::BadUrl { .. },
+                ..
+            }
+        ),
+        "{:?}",
+        failures[0]
+    );
+    assert_eq!(server.count("secret"), 0);
+}

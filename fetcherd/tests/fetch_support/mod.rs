@@ -246,6 +246,9 @@ pub enum Fault {
     /// Send the headers (with the full Content-Length) and half the body, then break the
     /// connection, for the next `n` requests.
     Truncate { n: usize },
+    /// Send the headers and half the body, then send nothing more (the connection stays
+    /// open), for the next `n` requests.
+    Stall { n: usize },
 }
 
 /// A loopback HTTP server over a directory.
@@ -354,13 +357,11 @@ fn serve(
     let fault = {
         let mut faults = faults.lock().unwrap();
         match faults.get_mut(&path) {
-            Some(Fault::Status { n, .. } | Fault::Truncate { n }) if *n > 0 => {
-                let f = faults.get(&path).cloned();
-                if let Some(Fault::Status { n, .. } | Fault::Truncate { n }) = faults.get_mut(&path)
-                {
-                    *n -= 1;
-                }
-                f
+            Some(Fault::Status { n, .. } | Fault::Truncate { n } | Fault::Stall { n })
+                if *n > 0 =>
+            {
+                *n -= 1;
+                faults.get(&path).cloned()
             }
             _ => None,
         }
@@ -380,6 +381,17 @@ fn serve(
             Ok(Frame::data(half)),
             Err(std::io::Error::other("injected connection break")),
         ]);
+        return Response::builder()
+            .status(200)
+            .header("content-length", len.to_string())
+            .body(StreamBody::new(frames).boxed())
+            .unwrap();
+    }
+    if let Some(Fault::Stall { .. }) = fault {
+        let len = data.len();
+        let half = Bytes::from(data[..len / 2].to_vec());
+        let first = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Frame::data(half))]);
+        let frames = futures_util::StreamExt::chain(first, futures_util::stream::pending());
         return Response::builder()
             .status(200)
             .header("content-length", len.to_string())
@@ -427,9 +439,14 @@ pub fn substituters(urls: &[String], keys: &[&str], require_sigs: bool) -> Arc<S
 
 /// A fetcher into `store` from `urls`, trusting `keys`.
 pub fn fetcher(store: &Arc<Store>, urls: &[String], keys: &[&str], require_sigs: bool) -> Fetcher {
+    fetcher_with(store, substituters(urls, keys, require_sigs))
+}
+
+/// A fetcher into `store` from `subs`, with the test tuning.
+pub fn fetcher_with(store: &Arc<Store>, subs: Arc<Substituters>) -> Fetcher {
     Fetcher::new(
         store.clone(),
-        substituters(urls, keys, require_sigs),
+        subs,
         FetchOptions {
             max_parallel_downloads: 4,
             retry: quick_retry(),
