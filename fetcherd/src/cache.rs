@@ -607,3 +607,51 @@ impl BinaryCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let p = RetryPolicy {
+            attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let d1 = p.delay(1);
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(150),
+                "{d1:?}"
+            );
+            let d3 = p.delay(3);
+            assert!(
+                d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(600),
+                "{d3:?}"
+            );
+            let d9 = p.delay(9);
+            assert!(
+                d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1500),
+                "{d9:?}"
+            );
+            assert!(p.delay(u32::MAX) <= Duration::from_millis(1500));
+        }
+    }
+
+    #[test]
+    fn transient_classification() {
+        let st = |status| CacheError::Status {
+            url: "u".into(),
+            path: None,
+            status,
+        };
+        assert!(st(500).is_transient() && st(503).is_transient() && st(429).is_transient());
+        assert!(!st(403).is_transient() && !st(410).is_transient());
+        let bad = CacheError::BadUrl {
+            url: "x".into(),
+            reason: "y".into(),
+        };
+        assert!(!bad.is_transient());
+    }
+}

@@ -242,7 +242,9 @@ pub enum SetupError {
     Cache(#[from] CacheError),
 }
 
-/// Progress of a fetch, for progress bars and logs.
+/// Progress of a fetch, for progress bars and logs. A caller whose path is already being
+/// downloaded for another caller gets no `PathStarted`/`Progress` for it, only its
+/// `PathDone`/`PathFailed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FetchEvent {
     /// The closure is known.
@@ -305,7 +307,7 @@ pub struct FetchSummary {
     pub paths_fetched: usize,
     /// Paths that were already stored.
     pub paths_already_present: usize,
-    /// Bytes downloaded (compressed).
+    /// Bytes downloaded (compressed), counting each path's successful attempt.
     pub bytes_downloaded: u64,
     /// Uncompressed NAR bytes ingested.
     pub nar_bytes: u64,

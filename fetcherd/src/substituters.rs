@@ -115,6 +115,12 @@ impl Substituters {
             .cloned()
     }
 
+    /// Forgets every memoised answer (a long-running daemon calls this so that paths pushed to
+    /// a cache later, or narinfos changed there, are seen). Lookups in flight finish normally.
+    pub fn clear_memo(&self) {
+        self.memo.lock().expect("substituter memo poisoned").clear();
+    }
+
     /// Like [`Substituters::lookup`] but only in caches from index `first` on, and not
     /// memoised: used to find another source after a cache served bad data.
     pub async fn lookup_from(

@@ -221,3 +221,17 @@ async fn a_refusal_does_not_hide_a_good_cache() {
     let err = bounded(subs.lookup(&fx.dep)).await.unwrap_err();
     assert!(matches!(err, SubstituteError::Untrusted { .. }), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_the_memo_asks_again() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let subs = substituters(&[server.url("xz")], &[&fx.trusted_key], true);
+    let rel = format!("xz/{}.narinfo", fx.lib.hash_part());
+    bounded(subs.lookup(&fx.lib)).await.unwrap().unwrap();
+    bounded(subs.lookup(&fx.lib)).await.unwrap().unwrap();
+    assert_eq!(server.count(&rel), 1);
+    subs.clear_memo();
+    bounded(subs.lookup(&fx.lib)).await.unwrap().unwrap();
+    assert_eq!(server.count(&rel), 2);
+}
