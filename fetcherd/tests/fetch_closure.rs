@@ -754,3 +754,38 @@ async fn nar_url_escaping_the_cache_is_refused() {
     );
     assert_eq!(server.count("secret"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downloads_at_once_are_bounded() {
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    for p in nix_closure(&fx.app) {
+        let (_, url) = nar_file(&fx.dir.join("zstd"), &p);
+        server.fault(&format!("zstd/{url}"), Fault::Gate { gate: gate.clone() });
+    }
+    let (_d, store) = temp_store();
+    let subs = substituters(&[server.url("zstd")], &[&fx.trusted_key], true);
+    let f = fetcher_limited(&store, subs, 2);
+    let roots = [fx.app.clone()];
+    let task = tokio::spawn(async move { f.fetch_closure(&roots, None).await });
+    let nar_requests = || server.count_matching("/zstd/nar/");
+    let wait_for = |n: usize| async move {
+        bounded(async {
+            while nar_requests() < n {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    };
+    wait_for(2).await;
+    // The third download waits for a slot. (A pause can only miss a violation, never invent one.)
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(nar_requests(), 2, "more than 2 downloads at once");
+    gate.add_permits(1);
+    wait_for(3).await;
+    gate.add_permits(2);
+    let s = bounded(task).await.unwrap().unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_eq!(nar_requests(), 3);
+}

@@ -249,6 +249,9 @@ pub enum Fault {
     /// Send the headers and half the body, then send nothing more (the connection stays
     /// open), for the next `n` requests.
     Stall { n: usize },
+    /// Send the body only once a permit of `gate` is available (taken for good), for every
+    /// request.
+    Gate { gate: Arc<tokio::sync::Semaphore> },
 }
 
 /// A loopback HTTP server over a directory.
@@ -363,6 +366,7 @@ fn serve(
                 *n -= 1;
                 faults.get(&path).cloned()
             }
+            Some(Fault::Gate { .. }) => faults.get(&path).cloned(),
             _ => None,
         }
     };
@@ -396,6 +400,18 @@ fn serve(
             .status(200)
             .header("content-length", len.to_string())
             .body(StreamBody::new(frames).boxed())
+            .unwrap();
+    }
+    if let Some(Fault::Gate { gate }) = fault {
+        let len = data.len();
+        let body = futures_util::stream::once(async move {
+            gate.acquire().await.expect("gate open").forget();
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(data)))
+        });
+        return Response::builder()
+            .status(200)
+            .header("content-length", len.to_string())
+            .body(StreamBody::new(body).boxed())
             .unwrap();
     }
     full(200, data)
@@ -444,11 +460,16 @@ pub fn fetcher(store: &Arc<Store>, urls: &[String], keys: &[&str], require_sigs:
 
 /// A fetcher into `store` from `subs`, with the test tuning.
 pub fn fetcher_with(store: &Arc<Store>, subs: Arc<Substituters>) -> Fetcher {
+    fetcher_limited(store, subs, 4)
+}
+
+/// A fetcher with at most `downloads` NAR downloads at once.
+pub fn fetcher_limited(store: &Arc<Store>, subs: Arc<Substituters>, downloads: usize) -> Fetcher {
     Fetcher::new(
         store.clone(),
         subs,
         FetchOptions {
-            max_parallel_downloads: 4,
+            max_parallel_downloads: downloads,
             retry: quick_retry(),
             channel_chunks: 4,
             ..FetchOptions::default()
