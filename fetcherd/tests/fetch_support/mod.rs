@@ -118,62 +118,88 @@ fn nix_copy(to: &str, paths: &[&StorePath]) {
     run(&mut cmd);
 }
 
-/// Builds (once) the store paths, keys and caches.
+/// Builds (once per test binary) the store paths; writes the keys and caches once and keeps
+/// them under cargo's target tmp dir for later runs, rewritten when the store paths change (a
+/// garbage-collected and rebuilt `dep` has new random contents).
 pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("kof-fetch-fixture")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let expr = dir.join("paths.nix");
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(tmp).unwrap();
+        let expr = tmp.join("fetch-fixture-paths.nix");
         std::fs::write(&expr, EXPR).unwrap();
         let dep = nix_build(&expr, "dep");
         let lib = nix_build(&expr, "lib");
         let app = nix_build(&expr, "app");
-        let keys = dir.join("keys");
-        std::fs::create_dir(&keys).unwrap();
-        let (a_sec, a_pub) = gen_key(&keys, "a", "kof-test-1");
-        // Same name as the trusted key, other key bytes: its signatures are invalid.
-        let (b_sec, _) = gen_key(&keys, "b", "kof-test-1");
-        let (c_sec, _) = gen_key(&keys, "c", "other-1");
-        let c = |name: &str, compression: &str, key: Option<&Path>, listing: bool| {
-            let mut url = format!(
-                "file://{}?compression={compression}",
-                dir.join(name).display()
-            );
-            if listing {
-                url.push_str("&write-nar-listing=true");
+        let marker = format!("{dep}\n{lib}\n{app}\n");
+        let dir = tmp.join("fetch-fixture");
+        let complete =
+            |d: &Path| std::fs::read_to_string(d.join("complete")).is_ok_and(|m| m == marker);
+        if !complete(&dir) {
+            let fresh = tempfile::Builder::new()
+                .prefix("fetch-fixture-new")
+                .tempdir_in(tmp)
+                .unwrap()
+                .keep();
+            write_caches(&fresh, &dep, &app);
+            std::fs::write(fresh.join("complete"), &marker).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            if std::fs::rename(&fresh, &dir).is_err() {
+                // Another test binary won the race; theirs is as good.
+                let _ = std::fs::remove_dir_all(&fresh);
             }
-            if let Some(k) = key {
-                url.push_str(&format!("&secret-key={}", k.display()));
-            }
-            url
-        };
-        let all = [&app];
-        nix_copy(&c("zstd", "zstd", Some(&a_sec), true), &all);
-        nix_copy(&c("xz", "xz", Some(&a_sec), false), &all);
-        nix_copy(&c("bzip2", "bzip2", Some(&a_sec), false), &all);
-        nix_copy(&c("none", "none", Some(&a_sec), true), &all);
-        nix_copy(&c("unsigned", "zstd", None, false), &all);
-        nix_copy(&c("untrusted", "zstd", Some(&c_sec), false), &all);
-        nix_copy(&c("badsig", "zstd", Some(&b_sec), false), &all);
-        nix_copy(&c("deponly", "xz", Some(&a_sec), false), &[&dep]);
-        std::fs::create_dir(dir.join("empty")).unwrap();
-        std::fs::write(
-            dir.join("empty/nix-cache-info"),
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
-        )
-        .unwrap();
+            assert!(complete(&dir), "fixture at {}", dir.display());
+        }
+        let trusted_key = std::fs::read_to_string(dir.join("keys/a.pub"))
+            .unwrap()
+            .trim()
+            .to_string();
         Fixture {
             dir,
             dep,
             lib,
             app,
-            trusted_key: a_pub,
+            trusted_key,
         }
     })
+}
+
+/// Keys and caches, written by the real Nix.
+fn write_caches(dir: &Path, dep: &StorePath, app: &StorePath) {
+    let keys = dir.join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let (a_sec, _) = gen_key(&keys, "a", "kof-test-1");
+    // Same name as the trusted key, other key bytes: its signatures are invalid.
+    let (b_sec, _) = gen_key(&keys, "b", "kof-test-1");
+    let (c_sec, _) = gen_key(&keys, "c", "other-1");
+    let c = |name: &str, compression: &str, key: Option<&Path>, listing: bool| {
+        let mut url = format!(
+            "file://{}?compression={compression}",
+            dir.join(name).display()
+        );
+        if listing {
+            url.push_str("&write-nar-listing=true");
+        }
+        if let Some(k) = key {
+            url.push_str(&format!("&secret-key={}", k.display()));
+        }
+        url
+    };
+    let all = [app];
+    nix_copy(&c("zstd", "zstd", Some(&a_sec), true), &all);
+    nix_copy(&c("xz", "xz", Some(&a_sec), false), &all);
+    nix_copy(&c("bzip2", "bzip2", Some(&a_sec), false), &all);
+    nix_copy(&c("none", "none", Some(&a_sec), true), &all);
+    nix_copy(&c("unsigned", "zstd", None, false), &all);
+    nix_copy(&c("untrusted", "zstd", Some(&c_sec), false), &all);
+    nix_copy(&c("badsig", "zstd", Some(&b_sec), false), &all);
+    nix_copy(&c("deponly", "xz", Some(&a_sec), false), &[dep]);
+    std::fs::create_dir(dir.join("empty")).unwrap();
+    std::fs::write(
+        dir.join("empty/nix-cache-info"),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n",
+    )
+    .unwrap();
 }
 
 impl Fixture {
