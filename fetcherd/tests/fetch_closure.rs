@@ -789,3 +789,37 @@ async fn downloads_at_once_are_bounded() {
     assert_eq!(s.paths_fetched, 3);
     assert_eq!(nar_requests(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fetcher_from_node_config() {
+    use kof_fetcherd::config::Config;
+    use kof_fetcherd::fetcher::Fetcher;
+    let fx = fixture();
+    let server = Server::start(&fx.dir).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "substituters = [\"{}\", \"file://{}\"]\ntrusted_public_keys = [\"{}\"]\nmax_parallel_downloads = 2\n",
+            server.url("empty"),
+            fx.dir.join("bzip2").display(),
+            fx.trusted_key
+        ),
+    )
+    .unwrap();
+    let config = Config::load(Some(&cfg)).unwrap();
+    let (_d, store) = temp_store();
+    let f = Fetcher::from_config(&config, store.clone()).unwrap();
+    assert_eq!(f.substituters().caches().len(), 2);
+    let s = bounded(f.fetch_closure(std::slice::from_ref(&fx.app), None))
+        .await
+        .unwrap();
+    assert_eq!(s.paths_fetched, 3);
+    assert_closure_stored(&store, fx);
+    let info = store.path_info(&fx.app).unwrap().unwrap();
+    assert_eq!(
+        info.source_cache,
+        format!("file://{}", fx.dir.join("bzip2").display())
+    );
+}
