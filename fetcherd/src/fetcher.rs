@@ -226,9 +226,6 @@ pub enum FetchError {
         /// One error per failed path, sorted by path.
         failures: Vec<Arc<PathError>>,
     },
-    /// The HTTP client or a cache could not be set up.
-    #[error("setting up the fetcher: {0}")]
-    Setup(#[from] SetupError),
 }
 
 /// Why a [`Fetcher`] could not be built from a config.
