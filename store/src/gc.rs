@@ -123,7 +123,6 @@ impl Store {
             }
         }
         tx.commit()?;
-        self.objects.clear_cache();
 
         for d in &dead_objects {
             report.bytes_freed += self.objects.remove(d)?;

@@ -294,8 +294,8 @@ impl Store {
 
     /// Reads up to `buf.len()` bytes of a file starting at `offset`, returning how many were
     /// read (fewer only at the end of the file; 0 at it). Touches only the objects holding
-    /// the range: a raw object is read with `pread`, a compressed one is decompressed whole
-    /// (objects are at most 1 MiB) and cached for the next read.
+    /// the range: a raw object is read with `pread`; of a compressed one only the 64 KiB
+    /// frames holding the range are decompressed.
     pub fn read_file_range(
         &self,
         content: &FileContent,

@@ -115,10 +115,20 @@ fn gc_keeps_rooted_closures_and_frees_the_rest() {
     let old = add(&store, tmp.path(), "old", &[]);
     let stats_before = store.stats().unwrap();
     store
-        .put_environment(&env("web", 1, &[app.clone()], &[app.clone()]))
+        .put_environment(&env(
+            "web",
+            1,
+            std::slice::from_ref(&app),
+            std::slice::from_ref(&app),
+        ))
         .unwrap();
     store
-        .put_environment(&env("web", 2, &[old.clone()], &[old.clone()]))
+        .put_environment(&env(
+            "web",
+            2,
+            std::slice::from_ref(&old),
+            std::slice::from_ref(&old),
+        ))
         .unwrap();
     store.set_root("alice", "web", 1, false).unwrap();
 
