@@ -1,1 +1,105 @@
-fn main() {}
+//! `kof-store`: the node's command line for the kof store and fetcher.
+//!
+//! Glue only: it parses flags, loads the node configuration, opens the store, and calls
+//! `kof-fetcherd` (FloxHub resolution, binary-cache fetching) and `kof-store` (the store). Its
+//! output is a contract other tools rely on: `--json` shapes are stable, every failure is one
+//! line on stderr naming what failed and why, with a non-zero exit.
+
+mod commands;
+mod context;
+mod progress;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kof-store",
+    version,
+    about = "The kof node store: fetch Flox environments' closures from Nix binary caches into a deduplicating content-addressed store"
+)]
+struct Cli {
+    /// Configuration file (TOML). Default: $KOF_CONFIG, else /etc/kof/config.toml if present.
+    #[arg(long, global = true, env = "KOF_CONFIG")]
+    config: Option<PathBuf>,
+    /// Store directory, overriding the configuration's `store_dir`.
+    #[arg(long, global = true, env = "KOF_STORE")]
+    store: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve environments on FloxHub and fetch their closures into the store.
+    Prefetch {
+        /// `owner/name` (live generation) or `owner/name:N` (generation N).
+        #[arg(required = true)]
+        refs: Vec<String>,
+    },
+    /// Resolve an environment and print its generation, closure, vars, hook and history.
+    Resolve {
+        /// `owner/name` or `owner/name:N`.
+        reference: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List stored store paths.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show store totals.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every object and file; exit non-zero naming any corruption.
+    Verify,
+    /// Write a stored path's tree to DIR, as `nix-store --restore` would.
+    Export {
+        /// The store path (`/nix/store/...` or its base name).
+        store_path: String,
+        /// The target directory (must not exist).
+        dir: PathBuf,
+    },
+    /// Write a stored path's NAR to stdout.
+    DumpNar {
+        /// The store path (`/nix/store/...` or its base name).
+        store_path: String,
+    },
+    /// Drop what no kept environment needs.
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KOF_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = commands::run(cli) {
+        // One line: what failed and why (the error chain, outermost first).
+        let mut line = e.to_string();
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !line.contains(&c) {
+                line.push_str(": ");
+                line.push_str(&c);
+            }
+        }
+        eprintln!("kof-store: {}", line.replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,364 @@
+//! The subcommands: each resolves its inputs, calls the libraries, and prints the result.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use kof_fetcherd::envref::EnvRef;
+use kof_fetcherd::fetcher::{FetchEvent, Fetcher};
+use kof_fetcherd::floxhub::{read_token_file, FloxHubClient, Token};
+use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
+use kof_nar::StorePath;
+use kof_store::Store;
+use serde_json::json;
+
+use crate::context::Context;
+use crate::progress::{human_bytes, Progress};
+use crate::{Cli, Command};
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let ctx = Context::load(cli.config, cli.store)?;
+    match cli.command {
+        Command::Prefetch { refs } => prefetch(&ctx, &refs),
+        Command::Resolve { reference, json } => resolve(&ctx, &reference, json),
+        Command::Ls { json } => ls(&ctx, json),
+        Command::Stats { json } => stats(&ctx, json),
+        Command::Verify => verify(&ctx),
+        Command::Export { store_path, dir } => export(&ctx, &store_path, &dir),
+        Command::DumpNar { store_path } => dump_nar(&ctx, &store_path),
+        Command::Gc { json } => gc(&ctx, json),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn parse_refs(refs: &[String]) -> Result<Vec<EnvRef>> {
+    refs.iter()
+        .map(|r| EnvRef::parse(r).map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn parse_store_path(s: &str) -> Result<StorePath> {
+    StorePath::parse(s).with_context(|| format!("store path {s:?}"))
+}
+
+/// FloxHub access built from the configuration.
+struct Hub {
+    resolver: Arc<Resolver>,
+    token: Option<Arc<Token>>,
+}
+
+impl Hub {
+    fn new(ctx: &Context) -> Result<Self> {
+        let cfg = &ctx.config;
+        let client = FloxHubClient::new(&cfg.floxhub_url, cfg.store_dir.join("floxmeta"))
+            .with_context(|| format!("FloxHub at {}", cfg.floxhub_url))?;
+        let token = cfg
+            .floxhub_token_file
+            .as_deref()
+            .map(|p| {
+                read_token_file(p)
+                    .map(Arc::new)
+                    .with_context(|| format!("FloxHub token file {}", p.display()))
+            })
+            .transpose()?;
+        Ok(Hub {
+            resolver: Arc::new(Resolver::new(client, cfg.system.clone())),
+            token,
+        })
+    }
+
+    /// Resolves every reference concurrently (each runs git).
+    async fn resolve_all(&self, refs: &[EnvRef]) -> Result<Vec<ResolvedEnvironment>> {
+        let mut tasks = Vec::new();
+        for r in refs {
+            let resolver = self.resolver.clone();
+            let token = self.token.clone();
+            let r = r.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                resolver.resolve(&r, token.as_deref())
+            }));
+        }
+        let mut out = Vec::new();
+        for (t, r) in tasks.into_iter().zip(refs) {
+            let env = t
+                .await
+                .context("resolver task")?
+                .with_context(|| format!("resolving {r}"))?;
+            out.push(env);
+        }
+        Ok(out)
+    }
+}
+
+fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
+    let refs = parse_refs(refs)?;
+    let start = Instant::now();
+    let store = Arc::new(ctx.open_store()?);
+    let hub = Hub::new(ctx)?;
+    let fetcher = Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let envs = hub.resolve_all(&refs).await?;
+        // One closure walk and one fetch for all environments, so shared paths are fetched once.
+        let roots: BTreeSet<StorePath> = envs.iter().flat_map(|e| e.roots.clone()).collect();
+        let roots: Vec<StorePath> = roots.into_iter().collect();
+        let closure = fetcher
+            .resolve(&roots)
+            .await
+            .with_context(|| format!("computing the closure of {}", names(&envs)))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FetchEvent>();
+        let render = tokio::spawn(async move {
+            let mut progress = Progress::new();
+            while let Some(ev) = rx.recv().await {
+                progress.event(&ev);
+            }
+            progress.finish();
+        });
+        let result = fetcher.fetch(&closure, Some(tx)).await;
+        let _ = render.await;
+        let summary = result.with_context(|| format!("prefetching {}", names(&envs)))?;
+        // Each environment's own closure, from the stored references, for its record.
+        for env in &envs {
+            let own = fetcher
+                .resolve(&env.roots)
+                .await
+                .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
+            store
+                .put_environment(&env.to_record(own.paths()))
+                .with_context(|| format!("recording {}", env.env_ref()))?;
+            store
+                .set_root(&env.owner, &env.name, env.generation, env.pinned)
+                .with_context(|| format!("keeping {}", env.env_ref()))?;
+            println!(
+                "{}/{} generation {} ({}): {} store paths",
+                env.owner,
+                env.name,
+                env.generation,
+                env.system,
+                own.entries.len()
+            );
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "prefetched {} paths ({} fetched, {} already present): downloaded {}, {} new to the store, NAR {}, in {:.2} s",
+            summary.paths,
+            summary.paths_fetched,
+            summary.paths_already_present,
+            human_bytes(summary.bytes_downloaded),
+            human_bytes(summary.new_stored_bytes),
+            human_bytes(summary.nar_bytes),
+            secs
+        );
+        Ok(())
+    })
+}
+
+fn names(envs: &[ResolvedEnvironment]) -> String {
+    envs.iter()
+        .map(|e| format!("{}:{}", e.env_ref(), e.generation))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn resolve(ctx: &Context, reference: &str, as_json: bool) -> Result<()> {
+    let r = parse_refs(&[reference.to_string()])?;
+    let store = Arc::new(ctx.open_store()?);
+    let hub = Hub::new(ctx)?;
+    let fetcher = Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
+    let rt = runtime()?;
+    let (env, closure) = rt.block_on(async {
+        let env = hub.resolve_all(&r).await?.remove(0);
+        let closure = fetcher
+            .resolve(&env.roots)
+            .await
+            .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
+        anyhow::Ok((env, closure))
+    })?;
+    let paths = closure.paths();
+    let nar_size: u64 = closure.entries.iter().map(|e| e.nar_size()).sum();
+    store
+        .put_environment(&env.to_record(paths.clone()))
+        .with_context(|| format!("recording {}", env.env_ref()))?;
+    let closure_abs: Vec<String> = paths.iter().map(|p| p.to_absolute()).collect();
+    if as_json {
+        let out = json!({
+            "owner": env.owner,
+            "name": env.name,
+            "generation": env.generation,
+            "pinned": env.pinned,
+            "live_generation": env.live,
+            "newest_generation": env.newest,
+            "system": env.system,
+            "roots": env.roots.iter().map(|p| p.to_absolute()).collect::<Vec<_>>(),
+            "closure": closure_abs,
+            "closure_nar_size": nar_size,
+            "vars": env.vars,
+            "hook": env.hook,
+            "history": env.history,
+            "floxmeta_commit": env.commit,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{}/{} generation {}{} ({}), live {}, newest {}",
+            env.owner,
+            env.name,
+            env.generation,
+            if env.pinned { " (pinned)" } else { "" },
+            env.system,
+            env.live,
+            env.newest
+        );
+        println!(
+            "closure: {} paths, {} NAR",
+            closure_abs.len(),
+            human_bytes(nar_size)
+        );
+        for p in &closure_abs {
+            println!("  {p}");
+        }
+        for (k, v) in &env.vars {
+            println!("var {k}={v}");
+        }
+        if let Some(h) = &env.hook {
+            println!("on-activate hook: {} lines", h.lines().count());
+        }
+    }
+    Ok(())
+}
+
+fn ls(ctx: &Context, as_json: bool) -> Result<()> {
+    let store = ctx.open_store()?;
+    let paths = store.list_paths().context("listing stored paths")?;
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let v: Vec<_> = paths
+            .iter()
+            .map(|p| {
+                json!({
+                    "path": p.store_path.to_absolute(),
+                    "nar_hash": p.nar_hash.to_nix_string(),
+                    "nar_size": p.nar_size,
+                    "references": p.references.iter().map(|r| r.to_absolute()).collect::<Vec<_>>(),
+                    "deriver": p.deriver,
+                    "source_cache": p.source_cache,
+                    "registered_at": p.registered_at,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        for p in &paths {
+            writeln!(out, "{}\t{}", p.store_path, p.nar_size)?;
+        }
+    }
+    Ok(())
+}
+
+fn stats(ctx: &Context, as_json: bool) -> Result<()> {
+    let store = ctx.open_store()?;
+    let s = store.stats().context("reading store totals")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        let ratio = if s.stored_bytes > 0 {
+            s.logical_bytes as f64 / s.stored_bytes as f64
+        } else {
+            0.0
+        };
+        println!("store paths:   {}", s.store_paths);
+        println!("environments:  {}", s.environments);
+        println!("logical bytes: {} (sum of NarSize)", human_bytes(s.logical_bytes));
+        println!("unique bytes:  {} (distinct objects, uncompressed)", human_bytes(s.unique_bytes));
+        println!("stored bytes:  {} on disk in {} objects", human_bytes(s.stored_bytes), s.objects);
+        println!("saving:        {ratio:.2}x");
+    }
+    Ok(())
+}
+
+fn verify(ctx: &Context) -> Result<()> {
+    let store = ctx.open_store()?;
+    let report = store.verify().context("verifying the store")?;
+    if report.is_ok() {
+        println!(
+            "verified {} objects and {} chunked files: no corruption",
+            report.objects_checked, report.files_checked
+        );
+        return Ok(());
+    }
+    for c in &report.problems {
+        let paths: Vec<String> = c.store_paths.iter().map(|p| p.to_absolute()).collect();
+        eprintln!("corrupt {:?}: {} (in {})", c.item, c.reason, paths.join(", "));
+    }
+    let first = &report.problems[0];
+    bail!(
+        "verify found {} corrupt item(s); first: {:?}: {} in {}",
+        report.problems.len(),
+        first.item,
+        first.reason,
+        first
+            .store_paths
+            .iter()
+            .map(|p| p.to_absolute())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn export(ctx: &Context, store_path: &str, dir: &Path) -> Result<()> {
+    let p = parse_store_path(store_path)?;
+    let store = ctx.open_store()?;
+    store
+        .export(&p, dir)
+        .with_context(|| format!("exporting {p} to {}", dir.display()))?;
+    Ok(())
+}
+
+fn dump_nar(ctx: &Context, store_path: &str) -> Result<()> {
+    let p = parse_store_path(store_path)?;
+    let store = ctx.open_store()?;
+    let stdout = std::io::stdout().lock();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout);
+    store
+        .dump_nar(&p, &mut out)
+        .with_context(|| format!("dumping the NAR of {p}"))?;
+    out.flush().context("writing the NAR to stdout")?;
+    Ok(())
+}
+
+fn gc(ctx: &Context, as_json: bool) -> Result<()> {
+    let store: Store = ctx.open_store()?;
+    let report = store.gc().context("collecting garbage")?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "paths_removed": report.paths_removed.iter().map(|p| p.to_absolute()).collect::<Vec<_>>(),
+                "objects_removed": report.objects_removed,
+                "orphans_removed": report.orphans_removed,
+                "bytes_freed": report.bytes_freed,
+            }))?
+        );
+    } else {
+        for p in &report.paths_removed {
+            println!("removed {p}");
+        }
+        println!(
+            "gc: removed {} paths and {} objects, freed {}",
+            report.paths_removed.len(),
+            report.objects_removed + report.orphans_removed,
+            human_bytes(report.bytes_freed)
+        );
+    }
+    Ok(())
+}
