@@ -8,6 +8,10 @@
 //! 2. the object files of those objects are removed;
 //! 3. a sweep removes object files that have no row at all (left by an interrupted ingest or
 //!    an interrupted step 2), and stale files in `tmp/`.
+//!
+//! Only roots protect paths: a caller that fetches a generation and may run gc in the same
+//! process should record and root (or pin) the generation before fetching it. Reads of
+//! unrooted paths that run during gc may fail once their objects are gone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;

@@ -7,7 +7,7 @@
 //! stream, readable by `zstd -d`), so a range read decompresses only the frames it touches
 //! instead of the whole object. Objects are written to a
 //! temporary file in `tmp/`, fsynced and renamed into place; the caller fsyncs the fan-out
-//! directories ([`Objects::sync_dirs`]) before committing metadata that names them.
+//! directories (`Objects::sync_dirs`) before committing metadata that names them.
 
 use std::collections::BTreeSet;
 use std::fmt;
