@@ -394,3 +394,56 @@ fn metadata_survives_reopen_and_newer_schema_is_refused() {
         Err(StoreError::SchemaTooNew { found: 99, .. })
     ));
 }
+
+#[test]
+fn two_stores_on_one_directory_ingest_the_same_path_at_once() {
+    // Two `Store`s stand in for two processes: they share nothing but the directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    let a = Arc::new(Store::open(&dir).unwrap());
+    let b = Arc::new(Store::open(&dir).unwrap());
+    let nar = Arc::new(sample_nar(tmp.path()));
+    let handles: Vec<_> = [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .map(|s| {
+            let nar = nar.clone();
+            std::thread::spawn(move || {
+                let info = narinfo(&store_path("contended"), &nar, &[]);
+                s.ingest_nar(&info, "c", &mut &nar[..]).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    for s in [&a, &b] {
+        assert_eq!(s.list_paths().unwrap().len(), 1);
+        let mut out = Vec::new();
+        s.dump_nar(&store_path("contended"), &mut out).unwrap();
+        assert!(out == *nar);
+    }
+    assert!(a.verify().unwrap().is_ok());
+    assert_eq!(
+        walk_objects(&dir.join("objects")),
+        a.stats().unwrap().stored_bytes
+    );
+}
+
+#[test]
+fn stale_tmp_files_are_removed_only_by_an_exclusive_opener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    drop(Store::open(&dir).unwrap());
+    let stale = dir.join("tmp/obj-left-by-a-crash");
+    std::fs::write(&stale, b"partial").unwrap();
+    let first = Store::open(&dir).unwrap();
+    assert!(!stale.exists(), "the only opener cleans tmp/");
+    std::fs::write(&stale, b"maybe being written").unwrap();
+    let second = Store::open(&dir).unwrap();
+    assert!(
+        stale.exists(),
+        "tmp/ is left alone while another Store has the store open"
+    );
+    drop(second);
+    drop(first);
+}
