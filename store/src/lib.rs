@@ -271,5 +271,6 @@ mod tests {
     fn store_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Store>();
+        check::<StoreError>();
     }
 }
