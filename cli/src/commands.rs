@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify => verify(&ctx),
         Command::Export { store_path, dir } => export(&ctx, &store_path, &dir),
         Command::DumpNar { store_path } => dump_nar(&ctx, &store_path),
+        Command::Forget { reference } => forget(&ctx, &reference),
         Command::Gc { json } => gc(&ctx, json),
     }
 }
@@ -333,6 +334,30 @@ fn dump_nar(ctx: &Context, store_path: &str) -> Result<()> {
         .dump_nar(&p, &mut out)
         .with_context(|| format!("dumping the NAR of {p}"))?;
     out.flush().context("writing the NAR to stdout")?;
+    Ok(())
+}
+
+fn forget(ctx: &Context, reference: &str) -> Result<()> {
+    let r = parse_refs(&[reference.to_string()])?.remove(0);
+    let store = ctx.open_store()?;
+    let roots = store.roots().context("listing kept environments")?;
+    let mut removed = 0;
+    for root in roots
+        .iter()
+        .filter(|k| k.owner == r.owner && k.name == r.name)
+        .filter(|k| r.generation.is_none_or(|g| g == k.generation))
+    {
+        if store
+            .remove_root(&root.owner, &root.name, root.generation)
+            .with_context(|| format!("forgetting {r}"))?
+        {
+            println!("forgot {}/{}:{}", root.owner, root.name, root.generation);
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        bail!("{r} is not kept in this store");
+    }
     Ok(())
 }
 

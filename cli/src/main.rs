@@ -72,6 +72,12 @@ enum Command {
         /// The store path (`/nix/store/...` or its base name).
         store_path: String,
     },
+    /// Stop keeping an environment (`owner/name`: every kept generation; `owner/name:N`: that
+    /// one); the next `gc` may then drop what only it needed.
+    Forget {
+        /// `owner/name` or `owner/name:N`.
+        reference: String,
+    },
     /// Drop what no kept environment needs.
     Gc {
         /// Print JSON.

@@ -91,6 +91,8 @@ struct RawConfig {
     mount_dir: Option<PathBuf>,
     prefetch: Option<Prefetch>,
     metrics_addr: Option<String>,
+    read_timeout_secs: Option<u64>,
+    download_attempts: Option<u32>,
 }
 
 /// The node configuration, defaults filled in and values checked.
@@ -122,6 +124,11 @@ pub struct Config {
     pub prefetch: Prefetch,
     /// Address for the daemon's metrics endpoint, if any.
     pub metrics_addr: Option<String>,
+    /// Longest wait for any read from a cache (or FloxHub) before the transfer counts as
+    /// stalled and is retried.
+    pub read_timeout: std::time::Duration,
+    /// Attempts per download (and per narinfo) before giving up on a transient failure.
+    pub download_attempts: u32,
 }
 
 /// This machine's Nix system name (`x86_64-linux`, `aarch64-darwin`...).
@@ -149,6 +156,8 @@ impl Default for Config {
             mount_dir: PathBuf::from("/var/lib/kof/mnt"),
             prefetch: Prefetch::Closure,
             metrics_addr: None,
+            read_timeout: std::time::Duration::from_secs(30),
+            download_attempts: 5,
         }
     }
 }
@@ -237,6 +246,15 @@ impl Config {
         if max_parallel_downloads == 0 {
             return Err(bad("max_parallel_downloads", "must be at least 1".into()));
         }
+        let read_timeout = match raw.read_timeout_secs {
+            Some(0) => return Err(bad("read_timeout_secs", "must be at least 1".into())),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => d.read_timeout,
+        };
+        let download_attempts = raw.download_attempts.unwrap_or(d.download_attempts);
+        if download_attempts == 0 {
+            return Err(bad("download_attempts", "must be at least 1".into()));
+        }
         let system = raw.system.unwrap_or(d.system);
         if system.is_empty() || !system.contains('-') {
             return Err(bad(
@@ -258,6 +276,8 @@ impl Config {
             mount_dir: raw.mount_dir.unwrap_or(d.mount_dir),
             prefetch: raw.prefetch.unwrap_or(d.prefetch),
             metrics_addr: raw.metrics_addr,
+            read_timeout,
+            download_attempts,
         })
     }
 }

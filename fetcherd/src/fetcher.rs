@@ -386,8 +386,15 @@ impl Fetcher {
     /// A fetcher set up from the node config: its substituters, trusted keys, signature policy
     /// and download limit, with default HTTP timeouts and retries.
     pub fn from_config(config: &Config, store: Arc<Store>) -> Result<Fetcher, SetupError> {
-        let client = http_client(&HttpOptions::default()).map_err(SetupError::Client)?;
-        let retry = RetryPolicy::default();
+        let client = http_client(&HttpOptions {
+            read_timeout: config.read_timeout,
+            ..HttpOptions::default()
+        })
+        .map_err(SetupError::Client)?;
+        let retry = RetryPolicy {
+            attempts: config.download_attempts,
+            ..RetryPolicy::default()
+        };
         let caches = config
             .substituters
             .iter()
