@@ -106,7 +106,8 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
     let start = Instant::now();
     let store = Arc::new(ctx.open_store()?);
     let hub = Hub::new(ctx)?;
-    let fetcher = Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
+    let fetcher =
+        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
     let rt = runtime()?;
     rt.block_on(async {
         let envs = hub.resolve_all(&refs).await?;
@@ -175,7 +176,8 @@ fn resolve(ctx: &Context, reference: &str, as_json: bool) -> Result<()> {
     let r = parse_refs(&[reference.to_string()])?;
     let store = Arc::new(ctx.open_store()?);
     let hub = Hub::new(ctx)?;
-    let fetcher = Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
+    let fetcher =
+        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
     let rt = runtime()?;
     let (env, closure) = rt.block_on(async {
         let env = hub.resolve_all(&r).await?.remove(0);
@@ -279,9 +281,19 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
         };
         println!("store paths:   {}", s.store_paths);
         println!("environments:  {}", s.environments);
-        println!("logical bytes: {} (sum of NarSize)", human_bytes(s.logical_bytes));
-        println!("unique bytes:  {} (distinct objects, uncompressed)", human_bytes(s.unique_bytes));
-        println!("stored bytes:  {} on disk in {} objects", human_bytes(s.stored_bytes), s.objects);
+        println!(
+            "logical bytes: {} (sum of NarSize)",
+            human_bytes(s.logical_bytes)
+        );
+        println!(
+            "unique bytes:  {} (distinct objects, uncompressed)",
+            human_bytes(s.unique_bytes)
+        );
+        println!(
+            "stored bytes:  {} on disk in {} objects",
+            human_bytes(s.stored_bytes),
+            s.objects
+        );
         println!("saving:        {ratio:.2}x");
     }
     Ok(())
@@ -299,7 +311,12 @@ fn verify(ctx: &Context) -> Result<()> {
     }
     for c in &report.problems {
         let paths: Vec<String> = c.store_paths.iter().map(|p| p.to_absolute()).collect();
-        eprintln!("corrupt {:?}: {} (in {})", c.item, c.reason, paths.join(", "));
+        eprintln!(
+            "corrupt {:?}: {} (in {})",
+            c.item,
+            c.reason,
+            paths.join(", ")
+        );
     }
     let first = &report.problems[0];
     bail!(

@@ -11,7 +11,13 @@ pub enum Progress {
     /// Interactive: one byte bar for the whole closure.
     Bar(ProgressBar),
     /// Plain lines on stderr, at most one progress line per few seconds plus one per path.
-    Lines { last: Instant, done: u64, total: u64, bytes: u64, total_bytes: u64 },
+    Lines {
+        last: Instant,
+        done: u64,
+        total: u64,
+        bytes: u64,
+        total_bytes: u64,
+    },
 }
 
 impl Progress {

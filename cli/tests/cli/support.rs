@@ -1,0 +1,242 @@
+//! The test node: a fixture server, a store directory and a configuration, and helpers to run
+//! `kof-store` against them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
+use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
+use tempfile::TempDir;
+
+/// The shared fixtures: `$KOF_FIXTURES_DIR`, else `target/kof-fixtures/small`, built once (the
+/// builder keeps a stamp and a lock, so concurrent test binaries share one build).
+pub fn fixtures() -> &'static (PathBuf, Manifest) {
+    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = std::env::var_os("KOF_FIXTURES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
+            });
+        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
+            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
+        (dir, manifest)
+    })
+}
+
+/// The fixtures manifest.
+pub fn manifest() -> &'static Manifest {
+    &fixtures().1
+}
+
+/// The fixtures directory.
+pub fn fixtures_dir() -> &'static Path {
+    &fixtures().0
+}
+
+/// The closure of generation `generation` (or the live one) of `owner/name`, per the manifest.
+pub fn closure_of(env: &str, generation: Option<u32>) -> Vec<String> {
+    let (owner, name) = env.split_once('/').unwrap();
+    let e = manifest()
+        .environments
+        .iter()
+        .find(|e| e.owner == owner && e.name == name)
+        .unwrap_or_else(|| panic!("fixture environment {env}"));
+    let g = generation.unwrap_or(e.live_generation);
+    let mut c = e
+        .generations
+        .iter()
+        .find(|x| x.number == g)
+        .unwrap_or_else(|| panic!("generation {g} of {env}"))
+        .closure
+        .clone();
+    c.sort();
+    c
+}
+
+/// NarSize of a fixture store path.
+pub fn nar_size(path: &str) -> u64 {
+    manifest().store_paths[path].nar_size
+}
+
+/// A node: its own fixture server (so counters and faults are its own), store and config.
+pub struct Node {
+    pub tmp: TempDir,
+    pub server: ServerHandle,
+    pub config: PathBuf,
+}
+
+/// How a node's configuration differs from the default test one.
+pub struct NodeOptions {
+    pub flavour: &'static str,
+    pub latency: Duration,
+    pub token_file: Option<PathBuf>,
+    pub extra_config: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            flavour: "zstd",
+            latency: Duration::ZERO,
+            token_file: None,
+            extra_config: String::new(),
+        }
+    }
+}
+
+impl Node {
+    pub fn new() -> Node {
+        Node::with(NodeOptions::default())
+    }
+
+    pub fn with(opts: NodeOptions) -> Node {
+        let tmp = tempfile::Builder::new()
+            .prefix("kof-cli-test")
+            .tempdir()
+            .unwrap();
+        let mut cfg = ServeConfig::new(fixtures_dir());
+        cfg.latency = opts.latency;
+        let server = serve::start_in_background(cfg);
+        let config = tmp.path().join("config.toml");
+        let mut text = format!(
+            "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nstore_dir = \"{}\"\nread_timeout_secs = 3\ndownload_attempts = 3\n",
+            server.git_base(),
+            server.cache_url(opts.flavour),
+            manifest().public_key,
+            tmp.path().join("store").display(),
+        );
+        if let Some(t) = &opts.token_file {
+            text.push_str(&format!("floxhub_token_file = \"{}\"\n", t.display()));
+        }
+        text.push_str(&opts.extra_config);
+        std::fs::write(&config, text).unwrap();
+        Node {
+            tmp,
+            server,
+            config,
+        }
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.tmp.path().join("store")
+    }
+
+    /// A `kof-store` command for this node.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kof-store"));
+        c.args(args)
+            .env("KOF_CONFIG", &self.config)
+            .env_remove("KOF_STORE")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `kof-store args`, bounded in time, and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_bounded(self.cmd(args), Duration::from_secs(300))
+    }
+
+    /// Runs `kof-store args` and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kof-store {args:?} failed: {}\nstdout: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs `kof-store args` and insists on failure; returns the last stderr line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "kof-store {args:?} succeeded unexpectedly: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let last = err.lines().last().unwrap_or_default().to_string();
+        assert!(
+            last.starts_with("kof-store: "),
+            "the failure should end with one line naming what failed: {err}"
+        );
+        last
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    /// Absolute store paths in the store, sorted.
+    pub fn stored_paths(&self) -> Vec<String> {
+        let v = self.json(&["ls", "--json"]);
+        let mut out: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["path"].as_str().unwrap().to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// NAR requests the server has answered for this node.
+    pub fn nar_requests(&self) -> u64 {
+        self.server.stats().requests_by_kind.nar
+    }
+}
+
+/// Runs a command with a deadline, killing it past the deadline (a test must never hang).
+pub fn run_bounded(mut c: Command, limit: Duration) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().expect("spawning");
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if d2.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        unsafe_kill(pid);
+        true
+    });
+    let out = child.wait_with_output().expect("waiting");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let killed = watchdog.join().unwrap();
+    assert!(!killed, "{c:?} did not finish within {limit:?}");
+    out
+}
+
+fn unsafe_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// sha256 (hex) of bytes.
+pub fn sha256_hex(b: &[u8]) -> String {
+    kof_nar::NixHash::digest(b).to_hex()
+}
+
+/// The staged tree of a fixture store path.
+pub fn staged(path: &str) -> PathBuf {
+    fixtures_dir().join(&manifest().store_paths[path].staged)
+}
+
+/// Runs a command to completion, asserting success; returns stdout bytes.
+pub fn must(c: &mut Command) -> Vec<u8> {
+    let out = c.output().unwrap_or_else(|e| panic!("running {c:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
