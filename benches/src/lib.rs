@@ -1,1 +1,16 @@
-//! placeholder
+//! kof's benchmark harness: the numbers the issues set targets for, measured side by side in one
+//! run against the real Nix.
+//!
+//! Every benchmark runs the real binaries as a user would (`kof-store`, `nix copy`) against the
+//! fixture server with network shaping (per-request latency, a bandwidth limit shared by all
+//! connections), alternating kof and Nix runs so machine noise hits both alike, and reports
+//! ratios together with bytes and request counts (which do not drift).
+//!
+//! - [`prefetch`]: eager fetch of an environment's closure, kof vs `nix copy --from`.
+//! - [`dedup`]: several generations of one environment, kof's stored bytes vs the unique content
+//!   and vs a Nix store holding the same paths.
+
+pub mod dedup;
+pub mod node;
+pub mod prefetch;
+pub mod report;

@@ -1,0 +1,206 @@
+//! The pieces every benchmark shares: the fixtures, a shaped fixture server, a fresh kof node
+//! and a fresh Nix chroot store.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kof_fixtures::build::Manifest;
+use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
+
+/// Network shaping of the fixture link.
+#[derive(Debug, Clone, Copy)]
+pub struct Link {
+    /// Delay before each response.
+    pub latency: Duration,
+    /// Bytes per second shared by all connections.
+    pub bandwidth: Option<u64>,
+}
+
+/// Starts the fixture server over `dir` with `link`.
+pub fn serve(dir: &Path, link: Link) -> Result<ServerHandle> {
+    let mut cfg = ServeConfig::new(dir);
+    cfg.latency = link.latency;
+    cfg.bandwidth = link.bandwidth;
+    serve::try_start_in_background(cfg).context("starting the fixture server")
+}
+
+/// What one timed command did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    /// Wall time.
+    pub seconds: f64,
+    /// Body bytes the server sent during the run.
+    pub bytes: u64,
+    /// Requests the server answered during the run.
+    pub requests: u64,
+    /// NAR requests among them.
+    pub nar_requests: u64,
+}
+
+/// Runs `cmd` to success, timing it and reading the server's counters around it.
+pub fn timed(server: &ServerHandle, cmd: &mut Command) -> Result<Run> {
+    server.reset();
+    let start = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let s = server.stats();
+    Ok(Run {
+        seconds,
+        bytes: s.bytes_sent,
+        requests: s.requests,
+        nar_requests: s.requests_by_kind.nar,
+    })
+}
+
+/// A fresh kof node: an empty store and a config pointing at the server.
+pub struct KofNode {
+    /// Holds the node's files.
+    pub dir: tempfile::TempDir,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl KofNode {
+    /// A fresh node using `flavour`'s cache on `server`.
+    pub fn new(
+        server: &ServerHandle,
+        manifest: &Manifest,
+        flavour: &str,
+        extra: &str,
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("kof-bench-node")
+            .tempdir()?;
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nstore_dir = \"{}\"\n{extra}",
+                server.git_base(),
+                server.cache_url(flavour),
+                manifest.public_key,
+                dir.path().join("store").display()
+            ),
+        )?;
+        Ok(KofNode { dir, config })
+    }
+
+    /// `kof-store ARGS` for this node.
+    pub fn cmd(&self, kof_store: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(kof_store);
+        c.args(args).env("KOF_CONFIG", &self.config);
+        c
+    }
+
+    /// `kof-store stats --json`.
+    pub fn stats(&self, kof_store: &Path) -> Result<serde_json::Value> {
+        let out = self.cmd(kof_store, &["stats", "--json"]).output()?;
+        if !out.status.success() {
+            bail!("kof-store stats: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+/// A fresh Nix chroot store with an empty narinfo cache (`~/.cache/nix` of a fresh HOME).
+pub struct NixNode {
+    /// Holds the store and HOME.
+    pub dir: tempfile::TempDir,
+}
+
+impl NixNode {
+    /// A fresh, empty one.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("kof-bench-nix").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("home"))?;
+        Ok(NixNode { dir })
+    }
+
+    /// The chroot store's root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// `nix copy --from URL --to ROOT PATHS...`, trusting the fixture key.
+    pub fn copy(&self, url: &str, public_key: &str, paths: &[String]) -> Command {
+        let home = self.dir.path().join("home");
+        let mut c = Command::new("nix");
+        c.args(["copy", "--from", url])
+            .arg("--to")
+            .arg(self.root())
+            .args(["--option", "trusted-public-keys", public_key])
+            .args(paths)
+            .env("HOME", &home)
+            .env("XDG_CACHE_HOME", home.join(".cache"));
+        c
+    }
+
+    /// Bytes the store's paths take on disk (`du -sb` of `ROOT/nix/store`, excluding Nix's
+    /// database).
+    pub fn store_bytes(&self) -> Result<u64> {
+        let out = Command::new("du")
+            .args(["-sb", "--apparent-size"])
+            .arg(self.root().join("nix/store"))
+            .output()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        s.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .context("parsing du output")
+    }
+
+    /// Blocks actually allocated by the store's paths (`du -sB1`).
+    pub fn store_disk_bytes(&self) -> Result<u64> {
+        let out = Command::new("du")
+            .args(["-sB1"])
+            .arg(self.root().join("nix/store"))
+            .output()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        s.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .context("parsing du output")
+    }
+}
+
+/// The roots and closure of generation `g` (or the live one) of `owner/name`.
+pub fn generation(
+    manifest: &Manifest,
+    env: &str,
+    g: Option<u32>,
+) -> Result<(Vec<String>, Vec<String>, u64)> {
+    let (owner, name) = env.split_once('/').context("env is owner/name")?;
+    let e = manifest
+        .environments
+        .iter()
+        .find(|e| e.owner == owner && e.name == name)
+        .with_context(|| format!("no fixture environment {env}"))?;
+    let n = g.unwrap_or(e.live_generation);
+    let gen = e
+        .generations
+        .iter()
+        .find(|x| x.number == n)
+        .with_context(|| format!("{env} has no generation {n}"))?;
+    Ok((gen.roots.clone(), gen.closure.clone(), gen.closure_nar_size))
+}
+
+/// Bytes of the compressed NARs of `paths` in cache `flavour` (what a full fetch downloads).
+pub fn download_bytes(dir: &Path, flavour: &str, paths: &[String]) -> Result<u64> {
+    let mut total = 0;
+    for p in paths {
+        let base = p.trim_start_matches("/nix/store/");
+        let text =
+            std::fs::read_to_string(dir.join(format!("caches/{flavour}/{}.narinfo", &base[..32])))?;
+        let info = kof_nar::NarInfo::parse(&text)?;
+        total += info.file_size.unwrap_or(info.nar_size);
+    }
+    Ok(total)
+}
