@@ -363,7 +363,9 @@ impl Store {
             chunk_lists,
             ..
         } = v;
-        self.objects.sync_dirs(written.keys())?;
+        if !written.is_empty() {
+            self.objects.sync_filesystem()?;
+        }
 
         let stats = IngestStats {
             nar_bytes,
@@ -371,14 +373,17 @@ impl Store {
             new_objects: written.len() as u64,
             objects: referenced.len() as u64,
         };
-        let committed = commit(
-            &mut conn,
-            info,
-            source_cache,
-            &nodes,
-            &written,
-            &chunk_lists,
-        )?;
+        let committed = {
+            let _writer = self.db.write_guard();
+            commit(
+                &mut conn,
+                info,
+                source_cache,
+                &nodes,
+                &written,
+                &chunk_lists,
+            )?
+        };
         debug!(%path, ?stats, committed, "ingested");
         Ok(stats)
     }

@@ -6,10 +6,9 @@
 //! sequence of independent zstd frames of [`FRAME_SIZE`] content bytes each (a valid zstd
 //! stream, readable by `zstd -d`), so a range read decompresses only the frames it touches
 //! instead of the whole object. Objects are written to a
-//! temporary file in `tmp/`, fsynced and renamed into place; the caller fsyncs the fan-out
-//! directories (`Objects::sync_dirs`) before committing metadata that names them.
+//! temporary file in `tmp/` and renamed into place; the caller syncs the file system
+//! (`Objects::sync_filesystem`) before committing metadata that names them.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -169,7 +168,7 @@ impl Objects {
 
     /// Writes `data` (whose BLAKE3 is `digest`) as an object file, compressed if that pays,
     /// replacing any file already there (an orphan from an interrupted ingest, with the same
-    /// content). Durable once [`Objects::sync_dirs`] has run for its fan-out directory.
+    /// content). Durable once [`Objects::sync_filesystem`] has run.
     pub(crate) fn write(&self, digest: Digest, data: &[u8]) -> Result<ObjectInfo, StoreError> {
         let compressed = if data.len() >= 64 {
             compress_frames(data)
@@ -188,7 +187,6 @@ impl Objects {
             .map_err(|e| StoreError::io("creating a temporary file in", &self.tmp, e))?;
         let tmp_path = tmp.path().to_path_buf();
         tmp.write_all(bytes)
-            .and_then(|()| tmp.as_file().sync_all())
             .map_err(|e| StoreError::io("writing", &tmp_path, e))?;
         let dest = self.path(&digest);
         tmp.persist(&dest)
@@ -201,14 +199,24 @@ impl Objects {
         })
     }
 
-    /// fsyncs the fan-out directories of `digests`, making their renames durable.
-    pub(crate) fn sync_dirs<'a>(
-        &self,
-        digests: impl IntoIterator<Item = &'a Digest>,
-    ) -> Result<(), StoreError> {
-        let dirs: BTreeSet<u8> = digests.into_iter().map(|d| d.0[0]).collect();
-        for d in dirs {
-            sync_dir(&self.dir.join(hex::encode([d])))?;
+    /// Makes every object written so far durable, data and directory entries alike, with one
+    /// `syncfs(2)` of the store's file system.
+    ///
+    /// Why not an fsync per object and per fan-out directory: an ingest writes hundreds to
+    /// thousands of objects, and on the virtual disks nodes run on each fsync costs milliseconds
+    /// (measured: 2,426 fsyncs made a 128 MB closure fetch fsync-bound at 0.56 CPUs). One
+    /// syncfs per committed path flushes the same data in one go; since Linux 5.8 it reports
+    /// writeback errors, which fail the ingest before its metadata commits.
+    pub(crate) fn sync_filesystem(&self) -> Result<(), StoreError> {
+        let dir = File::open(&self.dir).map_err(|e| StoreError::io("opening", &self.dir, e))?;
+        // SAFETY: syncfs takes a valid open file descriptor, which `dir` holds for the call.
+        let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+        if rc != 0 {
+            return Err(StoreError::io(
+                "syncing the file system of",
+                &self.dir,
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
