@@ -15,7 +15,7 @@ use kof_nar::{NarInfo, PublicKey, StorePath};
 use thiserror::Error;
 use tokio::sync::OnceCell;
 
-use crate::cache::{BinaryCache, CacheError};
+use crate::cache::{BinaryCache, CacheError, CacheInfo};
 
 /// Why a path's narinfo was not accepted.
 #[derive(Debug, Error)]
@@ -79,6 +79,8 @@ type Memo = Arc<OnceCell<Option<Arc<Substitute>>>>;
 /// The caches in order, the trusted keys, and the narinfo memo.
 pub struct Substituters {
     caches: Vec<Arc<BinaryCache>>,
+    /// Each cache's checked `nix-cache-info`, read before its first narinfo.
+    infos: Vec<OnceCell<CacheInfo>>,
     keys: Vec<PublicKey>,
     require_sigs: bool,
     memo: Mutex<HashMap<StorePath, Memo>>,
@@ -88,6 +90,7 @@ impl Substituters {
     /// Caches tried in the order given.
     pub fn new(caches: Vec<BinaryCache>, keys: Vec<PublicKey>, require_sigs: bool) -> Self {
         Substituters {
+            infos: caches.iter().map(|_| OnceCell::new()).collect(),
             caches: caches.into_iter().map(Arc::new).collect(),
             keys,
             require_sigs,
@@ -130,6 +133,16 @@ impl Substituters {
     ) -> Result<Option<Arc<Substitute>>, SubstituteError> {
         let mut refusal: Option<SubstituteError> = None;
         for (index, cache) in self.caches.iter().enumerate().skip(first) {
+            // Like Nix, read the cache's nix-cache-info first: a cache for another store
+            // directory (or no cache at all) is never asked for narinfos.
+            if let Err(e) = self.infos[index]
+                .get_or_try_init(|| cache.cache_info())
+                .await
+            {
+                tracing::warn!(cache = cache.url(), error = %e, "unusable cache");
+                refusal.get_or_insert(e.into());
+                continue;
+            }
             let info = match cache.narinfo(path).await {
                 Ok(Some(info)) => info,
                 Ok(None) => continue,

@@ -183,3 +183,38 @@ fn kill_9_mid_prefetch_leaves_nothing_half_visible_and_the_next_run_finishes() {
     assert_eq!(node.stored_paths(), closure_of("kof/python", None));
     node.ok(&["verify"]);
 }
+
+#[test]
+fn a_cache_for_another_store_directory_is_never_used() {
+    let node = Node::new();
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other.path().join("nix-cache-info"),
+        "StoreDir: /gnu/store\nWantMassQuery: 1\nPriority: 10\n",
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(&node.config).unwrap();
+    let only_other = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("substituters") {
+                format!("substituters = [\"file://{}\"]", other.path().display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&node.config, &only_other).unwrap();
+    let e = node.fails(&["prefetch", "kof/hello"]);
+    assert!(e.contains("/gnu/store"), "{e}");
+    assert!(node.stored_paths().is_empty());
+    // Listed before a good cache, it is skipped.
+    let both = cfg.replace(
+        "substituters = [\"",
+        &format!("substituters = [\"file://{}\", \"", other.path().display()),
+    );
+    std::fs::write(&node.config, both).unwrap();
+    node.ok(&["prefetch", "kof/hello"]);
+    assert_eq!(node.stored_paths(), closure_of("kof/hello", None));
+}
