@@ -35,6 +35,9 @@ pub enum StoreError {
         /// the store directory
         dir: PathBuf,
     },
+    /// An ingest's object writer stopped (its own error is reported instead where known).
+    #[error("the object writer stopped")]
+    WriterStopped,
     /// The SQLite metadata database failed.
     #[error("store database: {0}")]
     Db(#[from] rusqlite::Error),

@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Condvar, Mutex};
 
 use fastcdc::v2020::StreamCDC;
@@ -58,12 +59,11 @@ struct ChunkRow {
 
 /// Collects a path's tree while its contents are written into objects.
 struct IngestVisitor<'a> {
-    store: &'a Store,
     conn: &'a Connection,
     nodes: Vec<NodeRow>,
     stack: Vec<i64>,
-    /// Objects this ingest wrote.
-    written: HashMap<Digest, ObjectInfo>,
+    /// New objects go to this ingest's writer thread (see [`ObjectWriter`]).
+    writer: Option<SyncSender<(Digest, Vec<u8>)>>,
     /// Every object the path uses.
     referenced: HashSet<Digest>,
     chunk_lists: HashMap<Digest, Vec<ChunkRow>>,
@@ -87,9 +87,9 @@ impl IngestVisitor<'_> {
         id
     }
 
-    /// Makes sure the object `digest` with content `data` exists, writing it if the store
-    /// has no row for it.
-    fn ensure_object(&mut self, digest: Digest, data: &[u8]) -> Result<(), StoreError> {
+    /// Makes sure the object `digest` with content `data` exists, handing it to the writer if
+    /// the store has no row for it.
+    fn ensure_object(&mut self, digest: Digest, data: Vec<u8>) -> Result<(), StoreError> {
         if !self.referenced.insert(digest) {
             return Ok(());
         }
@@ -100,8 +100,14 @@ impl IngestVisitor<'_> {
             .optional()?
             .is_some();
         if !known {
-            let info = self.store.objects.write(digest, data)?;
-            self.written.insert(digest, info);
+            let sent = self
+                .writer
+                .as_ref()
+                .is_some_and(|w| w.send((digest, data)).is_ok());
+            if !sent {
+                // The writer stopped on an error, which the ingest reports once it joins it.
+                return Err(StoreError::WriterStopped);
+            }
         }
         Ok(())
     }
@@ -167,7 +173,7 @@ impl NarVisitor for IngestVisitor<'_> {
             let mut buf = Vec::with_capacity(size as usize);
             contents.read_to_end(&mut buf)?;
             let digest = Digest::of(&buf);
-            self.ensure_object(digest, &buf).map_err(visitor_err)?;
+            self.ensure_object(digest, buf).map_err(visitor_err)?;
             (digest, false)
         } else {
             let mut hasher = blake3::Hasher::new();
@@ -183,12 +189,12 @@ impl NarVisitor for IngestVisitor<'_> {
                     other => NarError::Io(std::io::Error::other(other.to_string())),
                 })?;
                 let d = Digest::of(&chunk.data);
-                self.ensure_object(d, &chunk.data).map_err(visitor_err)?;
                 list.push(ChunkRow {
                     offset: chunk.offset,
                     size: chunk.length as u64,
                     object: d,
                 });
+                self.ensure_object(d, chunk.data).map_err(visitor_err)?;
                 total += chunk.length as u64;
             }
             debug_assert_eq!(
@@ -207,6 +213,47 @@ impl NarVisitor for IngestVisitor<'_> {
         row.nar_offset = Some(nar_offset);
         self.push(name, row);
         Ok(())
+    }
+}
+
+/// Compresses and writes one ingest's new objects on a thread of its own, so that for a large
+/// path the parse, hashing and chunking (on the ingest's thread) overlap with compression and
+/// file creation (here): measured on a 2-core node, those two halves cost about the same, and
+/// one thread doing both held a single big path to one core. The queue is bounded, so at most
+/// `QUEUE` objects (each at most `CHUNK_MAX`) wait in memory.
+struct ObjectWriter {
+    sender: SyncSender<(Digest, Vec<u8>)>,
+    thread: std::thread::JoinHandle<Result<HashMap<Digest, ObjectInfo>, StoreError>>,
+}
+
+impl ObjectWriter {
+    const QUEUE: usize = 8;
+
+    fn start(store: &Store) -> ObjectWriter {
+        let (sender, rx) = sync_channel::<(Digest, Vec<u8>)>(Self::QUEUE);
+        let objects = store.objects.clone();
+        let span = tracing::Span::current();
+        let thread = std::thread::Builder::new()
+            .name("kof-object-writer".into())
+            .spawn(move || {
+                let _span = span.enter();
+                let mut written = HashMap::new();
+                for (digest, data) in rx {
+                    let info = objects.write(digest, &data)?;
+                    written.insert(digest, info);
+                }
+                Ok(written)
+            })
+            .expect("spawning the object writer thread");
+        ObjectWriter { sender, thread }
+    }
+
+    /// Closes the queue and returns what was written.
+    fn finish(self) -> Result<HashMap<Digest, ObjectInfo>, StoreError> {
+        drop(self.sender);
+        self.thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
 
@@ -345,20 +392,23 @@ impl Store {
         }
 
         let mut conn = self.db.get()?;
+        let writer = ObjectWriter::start(self);
         let mut v = IngestVisitor {
-            store: self,
             conn: &conn,
             nodes: Vec::new(),
             stack: Vec::new(),
-            written: HashMap::new(),
+            writer: Some(writer.sender.clone()),
             referenced: HashSet::new(),
             chunk_lists: HashMap::new(),
         };
-        nar::parse(&mut hashing, &mut v).map_err(|e| nar_error(path, e))?;
+        let parsed = nar::parse(&mut hashing, &mut v);
+        v.writer = None;
+        // The writer's own error (a full disk, say) explains a parse stopped by it.
+        let written = writer.finish()?;
+        parsed.map_err(|e| nar_error(path, e))?;
         let nar_bytes = check_hash(info, hashing)?;
         let IngestVisitor {
             nodes,
-            written,
             referenced,
             chunk_lists,
             ..

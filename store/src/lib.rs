@@ -134,7 +134,7 @@ pub struct Stats {
 pub struct Store {
     dir: PathBuf,
     db: db::Pool,
-    objects: objects::Objects,
+    objects: std::sync::Arc<objects::Objects>,
     lock: lock::StoreLock,
     /// Ingests hold it shared, gc exclusively, so gc in this process never races an ingest
     /// that found an object present and is about to reference it.
@@ -180,7 +180,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io("creating", dir, e))?;
         let (lock, exclusive) = lock::StoreLock::open(dir)?;
-        let objects = objects::Objects::open(dir)?;
+        let objects = std::sync::Arc::new(objects::Objects::open(dir)?);
         let db = db::Pool::open(&dir.join("db.sqlite"))?;
         let store = Store {
             dir: dir.to_path_buf(),
