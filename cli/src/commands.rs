@@ -114,10 +114,6 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
         // One closure walk and one fetch for all environments, so shared paths are fetched once.
         let roots: BTreeSet<StorePath> = envs.iter().flat_map(|e| e.roots.clone()).collect();
         let roots: Vec<StorePath> = roots.into_iter().collect();
-        let closure = fetcher
-            .resolve(&roots)
-            .await
-            .with_context(|| format!("computing the closure of {}", names(&envs)))?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<FetchEvent>();
         let render = tokio::spawn(async move {
             let mut progress = Progress::new();
@@ -126,7 +122,8 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
             }
             progress.finish();
         });
-        let result = fetcher.fetch(&closure, Some(tx)).await;
+        // Downloads start while the closure walk is still going.
+        let result = fetcher.fetch_closure(&roots, Some(tx)).await;
         let _ = render.await;
         let summary = result.with_context(|| format!("prefetching {}", names(&envs)))?;
         // Each environment's own closure, from the stored references, for its record.

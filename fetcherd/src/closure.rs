@@ -121,6 +121,18 @@ pub async fn compute_closure(
     roots: &[StorePath],
     in_flight: usize,
 ) -> Result<Closure, ClosureError> {
+    compute_closure_with(subs, store, roots, in_flight, |_| {}).await
+}
+
+/// [`compute_closure`], calling `on_remote` with each path to fetch the moment its narinfo is
+/// accepted, so that a caller can start downloading while the walk goes on.
+pub async fn compute_closure_with(
+    subs: &Substituters,
+    store: &Arc<Store>,
+    roots: &[StorePath],
+    in_flight: usize,
+    mut on_remote: impl FnMut(&Arc<Substitute>),
+) -> Result<Closure, ClosureError> {
     let in_flight = in_flight.max(1);
     let mut seen: HashSet<StorePath> = HashSet::new();
     let mut queue: VecDeque<(StorePath, Option<StorePath>)> = VecDeque::new();
@@ -142,6 +154,9 @@ pub async fn compute_closure(
             break;
         };
         let entry = result?;
+        if let ClosureEntry::Remote(sub) = &entry {
+            on_remote(sub);
+        }
         for r in entry.references() {
             if seen.insert(r.clone()) {
                 queue.push_back((r.clone(), Some(entry.path().clone())));
