@@ -1,5 +1,5 @@
-//! Every real Flox lockfile (copied from the shared data set flox-lockfiles into
-//! tests/floxhub_data/flox-lockfiles, so CI has them) parses, and yields, for each
+//! Every real Flox lockfile in the shared data set (`../shared/data/flox-lockfiles`, beside the
+//! checkout, as on every developer machine and in CI) parses, and yields, for each
 //! system, the store paths to install. The expected paths were read out of the files with jq
 //! (`.packages[] | select(.system==S) | .outputs[(.outputs_to_install // ."outputs-to-install")[]]`),
 //! not produced by this code.
@@ -16,7 +16,7 @@ const SYSTEMS: [&str; 4] = [
 ];
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/floxhub_data/flox-lockfiles")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/flox-lockfiles")
 }
 
 fn load(name: &str) -> Lockfile {

@@ -21,7 +21,7 @@ const TOKEN: &str = "fh_s3cret-Token.123";
 fn lockfile(name: &str) -> String {
     std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/floxhub_data/flox-lockfiles")
+            .join("../../shared/data/flox-lockfiles")
             .join(name),
     )
     .unwrap()
