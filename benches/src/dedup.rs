@@ -44,12 +44,7 @@ pub fn run(
     kof_store: &Path,
     env: &str,
 ) -> Result<DedupReport> {
-    let (owner, name) = env.split_once('/').context("env is owner/name")?;
-    let e = manifest
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .with_context(|| format!("no fixture environment {env}"))?;
+    let e = node::environment(manifest, env)?;
     let generations: Vec<u32> = e
         .generations
         .iter()
@@ -92,8 +87,7 @@ pub fn run(
         &server,
         &mut nix.copy(&server.cache_url("zstd"), &manifest.public_key, &roots),
     )?;
-    let nix_store_bytes = nix.store_bytes()?;
-    let nix_store_disk_bytes = nix.store_disk_bytes()?;
+    let (nix_store_bytes, nix_store_disk_bytes) = nix.store_bytes()?;
     Ok(DedupReport {
         env: env.to_string(),
         generations,

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kof_fixtures::build::Manifest;
+use kof_fixtures::build::{Environment, Manifest};
 use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
 
 /// Network shaping of the fixture link.
@@ -143,32 +143,32 @@ impl NixNode {
         c
     }
 
-    /// Bytes the store's paths take on disk (`du -sb` of `ROOT/nix/store`, excluding Nix's
-    /// database).
-    pub fn store_bytes(&self) -> Result<u64> {
-        let out = Command::new("du")
-            .args(["-sb", "--apparent-size"])
-            .arg(self.root().join("nix/store"))
-            .output()?;
-        let s = String::from_utf8_lossy(&out.stdout);
-        s.split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .context("parsing du output")
+    /// Bytes the store's paths take: their apparent size (`du -sb --apparent-size`) and the
+    /// blocks allocated (`du -sB1`), of `ROOT/nix/store` (Nix's database excluded).
+    pub fn store_bytes(&self) -> Result<(u64, u64)> {
+        Ok((
+            du(&["-sb", "--apparent-size"], &self.root().join("nix/store"))?,
+            du(&["-sB1"], &self.root().join("nix/store"))?,
+        ))
     }
+}
 
-    /// Blocks actually allocated by the store's paths (`du -sB1`).
-    pub fn store_disk_bytes(&self) -> Result<u64> {
-        let out = Command::new("du")
-            .args(["-sB1"])
-            .arg(self.root().join("nix/store"))
-            .output()?;
-        let s = String::from_utf8_lossy(&out.stdout);
-        s.split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .context("parsing du output")
-    }
+/// `du ARGS DIR`'s total.
+fn du(args: &[&str], dir: &Path) -> Result<u64> {
+    let out = Command::new("du").args(args).arg(dir).output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("parsing du output for {}", dir.display()))
+}
+
+/// The fixture environment `owner/name`.
+pub fn environment<'a>(manifest: &'a Manifest, env: &str) -> Result<&'a Environment> {
+    let (owner, name) = env.split_once('/').context("env is owner/name")?;
+    manifest
+        .environment(owner, name)
+        .with_context(|| format!("no fixture environment {env}"))
 }
 
 /// The roots and closure of generation `g` (or the live one) of `owner/name`.
@@ -177,17 +177,10 @@ pub fn generation(
     env: &str,
     g: Option<u32>,
 ) -> Result<(Vec<String>, Vec<String>, u64)> {
-    let (owner, name) = env.split_once('/').context("env is owner/name")?;
-    let e = manifest
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .with_context(|| format!("no fixture environment {env}"))?;
+    let e = environment(manifest, env)?;
     let n = g.unwrap_or(e.live_generation);
     let gen = e
-        .generations
-        .iter()
-        .find(|x| x.number == n)
+        .generation(n)
         .with_context(|| format!("{env} has no generation {n}"))?;
     Ok((gen.roots.clone(), gen.closure.clone(), gen.closure_nar_size))
 }
