@@ -82,6 +82,10 @@ impl PrefetchBench {
         let url = server.cache_url(&self.flavour);
         let mut kof = Vec::new();
         let mut nix = Vec::new();
+        // Every node is kept until the end: deleting a store's thousands of files between runs
+        // made ext4's inode allocator (which skips recently deleted inodes) charge the next run
+        // for it, on whichever side came next. A real node starts on a quiet file system.
+        let mut nodes = (Vec::new(), Vec::new());
         for i in 0..self.runs {
             // Alternate which side goes first, so drift in machine load hits both alike.
             for side in if i % 2 == 0 { [0, 1] } else { [1, 0] } {
@@ -93,6 +97,7 @@ impl PrefetchBench {
                         self.env, self.flavour, r.seconds, r.bytes, r.requests
                     );
                     kof.push(r);
+                    nodes.0.push(n);
                 } else {
                     let n = NixNode::new()?;
                     let r = node::timed(&server, &mut n.copy(&url, &manifest.public_key, &roots))?;
@@ -101,6 +106,7 @@ impl PrefetchBench {
                         self.env, self.flavour, r.seconds, r.bytes, r.requests
                     );
                     nix.push(r);
+                    nodes.1.push(n);
                 }
             }
         }

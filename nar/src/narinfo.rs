@@ -232,11 +232,8 @@ impl NarInfo {
                         })?;
                     once(&mut references, key, refs)?
                 }
-                "Deriver" => {
-                    if value != "unknown-deriver" {
-                        once(&mut deriver, key, value.to_string())?
-                    }
-                }
+                "Deriver" if value == "unknown-deriver" => {}
+                "Deriver" => once(&mut deriver, key, value.to_string())?,
                 "System" => once(&mut system, key, value.to_string())?,
                 "Sig" => sigs.push(Signature::parse(value)?),
                 "CA" => once(&mut ca, key, value.to_string())?,
