@@ -292,6 +292,21 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
             s.objects
         );
         println!("saving:        {ratio:.2}x");
+        if s.fetches_unfinished + s.fetches_failed > 0 {
+            println!(
+                "fetches:       {} unfinished, {} failed",
+                s.fetches_unfinished, s.fetches_failed
+            );
+            for f in store.fetch_states().context("reading fetch state")? {
+                println!(
+                    "  {:?} {} from {}{}",
+                    f.state,
+                    f.store_path,
+                    f.source,
+                    f.error.map(|e| format!(": {e}")).unwrap_or_default()
+                );
+            }
+        }
     }
     Ok(())
 }

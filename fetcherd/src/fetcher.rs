@@ -609,6 +609,35 @@ impl Inner {
     #[tracing::instrument(skip_all, fields(path = %sub.info.store_path))]
     async fn fetch_one(
         &self,
+        sub: Arc<Substitute>,
+        events: Option<EventSink>,
+    ) -> Result<PathOutcome, PathError> {
+        let path = sub.info.store_path.clone();
+        let result = self.fetch_attempts(sub, events).await;
+        if let Err(e) = &result {
+            let (p, error) = (path.clone(), e.to_string());
+            self.record_state(move |store| store.record_fetch_failed(&p, &error))
+                .await;
+        }
+        result
+    }
+
+    /// Records fetch state in the store. Bookkeeping only: a failure to record is logged and
+    /// never fails the fetch.
+    async fn record_state(
+        &self,
+        f: impl FnOnce(&Store) -> Result<(), kof_store::StoreError> + Send + 'static,
+    ) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "recording fetch state"),
+            Err(e) => tracing::warn!(error = %e, "recording fetch state"),
+        }
+    }
+
+    async fn fetch_attempts(
+        &self,
         mut sub: Arc<Substitute>,
         events: Option<EventSink>,
     ) -> Result<PathOutcome, PathError> {
@@ -624,6 +653,9 @@ impl Inner {
             if self.has_path(&path).await? {
                 return Ok(PathOutcome::AlreadyPresent);
             }
+            let (p, source) = (path.clone(), sub.cache.nar_url(&sub.info));
+            self.record_state(move |store| store.record_fetch_started(&p, &source))
+                .await;
             let result = self.download(&sub, events.as_ref()).await;
             drop(permit);
             let error = match result {

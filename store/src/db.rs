@@ -14,6 +14,9 @@
 //! - `chunks`: the chunk list of each chunked file content, shared by every path holding it.
 //! - `objects`: every object with a file on disk: size, stored size, codec.
 //! - `environments`, `roots`: resolved environment generations and the ones gc must keep.
+//! - `fetches` (schema 2): store paths whose fetch started and has not ended in a stored path:
+//!   `fetching` (a fetch is under way, or was when its process died) or `failed` (with the
+//!   error). The row goes in the same transaction that makes the path visible.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -24,7 +27,7 @@ use rusqlite::Connection;
 use crate::error::StoreError;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE paths (
@@ -98,6 +101,17 @@ CREATE TABLE roots (
 );
 ";
 
+const SCHEMA_V2: &str = "
+CREATE TABLE fetches (
+    store_path TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('fetching', 'failed')),
+    source TEXT NOT NULL,
+    error TEXT,
+    attempts INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+";
+
 /// Brings the database at `conn` to [`SCHEMA_VERSION`], one step per version, each step in its
 /// own transaction.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -115,6 +129,10 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             0 => {
                 tx.execute_batch(SCHEMA_V1)?;
                 tx.pragma_update(None, "user_version", 1)?;
+            }
+            1 => {
+                tx.execute_batch(SCHEMA_V2)?;
+                tx.pragma_update(None, "user_version", 2)?;
             }
             v => {
                 return Err(StoreError::CorruptMetadata(format!(

@@ -529,6 +529,7 @@ fn commit(
             ])?;
         }
     }
+    tx.execute("DELETE FROM fetches WHERE store_path = ?", [&base])?;
     tx.commit()?;
     Ok(true)
 }

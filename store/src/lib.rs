@@ -28,6 +28,7 @@ pub mod db;
 mod dump;
 mod environments;
 mod error;
+mod fetches;
 mod gc;
 mod ingest;
 pub mod lock;
@@ -44,6 +45,7 @@ use rusqlite::{OptionalExtension, Row};
 
 pub use environments::RootRecord;
 pub use error::StoreError;
+pub use fetches::{FetchState, FetchStateKind};
 pub use gc::GcReport;
 pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
 pub use objects::{Codec, Digest, ObjectInfo};
@@ -128,6 +130,10 @@ pub struct Stats {
     pub objects: u64,
     /// Environments recorded.
     pub environments: u64,
+    /// Fetches started and not finished (under way, or their process died).
+    pub fetches_unfinished: u64,
+    /// Fetches that ended in an error and have not succeeded since.
+    pub fetches_failed: u64,
 }
 
 /// The store: one directory on the node, shared by every environment and pod.
@@ -252,7 +258,15 @@ impl Store {
         )?;
         let environments: i64 =
             conn.query_row("SELECT count(*) FROM environments", [], |r| r.get(0))?;
+        let (fetches_unfinished, fetches_failed): (i64, i64) = conn.query_row(
+            "SELECT coalesce(sum(state = 'fetching'), 0), coalesce(sum(state = 'failed'), 0)
+             FROM fetches",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         Ok(Stats {
+            fetches_unfinished: fetches_unfinished as u64,
+            fetches_failed: fetches_failed as u64,
             store_paths: store_paths as u64,
             logical_bytes: logical_bytes as u64,
             stored_bytes: stored_bytes as u64,

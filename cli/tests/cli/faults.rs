@@ -72,12 +72,22 @@ fn a_corrupted_nar_is_refused_and_nothing_of_it_is_ingested() {
     assert!(!stored.contains(&target));
     // The rest of the closure was fetched and is sound; the environment is not recorded.
     assert_eq!(stored.len(), closure_of("kof/hello", None).len() - 1);
-    assert_eq!(node.json(&["stats", "--json"])["environments"], 0);
+    let stats = node.json(&["stats", "--json"]);
+    assert_eq!(stats["environments"], 0);
+    // The failure is kept as fetch state, naming the path and the cause.
+    assert_eq!(stats["fetches_failed"], 1);
+    assert_eq!(stats["fetches_unfinished"], 0);
+    let human = node.ok(&["stats"]);
+    assert!(
+        human.contains(&target) && human.contains("Failed"),
+        "{human}"
+    );
     node.ok(&["verify"]);
     // Once the cache is healthy, the same command completes the work.
     node.server.clear_faults();
     node.ok(&["prefetch", "kof/hello"]);
     assert_eq!(node.stored_paths(), closure_of("kof/hello", None));
+    assert_eq!(node.json(&["stats", "--json"])["fetches_failed"], 0);
 }
 
 #[test]
@@ -167,6 +177,12 @@ fn kill_9_mid_prefetch_leaves_nothing_half_visible_and_the_next_run_finishes() {
 
     let stored = node.stored_paths();
     assert!(!stored.contains(&target));
+    // The interrupted fetch is visible as unfinished fetch state.
+    let stats = node.json(&["stats", "--json"]);
+    assert!(
+        stats["fetches_unfinished"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
     // Whatever is visible is complete and exact.
     node.ok(&["verify"]);
     for p in &stored {
@@ -182,6 +198,9 @@ fn kill_9_mid_prefetch_leaves_nothing_half_visible_and_the_next_run_finishes() {
     node.ok(&["prefetch", "kof/python"]);
     assert_eq!(node.stored_paths(), closure_of("kof/python", None));
     node.ok(&["verify"]);
+    let stats = node.json(&["stats", "--json"]);
+    assert_eq!(stats["fetches_unfinished"], 0);
+    assert_eq!(stats["fetches_failed"], 0);
 }
 
 #[test]
