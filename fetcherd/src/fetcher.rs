@@ -452,9 +452,18 @@ impl Fetcher {
             },
         )
         .await;
-        // On a failed walk the downloads already started finish (or fail) on their own; what
-        // they complete is sound and simply found present next time.
-        let closure = walked?;
+        // On a failed walk, the downloads already started are let finish (or fail) before the
+        // error is returned, so nothing is left in flight: what they stored is verified and
+        // simply found present next time.
+        let closure = match walked {
+            Ok(c) => c,
+            Err(e) => {
+                for (_, fut) in started {
+                    let _ = fut.await;
+                }
+                return Err(e.into());
+            }
+        };
         let mut summary = self.fetch_started(&closure, started, events).await?;
         summary.elapsed = start.elapsed();
         Ok(summary)

@@ -91,7 +91,7 @@ fn a_corrupted_nar_is_refused_and_nothing_of_it_is_ingested() {
 }
 
 #[test]
-fn a_wrong_signature_is_refused_before_any_download() {
+fn a_wrong_signature_is_refused_and_that_path_is_never_downloaded() {
     let node = Node::new();
     let target = largest("kof/hello");
     let hash = &target.trim_start_matches("/nix/store/")[..32];
@@ -100,8 +100,20 @@ fn a_wrong_signature_is_refused_before_any_download() {
     let e = node.fails(&["prefetch", "kof/hello"]);
     assert!(e.contains(&target), "{e}");
     assert!(e.to_lowercase().contains("signature"), "{e}");
-    assert!(node.stored_paths().is_empty());
-    assert_eq!(node.nar_requests(), 0);
+    // Downloads start while the closure walk goes on, so paths accepted before the refusal
+    // may be stored (each verified on its own); the refused path's NAR is never requested.
+    let file = nar_file(&target);
+    let requested = node.server.stats().requests_by_path;
+    assert!(
+        !requested.keys().any(|k| k.contains(&file)),
+        "{requested:?}"
+    );
+    assert!(!node.stored_paths().contains(&target));
+    let stats = node.json(&["stats", "--json"]);
+    assert_eq!(stats["environments"], 0);
+    // Every download started before the refusal finished before the command did.
+    assert_eq!(stats["fetches_unfinished"], 0, "{stats}");
+    node.ok(&["verify"]);
 }
 
 #[test]
