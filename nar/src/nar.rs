@@ -110,24 +110,35 @@ pub enum NarError {
 /// `name` is `None` for the root node and the entry's name inside its parent otherwise. Every
 /// `enter_directory` is matched by a `leave_directory`. The reader guarantees names are valid
 /// and strictly sorted before the visitor sees them.
+///
+/// Every method defaults to accepting and ignoring its node, so a visitor implements only what
+/// it needs, and `struct Check; impl NarVisitor for Check {}` just validates an archive.
 pub trait NarVisitor {
     /// A directory starts; its entries follow until the matching `leave_directory`.
-    fn enter_directory(&mut self, name: Option<&[u8]>) -> Result<(), NarError>;
+    fn enter_directory(&mut self, _name: Option<&[u8]>) -> Result<(), NarError> {
+        Ok(())
+    }
     /// The innermost open directory ends.
-    fn leave_directory(&mut self) -> Result<(), NarError>;
+    fn leave_directory(&mut self) -> Result<(), NarError> {
+        Ok(())
+    }
     /// A symlink.
-    fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), NarError>;
+    fn symlink(&mut self, _name: Option<&[u8]>, _target: &[u8]) -> Result<(), NarError> {
+        Ok(())
+    }
     /// A regular file of `size` bytes whose contents start at `nar_offset` in the uncompressed
     /// NAR. `contents` yields exactly `size` bytes; whatever the visitor does not read is
     /// read and discarded by the parser afterwards.
     fn regular(
         &mut self,
-        name: Option<&[u8]>,
-        executable: bool,
-        size: u64,
-        nar_offset: u64,
-        contents: &mut dyn Read,
-    ) -> Result<(), NarError>;
+        _name: Option<&[u8]>,
+        _executable: bool,
+        _size: u64,
+        _nar_offset: u64,
+        _contents: &mut dyn Read,
+    ) -> Result<(), NarError> {
+        Ok(())
+    }
 }
 
 /// Parses a NAR from `reader` with default [`Limits`], feeding `visitor`; the reader must end

@@ -51,15 +51,6 @@ struct Count {
 }
 
 impl NarVisitor for Count {
-    fn enter_directory(&mut self, _: Option<&[u8]>) -> Result<(), NarError> {
-        Ok(())
-    }
-    fn leave_directory(&mut self) -> Result<(), NarError> {
-        Ok(())
-    }
-    fn symlink(&mut self, _: Option<&[u8]>, _: &[u8]) -> Result<(), NarError> {
-        Ok(())
-    }
     fn regular(
         &mut self,
         _: Option<&[u8]>,

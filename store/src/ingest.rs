@@ -260,27 +260,7 @@ impl ObjectWriter {
 /// Parses and discards a NAR (for re-ingest of a stored path, which still verifies the stream).
 struct DiscardVisitor;
 
-impl NarVisitor for DiscardVisitor {
-    fn enter_directory(&mut self, _: Option<&[u8]>) -> Result<(), NarError> {
-        Ok(())
-    }
-    fn leave_directory(&mut self) -> Result<(), NarError> {
-        Ok(())
-    }
-    fn symlink(&mut self, _: Option<&[u8]>, _: &[u8]) -> Result<(), NarError> {
-        Ok(())
-    }
-    fn regular(
-        &mut self,
-        _: Option<&[u8]>,
-        _: bool,
-        _: u64,
-        _: u64,
-        _: &mut dyn Read,
-    ) -> Result<(), NarError> {
-        Ok(())
-    }
-}
+impl NarVisitor for DiscardVisitor {}
 
 /// Store paths being ingested by this process, so a second ingest of the same path waits for
 /// the first and then finds it stored.
