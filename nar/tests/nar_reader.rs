@@ -95,52 +95,54 @@ fn unsorted_and_duplicate_entries_are_refused() {
 
 #[test]
 fn unknown_tags_and_a_wrong_magic_are_refused() {
-    let bad_type = tokens(&[b"nix-archive-1", b"(", b"type", b"fifo", b")"]);
-    assert!(matches!(
-        parse(&bad_type),
-        Err(NarError::UnexpectedToken { .. })
-    ));
-    let bad_magic = tokens(&[
-        b"nix-archive-2",
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        b"",
-        b")",
-    ]);
-    assert!(matches!(
-        parse(&bad_magic),
-        Err(NarError::UnexpectedToken { .. })
-    ));
-    let bad_field = tokens(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"mode",
-        b"",
-        b")",
-    ]);
-    assert!(matches!(
-        parse(&bad_field),
-        Err(NarError::UnexpectedToken { .. })
-    ));
-    let exec_not_empty = tokens(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"executable",
-        b"yes",
-        b"contents",
-        b"",
-        b")",
-    ]);
-    assert!(matches!(
-        parse(&exec_not_empty),
-        Err(NarError::UnexpectedToken { .. })
-    ));
+    let cases: [(&str, &[&[u8]]); 4] = [
+        (
+            "unknown type",
+            &[b"nix-archive-1", b"(", b"type", b"fifo", b")"],
+        ),
+        (
+            "wrong magic",
+            &[
+                b"nix-archive-2",
+                b"(",
+                b"type",
+                b"regular",
+                b"contents",
+                b"",
+                b")",
+            ],
+        ),
+        (
+            "unknown field",
+            &[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"regular",
+                b"mode",
+                b"",
+                b")",
+            ],
+        ),
+        (
+            "executable with a value",
+            &[
+                b"nix-archive-1",
+                b"(",
+                b"type",
+                b"regular",
+                b"executable",
+                b"yes",
+                b"contents",
+                b"",
+                b")",
+            ],
+        ),
+    ];
+    for (what, ts) in cases {
+        let e = parse(&tokens(ts)).unwrap_err();
+        assert!(matches!(e, NarError::UnexpectedToken { .. }), "{what}: {e}");
+    }
 }
 
 #[test]
