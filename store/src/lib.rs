@@ -17,7 +17,9 @@
 //!   [`Store::export`] writes the tree `nix-store --restore` makes.
 //!
 //! On disk, a store directory holds `db.sqlite` (see [`db`] for the schema), `objects/<2 hex>/
-//! <64 hex>` object files (see [`objects`]), `tmp/` for objects being written, and `lock`.
+//! <64 hex>` object files (see [`objects`]), `tmp/` (scratch space, emptied under the
+//! exclusive lock), and `lock`. An object being written is a `.tmp-*` file in its fan-out
+//! directory until it is renamed into place.
 //!
 //! Concurrency: a `Store` is `Send + Sync`; ingests of different paths run in parallel, a
 //! second ingest of the same path waits for the first. Every open `Store` holds a shared lock

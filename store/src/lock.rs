@@ -5,7 +5,8 @@
 //! `Store` (in this process or another) has the directory open; otherwise gc fails with
 //! [`crate::StoreError::Busy`] rather than deleting objects an ingest elsewhere is about to
 //! reference. Stale files in `tmp/` are likewise removed only under the exclusive lock: at
-//! open, if the lock can be had exclusively for a moment, and by gc.
+//! open, if the lock can be had exclusively for a moment, and by gc; `.tmp-*` files an
+//! interrupted object write leaves in a fan-out directory are removed by gc's sweep.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
