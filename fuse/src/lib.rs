@@ -1,5 +1,66 @@
 //! The read-only lazy FUSE view of kof environments.
 //!
-//! This crate will present each prepared environment as a complete root file system whose
-//! metadata comes from the kof store at once and whose file contents are fetched only when read.
-//! It is filled by the lazy-environments issue; today it holds no code.
+//! One FUSE mount per node. Its root holds one directory per prepared *view* (a lease of an
+//! environment for a container); each view is a complete root file system described by an
+//! in-memory [`Entry`] tree built from metadata only (narinfos, listings, stored trees). File
+//! contents are never held here: a read asks the [`ContentSource`], which serves the bytes from
+//! the node store, or fetches them on demand.
+//!
+//! The tree model ([`Entry`], [`Content`], [`FileRef`]) is what the fetcher daemon builds; the
+//! file system ([`mount`], [`Mounted`]) is what the kernel talks to.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::sync::Arc;
+
+/// A regular file inside a Nix store path: enough to find its bytes, locally or in the path's NAR.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileRef {
+    /// The store path's base name (`<hash>-<name>`).
+    pub store_path: Arc<str>,
+    /// The file's path inside the store path (`bin/python3`; empty when the store path is a file).
+    pub path: Arc<str>,
+    /// Where the file's contents start in the store path's uncompressed NAR.
+    pub nar_offset: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Where a regular file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// A file of a store path, read through the [`ContentSource`].
+    Store(FileRef),
+    /// A small generated file (`etc/passwd`, ...), held in memory.
+    Inline(Arc<[u8]>),
+}
+
+/// One node of a view's tree. Subtrees are shared (`Arc`) between views holding the same store
+/// path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A directory and its entries by name.
+    Directory(BTreeMap<OsString, Arc<Entry>>),
+    /// A regular file.
+    Regular {
+        /// Mode 0555 when set, else 0444.
+        executable: bool,
+        /// Its bytes.
+        content: Content,
+    },
+    /// A symlink and its target, verbatim.
+    Symlink(OsString),
+}
+
+/// Serves the bytes of store files. Implemented by the fetcher (in process) and by the daemon
+/// client (in the FUSE server process). Called from FUSE worker threads: it may block.
+pub trait ContentSource: Send + Sync + 'static {
+    /// Reads up to `size` bytes of `file` at `offset`, waiting until they are available. Short
+    /// only at end of file. An error becomes `EIO` for the reader.
+    fn read(&self, file: &FileRef, offset: u64, size: u32) -> std::io::Result<Vec<u8>>;
+
+    /// A local file holding exactly `file`'s bytes, when there is one, for FUSE passthrough.
+    fn backing_file(&self, _file: &FileRef) -> Option<std::fs::File> {
+        None
+    }
+}
