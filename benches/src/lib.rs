@@ -9,7 +9,9 @@
 //! - [`prefetch`]: eager fetch of an environment's closure, kof vs `nix copy --from`.
 //! - [`dedup`]: several generations of one environment, kof's stored bytes vs the unique content
 //!   and vs a Nix store holding the same paths.
+//! - [`coldstart`]: a command's cold start in an environment, lazy vs eager vs Nix, plus warm.
 
+pub mod coldstart;
 pub mod dedup;
 pub mod node;
 pub mod prefetch;

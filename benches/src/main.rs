@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use kof_benches::coldstart::ColdStartBench;
 use kof_benches::node::Link;
 use kof_benches::prefetch::PrefetchBench;
 use kof_benches::{dedup, report};
@@ -55,6 +56,30 @@ enum Cmd {
         #[arg(long, default_value = "kof/dedup")]
         env: String,
     },
+    /// Cold start of a command: lazy vs eager vs Nix, plus warm runs.
+    Coldstart {
+        /// `owner/name`.
+        #[arg(long)]
+        env: String,
+        /// Runs of each side.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Per-request latency.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Shared bandwidth (`50MB`).
+        #[arg(long, default_value = "50MB", value_parser = parse_bandwidth)]
+        bandwidth: u64,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// The lazy-environments issue's set: kof/python and kof/jdk cold starts; 20 ms, 50 MB/s.
+    ColdstartAll {
+        /// Runs of each side.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// The set: kof/big (zstd, xz), kof/many (zstd), and dedup; 20 ms, 50 MB/s.
     All {
         /// Runs of each side.
@@ -62,6 +87,15 @@ enum Cmd {
         runs: usize,
     },
 }
+
+/// The lazy-environments issue's two environments and commands.
+const COLDSTART_SET: [(&str, &[&str]); 2] = [
+    (
+        "kof/python",
+        &["python3", "-c", "import json, sqlite3; print(1)"],
+    ),
+    ("kof/jdk", &["java", "-version"]),
+];
 
 fn main() {
     let cli = Cli::parse();
@@ -106,6 +140,41 @@ fn run(cli: Cli) -> Result<()> {
             let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
             println!("{}", report::prefetch_table(std::slice::from_ref(&r)));
             json.insert("prefetch".into(), serde_json::to_value(vec![r])?);
+        }
+        Cmd::Coldstart {
+            env,
+            runs,
+            latency_ms,
+            bandwidth,
+            cmd,
+        } => {
+            let b = ColdStartBench {
+                env,
+                cmd,
+                runs,
+                link: Link {
+                    latency: Duration::from_millis(latency_ms),
+                    bandwidth: Some(bandwidth),
+                },
+            };
+            let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
+            println!("{}", report::coldstart_table(std::slice::from_ref(&r)));
+            json.insert("coldstart".into(), serde_json::to_value(vec![r])?);
+        }
+        Cmd::ColdstartAll { runs } => {
+            let mut reports = Vec::new();
+            for (env, cmd) in COLDSTART_SET {
+                let b = ColdStartBench {
+                    env: env.to_string(),
+                    cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                    runs,
+                    link: standard,
+                };
+                eprintln!("coldstart {env}: {cmd:?}, {runs} runs each side");
+                reports.push(b.run(&cli.fixtures, &manifest, &kof_store)?);
+            }
+            println!("{}", report::coldstart_table(&reports));
+            json.insert("coldstart".into(), serde_json::to_value(reports)?);
         }
         Cmd::Dedup { env } => {
             let r = dedup::run(&cli.fixtures, &manifest, &kof_store, &env)?;

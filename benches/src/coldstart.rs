@@ -1,0 +1,420 @@
+//! Cold start of a command in an environment: lazy (`kof-store run` on a fresh node) against eager
+//! (`kof-store prefetch`, then `kof-store run`) and against the real Nix (`nix copy --from` the
+//! zstd cache into a fresh chroot store with an empty `~/.cache/nix`, then the same command in a
+//! chroot), over the same shaped link, alternating sides run by run.
+//!
+//! Variants of the lazy side, each on its own fresh node:
+//! - `lazy`: the default (`prefetch = "closure"`), range-capable uncompressed cache;
+//! - `lazy_none`: `prefetch = "none"`, so the bytes fetched are what the command touched;
+//! - `lazy_zstd`: a compressed-only cache (whole store paths streamed on first touch);
+//! - `lazy_profile`: a learned profile recorded on another node, exported and imported first.
+//!
+//! Warm runs (everything local) compare the run through the FUSE view with the same command in
+//! the Nix chroot, whose files are the same tree on local disk; they use an unshaped server so
+//! FloxHub round trips do not count.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kof_fixtures::build::Manifest;
+use kof_fixtures::serve::ServerHandle;
+use serde::Serialize;
+
+use crate::node::{self, KofNode, Link, NixNode, Run};
+use crate::prefetch::median;
+
+/// One cold-start comparison.
+#[derive(Debug, Clone)]
+pub struct ColdStartBench {
+    /// `owner/name`.
+    pub env: String,
+    /// The command, run inside the environment (looked up on the environment's `PATH`).
+    pub cmd: Vec<String>,
+    /// Runs of each side.
+    pub runs: usize,
+    /// The link.
+    pub link: Link,
+}
+
+/// What it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdStartReport {
+    /// `owner/name`.
+    pub env: String,
+    /// The command.
+    pub cmd: Vec<String>,
+    /// Store paths in the closure.
+    pub paths: usize,
+    /// Sum of NarSize.
+    pub nar_bytes: u64,
+    /// Sum of the zstd NAR sizes (what an eager fetch downloads).
+    pub zstd_download_bytes: u64,
+    /// Link bandwidth (bytes/s).
+    pub bandwidth: Option<u64>,
+    /// Per-request latency in ms.
+    pub latency_ms: u64,
+    /// Nix: `nix copy` then the command in a chroot.
+    pub nix: Vec<Run>,
+    /// kof eager: `kof-store prefetch` then `kof-store run` (zstd cache).
+    pub eager: Vec<Run>,
+    /// kof lazy, default prefetch, range-capable cache.
+    pub lazy: Vec<Run>,
+    /// kof lazy, `prefetch = "none"`, range-capable cache.
+    pub lazy_none: Vec<Run>,
+    /// kof lazy, default prefetch, compressed-only (zstd) cache.
+    pub lazy_zstd: Vec<Run>,
+    /// kof lazy, default prefetch, with a learned profile imported.
+    pub lazy_profile: Vec<Run>,
+    /// Medians (seconds).
+    pub medians: Medians,
+    /// `lazy_none` bytes / NarSize of the closure.
+    pub touched_fraction: f64,
+    /// The physical limit: touched bytes / bandwidth + one round trip per dependent metadata
+    /// fetch (FloxHub's two, the reference chain's depth, one listing). A lower bound: it
+    /// ignores the program's own chain of dependent reads.
+    pub physical_limit_s: f64,
+    /// Warm: the command through the FUSE view (`kof-store run`, everything local), seconds.
+    pub warm_view: Vec<f64>,
+    /// Warm: the same command in the Nix chroot (the same tree on local disk), seconds.
+    pub warm_local: Vec<f64>,
+}
+
+/// Medians of every side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Medians {
+    /// Nix.
+    pub nix: f64,
+    /// Eager.
+    pub eager: f64,
+    /// Lazy (default).
+    pub lazy: f64,
+    /// Lazy, no prefetch.
+    pub lazy_none: f64,
+    /// Lazy, compressed-only cache.
+    pub lazy_zstd: f64,
+    /// Lazy, learned profile.
+    pub lazy_profile: f64,
+    /// Warm, view.
+    pub warm_view: f64,
+    /// Warm, local disk.
+    pub warm_local: f64,
+}
+
+fn med(runs: &[Run]) -> f64 {
+    median(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>())
+}
+
+/// Runs `cmds` one after another to success, timing them together and reading the server's
+/// counters around them.
+fn timed_all(server: &ServerHandle, cmds: &mut [Command]) -> Result<Run> {
+    server.reset();
+    let start = Instant::now();
+    for cmd in cmds.iter_mut() {
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "{cmd:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let s = server.stats();
+    Ok(Run {
+        seconds,
+        bytes: s.bytes_sent,
+        requests: s.requests,
+        nar_requests: s.requests_by_kind.nar,
+    })
+}
+
+/// The command in the Nix chroot at `root`: private mount and pid namespaces, `/proc` and
+/// `/dev` mounted as `kof-store run` does, `PATH` made of the roots' `bin` directories.
+fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Command> {
+    for d in ["proc", "dev", "tmp"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    let path: Vec<String> = roots.iter().map(|r| format!("{r}/bin")).collect();
+    let script = format!(
+        "mount -t proc proc '{r}/proc' && mount --rbind /dev '{r}/dev' && exec chroot '{r}' /usr/bin/env -i PATH='{p}' HOME=/ \"$@\"",
+        r = root.display(),
+        p = path.join(":")
+    );
+    // `env` inside the chroot comes from the environment's coreutils.
+    let env_bin = roots
+        .iter()
+        .find(|r| {
+            root.join(r.trim_start_matches('/'))
+                .join("bin/env")
+                .exists()
+        })
+        .context("no coreutils env in the environment")?;
+    let script = script.replace("/usr/bin/env", &format!("{env_bin}/bin/env"));
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--pid", "--fork", "sh", "-c", &script, "sh"])
+        .args(cmd);
+    Ok(c)
+}
+
+/// Longest chain of references from the roots (each link is one dependent narinfo round trip).
+fn reference_depth(manifest: &Manifest, roots: &[String]) -> usize {
+    fn depth(
+        m: &Manifest,
+        p: &str,
+        memo: &mut std::collections::BTreeMap<String, usize>,
+        seen: &mut std::collections::BTreeSet<String>,
+    ) -> usize {
+        if let Some(d) = memo.get(p) {
+            return *d;
+        }
+        if !seen.insert(p.to_string()) {
+            return 0;
+        }
+        let refs = m
+            .store_paths
+            .get(p)
+            .map(|i| i.references.clone())
+            .unwrap_or_default();
+        let d = 1 + refs
+            .iter()
+            .filter(|r| r.as_str() != p)
+            .map(|r| depth(m, r, memo, seen))
+            .max()
+            .unwrap_or(0);
+        memo.insert(p.to_string(), d);
+        d
+    }
+    let mut memo = Default::default();
+    let mut seen = Default::default();
+    roots
+        .iter()
+        .map(|r| depth(manifest, r, &mut memo, &mut seen))
+        .max()
+        .unwrap_or(0)
+}
+
+impl ColdStartBench {
+    fn run_args(&self) -> Vec<String> {
+        let mut a = vec!["run".to_string(), self.env.clone(), "--".to_string()];
+        a.extend(self.cmd.iter().cloned());
+        a
+    }
+
+    /// Runs it.
+    pub fn run(
+        &self,
+        fixtures: &Path,
+        manifest: &Manifest,
+        kof_store: &Path,
+    ) -> Result<ColdStartReport> {
+        let (roots, closure, nar_bytes) = node::generation(manifest, &self.env, None)?;
+        let zstd_download_bytes = node::download_bytes(fixtures, "zstd", &closure)?;
+        let server = node::serve(fixtures, self.link)?;
+        let run_args = self.run_args();
+        let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+        let mut r = Sides::default();
+        // Nodes are kept until the end (see prefetch.rs: deleting a store between runs charges
+        // the next run for ext4's inode allocation).
+        let mut keep_kof: Vec<KofNode> = Vec::new();
+        let mut keep_nix: Vec<NixNode> = Vec::new();
+
+        // The learned profile: one recording run on a node of its own, exported once.
+        let profile_file = tempfile::NamedTempFile::new()?;
+        {
+            let n = KofNode::new(&server, manifest, "none", "prefetch = \"none\"\n")?;
+            node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+            let out = n
+                .cmd(kof_store, &["profile", "export", &self.env])
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "kof-store profile export: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            std::fs::write(profile_file.path(), &out.stdout)?;
+            keep_kof.push(n);
+        }
+        let profile_path = profile_file.path().to_string_lossy().into_owned();
+
+        for i in 0..self.runs {
+            let mut order: Vec<usize> = (0..6).collect();
+            if i % 2 == 1 {
+                order.reverse();
+            }
+            for side in order {
+                let (name, run) = match side {
+                    0 => {
+                        let n = NixNode::new()?;
+                        let url = server.cache_url("zstd");
+                        let run = timed_all(
+                            &server,
+                            &mut [
+                                n.copy(&url, &manifest.public_key, &roots),
+                                nix_chroot_run(&n.root(), &roots, &self.cmd)?,
+                            ],
+                        )?;
+                        keep_nix.push(n);
+                        r.nix.push(run.clone());
+                        ("nix", run)
+                    }
+                    1 => {
+                        let n = KofNode::new(&server, manifest, "zstd", "")?;
+                        let run = timed_all(
+                            &server,
+                            &mut [
+                                n.cmd(kof_store, &["prefetch", &self.env]),
+                                n.cmd(kof_store, &run_args),
+                            ],
+                        )?;
+                        keep_kof.push(n);
+                        r.eager.push(run.clone());
+                        ("eager", run)
+                    }
+                    2 => {
+                        let n = KofNode::new(&server, manifest, "none", "")?;
+                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        keep_kof.push(n);
+                        r.lazy.push(run.clone());
+                        ("lazy", run)
+                    }
+                    3 => {
+                        let n = KofNode::new(&server, manifest, "none", "prefetch = \"none\"\n")?;
+                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        keep_kof.push(n);
+                        r.lazy_none.push(run.clone());
+                        ("lazy_none", run)
+                    }
+                    4 => {
+                        let n = KofNode::new(&server, manifest, "zstd", "")?;
+                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        keep_kof.push(n);
+                        r.lazy_zstd.push(run.clone());
+                        ("lazy_zstd", run)
+                    }
+                    _ => {
+                        let n = KofNode::new(&server, manifest, "none", "")?;
+                        let out = n
+                            .cmd(kof_store, &["profile", "import", &profile_path])
+                            .output()?;
+                        if !out.status.success() {
+                            bail!(
+                                "kof-store profile import: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
+                        }
+                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        keep_kof.push(n);
+                        r.lazy_profile.push(run.clone());
+                        ("lazy_profile", run)
+                    }
+                };
+                eprintln!(
+                    "  {name} {}: {:.2} s, {} bytes, {} requests",
+                    self.env, run.seconds, run.bytes, run.requests
+                );
+            }
+        }
+        server.shutdown();
+
+        // Warm: an unshaped link; the kof node already holds the closure, the Nix chroot too.
+        let (warm_view, warm_local) = self.warm(fixtures, manifest, kof_store, &roots)?;
+
+        let medians = Medians {
+            nix: med(&r.nix),
+            eager: med(&r.eager),
+            lazy: med(&r.lazy),
+            lazy_none: med(&r.lazy_none),
+            lazy_zstd: med(&r.lazy_zstd),
+            lazy_profile: med(&r.lazy_profile),
+            warm_view: median(&warm_view),
+            warm_local: median(&warm_local),
+        };
+        let touched = r.lazy_none.first().map_or(0, |x| x.bytes);
+        let rtts = 2 + reference_depth(manifest, &roots) + 1;
+        let physical_limit_s = self
+            .link
+            .bandwidth
+            .map_or(0.0, |b| touched as f64 / b as f64)
+            + rtts as f64 * self.link.latency.as_secs_f64();
+        Ok(ColdStartReport {
+            env: self.env.clone(),
+            cmd: self.cmd.clone(),
+            paths: closure.len(),
+            nar_bytes,
+            zstd_download_bytes,
+            bandwidth: self.link.bandwidth,
+            latency_ms: self.link.latency.as_millis() as u64,
+            touched_fraction: touched as f64 / nar_bytes as f64,
+            physical_limit_s,
+            nix: r.nix,
+            eager: r.eager,
+            lazy: r.lazy,
+            lazy_none: r.lazy_none,
+            lazy_zstd: r.lazy_zstd,
+            lazy_profile: r.lazy_profile,
+            medians,
+            warm_view,
+            warm_local,
+        })
+    }
+
+    fn warm(
+        &self,
+        fixtures: &Path,
+        manifest: &Manifest,
+        kof_store: &Path,
+        roots: &[String],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let server = node::serve(
+            fixtures,
+            Link {
+                latency: Duration::ZERO,
+                bandwidth: None,
+            },
+        )?;
+        let kof = KofNode::new(&server, manifest, "zstd", "prefetch = \"none\"\n")?;
+        let out = kof.cmd(kof_store, &["prefetch", &self.env]).output()?;
+        if !out.status.success() {
+            bail!(
+                "kof-store prefetch: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let nix = NixNode::new()?;
+        let out = nix
+            .copy(&server.cache_url("zstd"), &manifest.public_key, roots)
+            .output()?;
+        if !out.status.success() {
+            bail!("nix copy: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let run_args = self.run_args();
+        let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+        let (mut view, mut local) = (Vec::new(), Vec::new());
+        // One untimed run of each first, so both start with a warm page cache.
+        for i in 0..=self.runs {
+            let a = node::timed(&server, &mut kof.cmd(kof_store, &run_args))?.seconds;
+            let b =
+                node::timed(&server, &mut nix_chroot_run(&nix.root(), roots, &self.cmd)?)?.seconds;
+            if i > 0 {
+                view.push(a);
+                local.push(b);
+            }
+        }
+        server.shutdown();
+        Ok((view, local))
+    }
+}
+
+#[derive(Default)]
+struct Sides {
+    nix: Vec<Run>,
+    eager: Vec<Run>,
+    lazy: Vec<Run>,
+    lazy_none: Vec<Run>,
+    lazy_zstd: Vec<Run>,
+    lazy_profile: Vec<Run>,
+}
