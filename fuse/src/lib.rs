@@ -8,10 +8,24 @@
 //!
 //! The tree model ([`Entry`], [`Content`], [`FileRef`]) is what the fetcher daemon builds; the
 //! file system ([`mount`], [`Mounted`]) is what the kernel talks to.
+//!
+//! Modules: `tree` (the inode table and its inode scheme), `filesystem` (the FUSE operations,
+//! caching and passthrough), `mount` (mounting, views, unmounting), `stats` (operation latency),
+//! `error`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::sync::Arc;
+
+mod error;
+mod filesystem;
+mod mount;
+mod stats;
+mod tree;
+
+pub use error::FuseError;
+pub use mount::{mount, MountOptions, Mounted};
+pub use stats::{OpStat, OpStats};
 
 /// A regular file inside a Nix store path: enough to find its bytes, locally or in the path's NAR.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

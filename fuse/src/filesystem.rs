@@ -1,0 +1,423 @@
+//! The `fuser::Filesystem` the kernel talks to: metadata from the inode table ([`Tree`]), file
+//! bytes from the [`ContentSource`], or straight from a local backing file by FUSE passthrough.
+//!
+//! - Content is immutable: entries and attributes inside views are cached by the kernel for a day
+//!   (absent names too, as negative entries); only the mount root, whose children (views) come and
+//!   go, uses a short timeout, and `remove_view` also invalidates the view's root entry.
+//! - `open` replies `FOPEN_KEEP_CACHE`, so the page cache survives closes and is shared between
+//!   views through shared store file inodes (see [`crate::tree`]).
+//! - Metadata operations (`lookup`, `getattr`, `readdir`, `readlink`) never call the content
+//!   source. `open` asks it for a backing file (passthrough); `read` asks it for bytes and turns
+//!   its error into `EIO`, logging the store path, the file and the cause.
+//! - Passthrough: the kernel keeps one backing file per inode and refuses (`EIO` to the opener) an
+//!   inode open in cached mode and passthrough mode at once. So per inode we count the open
+//!   handles of each mode: an inode with cached opens stays cached until they are released; one
+//!   with passthrough opens reuses its `BackingId`, which is dropped with the last of them. Our
+//!   counts only drop after the kernel's (release comes after close), so our choice is always one
+//!   the kernel accepts.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, Request,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::stats::{Op, OpRecorder};
+use crate::tree::{negative_attr, Resolved, Tree, ROOT_INO};
+use crate::{Content, ContentSource, Entry, FileRef};
+
+/// Entry and attribute timeout of nodes inside views: their content never changes.
+const VIEW_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Entry timeout of the mount root's children and attribute timeout of the root: views come and
+/// go.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
+/// State shared by the FUSE worker threads and the [`crate::Mounted`] handle.
+pub(crate) struct Shared {
+    pub(crate) tree: RwLock<Tree>,
+    pub(crate) stats: OpRecorder,
+    source: Arc<dyn ContentSource>,
+    /// The caller asked for passthrough.
+    passthrough_wanted: bool,
+    /// The kernel granted the passthrough capability at `init`.
+    passthrough_active: AtomicBool,
+    /// A refused backing file was already logged as a warning.
+    backing_refusal_warned: AtomicBool,
+    handles: Mutex<Handles>,
+}
+
+/// Open file handles and, per store file inode, its open modes.
+#[derive(Default)]
+struct Handles {
+    next_fh: u64,
+    open: HashMap<u64, OpenFile>,
+    io: HashMap<u64, InodeIo>,
+}
+
+struct OpenFile {
+    ino: u64,
+    content: Content,
+    passthrough: bool,
+}
+
+#[derive(Default)]
+struct InodeIo {
+    cached: u32,
+    passthrough: u32,
+    backing: Option<BackingId>,
+}
+
+impl Handles {
+    fn insert(&mut self, file: OpenFile) -> u64 {
+        self.next_fh += 1;
+        self.open.insert(self.next_fh, file);
+        self.next_fh
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(source: Arc<dyn ContentSource>, passthrough: bool) -> Self {
+        Shared {
+            tree: RwLock::new(Tree::new()),
+            stats: OpRecorder::default(),
+            source,
+            passthrough_wanted: passthrough,
+            passthrough_active: AtomicBool::new(false),
+            backing_refusal_warned: AtomicBool::new(false),
+            handles: Mutex::new(Handles::default()),
+        }
+    }
+
+    /// Resolves `name` in `parent`, allocating its inode when needed. `Ok(None)`: absent.
+    fn lookup(&self, parent: u64, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
+        {
+            let tree = self.tree.read();
+            match tree.resolve(parent, name)? {
+                Resolved::Ino(ino) => return tree.attr(ino).map(Some),
+                Resolved::Absent => return Ok(None),
+                Resolved::Unallocated(_) => {}
+            }
+        }
+        let mut tree = self.tree.write();
+        match tree.lookup_alloc(parent, name)? {
+            Some(ino) => tree.attr(ino).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Opens a store file, by passthrough when the kernel and the source allow it.
+    fn open_store(&self, ino: u64, file: &FileRef, reply: ReplyOpen) {
+        let flags = FopenFlags::FOPEN_KEEP_CACHE;
+        let mut backing = None;
+        if self.passthrough_active.load(Ordering::Relaxed) {
+            let needs_backing = match self.handles.lock().io.get(&ino) {
+                Some(io) => io.cached == 0 && io.backing.is_none(),
+                None => true,
+            };
+            // Outside the lock: the source may touch the disk.
+            if needs_backing {
+                if let Some(local) = self.source.backing_file(file) {
+                    match reply.open_backing(&local) {
+                        Ok(id) => backing = Some(id),
+                        Err(e) => self.backing_refused(file, &e),
+                    }
+                }
+            }
+        }
+        let mut handles = self.handles.lock();
+        let Handles { next_fh, open, io } = &mut *handles;
+        let io = io.entry(ino).or_default();
+        if io.cached == 0 {
+            if io.backing.is_none() {
+                io.backing = backing.take();
+            }
+            if let Some(id) = &io.backing {
+                io.passthrough += 1;
+                *next_fh += 1;
+                open.insert(
+                    *next_fh,
+                    OpenFile {
+                        ino,
+                        content: Content::Store(file.clone()),
+                        passthrough: true,
+                    },
+                );
+                // Under the lock, so a concurrent release cannot close the id before the kernel
+                // has it.
+                reply.opened_passthrough(FileHandle(*next_fh), flags, id);
+                return;
+            }
+        }
+        io.cached += 1;
+        let fh = handles.insert(OpenFile {
+            ino,
+            content: Content::Store(file.clone()),
+            passthrough: false,
+        });
+        drop(handles);
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn backing_refused(&self, file: &FileRef, error: &std::io::Error) {
+        if self.backing_refusal_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(store_path = %file.store_path, path = %file.path, %error,
+                "kernel refused a passthrough backing file; reading through FUSE");
+        } else {
+            tracing::warn!(store_path = %file.store_path, path = %file.path, %error,
+                "kernel refused a passthrough backing file; reading through FUSE \
+                 (further refusals are logged at debug level)");
+        }
+    }
+
+    /// Reads `size` bytes at `offset` of a store file from the content source.
+    fn read_store(&self, file: &FileRef, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        if offset >= file.size {
+            return Ok(Vec::new());
+        }
+        let want =
+            usize::try_from((file.size - offset).min(u64::from(size))).expect("at most a u32");
+        let mut buf = Vec::new();
+        while buf.len() < want {
+            let at = offset + buf.len() as u64;
+            let len = u32::try_from(want - buf.len()).expect("at most a u32");
+            match self.source.read(file, at, len) {
+                Ok(bytes) if bytes.is_empty() => {
+                    tracing::error!(store_path = %file.store_path, path = %file.path,
+                        offset = at, size = file.size,
+                        "content source ended before the end of the file; the reader gets EIO");
+                    return Err(Errno::EIO);
+                }
+                Ok(bytes) if buf.is_empty() => buf = bytes,
+                Ok(bytes) => buf.extend_from_slice(&bytes),
+                Err(error) => {
+                    tracing::error!(store_path = %file.store_path, path = %file.path,
+                        offset = at, len, %error,
+                        "reading a store file failed; the reader gets EIO");
+                    return Err(Errno::EIO);
+                }
+            }
+        }
+        buf.truncate(want);
+        Ok(buf)
+    }
+}
+
+/// The file system object handed to fuser; all state is in [`Shared`].
+pub(crate) struct KofFs {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Filesystem for KofFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Optional capabilities: lookups in one directory in parallel, symlink targets cached.
+        for cap in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ] {
+            if let Err(missing) = config.add_capabilities(cap) {
+                tracing::debug!(?missing, "kernel lacks a FUSE capability");
+            }
+        }
+        if let Err(max) = config.set_max_background(64) {
+            tracing::debug!(max, "kernel limits FUSE background requests");
+        }
+        if self.shared.passthrough_wanted {
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                // Stack depth 1: backing files must be on a plain file system (not overlayfs or
+                // another FUSE), and an overlay over the view (depth 2) stays within the kernel's
+                // limit of 2, as a container's writable root needs.
+                Ok(()) => match config.set_max_stack_depth(1) {
+                    Ok(_) => {
+                        self.shared
+                            .passthrough_active
+                            .store(true, Ordering::Relaxed);
+                        tracing::info!("FUSE passthrough enabled");
+                    }
+                    Err(max) => tracing::warn!(max, "FUSE passthrough stack depth refused"),
+                },
+                Err(_) => tracing::info!("kernel lacks FUSE passthrough; reading through FUSE"),
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.shared.stats.start(Op::Lookup);
+        match self.shared.lookup(parent.0, name) {
+            Ok(Some(attr)) => {
+                let entry_ttl = if parent.0 == ROOT_INO {
+                    ROOT_TTL
+                } else {
+                    VIEW_TTL
+                };
+                reply.entry_with_ttls(&VIEW_TTL, &entry_ttl, &attr, Generation(0));
+            }
+            Ok(None) => reply.entry(&VIEW_TTL, &negative_attr(), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.shared.stats.start(Op::Getattr);
+        let attr = self.shared.tree.read().attr(ino.0);
+        match attr {
+            Ok(attr) => {
+                let ttl = if ino.0 == ROOT_INO {
+                    ROOT_TTL
+                } else {
+                    VIEW_TTL
+                };
+                reply.attr(&ttl, &attr);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.shared.stats.start(Op::Readlink);
+        let tree = self.shared.tree.read();
+        match tree.entry(ino.0).map(|e| &**e) {
+            Ok(Entry::Symlink(target)) => reply.data(target.as_bytes()),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.shared.stats.start(Op::Open);
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let entry = self.shared.tree.read().entry(ino.0).cloned();
+        let content = match entry.as_deref() {
+            Ok(Entry::Regular { content, .. }) => content.clone(),
+            Ok(Entry::Directory(_)) => return reply.error(Errno::EISDIR),
+            Ok(Entry::Symlink(_)) => return reply.error(Errno::ELOOP),
+            Err(e) => return reply.error(*e),
+        };
+        match content {
+            Content::Store(file) => self.shared.open_store(ino.0, &file, reply),
+            Content::Inline(_) => {
+                let fh = self.shared.handles.lock().insert(OpenFile {
+                    ino: ino.0,
+                    content,
+                    passthrough: false,
+                });
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _timer = self.shared.stats.start(Op::Read);
+        let content = self
+            .shared
+            .handles
+            .lock()
+            .open
+            .get(&fh.0)
+            .map(|f| f.content.clone());
+        match content {
+            None => reply.error(Errno::EBADF),
+            Some(Content::Inline(bytes)) => {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                let end = start.saturating_add(size as usize).min(bytes.len());
+                reply.data(&bytes[start..end]);
+            }
+            Some(Content::Store(file)) => match self.shared.read_store(&file, offset, size) {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => reply.error(e),
+            },
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut handles = self.shared.handles.lock();
+        if let Some(file) = handles.open.remove(&fh.0) {
+            if let (Content::Store(_), Some(io)) = (&file.content, handles.io.get_mut(&file.ino)) {
+                if file.passthrough {
+                    io.passthrough -= 1;
+                    if io.passthrough == 0 {
+                        io.backing = None;
+                    }
+                } else {
+                    io.cached -= 1;
+                }
+                if io.cached == 0 && io.passthrough == 0 {
+                    handles.io.remove(&file.ino);
+                }
+            }
+        }
+        drop(handles);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == ROOT_INO {
+            // The root's listing changes with the views: never cached.
+            reply.opened(FileHandle(0), FopenFlags::empty());
+            return;
+        }
+        let tree = self.shared.tree.read();
+        match tree.entry(ino.0).map(|e| &**e) {
+            Ok(Entry::Directory(_)) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let _timer = self.shared.stats.start(Op::Readdir);
+        let result = self
+            .shared
+            .tree
+            .write()
+            .readdir(ino.0, offset, |entry, next| {
+                reply.add(INodeNo(entry.ino), next, entry.kind, entry.name)
+            });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Mounting and unmounting the view file system, and the [`Mounted`] handle through which views
+//! are added and removed while it runs.
+//!
+//! The mount is made by this process directly (it runs as root; no `fusermount3`, no
+//! auto-unmount helper, which once left a hung mount on this kind of machine), read-only,
+//! `allow_other` and `default_permissions`. Unmounting is explicit: a plain `umount`, and when
+//! that fails (files still open, a process's working directory inside), a lazy `MNT_DETACH`
+//! unmount, after which the worker threads go on serving the remaining users until they let go.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuser::{Config, INodeNo, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
+
+use crate::filesystem::{KofFs, Shared};
+use crate::stats::OpStats;
+use crate::tree::{AddViewError, ROOT_INO};
+use crate::{ContentSource, Entry, FuseError};
+
+/// How to mount the view file system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// FUSE worker threads (each with its own cloned `/dev/fuse` descriptor). Default 8.
+    pub threads: usize,
+    /// Serve files that are fully local by FUSE passthrough when the kernel supports it. Default
+    /// true.
+    pub passthrough: bool,
+    /// The file system name shown in `/proc/self/mountinfo`. Default `kof`.
+    pub fs_name: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 8,
+            passthrough: true,
+            fs_name: "kof".to_owned(),
+        }
+    }
+}
+
+/// A mounted view file system. Dropping it unmounts (best effort; errors are logged).
+pub struct Mounted {
+    mountpoint: PathBuf,
+    shared: Arc<Shared>,
+    notifier: Notifier,
+    unmounter: Option<SessionUnmounter>,
+    session: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted")
+            .field("mountpoint", &self.mountpoint)
+            .field("views", &self.views())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mounts an empty view file system on `dir` and starts its worker threads. Returns once the
+/// kernel has completed the FUSE handshake, so the mount is usable.
+pub fn mount(
+    dir: &Path,
+    source: Arc<dyn ContentSource>,
+    opts: MountOptions,
+) -> Result<Mounted, FuseError> {
+    let meta = std::fs::metadata(dir).map_err(|source| FuseError::MountPoint {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(FuseError::NotADirectory {
+            path: dir.to_owned(),
+        });
+    }
+    let mountpoint = dir.canonicalize().map_err(|source| FuseError::MountPoint {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if opts.threads == 0 {
+        return Err(FuseError::NoThreads { path: mountpoint });
+    }
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(opts.fs_name.clone()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::Exec,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads);
+    config.clone_fd = true;
+
+    let shared = Arc::new(Shared::new(source, opts.passthrough));
+    let fs = KofFs {
+        shared: shared.clone(),
+    };
+    let mut session =
+        Session::new(fs, &mountpoint, &config).map_err(|source| FuseError::Mount {
+            path: mountpoint.clone(),
+            source,
+        })?;
+    let notifier = session.notifier();
+    let unmounter = session.unmount_callable();
+    let handle = std::thread::Builder::new()
+        .name("kof-fuse".to_owned())
+        .spawn(move || session.run())
+        .map_err(|source| FuseError::SpawnSession {
+            path: mountpoint.clone(),
+            source,
+        });
+    // On a spawn error the session was dropped inside the failed closure, which unmounted.
+    let handle = handle?;
+    tracing::info!(mountpoint = %mountpoint.display(), threads = opts.threads,
+        passthrough = opts.passthrough, "kof FUSE view mounted");
+    Ok(Mounted {
+        mountpoint,
+        shared,
+        notifier,
+        unmounter: Some(unmounter),
+        session: Some(handle),
+    })
+}
+
+impl Mounted {
+    /// Adds a view named `name` (one path component) showing the tree `root`, a directory.
+    pub fn add_view(&self, name: &str, root: Arc<Entry>) -> Result<(), FuseError> {
+        let invalid = |reason| FuseError::InvalidViewName {
+            name: name.to_owned(),
+            mountpoint: self.mountpoint.clone(),
+            reason,
+        };
+        if name.is_empty() {
+            return Err(invalid("empty"));
+        }
+        if name == "." || name == ".." {
+            return Err(invalid("`.` and `..` are not names"));
+        }
+        if name.contains('/') {
+            return Err(invalid("contains `/`"));
+        }
+        if name.contains('\0') {
+            return Err(invalid("contains a NUL byte"));
+        }
+        if name.len() > 255 {
+            return Err(invalid("longer than 255 bytes"));
+        }
+        self.shared
+            .tree
+            .write()
+            .add_view(name, root)
+            .map_err(|e| match e {
+                AddViewError::Exists => FuseError::ViewExists {
+                    name: name.to_owned(),
+                    mountpoint: self.mountpoint.clone(),
+                },
+                AddViewError::RootNotDirectory => FuseError::ViewRootNotDirectory {
+                    name: name.to_owned(),
+                    mountpoint: self.mountpoint.clone(),
+                },
+            })?;
+        tracing::debug!(mountpoint = %self.mountpoint.display(), view = name, "view added");
+        Ok(())
+    }
+
+    /// Removes the view `name`; returns whether it existed. Files already open in it stay
+    /// readable; new path lookups through the mount root no longer find it.
+    pub fn remove_view(&self, name: &str) -> bool {
+        if !self.shared.tree.write().remove_view(name) {
+            return false;
+        }
+        // Outside the tree lock: the kernel may call back into the file system while
+        // invalidating.
+        if let Err(error) = self
+            .notifier
+            .inval_entry(INodeNo(ROOT_INO), std::ffi::OsStr::new(name))
+        {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), view = name, %error,
+                "invalidating a removed view's entry failed; it vanishes within a second");
+        }
+        tracing::debug!(mountpoint = %self.mountpoint.display(), view = name, "view removed");
+        true
+    }
+
+    /// The names of the mounted views, sorted.
+    pub fn views(&self) -> Vec<String> {
+        self.shared.tree.read().view_names()
+    }
+
+    /// Where the file system is mounted (canonical).
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// A snapshot of the operation latency statistics.
+    pub fn op_stats(&self) -> OpStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Unmounts: a plain unmount, else a lazy one (`MNT_DETACH`) when the mount is busy.
+    pub fn unmount(mut self) -> Result<(), FuseError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), FuseError> {
+        let Some(mut unmounter) = self.unmounter.take() else {
+            return Ok(());
+        };
+        match unmounter.unmount() {
+            Ok(()) => {
+                tracing::info!(mountpoint = %self.mountpoint.display(), "kof FUSE view unmounted");
+            }
+            Err(error) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), %error,
+                    "unmount failed; detaching lazily");
+                detach(&self.mountpoint).map_err(|source| FuseError::Unmount {
+                    path: self.mountpoint.clone(),
+                    source,
+                })?;
+                // The worker threads serve the remaining users of the detached mount and end
+                // when the kernel drops the connection: not joined, so this does not block.
+                self.session.take();
+                return Ok(());
+            }
+        }
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        match session.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(FuseError::Session {
+                path: self.mountpoint.clone(),
+                source,
+            }),
+            Err(_) => Err(FuseError::SessionPanicked {
+                path: self.mountpoint.clone(),
+            }),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(error) = self.unmount_inner() {
+            tracing::error!(mountpoint = %self.mountpoint.display(), %error,
+                "unmounting the kof FUSE view on drop failed");
+        }
+    }
+}
+
+/// `umount2(path, MNT_DETACH)`: libc has it and nothing higher-level is needed for one call.
+fn detach(path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount point contains NUL"))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
