@@ -122,6 +122,20 @@ pub enum CacheError {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// A ranged NAR request was answered with another range than asked for.
+    #[error("GET {url}{} bytes {start}..{end}: {reason}", for_path(.path))]
+    BadRange {
+        /// The URL.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// First byte asked for.
+        start: u64,
+        /// End (exclusive) asked for.
+        end: u64,
+        /// What was wrong.
+        reason: String,
+    },
     /// `nix-cache-info` is malformed.
     #[error("invalid {url}: {reason}")]
     CacheInfo {
@@ -479,6 +493,117 @@ impl BinaryCache {
                     }
                 });
                 Ok(Box::pin(stream))
+            }
+        }
+    }
+
+    /// Opens bytes `start..end` of `info`'s NAR file (only meaningful for an uncompressed NAR,
+    /// whose file bytes are the NAR's). `Ok(None)` when the server ignored `Range` and answered
+    /// `200` with the whole file: the caller falls back to [`BinaryCache::nar_stream`]. A `206`
+    /// must say `Content-Range: bytes start-(end-1)/total` for the range asked; the body's
+    /// length is the caller's to check (the stream may break off). Opening is retried on
+    /// transient errors. A `file://` cache reads the range from the file.
+    pub async fn nar_range(
+        &self,
+        info: &NarInfo,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<NarStream>, CacheError> {
+        let path = info.store_path.clone();
+        let url = self.nar_url(info);
+        let bad = |reason: String| CacheError::BadRange {
+            url: url.clone(),
+            path: Some(path.clone()),
+            start,
+            end,
+            reason,
+        };
+        if start >= end {
+            return Err(bad("empty range".into()));
+        }
+        match &self.location {
+            Location::File(dir) => {
+                use tokio::io::AsyncSeekExt;
+                let file_err = |source| CacheError::File {
+                    url: url.clone(),
+                    path: Some(path.clone()),
+                    source,
+                };
+                let mut file = tokio::fs::File::open(dir.join(&info.url))
+                    .await
+                    .map_err(file_err)?;
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(file_err)?;
+                let mut buf = Vec::new();
+                file.take(end - start)
+                    .read_to_end(&mut buf)
+                    .await
+                    .map_err(file_err)?;
+                let one: Result<Bytes, CacheError> = Ok(Bytes::from(buf));
+                Ok(Some(Box::pin(futures_util::stream::iter([one]))))
+            }
+            Location::Http(base) => {
+                let full = self.join(base, &info.url, Some(&path))?;
+                let range = format!("bytes={}-{}", start, end - 1);
+                let resp = self
+                    .with_retries(&url, Some(&path), || async {
+                        let resp = self
+                            .client
+                            .get(full.clone())
+                            .header(reqwest::header::RANGE, &range)
+                            .send()
+                            .await
+                            .map_err(|source| CacheError::Transport {
+                                url: url.clone(),
+                                path: Some(path.clone()),
+                                source,
+                            })?;
+                        let status = resp.status();
+                        if !status.is_success() {
+                            return Err(CacheError::Status {
+                                url: url.clone(),
+                                path: Some(path.clone()),
+                                status: status.as_u16(),
+                            });
+                        }
+                        Ok(resp)
+                    })
+                    .await?;
+                if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                    return Ok(None);
+                }
+                let content_range = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                let expected = format!("bytes {}-{}/", start, end - 1);
+                if !content_range.starts_with(&expected) {
+                    return Err(bad(format!(
+                        "answered Content-Range {content_range:?}"
+                    )));
+                }
+                let stream = futures_util::stream::unfold(Some(resp), move |resp| {
+                    let url = url.clone();
+                    let path = path.clone();
+                    async move {
+                        let mut resp = resp?;
+                        match resp.chunk().await {
+                            Ok(Some(b)) => Some((Ok(b), Some(resp))),
+                            Ok(None) => None,
+                            Err(source) => Some((
+                                Err(CacheError::Transport {
+                                    url,
+                                    path: Some(path),
+                                    source,
+                                }),
+                                None,
+                            )),
+                        }
+                    }
+                });
+                Ok(Some(Box::pin(stream)))
             }
         }
     }

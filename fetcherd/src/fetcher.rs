@@ -353,6 +353,17 @@ pub enum PathOutcome {
     AlreadyPresent,
 }
 
+/// Sees a download's NAR bytes as the store reads them: uncompressed and within NarSize, but
+/// not yet checked against NarHash (that happens when the store has read the last byte). The
+/// lazy engine ([`crate::lazy`]) writes them to a partial file so readers need not wait for
+/// the whole path.
+pub trait NarTee: Send + Sync {
+    /// A download attempt starts: what earlier attempts handed over may be wrong.
+    fn restart(&self);
+    /// Bytes `offset..offset + data.len()` of the NAR. An error fails the download.
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
+
 type SharedFetch = Shared<BoxFuture<'static, Result<PathOutcome, Arc<PathError>>>>;
 
 struct Inner {
@@ -467,6 +478,17 @@ impl Fetcher {
         let mut summary = self.fetch_started(&closure, started, events).await?;
         summary.elapsed = start.elapsed();
         Ok(summary)
+    }
+
+    /// Fetches one path (nothing when it is stored), retrying and trying other caches as
+    /// [`Fetcher::fetch`] does, also handing its NAR bytes to `tee`. Neither single-flight nor
+    /// under this fetcher's download limit: the caller (the lazy engine) provides both.
+    pub async fn fetch_teed(
+        &self,
+        sub: Arc<Substitute>,
+        tee: Arc<dyn NarTee>,
+    ) -> Result<PathOutcome, PathError> {
+        self.inner.fetch_one(sub, None, Some(tee)).await
     }
 
     /// Fetches every member of `closure` not yet stored. All paths are attempted; if any
@@ -589,7 +611,7 @@ impl Inner {
         let task_path = path.clone();
         let url = sub.cache.nar_url(&sub.info);
         let handle = tokio::spawn(async move {
-            let result = me.fetch_one(sub, events).await.map_err(Arc::new);
+            let result = me.fetch_one(sub, events, None).await.map_err(Arc::new);
             me.in_flight
                 .lock()
                 .expect("in-flight map poisoned")
@@ -620,9 +642,10 @@ impl Inner {
         &self,
         sub: Arc<Substitute>,
         events: Option<EventSink>,
+        tee: Option<Arc<dyn NarTee>>,
     ) -> Result<PathOutcome, PathError> {
         let path = sub.info.store_path.clone();
-        let result = self.fetch_attempts(sub, events).await;
+        let result = self.fetch_attempts(sub, events, tee).await;
         if let Err(e) = &result {
             let (p, error) = (path.clone(), e.to_string());
             self.record_state(move |store| store.record_fetch_failed(&p, &error))
@@ -645,27 +668,34 @@ impl Inner {
         }
     }
 
+    /// A teed fetch (the lazy engine's) is not under `downloads`: the engine has its own limits
+    /// so that demand never queues behind bulk fetches.
     async fn fetch_attempts(
         &self,
         mut sub: Arc<Substitute>,
         events: Option<EventSink>,
+        tee: Option<Arc<dyn NarTee>>,
     ) -> Result<PathOutcome, PathError> {
         let path = sub.info.store_path.clone();
         let attempts = self.opts.retry.attempts.max(1);
         let mut attempt = 1;
         loop {
-            let permit = self
-                .downloads
-                .acquire()
-                .await
-                .expect("download semaphore is never closed");
+            let permit = match tee {
+                Some(_) => None,
+                None => Some(
+                    self.downloads
+                        .acquire()
+                        .await
+                        .expect("download semaphore is never closed"),
+                ),
+            };
             if self.has_path(&path).await? {
                 return Ok(PathOutcome::AlreadyPresent);
             }
             let (p, source) = (path.clone(), sub.cache.nar_url(&sub.info));
             self.record_state(move |store| store.record_fetch_started(&p, &source))
                 .await;
-            let result = self.download(&sub, events.as_ref()).await;
+            let result = self.download(&sub, events.as_ref(), tee.clone()).await;
             drop(permit);
             let error = match result {
                 Ok(outcome) => return Ok(outcome),
@@ -715,6 +745,7 @@ impl Inner {
         &self,
         sub: &Substitute,
         events: Option<&EventSink>,
+        tee: Option<Arc<dyn NarTee>>,
     ) -> Result<PathOutcome, PathError> {
         let info = sub.info.clone();
         let path = info.store_path.clone();
@@ -744,7 +775,15 @@ impl Inner {
         let source_cache = sub.cache.url().to_string();
         let ingest_ctx = ctx.clone();
         let ingest = tokio::task::spawn_blocking(move || {
-            let mut reader = pipeline(rx, &info, ingest_ctx)?;
+            let reader = pipeline(rx, &info, ingest_ctx)?;
+            let mut reader = TeeReader {
+                inner: reader,
+                tee,
+                offset: 0,
+            };
+            if let Some(t) = &reader.tee {
+                t.restart();
+            }
             Some(store.ingest_nar(&info, &source_cache, &mut reader))
         });
         let (downloaded, ingested) = tokio::join!(pump(stream, tx, &path, events), ingest);
@@ -1091,6 +1130,26 @@ impl Read for StrictDecoder {
         }
         self.finished = true;
         Ok(0)
+    }
+}
+
+/// Hands what it reads to the [`NarTee`], if any, on its way to the store.
+struct TeeReader {
+    inner: NarSizeGuard,
+    tee: Option<Arc<dyn NarTee>>,
+    offset: u64,
+}
+
+impl Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(t) = &self.tee {
+            if n > 0 {
+                t.write(self.offset, &buf[..n])?;
+            }
+        }
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 

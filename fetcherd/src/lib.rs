@@ -15,6 +15,7 @@ pub mod envref;
 pub mod fetcher;
 pub mod floxhub;
 pub mod generations;
+pub mod lazy;
 pub mod lockfile;
 pub mod resolve;
 pub mod substituters;

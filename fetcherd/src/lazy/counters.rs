@@ -1,0 +1,191 @@
+//! The lazy engine's counters, for `/metrics`: bytes and requests by [`Cause`], local hits,
+//! fetches in flight, paths completed or refused, and a fetch latency histogram.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Cause;
+
+/// Upper bounds (seconds) of the fetch latency buckets, before `+Inf`.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// One value per [`Cause`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByCause {
+    /// Reads waiting for their bytes.
+    pub demand: u64,
+    /// Background fetch of a closure.
+    pub prefetch: u64,
+    /// Ranges of a learned profile.
+    pub profile: u64,
+}
+
+impl ByCause {
+    /// The value of `cause`.
+    pub fn get(&self, cause: Cause) -> u64 {
+        match cause {
+            Cause::Demand => self.demand,
+            Cause::Prefetch => self.prefetch,
+            Cause::Profile => self.profile,
+        }
+    }
+
+    /// The sum over every cause.
+    pub fn total(&self) -> u64 {
+        self.demand + self.prefetch + self.profile
+    }
+}
+
+/// A latency histogram: cumulative counts per upper bound (seconds), Prometheus-style.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    /// `(le, observations <= le)`, increasing; `+Inf` is `count`.
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Their sum, seconds.
+    pub sum: f64,
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LazyCounters {
+    /// Bytes received from caches (range bodies; for a streamed path, its file as downloaded).
+    pub bytes_fetched: ByCause,
+    /// Requests sent for NAR bytes (one per range GET or streamed path).
+    pub requests: ByCause,
+    /// Ensures answered without any fetch (path stored, or its bytes already local).
+    pub local_hits: u64,
+    /// Fetches (range GETs and streams) in flight now.
+    pub in_flight: i64,
+    /// Paths completed into the store by the engine.
+    pub paths_completed: u64,
+    /// Paths refused (fetched bytes failed verification).
+    pub paths_refused: u64,
+    /// Ensures that failed or timed out.
+    pub ensure_failures: u64,
+    /// Duration of each fetch (range GET from request to last byte; streamed path to commit).
+    pub fetch_latency: LatencyHistogram,
+}
+
+/// The live counters.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    bytes: [AtomicU64; 3],
+    requests: [AtomicU64; 3],
+    local_hits: AtomicU64,
+    in_flight: AtomicI64,
+    completed: AtomicU64,
+    refused: AtomicU64,
+    failures: AtomicU64,
+    latency: Vec<AtomicU64>,
+    latency_sum_nanos: AtomicU64,
+}
+
+fn slot(cause: Cause) -> usize {
+    match cause {
+        Cause::Demand => 0,
+        Cause::Prefetch => 1,
+        Cause::Profile => 2,
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            bytes: Default::default(),
+            requests: Default::default(),
+            local_hits: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            completed: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency: (0..=LATENCY_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            latency_sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Counts one fetch in flight while alive.
+pub(crate) struct InFlight<'a>(&'a Counters);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Counters {
+    pub(crate) fn bytes(&self, cause: Cause, n: u64) {
+        self.bytes[slot(cause)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request of `cause` and holds it in flight until the guard drops.
+    pub(crate) fn request(&self, cause: Cause) -> InFlight<'_> {
+        self.requests[slot(cause)].fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+
+    pub(crate) fn local_hit(&self) {
+        self.local_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn completed(&self) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn latency(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_nanos
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> LazyCounters {
+        let by = |a: &[AtomicU64; 3]| ByCause {
+            demand: a[0].load(Ordering::Relaxed),
+            prefetch: a[1].load(Ordering::Relaxed),
+            profile: a[2].load(Ordering::Relaxed),
+        };
+        let mut acc = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            acc += self.latency[i].load(Ordering::Relaxed);
+            buckets.push((*b, acc));
+        }
+        acc += self.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        LazyCounters {
+            bytes_fetched: by(&self.bytes),
+            requests: by(&self.requests),
+            local_hits: self.local_hits.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            paths_completed: self.completed.load(Ordering::Relaxed),
+            paths_refused: self.refused.load(Ordering::Relaxed),
+            ensure_failures: self.failures.load(Ordering::Relaxed),
+            fetch_latency: LatencyHistogram {
+                buckets,
+                count: acc,
+                sum: self.latency_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            },
+        }
+    }
+}

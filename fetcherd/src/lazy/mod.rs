@@ -1,0 +1,259 @@
+//! The lazy demand-fetch engine: makes the NAR bytes of store paths readable as they are needed,
+//! before (and without) fetching whole closures.
+//!
+//! - [`LazyStore::entry`] gives a path's view tree from metadata only: its stored tree, else the
+//!   `.ls` listing of the cache that serves it (validated against NarSize), else, for a cache
+//!   without listings, the whole path is fetched now.
+//! - [`LazyStore::ensure`] makes NAR bytes `start..end` of a path readable. Bytes not stored go
+//!   to a sparse *partial file* `<store_dir>/partial/<hashpart>.nar`, at their NAR offsets:
+//!   - **range path**: on an uncompressed cache that honours `Range` (a `206`; a `200` marks
+//!     the cache as not range-capable and switches to the stream path), aligned chunks of
+//!     [`LazyOptions::range_chunk`] covering the range are fetched, adjacent missing chunks
+//!     coalesced into one GET, each chunk single-flight, chunks in parallel. When every chunk
+//!     is present, the partial file is ingested into the store, which checks NarHash and
+//!     NarSize: on a mismatch nothing enters the store, the partial file is discarded and
+//!     every later read of the path fails with an error naming it.
+//!   - **stream path** (compressed caches, or no `Range`): one streamed fetch per path through
+//!     the fetcher's verifying pipeline ([`crate::fetcher::Fetcher::fetch_teed`]), its NAR bytes
+//!     also written to the partial file; readers wait only until the stream passes *their*
+//!     bytes (a high-water mark), not for the whole NAR.
+//!
+//!   When the path is committed the partial file is removed.
+//! - Demand has priority: demand fetches take slots of their own; prefetch
+//!   ([`LazyStore::prefetch`]) takes prefetch slots, and a prefetch stream still queued for a
+//!   slot switches to a demand slot as soon as a reader waits for it. Prefetch uses the same
+//!   single-flight machinery, so a path being prefetched serves demand readers too.
+//! - Learned profiles ([`profile`]): the ranges demand reads asked for while a recording is on,
+//!   saved per environment and fetched first, in parallel, on the next cold start.
+//!
+//! **Trust trade-off.** Bytes fetched by range, and bytes of a stream before its end, are
+//! served to readers *before* the whole NAR's hash can be checked (a NAR hash covers the whole
+//! NAR). The narinfo is signature-checked and nothing unverified ever enters the store, but a
+//! hostile cache can make a running program read wrong bytes until the path is refused.
+//! [`LazyOptions::range_reads`] `= false` turns the range path off (whole-path streams only),
+//! which narrows the window to the stream's duration.
+
+mod counters;
+mod engine;
+mod local;
+pub mod profile;
+mod tree;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kof_nar::StorePath;
+use kof_store::StoreError;
+use thiserror::Error;
+
+use crate::cache::CacheError;
+use crate::fetcher::PathError;
+use crate::substituters::SubstituteError;
+
+pub use counters::{ByCause, LatencyHistogram, LazyCounters, LATENCY_BUCKETS};
+pub use engine::{LazyStore, PrefetchReport};
+pub use local::{partial_file, LazyContent, LocalReader};
+pub use profile::{Profile, ProfileError, ProfileRange};
+pub use tree::{entry_of_listing, entry_of_tree};
+
+/// Why bytes are fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// A reader waits for them.
+    Demand,
+    /// Background fetch of a closure.
+    Prefetch,
+    /// A learned profile's ranges.
+    Profile,
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cause::Demand => "demand",
+            Cause::Prefetch => "prefetch",
+            Cause::Profile => "profile",
+        })
+    }
+}
+
+/// Makes NAR bytes of a store path readable locally (in the store, or in its partial file).
+/// Implemented by the engine ([`LazyStore`], in process) and by the daemon API client.
+pub trait Ensure: Send + Sync {
+    /// Returns once NAR bytes `start..end` of `store_path` (a base name) are readable, or fails
+    /// (within the engine's read bound).
+    fn ensure(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()>;
+}
+
+/// Tuning of the engine.
+#[derive(Debug, Clone)]
+pub struct LazyOptions {
+    /// Size of the aligned chunks the range path fetches.
+    pub range_chunk: u64,
+    /// An ensure that cannot complete within this fails.
+    pub read_timeout: Duration,
+    /// Demand fetches (range GETs or streams) at once.
+    pub demand_concurrency: usize,
+    /// Prefetch fetches at once.
+    pub prefetch_concurrency: usize,
+    /// Whether the range path is used at all (see the trust trade-off above).
+    pub range_reads: bool,
+    /// Largest demand GET when coalescing chunks.
+    pub max_demand_request: u64,
+    /// Largest prefetch GET.
+    pub max_prefetch_request: u64,
+    /// Attempts of a range fetch that fails transiently.
+    pub range_attempts: u32,
+}
+
+impl Default for LazyOptions {
+    fn default() -> Self {
+        LazyOptions {
+            range_chunk: 512 * 1024,
+            read_timeout: Duration::from_secs(60),
+            demand_concurrency: 16,
+            prefetch_concurrency: 4,
+            range_reads: true,
+            max_demand_request: 8 << 20,
+            max_prefetch_request: 4 << 20,
+            range_attempts: 3,
+        }
+    }
+}
+
+/// Why the engine could not do what was asked. Every variant names the store path.
+#[derive(Debug, Error)]
+pub enum LazyError {
+    /// No substituter has the path.
+    #[error("{path} is in no substituter")]
+    NotFound {
+        /// The path.
+        path: StorePath,
+    },
+    /// Looking the path up failed.
+    #[error("looking up {path}: {source}")]
+    Lookup {
+        /// The path.
+        path: StorePath,
+        /// The cause.
+        source: SubstituteError,
+    },
+    /// The bytes did not become available within the read bound.
+    #[error("{path}: NAR bytes {start}..{end} ({cause}) not available within {timeout:?}")]
+    Timeout {
+        /// The path.
+        path: StorePath,
+        /// First byte.
+        start: u64,
+        /// End.
+        end: u64,
+        /// Why they were wanted.
+        cause: Cause,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The range lies outside the NAR.
+    #[error("{path}: NAR bytes {start}..{end} are outside its NAR of {nar_size} bytes")]
+    OutOfRange {
+        /// The path.
+        path: StorePath,
+        /// First byte.
+        start: u64,
+        /// End.
+        end: u64,
+        /// NarSize.
+        nar_size: u64,
+    },
+    /// A range GET failed.
+    #[error("{path}: fetching NAR bytes {start}..{end}: {source}")]
+    Range {
+        /// The path.
+        path: StorePath,
+        /// First byte.
+        start: u64,
+        /// End.
+        end: u64,
+        /// The cause (names the URL).
+        source: CacheError,
+    },
+    /// A range body had another length than asked for.
+    #[error("{path}: {url} sent {got} bytes for NAR bytes {start}..{end}")]
+    RangeLength {
+        /// The path.
+        path: StorePath,
+        /// The NAR URL.
+        url: String,
+        /// First byte.
+        start: u64,
+        /// End.
+        end: u64,
+        /// Bytes received (at the point it stopped).
+        got: u64,
+    },
+    /// A streamed fetch of the whole path failed.
+    #[error(transparent)]
+    Fetch(Arc<PathError>),
+    /// The fetched bytes did not verify (NarHash, NarSize or NAR format): the path is refused.
+    #[error("{path}: fetched NAR refused, nothing stored: {source}")]
+    Refused {
+        /// The path.
+        path: StorePath,
+        /// The store's verdict.
+        source: StoreError,
+    },
+    /// Writing or reading the partial file failed.
+    #[error("{path}: partial file {}: {source}", file.display())]
+    Partial {
+        /// The path.
+        path: StorePath,
+        /// The partial file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error("{path}: store: {source}")]
+    Store {
+        /// The path.
+        path: StorePath,
+        /// The cause.
+        source: StoreError,
+    },
+    /// Fetching the `.ls` listing failed.
+    #[error("{path}: fetching its listing: {source}")]
+    Listing {
+        /// The path.
+        path: StorePath,
+        /// The cause.
+        source: CacheError,
+    },
+    /// The stored tree is inconsistent.
+    #[error("{path}: stored tree: {reason}")]
+    BadTree {
+        /// The path.
+        path: StorePath,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The base name is not a valid store path.
+    #[error("invalid store path name {name:?}: {reason}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A task of the engine stopped without a result.
+    #[error("{path}: {reason}")]
+    Aborted {
+        /// The path.
+        path: StorePath,
+        /// What happened.
+        reason: String,
+    },
+    /// The same failure, shared by every waiter.
+    #[error(transparent)]
+    Shared(Arc<LazyError>),
+}
