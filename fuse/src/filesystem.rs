@@ -151,8 +151,10 @@ impl Shared {
                     },
                 );
                 // Under the lock, so a concurrent release cannot close the id before the kernel
-                // has it.
-                reply.opened_passthrough(FileHandle(*next_fh), flags, id);
+                // has it. No FOPEN_KEEP_CACHE: the kernel refuses any flag outside
+                // FOPEN_PASSTHROUGH_MASK on a passthrough open (the page cache is the backing
+                // file's anyway).
+                reply.opened_passthrough(FileHandle(*next_fh), FopenFlags::empty(), id);
                 return;
             }
         }
