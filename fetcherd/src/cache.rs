@@ -580,9 +580,7 @@ impl BinaryCache {
                     .unwrap_or_default();
                 let expected = format!("bytes {}-{}/", start, end - 1);
                 if !content_range.starts_with(&expected) {
-                    return Err(bad(format!(
-                        "answered Content-Range {content_range:?}"
-                    )));
+                    return Err(bad(format!("answered Content-Range {content_range:?}")));
                 }
                 let stream = futures_util::stream::unfold(Some(resp), move |resp| {
                     let url = url.clone();
