@@ -212,19 +212,32 @@ impl Mounted {
         let Some(mut unmounter) = self.unmounter.take() else {
             return Ok(());
         };
-        match unmounter.unmount() {
-            Ok(()) => {
-                tracing::info!(mountpoint = %self.mountpoint.display(), "kof FUSE view unmounted");
+        // A session that already ended had its connection aborted (or was unmounted by someone
+        // else): fuser then skips the unmount, but an aborted mount is still in the mount table.
+        let ended = self.session.as_ref().is_none_or(JoinHandle::is_finished);
+        let unmounted = unmounter.unmount();
+        if let (Ok(()), false) = (&unmounted, ended) {
+            tracing::info!(mountpoint = %self.mountpoint.display(), "kof FUSE view unmounted");
+        } else {
+            // Busy (open files, working directories), no longer mounted, or aborted: detach
+            // lazily; `EINVAL` means it is no longer a mount point, nothing left to do.
+            match detach(&self.mountpoint) {
+                Ok(()) => tracing::warn!(mountpoint = %self.mountpoint.display(),
+                    unmount = ?unmounted.err(), "detached the mount lazily"),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(mountpoint = %self.mountpoint.display(),
+                        "kof FUSE view was already unmounted");
+                }
+                Err(source) => {
+                    return Err(FuseError::Unmount {
+                        path: self.mountpoint.clone(),
+                        source,
+                    })
+                }
             }
-            Err(error) => {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), %error,
-                    "unmount failed; detaching lazily");
-                detach(&self.mountpoint).map_err(|source| FuseError::Unmount {
-                    path: self.mountpoint.clone(),
-                    source,
-                })?;
-                // The worker threads serve the remaining users of the detached mount and end
-                // when the kernel drops the connection: not joined, so this does not block.
+            if !ended {
+                // The worker threads serve the remaining users of a detached mount and end when
+                // the kernel drops the connection: not joined, so this does not block.
                 self.session.take();
                 return Ok(());
             }
@@ -253,6 +266,12 @@ impl Drop for Mounted {
         }
     }
 }
+
+// Others keep the handle in shared state and call it from any thread.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Mounted>();
+};
 
 /// `umount2(path, MNT_DETACH)`: libc has it and nothing higher-level is needed for one call.
 fn detach(path: &Path) -> io::Result<()> {

@@ -362,3 +362,21 @@ fn unmount_while_busy_detaches_and_drop_unmounts() {
     drop(fx2);
     assert!(!is_mounted(&mnt2));
 }
+
+#[test]
+fn unmount_after_an_external_umount_succeeds() {
+    let mut fx = Fixture::new(no_passthrough(), false);
+    let mnt = fx.mnt.clone();
+    let status = std::process::Command::new("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(!is_mounted(&mnt));
+    fx.mounted
+        .take()
+        .unwrap()
+        .unmount()
+        .expect("unmount after external umount");
+    assert!(!is_mounted(&mnt));
+}
