@@ -9,6 +9,14 @@
 //! The tree model ([`Entry`], [`Content`], [`FileRef`]) is what the fetcher daemon builds; the
 //! file system ([`mount`], [`Mounted`]) is what the kernel talks to.
 //!
+//! Inodes: directories, symlinks and inline files get one per view and path (the kernel refuses
+//! aliased directories); a store file (same [`FileRef`], same executable bit) has one inode
+//! across all views, so pods of one environment share its page cache. Inside views, entries,
+//! attributes and absent names are cached by the kernel for a day and open files keep their page
+//! cache; the mount root, whose views come and go, is not cached for long and `remove_view`
+//! invalidates the view's entry. Files the [`ContentSource`] has locally are served by FUSE
+//! passthrough when the kernel has it.
+//!
 //! Modules: `tree` (the inode table and its inode scheme), `filesystem` (the FUSE operations,
 //! caching and passthrough), `mount` (mounting, views, unmounting), `stats` (operation latency),
 //! `error`.

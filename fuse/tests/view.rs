@@ -380,3 +380,47 @@ fn unmount_after_an_external_umount_succeeds() {
         .expect("unmount after external umount");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn the_kernel_caches_view_metadata_including_absent_names() {
+    use std::os::fd::AsRawFd;
+    let fx = Fixture::new(no_passthrough(), false);
+    let view = dir(vec![(
+        "etc",
+        dir(vec![
+            ("hosts", inline(b"127.0.0.1 localhost\n")),
+            ("localtime", symlink("/usr/share/zoneinfo/UTC")),
+        ]),
+    )]);
+    fx.m().add_view("v", view).unwrap();
+    // Paths through an open descriptor of the view's root, so the walk does not pass the mount
+    // root, whose entries have a short timeout on purpose.
+    let root = fs::File::open(fx.mnt.join("v")).unwrap();
+    let base = std::path::PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd()));
+    let walk = || {
+        assert_eq!(fs::metadata(base.join("etc/hosts")).unwrap().len(), 20);
+        assert_eq!(
+            fs::read_link(base.join("etc/localtime")).unwrap(),
+            Path::new("/usr/share/zoneinfo/UTC")
+        );
+        let err = fs::metadata(base.join("etc/missing")).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        assert_eq!(
+            names(&base.join("etc")),
+            ["hosts", "localtime"].map(String::from).into()
+        );
+    };
+    walk();
+    let first = fx.m().op_stats();
+    walk();
+    let second = fx.m().op_stats();
+    for op in ["lookup", "getattr", "readlink", "readdir"] {
+        assert!(first.ops[op].count > 0, "{op} seen on the first walk");
+        assert_eq!(
+            first.ops[op].count, second.ops[op].count,
+            "{op}: the second walk is answered by the kernel's caches"
+        );
+    }
+    drop(root);
+    fx.unmount();
+}
