@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,7 +125,13 @@ impl Shared {
             };
             // Outside the lock: the source may touch the disk.
             if needs_backing {
-                if let Some(local) = self.source.backing_file(file) {
+                let local = catch_unwind(AssertUnwindSafe(|| self.source.backing_file(file)))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(store_path = %file.store_path, path = %file.path,
+                            "the content source panicked looking for a backing file");
+                        None
+                    });
+                if let Some(local) = local {
                     match reply.open_backing(&local) {
                         Ok(id) => backing = Some(id),
                         Err(e) => self.backing_refused(file, &e),
@@ -190,7 +197,10 @@ impl Shared {
         while buf.len() < want {
             let at = offset + buf.len() as u64;
             let len = u32::try_from(want - buf.len()).expect("at most a u32");
-            match self.source.read(file, at, len) {
+            // A panicking source must not take the worker thread down with it.
+            let result = catch_unwind(AssertUnwindSafe(|| self.source.read(file, at, len)))
+                .unwrap_or_else(|_| Err(std::io::Error::other("the content source panicked")));
+            match result {
                 Ok(bytes) if bytes.is_empty() => {
                     tracing::error!(store_path = %file.store_path, path = %file.path,
                         offset = at, size = file.size,
