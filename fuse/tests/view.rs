@@ -324,6 +324,15 @@ fn executes_programs_from_the_mount() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, b"binary\n");
+    // Another user (containers run as any uid): allow_other and the 0555/0444 modes let it in.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(fx.mnt.join("v/bin/hello"))
+        .arg("nobody")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"hello from kof: nobody\n");
     let err = std::process::Command::new(fx.mnt.join("v/bin/noexec"))
         .output()
         .unwrap_err();
