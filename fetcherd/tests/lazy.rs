@@ -596,3 +596,59 @@ async fn learned_profile_is_fetched_first_on_the_next_node() {
         st.requests_by_kind.nar
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_never_queues_behind_prefetch() {
+    for flavour in ["zstd", "none"] {
+        // Shorter than the stalled download holds its slot (the client's 10 s read timeout,
+        // twice), so a demand read queued behind it would fail.
+        let opts = LazyOptions {
+            prefetch_concurrency: 1,
+            read_timeout: Duration::from_secs(8),
+            ..lazy_opts()
+        };
+        let node = Node::new(flavour, opts);
+        let (a, b) = (path_of("openssl"), path_of("gmp"));
+        let closure = resolve(&node, flavour, &[a.clone(), b.clone()]).await;
+        let url_of = |p: &StorePath| match entry_of(&closure, p) {
+            ClosureEntry::Remote(s) => s.info.url.clone(),
+            ClosureEntry::Stored(_) => panic!("fresh store"),
+        };
+        // The only prefetch slot is taken by a download that never ends...
+        node.server()
+            .add_fault(Fault::new(FaultKind::Stall, url_of(&a)));
+        node.server().reset();
+        let stuck = node.engine.prefetch(closure_only(&closure, &a));
+        let mut polls = 0;
+        while node.server().stats().requests_by_kind.nar == 0 {
+            polls += 1;
+            assert!(polls < 2000, "the prefetch of {a} never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...a prefetch of b queues behind it...
+        let queued = node.engine.prefetch(closure_only(&closure, &b));
+        let mut polls = 0;
+        while node.engine.counters().prefetch_queued == 0 {
+            polls += 1;
+            assert!(polls < 2000, "the prefetch of {b} never queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...and a demand read of b is served all the same, by one download of b.
+        node.engine
+            .ensure(&b, 0, python_nar_size(&b), Cause::Demand)
+            .await
+            .unwrap_or_else(|e| panic!("{flavour}: {e}"));
+        let report = queued.await.unwrap();
+        assert!(report.failures.is_empty(), "{flavour}: {report:?}");
+        assert!(node.store.has_path(&b).unwrap());
+        assert!(!node.store.has_path(&a).unwrap());
+        let st = node.server().stats();
+        let b_path = format!("/cache/{flavour}/{}", url_of(&b));
+        let b_gets = st.requests_by_path.get(&b_path).copied().unwrap_or(0);
+        assert!(b_gets >= 1, "{flavour}: {st:?}");
+        if flavour == "zstd" {
+            assert_eq!(b_gets, 1, "one stream of b, shared by demand and prefetch");
+        }
+        stuck.abort();
+    }
+}

@@ -62,6 +62,8 @@ pub struct LazyCounters {
     pub local_hits: u64,
     /// Fetches (range GETs and streams) in flight now.
     pub in_flight: i64,
+    /// Prefetch fetches waiting for a prefetch slot now.
+    pub prefetch_queued: i64,
     /// Paths completed into the store by the engine.
     pub paths_completed: u64,
     /// Paths refused (fetched bytes failed verification).
@@ -79,6 +81,7 @@ pub(crate) struct Counters {
     requests: [AtomicU64; 3],
     local_hits: AtomicU64,
     in_flight: AtomicI64,
+    queued: AtomicI64,
     completed: AtomicU64,
     refused: AtomicU64,
     failures: AtomicU64,
@@ -101,6 +104,7 @@ impl Default for Counters {
             requests: Default::default(),
             local_hits: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
+            queued: AtomicI64::new(0),
             completed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -121,7 +125,21 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Counts one prefetch waiting for a slot while alive.
+pub(crate) struct Queued<'a>(&'a Counters);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Counters {
+    pub(crate) fn queued(&self) -> Queued<'_> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        Queued(self)
+    }
+
     pub(crate) fn bytes(&self, cause: Cause, n: u64) {
         self.bytes[slot(cause)].fetch_add(n, Ordering::Relaxed);
     }
@@ -178,6 +196,7 @@ impl Counters {
             requests: by(&self.requests),
             local_hits: self.local_hits.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            prefetch_queued: self.queued.load(Ordering::Relaxed),
             paths_completed: self.completed.load(Ordering::Relaxed),
             paths_refused: self.refused.load(Ordering::Relaxed),
             ensure_failures: self.failures.load(Ordering::Relaxed),

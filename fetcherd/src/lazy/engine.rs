@@ -16,7 +16,7 @@ use kof_fuse::Entry;
 use kof_nar::{Compression, StorePath};
 use kof_store::Store;
 use tokio::runtime::Handle;
-use tokio::sync::{watch, Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::counters::Counters;
@@ -173,8 +173,8 @@ pub struct LazyStore {
     stored: Mutex<HashSet<StorePath>>,
     /// Per cache URL: whether it honours `Range` (absent: not known yet).
     range_ok: Mutex<HashMap<String, bool>>,
-    demand_slots: Semaphore,
-    prefetch_slots: Semaphore,
+    demand_slots: Arc<Semaphore>,
+    prefetch_slots: Arc<Semaphore>,
     counters: Counters,
     recordings: Mutex<HashMap<String, Recording>>,
 }
@@ -209,8 +209,8 @@ impl LazyStore {
             fetcher,
             store,
             handle: Handle::current(),
-            demand_slots: Semaphore::new(opts.demand_concurrency.max(1)),
-            prefetch_slots: Semaphore::new(opts.prefetch_concurrency.max(1)),
+            demand_slots: Arc::new(Semaphore::new(opts.demand_concurrency.max(1))),
+            prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_concurrency.max(1))),
             opts,
             paths: Mutex::new(HashMap::new()),
             subs: Mutex::new(HashMap::new()),
@@ -269,7 +269,7 @@ impl LazyStore {
             .map_err(|e| spawn_err(path, e))?
             .map_err(|source| LazyError::Store {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         if found {
             self.stored
@@ -292,7 +292,7 @@ impl LazyStore {
             Ok(None) => Err(LazyError::NotFound { path: path.clone() }),
             Err(source) => Err(LazyError::Lookup {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -390,7 +390,7 @@ impl LazyStore {
             Err(source) => {
                 return Err(LazyError::Listing {
                     path: path.clone(),
-                    source,
+                    source: Box::new(source),
                 })
             }
         };
@@ -411,7 +411,7 @@ impl LazyStore {
             .map_err(|e| spawn_err(path, e))?
             .map_err(|source| LazyError::Store {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
         entry_of_tree(&path.base_name(), &nodes).map_err(|reason| LazyError::BadTree {
             path: path.clone(),
@@ -524,8 +524,15 @@ impl LazyStore {
         let mut fetched_any = false;
         loop {
             let mut rx = st.changed.subscribe();
-            let permit = match cause {
-                Cause::Prefetch => Some(self.prefetch_permit().await),
+            let mut permit = match cause {
+                Cause::Prefetch => Some({
+                    let _queued = self.counters.queued();
+                    self.prefetch_slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("never closed")
+                }),
                 _ => None,
             };
             let runs = {
@@ -561,33 +568,43 @@ impl LazyStore {
                 continue;
             }
             fetched_any = true;
-            let results: Vec<Result<(), RunError>> =
-                if permit.is_some() {
+            // Fetches run as tasks, so that a caller going away (a timed-out ensure) never
+            // leaves chunks claimed with no one fetching them.
+            let results: Vec<Result<(), RunError>> = if let Some(permit) = permit.take() {
+                let me = self.arc();
+                let st2 = st.clone();
+                let task = tokio::spawn(async move {
+                    let _slot = permit;
                     let mut out = Vec::new();
                     for (a, b) in runs {
-                        out.push(self.fetch_run(st.clone(), a, b, cause).await);
+                        out.push(me.fetch_run(st2.clone(), a, b, cause).await);
                     }
                     out
-                } else {
-                    let tasks: Vec<JoinHandle<Result<(), RunError>>> = runs
-                        .into_iter()
-                        .map(|(a, b)| {
-                            let me = self.arc();
-                            let st = st.clone();
-                            tokio::spawn(async move {
-                                let _slot = me.demand_slots.acquire().await.expect("never closed");
-                                me.fetch_run(st, a, b, cause).await
-                            })
+                });
+                task.await
+                    .unwrap_or_else(|e| vec![Err(RunError::Failed(spawn_err(st.path(), e), false))])
+            } else {
+                let tasks: Vec<JoinHandle<Result<(), RunError>>> = runs
+                    .into_iter()
+                    .map(|(a, b)| {
+                        let me = self.arc();
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            let _slot = me.demand_slots.acquire().await.expect("never closed");
+                            me.fetch_run(st, a, b, cause).await
                         })
-                        .collect();
-                    let mut out = Vec::new();
-                    for t in tasks {
-                        out.push(t.await.unwrap_or_else(|e| {
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(
+                        t.await.unwrap_or_else(|e| {
                             Err(RunError::Failed(spawn_err(st.path(), e), false))
-                        }));
-                    }
-                    out
-                };
+                        }),
+                    );
+                }
+                out
+            };
             drop(permit);
             for r in results {
                 match r {
@@ -605,10 +622,6 @@ impl LazyStore {
                 }
             }
         }
-    }
-
-    async fn prefetch_permit(&self) -> SemaphorePermit<'_> {
-        self.prefetch_slots.acquire().await.expect("never closed")
     }
 
     /// GETs chunks `a..b` (claimed by the caller) into the partial file, marking each chunk
@@ -676,7 +689,7 @@ impl LazyStore {
                         path,
                         start,
                         end,
-                        source,
+                        source: Box::new(source),
                     },
                     transient,
                 ));
@@ -714,7 +727,7 @@ impl LazyStore {
                         path: path.clone(),
                         start,
                         end,
-                        source,
+                        source: Box::new(source),
                     },
                     transient,
                 )
@@ -803,7 +816,7 @@ impl LazyStore {
             }
             Ok(Ok(Err(source))) => LazyError::Refused {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             },
             Ok(Err(source)) => LazyError::Partial {
                 path: path.clone(),
@@ -886,6 +899,7 @@ impl LazyStore {
                 if st.demanded.load(Ordering::SeqCst) {
                     me.demand_slots.acquire().await.expect("never closed")
                 } else {
+                    let _queued = me.counters.queued();
                     tokio::select! {
                         p = me.prefetch_slots.acquire() => p.expect("never closed"),
                         _ = demanded => me.demand_slots.acquire().await.expect("never closed"),
@@ -1121,14 +1135,14 @@ fn claim(
 ) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut claimed = 0;
-    for i in c0..c1 {
+    for (i, c) in chunks.iter_mut().enumerate().take(c1).skip(c0) {
         if claimed >= limit {
             break;
         }
-        if chunks[i] != Chunk::Missing {
+        if *c != Chunk::Missing {
             continue;
         }
-        chunks[i] = Chunk::InFlight;
+        *c = Chunk::InFlight;
         claimed += 1;
         if let Some((a, b)) = runs.last_mut() {
             if *b == i && i - *a < max_run {

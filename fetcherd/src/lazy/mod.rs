@@ -138,7 +138,7 @@ pub enum LazyError {
         /// The path.
         path: StorePath,
         /// The cause.
-        source: SubstituteError,
+        source: Box<SubstituteError>,
     },
     /// The bytes did not become available within the read bound.
     #[error("{path}: NAR bytes {start}..{end} ({cause}) not available within {timeout:?}")]
@@ -176,7 +176,7 @@ pub enum LazyError {
         /// End.
         end: u64,
         /// The cause (names the URL).
-        source: CacheError,
+        source: Box<CacheError>,
     },
     /// A range body had another length than asked for.
     #[error("{path}: {url} sent {got} bytes for NAR bytes {start}..{end}")]
@@ -201,7 +201,7 @@ pub enum LazyError {
         /// The path.
         path: StorePath,
         /// The store's verdict.
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// Writing or reading the partial file failed.
     #[error("{path}: partial file {}: {source}", file.display())]
@@ -219,7 +219,7 @@ pub enum LazyError {
         /// The path.
         path: StorePath,
         /// The cause.
-        source: StoreError,
+        source: Box<StoreError>,
     },
     /// Fetching the `.ls` listing failed.
     #[error("{path}: fetching its listing: {source}")]
@@ -227,7 +227,7 @@ pub enum LazyError {
         /// The path.
         path: StorePath,
         /// The cause.
-        source: CacheError,
+        source: Box<CacheError>,
     },
     /// The stored tree is inconsistent.
     #[error("{path}: stored tree: {reason}")]
