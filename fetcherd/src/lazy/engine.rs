@@ -226,6 +226,11 @@ impl LazyStore {
         self.me.upgrade().expect("the engine is alive while used")
     }
 
+    /// The fetcher.
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
@@ -451,7 +456,8 @@ impl LazyStore {
         result
     }
 
-    /// [`LazyStore::ensure`] from a thread outside the runtime (a FUSE worker), blocking.
+    /// [`LazyStore::ensure`] from a thread outside the runtime (a FUSE worker), blocking. Must
+    /// not be called from a runtime thread (tokio panics); async code calls `ensure`.
     pub fn ensure_blocking(
         &self,
         path: &StorePath,
@@ -961,6 +967,12 @@ impl LazyStore {
         drop(g);
         st.bump();
         Arc::new(e)
+    }
+
+    /// Fetches `path` whole into the store (if it is not stored) and waits for the commit,
+    /// joining whatever fetch of it is under way. No read bound: a whole path takes its time.
+    pub async fn fetch_whole(&self, path: &StorePath, cause: Cause) -> Result<(), LazyError> {
+        self.ensure_stored(path, cause).await
     }
 
     /// Fetches `path` whole into the store (if it is not stored) and waits for the commit.

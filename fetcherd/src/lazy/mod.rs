@@ -26,6 +26,14 @@
 //! - Learned profiles ([`profile`]): the ranges demand reads asked for while a recording is on,
 //!   saved per environment and fetched first, in parallel, on the next cold start.
 //!
+//! Partial files are known only to the engine that wrote them: a new engine removes those an
+//! earlier process left (which of their bytes were fetched is not known). A [`LocalReader`] in
+//! another process opens the partial file afresh for each read after its `ensure`, so it never
+//! keeps a removed file's stale descriptor.
+//!
+//! A demand read of bytes a prefetch GET is already fetching waits for that GET (at most
+//! [`LazyOptions::max_prefetch_request`] bytes) rather than fetching them twice.
+//!
 //! **Trust trade-off.** Bytes fetched by range, and bytes of a stream before its end, are
 //! served to readers *before* the whole NAR's hash can be checked (a NAR hash covers the whole
 //! NAR). The narinfo is signature-checked and nothing unverified ever enters the store, but a
@@ -55,7 +63,7 @@ use crate::substituters::SubstituteError;
 pub use counters::{ByCause, LatencyHistogram, LazyCounters, LATENCY_BUCKETS};
 pub use engine::{LazyStore, PrefetchReport};
 pub use local::{partial_file, LazyContent, LocalReader};
-pub use profile::{Profile, ProfileError, ProfileRange};
+pub use profile::{export_profile, import_profile, Profile, ProfileError, ProfileRange};
 pub use tree::{entry_of_listing, entry_of_tree};
 
 /// Why bytes are fetched.

@@ -55,6 +55,9 @@ pub enum ProfileError {
         /// What is wrong.
         reason: String,
     },
+    /// No profile is saved for the key.
+    #[error("no profile saved for {0}")]
+    Missing(String),
     /// The key is not `owner/name` with safe components.
     #[error("profile key {0:?} is not owner/name (letters, digits, '.', '_', '-'; not starting with '.')")]
     BadKey(String),
@@ -279,6 +282,20 @@ impl Profile {
     }
 }
 
+/// `kof-store profile export KEY`: the saved profile of `key` (write it with
+/// [`Profile::write_file`] or print [`Profile::to_json`]).
+pub fn export_profile(store_dir: &Path, key: &str) -> Result<Profile, ProfileError> {
+    Profile::load(store_dir, key)?.ok_or_else(|| ProfileError::Missing(key.to_string()))
+}
+
+/// `kof-store profile import FILE`: validates a profile from another node and saves it under
+/// its key in `store_dir`. Returns it and where it was saved.
+pub fn import_profile(store_dir: &Path, file: &Path) -> Result<(Profile, PathBuf), ProfileError> {
+    let p = Profile::read_file(file)?;
+    let saved = p.save(store_dir)?;
+    Ok((p, saved))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +342,20 @@ mod tests {
             assert!(Profile::from_json(bad.as_bytes(), "t").is_err(), "{bad}");
         }
         assert!(Profile::path_in(Path::new("/s"), ".hidden/x").is_err());
+        // Import refuses a hostile file and saves a good one under its key.
+        let tmp = tempfile::tempdir().unwrap();
+        let bad = tmp.path().join("bad.json");
+        std::fs::write(&bad, json.replace(P, "x/../../y")).unwrap();
+        assert!(import_profile(tmp.path(), &bad).is_err());
+        assert!(matches!(
+            export_profile(tmp.path(), "kof/hello"),
+            Err(ProfileError::Missing(_))
+        ));
+        let good = tmp.path().join("good.json");
+        std::fs::write(&good, &json).unwrap();
+        let (p, saved) = import_profile(tmp.path(), &good).unwrap();
+        assert_eq!(saved, tmp.path().join("profiles/kof/hello.json"));
+        assert_eq!(export_profile(tmp.path(), "kof/hello").unwrap(), p);
         assert_eq!(
             Profile::path_in(Path::new("/s"), "kof/hello").unwrap(),
             Path::new("/s/profiles/kof/hello.json")
