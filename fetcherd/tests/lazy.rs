@@ -2,6 +2,8 @@
 //! Debian binaries made into store paths, caches in every compression), counting what the
 //! server sent. No timing is asserted: laziness is proven in bytes and requests.
 
+mod fetch_support;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -651,4 +653,52 @@ async fn demand_never_queues_behind_prefetch() {
         }
         stuck.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_ignoring_range_is_streamed_instead() {
+    // A plain HTTP server that answers every GET with the whole file (200), over the fixtures'
+    // uncompressed cache.
+    let server = fetch_support::Server::start(&fixtures().0.join("caches/none")).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
+    let url = server.url("");
+    let client = http_client(&HttpOptions::default()).unwrap();
+    let cache = BinaryCache::new(&url, client, RetryPolicy::default()).unwrap();
+    let key = PublicKey::parse(&manifest().public_key).unwrap();
+    let subs = Arc::new(Substituters::new(vec![cache], vec![key], true));
+    let fetcher = Fetcher::new(store.clone(), subs, FetchOptions::default());
+    let closure_fetcher = Fetcher::new(
+        store.clone(),
+        fetcher.substituters().clone(),
+        FetchOptions::default(),
+    );
+    let engine = LazyStore::new(Arc::new(fetcher), store.clone(), lazy_opts());
+    let sqlite = path_of("sqlite-lib");
+    let closure = closure_fetcher
+        .resolve(std::slice::from_ref(&sqlite))
+        .await
+        .unwrap();
+    let entry = engine.entry(entry_of(&closure, &sqlite)).await.unwrap();
+    let (rel, f) = files(&entry)
+        .into_iter()
+        .max_by_key(|(_, f)| f.size)
+        .unwrap();
+    let src = Arc::new(LazyContent {
+        local: LocalReader::new(store.clone()),
+        ensure: engine.clone(),
+    });
+    let got = on_thread(move || read_all(&*src, &f)).await;
+    assert!(
+        got == std::fs::read(staged(&sqlite).join(&rel)).unwrap(),
+        "{rel}"
+    );
+    assert_eq!(
+        engine.cache_honours_range(url.trim_end_matches('/')),
+        Some(false)
+    );
+    engine.fetch_whole(&sqlite, Cause::Demand).await.unwrap();
+    assert!(store.has_path(&sqlite).unwrap());
+    // The refused range request, then one stream.
+    assert_eq!(server.count_matching("nar/"), 2, "{:?}", server.counts());
 }
