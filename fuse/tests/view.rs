@@ -423,8 +423,13 @@ fn the_kernel_caches_view_metadata_including_absent_names() {
     let first = fx.m().op_stats();
     walk();
     let second = fx.m().op_stats();
-    for op in ["lookup", "getattr", "readlink", "readdir"] {
+    // Listings are cached too (FOPEN_CACHE_DIR), but the kernel drops that cache on its own
+    // terms, so readdir is not asserted here.
+    // (getattr may not be needed at all: lookup replies carry the attributes.)
+    for op in ["lookup", "readlink"] {
         assert!(first.ops[op].count > 0, "{op} seen on the first walk");
+    }
+    for op in ["lookup", "getattr", "readlink"] {
         assert_eq!(
             first.ops[op].count, second.ops[op].count,
             "{op}: the second walk is answered by the kernel's caches"
