@@ -62,15 +62,19 @@ impl LocalReader {
         })
     }
 
-    /// The files of `path` if it is stored.
-    fn stored_files(&self, file: &FileRef, path: &StorePath) -> io::Result<Option<FileMap>> {
-        if let Some(m) = self
-            .stored
+    /// The files of `file`'s path if it is known to be stored.
+    fn cached_files(&self, file: &FileRef) -> Option<FileMap> {
+        self.stored
             .lock()
             .expect("stored map poisoned")
             .get(&file.store_path)
-        {
-            return Ok(Some(m.clone()));
+            .cloned()
+    }
+
+    /// The files of `path` if it is stored.
+    fn stored_files(&self, file: &FileRef, path: &StorePath) -> io::Result<Option<FileMap>> {
+        if let Some(m) = self.cached_files(file) {
+            return Ok(Some(m));
         }
         if !self.store.has_path(path).map_err(io::Error::other)? {
             return Ok(None);
@@ -144,8 +148,14 @@ impl LocalReader {
         }
         let len = (file.size - offset).min(size as u64) as usize;
         let path = Self::store_path(file)?;
-        if let Some(files) = self.stored_files(file, &path)? {
-            return self.read_stored(file, &files, offset, len);
+        let partial = partial_file(self.store.dir(), &path);
+        // A path being fetched has a partial file (and is not stored): no database query for
+        // each of its reads. Otherwise ask the store (answers are kept once stored).
+        let fetching = self.cached_files(file).is_none() && partial.exists();
+        if !fetching {
+            if let Some(files) = self.stored_files(file, &path)? {
+                return self.read_stored(file, &files, offset, len);
+            }
         }
         let start = file.nar_offset + offset;
         let end = start + len as u64;
@@ -154,7 +164,7 @@ impl LocalReader {
                 error = %e, "read failed: bytes not available");
             return Err(e);
         }
-        let partial = partial_file(self.store.dir(), &path);
+        // Opened after `ensure` returned, so the bytes are in the file opened.
         match File::open(&partial) {
             Ok(f) => {
                 let mut buf = vec![0u8; len];
