@@ -663,17 +663,7 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
     let url = server.url("");
-    let client = http_client(&HttpOptions::default()).unwrap();
-    let cache = BinaryCache::new(&url, client, RetryPolicy::default()).unwrap();
-    let key = PublicKey::parse(&manifest().public_key).unwrap();
-    let subs = Arc::new(Substituters::new(vec![cache], vec![key], true));
-    let fetcher = Fetcher::new(store.clone(), subs, FetchOptions::default());
-    let closure_fetcher = Fetcher::new(
-        store.clone(),
-        fetcher.substituters().clone(),
-        FetchOptions::default(),
-    );
-    let engine = LazyStore::new(Arc::new(fetcher), store.clone(), lazy_opts());
+    let (engine, closure_fetcher) = engine_at(&url, store.clone());
     let sqlite = path_of("sqlite-lib");
     let closure = closure_fetcher
         .resolve(std::slice::from_ref(&sqlite))
@@ -701,4 +691,76 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
     assert!(store.has_path(&sqlite).unwrap());
     // The refused range request, then one stream.
     assert_eq!(server.count_matching("nar/"), 2, "{:?}", server.counts());
+}
+
+/// An engine (and a fetcher for resolving closures) on the cache at `url`.
+fn engine_at(url: &str, store: Arc<Store>) -> (Arc<LazyStore>, Fetcher) {
+    let client = http_client(&HttpOptions::default()).unwrap();
+    let cache = BinaryCache::new(url, client, RetryPolicy::default()).unwrap();
+    let key = PublicKey::parse(&manifest().public_key).unwrap();
+    let subs = Arc::new(Substituters::new(vec![cache], vec![key], true));
+    let fetcher = Fetcher::new(store.clone(), subs.clone(), FetchOptions::default());
+    let resolver = Fetcher::new(store.clone(), subs, FetchOptions::default());
+    (
+        LazyStore::new(Arc::new(fetcher), store, lazy_opts()),
+        resolver,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_listing_is_not_used() {
+    // A cache with one path whose `.ls` puts a file past the end of the NAR.
+    let p = path_of("libattr1");
+    let from = fixtures().0.join("caches/none");
+    let dir = tempfile::tempdir().unwrap();
+    let narinfo_name = format!("{}.narinfo", p.hash_part());
+    let text = std::fs::read_to_string(from.join(&narinfo_name)).unwrap();
+    let info = kof_nar::NarInfo::parse(&text).unwrap();
+    std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+    for f in ["nix-cache-info", narinfo_name.as_str(), info.url.as_str()] {
+        std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut listing: kof_nar::listing::Listing =
+        serde_json::from_slice(&std::fs::read(from.join(format!("{}.ls", p.hash_part()))).unwrap())
+            .unwrap();
+    fn spoil(n: &mut kof_nar::listing::ListingNode, nar_size: u64) -> bool {
+        match n {
+            kof_nar::listing::ListingNode::Regular { nar_offset, .. } => {
+                *nar_offset = Some(nar_size);
+                true
+            }
+            kof_nar::listing::ListingNode::Directory { entries } => {
+                entries.values_mut().any(|c| spoil(c, nar_size))
+            }
+            _ => false,
+        }
+    }
+    assert!(spoil(&mut listing.root, info.nar_size));
+    std::fs::write(
+        dir.path().join(format!("{}.ls", p.hash_part())),
+        serde_json::to_vec(&listing).unwrap(),
+    )
+    .unwrap();
+    let server = fetch_support::Server::start(dir.path()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
+    let (engine, resolver) = engine_at(&server.url(""), store.clone());
+    // (Only this path is in the cache, not its references: no closure, just its narinfo.)
+    let sub = resolver.substituters().lookup(&p).await.unwrap().unwrap();
+    let entry = engine.entry(&ClosureEntry::Remote(sub)).await.unwrap();
+    // The listing was read, refused, and the path fetched whole for its real tree.
+    assert_eq!(server.count(&format!("{}.ls", p.hash_part())), 1);
+    assert!(store.has_path(&p).unwrap());
+    for (rel, f) in files(&entry) {
+        assert!(f.nar_offset + f.size <= info.nar_size, "{rel}");
+        let src = Arc::new(LazyContent {
+            local: LocalReader::new(store.clone()),
+            ensure: engine.clone(),
+        });
+        let got = on_thread(move || read_all(&*src, &f)).await;
+        assert!(
+            got == std::fs::read(staged(&p).join(&rel)).unwrap(),
+            "{rel}"
+        );
+    }
 }
