@@ -143,7 +143,7 @@ enum RunError {
 }
 
 /// What a closure prefetch did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrefetchReport {
     /// Paths that were not stored when it started.
     pub paths: usize,
