@@ -32,6 +32,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::DumpNar { store_path } => dump_nar(&ctx, &store_path),
         Command::Forget { reference } => forget(&ctx, &reference),
         Command::Gc { json } => gc(&ctx, json),
+        Command::Profile { command } => crate::profile::run(&ctx, command),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod commands;
 mod context;
+mod profile;
 mod progress;
 
 use std::path::PathBuf;
@@ -83,6 +84,11 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Export or import an environment's learned prefetch profile.
+    Profile {
+        #[command(subcommand)]
+        command: profile::ProfileCommand,
     },
 }
 
