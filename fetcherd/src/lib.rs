@@ -8,6 +8,7 @@
 //! [`config`] is the node configuration shared with the command line and the daemon.
 //! Nothing here trusts what it receives: FloxHub data, narinfos and NARs are checked before use.
 
+pub mod activate;
 pub mod cache;
 pub mod closure;
 pub mod config;
@@ -19,3 +20,4 @@ pub mod lazy;
 pub mod lockfile;
 pub mod resolve;
 pub mod substituters;
+pub mod view;
