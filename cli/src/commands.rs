@@ -32,6 +32,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::DumpNar { store_path } => dump_nar(&ctx, &store_path),
         Command::Forget { reference } => forget(&ctx, &reference),
         Command::Gc { json } => gc(&ctx, json),
+        Command::Run { reference, cmd } => crate::run::run(&ctx, &reference, &cmd),
+        Command::SandboxInit { spec } => crate::sandbox::init_main(&spec),
         Command::Profile { command } => crate::profile::run(&ctx, command),
     }
 }

@@ -9,6 +9,8 @@ mod commands;
 mod context;
 mod profile;
 mod progress;
+mod run;
+mod sandbox;
 
 use std::path::PathBuf;
 
@@ -85,6 +87,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command inside an environment: its view is mounted at once and files are fetched
+    /// when read; the command runs in new mount and pid namespaces over a writable overlay,
+    /// activated as `flox activate -- CMD`. Exits with the command's status.
+    Run {
+        /// `owner/name` or `owner/name:N`.
+        reference: String,
+        /// The command and its arguments (after `--` when they start with `-`).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Internal: the sandbox's namespace keeper (started by `run`).
+    #[command(name = "__sandbox-init", hide = true)]
+    SandboxInit {
+        /// The sandbox description written by `run`.
+        spec: PathBuf,
+    },
     /// Export or import an environment's learned prefetch profile.
     Profile {
         #[command(subcommand)]
@@ -101,6 +119,9 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::SandboxInit { spec } = &cli.command {
+        sandbox::init_main(spec);
+    }
     if let Err(e) = commands::run(cli) {
         // One line: what failed and why (the error chain, outermost first).
         let mut line = e.to_string();

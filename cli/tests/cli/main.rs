@@ -11,4 +11,5 @@ mod faults;
 mod floxhub;
 mod interop;
 mod prefetch;
+mod run;
 mod store;

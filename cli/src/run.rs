@@ -1,0 +1,203 @@
+//! `kof-store run REF [--] CMD [ARGS...]`: run a command inside an environment, lazily.
+//!
+//! The environment is resolved, its closure described from metadata (stored paths, else
+//! narinfos and `.ls` listings), its view built ([`kof_fetcherd::view`]) and served by a FUSE
+//! mount ([`prepare_view`]); the command then runs in the [`crate::sandbox`] over that view,
+//! activated ([`kof_fetcherd::activate`]), while the rest of the closure is fetched in the
+//! background (config `prefetch`). Files are fetched when first read. Afterwards the FUSE mount
+//! and the temporary directories are removed, also on error; the command's exit status is
+//! `kof-store`'s.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use kof_fetcherd::activate::{activate, ActivationInput};
+use kof_fetcherd::closure::Closure;
+use kof_fetcherd::config::Prefetch;
+use kof_fetcherd::envref::EnvRef;
+use kof_fetcherd::fetcher::Fetcher;
+use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
+use kof_fetcherd::lazy::{LazyContent, LazyOptions, LazyStore, LocalReader};
+use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
+use kof_fetcherd::view::{build_view, View, ViewInput};
+use kof_fuse::{Entry, MountOptions, Mounted};
+use kof_nar::StorePath;
+use tempfile::TempDir;
+
+use crate::context::Context;
+use crate::sandbox::{self, SandboxSpec};
+
+/// Metadata lookups (stored trees, listings) in flight while a view is prepared.
+const ENTRY_LOOKUPS_IN_FLIGHT: usize = 32;
+
+/// Runs `cmd` in the environment `reference`; exits the process with the command's status.
+pub fn run(ctx: &Context, reference: &str, cmd: &[String]) -> Result<()> {
+    let code = run_status(ctx, reference, cmd)?;
+    // Everything (mount, temporary directories, runtime) was dropped by `run_status`.
+    std::process::exit(code)
+}
+
+/// A view being served, and what to remove when done.
+pub struct PreparedView {
+    /// The view's root directory.
+    pub root: PathBuf,
+    /// The in-process FUSE mount serving it (the daemon's, when it serves the view, is not
+    /// ours to unmount).
+    mount: Option<Mounted>,
+    /// Where the mount point lives.
+    _dir: TempDir,
+}
+
+impl PreparedView {
+    /// Unmounts (when the mount is ours) and removes the mount point.
+    pub fn close(mut self) -> Result<()> {
+        if let Some(m) = self.mount.take() {
+            m.unmount().context("unmounting the view")?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves the view `root` named `name` and returns the directory it appears at.
+///
+/// This is the seam between `kof-store run` and the node daemon: today the view is served by a
+/// FUSE mount of this process (bytes fetched by `lazy`, in process); when `kof-fetcherd` runs,
+/// this is where the view is asked of it instead, so fetches are shared.
+pub fn prepare_view(
+    lazy: &Arc<LazyStore>,
+    name: &str,
+    root: Arc<Entry>,
+    scratch: &Path,
+) -> Result<PreparedView> {
+    let dir = tempfile::Builder::new()
+        .prefix("mnt-")
+        .tempdir_in(scratch)
+        .context("creating the mount point")?;
+    let source = Arc::new(LazyContent {
+        local: LocalReader::new(lazy.store().clone()),
+        ensure: lazy.clone(),
+    });
+    let mount = kof_fuse::mount(
+        dir.path(),
+        source,
+        MountOptions {
+            fs_name: "kof-run".into(),
+            ..MountOptions::default()
+        },
+    )
+    .with_context(|| format!("mounting the view at {}", dir.path().display()))?;
+    mount
+        .add_view(name, root)
+        .with_context(|| format!("adding view {name}"))?;
+    let root = mount.mountpoint().join(name);
+    Ok(PreparedView {
+        root,
+        mount: Some(mount),
+        _dir: dir,
+    })
+}
+
+fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_fetcherd::floxhub::Token>)> {
+    let cfg = &ctx.config;
+    let client = FloxHubClient::new(&cfg.floxhub_url, cfg.store_dir.join("floxmeta"))
+        .with_context(|| format!("FloxHub at {}", cfg.floxhub_url))?;
+    let token = cfg
+        .floxhub_token_file
+        .as_deref()
+        .map(|p| read_token_file(p).with_context(|| format!("FloxHub token file {}", p.display())))
+        .transpose()?;
+    Ok((Resolver::new(client, cfg.system.clone()), token))
+}
+
+/// The view trees of every closure member, from metadata.
+async fn closure_entries(
+    lazy: &Arc<LazyStore>,
+    closure: &Closure,
+) -> Result<BTreeMap<StorePath, Arc<Entry>>> {
+    stream::iter(closure.entries.iter().cloned())
+        .map(|e| {
+            let lazy = lazy.clone();
+            async move {
+                let entry = lazy
+                    .entry(&e)
+                    .await
+                    .with_context(|| format!("describing {}", e.path()))?;
+                anyhow::Ok((e.path().clone(), entry))
+            }
+        })
+        .buffer_unordered(ENTRY_LOOKUPS_IN_FLIGHT)
+        .try_collect()
+        .await
+}
+
+/// Everything up to the command's exit status; the caller exits with it.
+pub fn run_status(ctx: &Context, reference: &str, cmd: &[String]) -> Result<i32> {
+    let r = EnvRef::parse(reference)?;
+    let store = Arc::new(ctx.open_store()?);
+    let (resolver, token) = resolver(ctx)?;
+    let fetcher = Arc::new(
+        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?,
+    );
+    let scratch = tempfile::Builder::new()
+        .prefix("kof-run-")
+        .tempdir()
+        .context("creating the run's temporary directory")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (env, closure, view, lazy) = rt.block_on(async {
+        let env: ResolvedEnvironment = {
+            let r2 = r.clone();
+            tokio::task::spawn_blocking(move || resolver.resolve(&r2, token.as_ref()))
+                .await
+                .context("resolver task")?
+                .with_context(|| format!("resolving {r}"))?
+        };
+        let closure = fetcher
+            .resolve(&env.roots)
+            .await
+            .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
+        let lazy = LazyStore::new(fetcher.clone(), store.clone(), LazyOptions::default());
+        let paths = closure_entries(&lazy, &closure).await?;
+        let view: View = build_view(&ViewInput::new(&env, paths))
+            .with_context(|| format!("building the view of {}", env.env_ref()))?;
+        anyhow::Ok((env, closure, view, lazy))
+    })?;
+    store
+        .put_environment(&env.to_record(closure.paths()))
+        .with_context(|| format!("recording {}", env.env_ref()))?;
+    let activation = activate(&ActivationInput::new(&env, &view), cmd)
+        .with_context(|| format!("activating {}", env.env_ref()))?;
+
+    let _guard = rt.enter();
+    let name = format!("{}-{}-{}", env.owner, env.name, std::process::id());
+    let prepared = prepare_view(&lazy, &name, view.root.clone(), scratch.path())?;
+    let prefetch = match ctx.config.prefetch {
+        Prefetch::Closure => Some(lazy.prefetch(closure)),
+        Prefetch::None => None,
+    };
+    tracing::info!(env = %env.env_ref(), view = %prepared.root.display(),
+        flox_env = %view.flox_env(), "running in the view");
+    let spec = SandboxSpec {
+        lower: prepared.root.clone(),
+        scratch: scratch.path().join("sandbox"),
+        argv: activation.argv,
+        env: activation.env,
+        resolv_conf: true,
+    };
+    let status = sandbox::run(&spec);
+    if let Some(p) = prefetch {
+        p.abort();
+    }
+    let closed = prepared.close();
+    drop(_guard);
+    rt.shutdown_background();
+    let status = status?;
+    closed?;
+    drop(scratch);
+    Ok(status)
+}
