@@ -1,0 +1,56 @@
+//! `kof-fetcherd`: the node daemon (see `kof_fetcherd::daemon`), and its FUSE server
+//! (`kof-fetcherd fuse-server`, started by the daemon; not meant to be run by hand).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use kof_fetcherd::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "kof-fetcherd",
+    version,
+    about = "The kof node daemon: prepares lazy environment views for containers, fetches on demand"
+)]
+struct Cli {
+    /// Configuration file (TOML). Default: $KOF_CONFIG, else /etc/kof/config.toml if present.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Run the FUSE server (the daemon starts it; it outlives daemon restarts).
+    FuseServer,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KOF_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kof-fetcherd: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = match cli.command {
+        None => kof_fetcherd::daemon::run(config).map_err(|e| e.to_string()),
+        Some(Sub::FuseServer) => kof_fetcherd::daemon::fuse_server::run(&config)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    };
+    if let Err(e) = result {
+        eprintln!("kof-fetcherd: {}", e.replace('\n', " "));
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,300 @@
+//! The control socket of the FUSE server (`<run dir>/fuse.sock`, mode 0600): how the daemon
+//! adds and removes views, lists them after a restart, and reads the FUSE operation
+//! statistics. Same framing as the API (one JSON object per line each way, see
+//! [`crate::api`]); requests:
+//!
+//! - `{"op":"ping"}` → `{"pid":P,"mount_dir":"...","views":["lease",...]}`
+//! - `{"op":"add_view","name":"lease","root":<tree>}` → `{"ok":true}` (the tree as
+//!   [`super::wire::WireEntry`]; replaces a view of the same name)
+//! - `{"op":"remove_view","name":"lease"}` → `{"removed":bool}`
+//! - `{"op":"op_stats"}` → `{"ops":{"read":{"count":N,"sum_seconds":S,"buckets":[[le,n],...]},...}}`
+//! - `{"op":"shutdown"}` → `{"ok":true}`, then the server unmounts and exits (views are gone:
+//!   only for node shutdown and tests, never for a daemon restart).
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::wire::WireEntry;
+use crate::api::{ApiError, Client, FuseServerInfo};
+use crate::config::Config;
+
+/// Where the FUSE server's files are: beside the API socket.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    /// The run directory (the API socket's directory).
+    pub dir: PathBuf,
+    /// The FUSE server's control socket.
+    pub control: PathBuf,
+    /// Held (flock) by the running FUSE server: at most one per run directory.
+    pub lock: PathBuf,
+    /// The FUSE server's log (its stderr).
+    pub log: PathBuf,
+}
+
+impl RunPaths {
+    /// The paths for `config`.
+    pub fn of(config: &Config) -> RunPaths {
+        let dir = config
+            .socket
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/run/kof"));
+        RunPaths {
+            control: dir.join("fuse.sock"),
+            lock: dir.join("fuse.lock"),
+            log: dir.join("fuse-server.log"),
+            dir,
+        }
+    }
+
+    /// Creates the run directory, mode 0700 (root only).
+    pub fn create_dir(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+    }
+}
+
+/// A control request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Who are you, what do you serve.
+    Ping,
+    /// Serve a view.
+    AddView {
+        /// The view's name (the lease id).
+        name: String,
+        /// Its tree.
+        root: WireEntry,
+    },
+    /// Stop serving a view.
+    RemoveView {
+        /// The view's name.
+        name: String,
+    },
+    /// FUSE operation statistics.
+    OpStats,
+    /// Unmount and exit.
+    Shutdown,
+}
+
+impl ControlRequest {
+    /// The op name.
+    pub fn op(&self) -> &'static str {
+        match self {
+            ControlRequest::Ping => "ping",
+            ControlRequest::AddView { .. } => "add_view",
+            ControlRequest::RemoveView { .. } => "remove_view",
+            ControlRequest::OpStats => "op_stats",
+            ControlRequest::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One operation's statistics (a [`kof_fuse::OpStat`] on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireOpStat {
+    /// Operations answered.
+    pub count: u64,
+    /// Their total latency, seconds.
+    pub sum_seconds: f64,
+    /// `(le, cumulative count)`, ascending, without `+Inf`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// The answer to `op_stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireOpStats {
+    /// By operation name.
+    pub ops: BTreeMap<String, WireOpStat>,
+}
+
+#[derive(Deserialize)]
+struct OkAnswer {
+    #[allow(dead_code)]
+    ok: bool,
+}
+
+#[derive(Deserialize)]
+struct Removed {
+    removed: bool,
+}
+
+/// A client of the control socket.
+pub struct ControlClient {
+    client: Client,
+}
+
+impl ControlClient {
+    /// Connects.
+    pub fn connect(path: &Path) -> Result<ControlClient, ApiError> {
+        Ok(ControlClient {
+            client: Client::connect(path)?.with_timeout(Duration::from_secs(60)),
+        })
+    }
+
+    /// The server's pid, mount point and views.
+    pub fn ping(&mut self) -> Result<FuseServerInfo, ApiError> {
+        self.client.call_json("ping", &ControlRequest::Ping)
+    }
+
+    /// Serves `root` as view `name`.
+    pub fn add_view(&mut self, name: &str, root: WireEntry) -> Result<(), ApiError> {
+        let _: OkAnswer = self.client.call_json(
+            "add_view",
+            &ControlRequest::AddView {
+                name: name.to_string(),
+                root,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Removes view `name`; `false` if there was none.
+    pub fn remove_view(&mut self, name: &str) -> Result<bool, ApiError> {
+        let r: Removed = self.client.call_json(
+            "remove_view",
+            &ControlRequest::RemoveView {
+                name: name.to_string(),
+            },
+        )?;
+        Ok(r.removed)
+    }
+
+    /// FUSE operation statistics.
+    pub fn op_stats(&mut self) -> Result<WireOpStats, ApiError> {
+        self.client.call_json("op_stats", &ControlRequest::OpStats)
+    }
+
+    /// Asks the server to unmount and exit.
+    pub fn shutdown(&mut self) -> Result<(), ApiError> {
+        let _: OkAnswer = self
+            .client
+            .call_json("shutdown", &ControlRequest::Shutdown)?;
+        Ok(())
+    }
+}
+
+/// Why the FUSE server could not be reached or started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The run directory or the log could not be prepared.
+    #[error("preparing {path} for the FUSE server: {source}")]
+    Setup {
+        /// What.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process could not be started.
+    #[error("starting the FUSE server ({exe}): {source}")]
+    Spawn {
+        /// The executable.
+        exe: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It started but never answered on its control socket.
+    #[error(
+        "the FUSE server did not answer on {control} within {waited:?} (see its log {log}): {last}"
+    )]
+    NoAnswer {
+        /// The control socket.
+        control: PathBuf,
+        /// Its log.
+        log: PathBuf,
+        /// How long we waited.
+        waited: Duration,
+        /// The last error.
+        last: String,
+    },
+}
+
+/// Finds the running FUSE server, or starts one (detached in its own session, so it outlives
+/// this daemon) and waits until it answers. Returns what it serves.
+pub fn ensure_fuse_server(
+    config: &Config,
+    paths: &RunPaths,
+    wait: Duration,
+) -> Result<FuseServerInfo, SpawnError> {
+    if let Ok(info) = ControlClient::connect(&paths.control).and_then(|mut c| c.ping()) {
+        tracing::info!(
+            pid = info.pid,
+            views = info.views.len(),
+            "found the running FUSE server"
+        );
+        return Ok(info);
+    }
+    paths.create_dir().map_err(|source| SpawnError::Setup {
+        path: paths.dir.clone(),
+        source,
+    })?;
+    let exe = std::env::current_exe().map_err(|source| SpawnError::Spawn {
+        exe: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(|source| SpawnError::Setup {
+            path: paths.log.clone(),
+            source,
+        })?;
+    let log2 = log.try_clone().map_err(|source| SpawnError::Setup {
+        path: paths.log.clone(),
+        source,
+    })?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("fuse-server");
+    if let Some(src) = &config.source {
+        cmd.arg("--config").arg(src);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    // SAFETY: setsid is async-signal-safe; the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Spawn {
+        exe: exe.clone(),
+        source,
+    })?;
+    tracing::info!(pid = child.id(), "started the FUSE server");
+    // Reap it if it exits while we live (it normally outlives us).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    let start = Instant::now();
+    let mut last = String::from("no attempt");
+    while start.elapsed() < wait {
+        match ControlClient::connect(&paths.control).and_then(|mut c| c.ping()) {
+            Ok(info) => return Ok(info),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(SpawnError::NoAnswer {
+        control: paths.control.clone(),
+        log: paths.log.clone(),
+        waited: wait,
+        last,
+    })
+}

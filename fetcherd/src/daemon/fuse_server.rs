@@ -1,0 +1,352 @@
+//! The FUSE server process (`kof-fetcherd fuse-server`): owns the node's FUSE mount and the
+//! views' trees, so that a daemon restart (crash, upgrade) never breaks a container's root file
+//! system.
+//!
+//! It reads bytes that are local (stored paths, the present parts of partial NARs) itself,
+//! through the lazy engine's `LocalReader`, and asks the daemon only to `ensure` missing NAR
+//! ranges over the API socket ([`DaemonEnsure`]). While the daemon is away, an `ensure`
+//! reconnects and retries with backoff until the read bound (the lazy engine's, 60 s, or
+//! `read_timeout_secs` if longer); a new daemon answers it. Only when the bound passes does the read
+//! fail (EIO), and the log names the file and the cause.
+//!
+//! One FUSE server per run directory (an exclusive `flock` on `fuse.lock`). It stops on its
+//! control socket's `shutdown`, or on SIGTERM/SIGINT, unmounting first.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kof_fuse::{ContentSource, MountOptions, Mounted};
+
+use super::control::{ControlRequest, RunPaths, WireOpStat, WireOpStats};
+use super::wire::Decoder;
+use crate::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
+use crate::config::Config;
+
+/// Longest control request line (a view's tree can be large).
+const MAX_CONTROL_LINE: u64 = 1 << 30;
+
+/// Why the FUSE server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseServerError {
+    /// A file or socket of the run directory could not be set up.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content source (the store, read-only) could not be opened.
+    #[error("opening the store at {path} for reading: {message}")]
+    Store {
+        /// The store directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// Mounting failed.
+    #[error(transparent)]
+    Mount(#[from] kof_fuse::FuseError),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FuseServerError {
+    let path = path.to_path_buf();
+    move |source| FuseServerError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// `ensure` through the daemon's API socket, with reconnects while the daemon is away.
+pub struct DaemonEnsure {
+    socket: PathBuf,
+    bound: Duration,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl DaemonEnsure {
+    /// Ensures through `socket`, each call bounded by `bound`.
+    pub fn new(socket: &Path, bound: Duration) -> DaemonEnsure {
+        DaemonEnsure {
+            socket: socket.to_path_buf(),
+            bound,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Makes NAR bytes `[start, end)` of `store_path` local, or fails after the bound.
+    pub fn ensure_range(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()> {
+        let deadline = Instant::now() + self.bound;
+        let mut delay = Duration::from_millis(20);
+        let mut waited_for_daemon = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let msg = format!(
+                    "{store_path} bytes {start}..{end}: the daemon at {} did not serve them within {:?}",
+                    self.socket.display(),
+                    self.bound
+                );
+                tracing::error!("{msg}");
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
+            }
+            let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let client = match pooled {
+                Some(c) => Ok(c),
+                None => Client::connect(&self.socket),
+            };
+            let result = client.and_then(|mut c| {
+                c.set_timeout(left);
+                c.ensure(store_path, start, end).map(|()| c)
+            });
+            match result {
+                Ok(c) => {
+                    if waited_for_daemon {
+                        tracing::info!(store_path, "the daemon is back; read resumed");
+                    }
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+                    return Ok(());
+                }
+                Err(e) if e.is_unavailable() => {
+                    if !waited_for_daemon {
+                        tracing::warn!(store_path, error = %e, "daemon away; retrying the read until the bound");
+                        waited_for_daemon = true;
+                    }
+                    std::thread::sleep(delay.min(left));
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    let msg = format!("{store_path} bytes {start}..{end}: {e}");
+                    tracing::error!("{msg}");
+                    let kind = match e {
+                        ApiError::Timeout { .. } => std::io::ErrorKind::TimedOut,
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    return Err(std::io::Error::new(kind, msg));
+                }
+            }
+        }
+    }
+}
+
+impl crate::lazy::Ensure for DaemonEnsure {
+    fn ensure(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()> {
+        self.ensure_range(store_path, start, end)
+    }
+}
+
+/// The content source of the FUSE server: local reads, `ensure` through the daemon.
+fn content_source(
+    config: &Config,
+    ensure: Arc<DaemonEnsure>,
+) -> Result<Arc<dyn ContentSource>, FuseServerError> {
+    let store = kof_store::Store::open(&config.store_dir).map_err(|e| FuseServerError::Store {
+        path: config.store_dir.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Arc::new(crate::lazy::LazyContent {
+        local: crate::lazy::LocalReader::new(Arc::new(store)),
+        ensure,
+    }))
+}
+
+/// Detaches a dead FUSE mount left at `dir` by a FUSE server that died (its accesses fail
+/// with `ENOTCONN`), so a new one can mount there.
+fn clear_dead_mount(dir: &Path) {
+    if let Err(e) = std::fs::metadata(dir) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(mount_dir = %dir.display(), "detaching a dead FUSE mount");
+            let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Runs the FUSE server until shutdown. Returns `Ok(false)` at once when another FUSE server
+/// holds the run directory.
+pub fn run(config: &Config) -> Result<bool, FuseServerError> {
+    let paths = RunPaths::of(config);
+    paths.create_dir().map_err(io_err("creating", &paths.dir))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(io_err("opening", &paths.lock))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tracing::info!(lock = %paths.lock.display(), "another FUSE server is running");
+        return Ok(false);
+    }
+    // Block the stop signals in every thread; one thread waits for them.
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    stop.add(nix::sys::signal::Signal::SIGHUP);
+    let _ = stop.thread_block();
+    // A dead control socket of a previous server: we hold the lock, so it is stale.
+    let _ = std::fs::remove_file(&paths.control);
+    clear_dead_mount(&config.mount_dir);
+    std::fs::create_dir_all(&config.mount_dir).map_err(io_err("creating", &config.mount_dir))?;
+
+    // The same bound as the engine's own (a read never waits longer for the daemon than
+    // the daemon would wait for the cache), and never below the transfer stall timeout.
+    let bound = crate::lazy::LazyOptions::default()
+        .read_timeout
+        .max(config.read_timeout);
+    let ensure = Arc::new(DaemonEnsure::new(&config.socket, bound));
+    let source = content_source(config, ensure)?;
+    let mounted = kof_fuse::mount(&config.mount_dir, source, MountOptions::default())?;
+    tracing::info!(mount_dir = %config.mount_dir.display(), "FUSE view mounted");
+    let mounted = Arc::new(Mutex::new(Some(mounted)));
+
+    let listener = UnixListener::bind(&paths.control).map_err(io_err("binding", &paths.control))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&paths.control, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("setting the mode of", &paths.control))?;
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
+    {
+        let done_tx = done_tx.clone();
+        std::thread::spawn(move || {
+            if let Ok(sig) = stop.wait() {
+                let _ = done_tx.send(sig.as_str());
+            }
+        });
+    }
+    {
+        let mounted = mounted.clone();
+        let mount_dir = config.mount_dir.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let mounted = mounted.clone();
+                let mount_dir = mount_dir.clone();
+                let done_tx = done_tx.clone();
+                std::thread::spawn(move || serve_control(conn, &mounted, &mount_dir, &done_tx));
+            }
+        });
+    }
+    let why = done_rx.recv().unwrap_or("control channel closed");
+    tracing::info!(reason = why, "FUSE server stopping");
+    let _ = std::fs::remove_file(&paths.control);
+    let taken = mounted.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(m) = taken {
+        m.unmount()?;
+    }
+    drop(lock);
+    Ok(true)
+}
+
+fn serve_control(
+    conn: UnixStream,
+    mounted: &Mutex<Option<Mounted>>,
+    mount_dir: &Path,
+    done: &std::sync::mpsc::Sender<&'static str>,
+) {
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_CONTROL_LINE)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let (answer, shutdown) = match serde_json::from_slice::<ControlRequest>(&line) {
+            Err(e) => (
+                error_line(ErrorKind::BadRequest, format!("bad control request: {e}")),
+                false,
+            ),
+            Ok(req) => {
+                let shutdown = matches!(req, ControlRequest::Shutdown);
+                (handle(req, mounted, mount_dir), shutdown)
+            }
+        };
+        if writer.write_all(&answer).is_err() {
+            return;
+        }
+        if shutdown {
+            let _ = done.send("shutdown requested");
+            return;
+        }
+    }
+}
+
+fn json_line(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut out = serde_json::to_vec(v).expect("answers always encode");
+    out.push(b'\n');
+    out
+}
+
+fn handle(req: ControlRequest, mounted: &Mutex<Option<Mounted>>, mount_dir: &Path) -> Vec<u8> {
+    let guard = mounted.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(m) = guard.as_ref() else {
+        return error_line(ErrorKind::Fuse, "the FUSE view is being unmounted");
+    };
+    match req {
+        ControlRequest::Ping => json_line(&FuseServerInfo {
+            pid: std::process::id(),
+            mount_dir: mount_dir.to_path_buf(),
+            views: m.views(),
+        }),
+        ControlRequest::AddView { name, root } => {
+            let root = match Decoder::default().entry(&root) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error_line(ErrorKind::BadRequest, format!("view {name}: {e}"));
+                }
+            };
+            // Replacing: the new tree takes the place of the old one.
+            m.remove_view(&name);
+            match m.add_view(&name, root) {
+                Ok(()) => {
+                    tracing::info!(view = %name, "view added");
+                    json_line(&serde_json::json!({"ok": true}))
+                }
+                Err(e) => error_line(ErrorKind::Fuse, e.to_string()),
+            }
+        }
+        ControlRequest::RemoveView { name } => {
+            let removed = m.remove_view(&name);
+            tracing::info!(view = %name, removed, "view removed");
+            json_line(&serde_json::json!({ "removed": removed }))
+        }
+        ControlRequest::OpStats => {
+            let stats = m.op_stats();
+            let ops = stats
+                .ops
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        WireOpStat {
+                            count: v.count,
+                            sum_seconds: v.sum_seconds,
+                            buckets: v
+                                .buckets
+                                .iter()
+                                .filter(|(le, _)| le.is_finite())
+                                .copied()
+                                .collect(),
+                        },
+                    )
+                })
+                .collect();
+            json_line(&WireOpStats { ops })
+        }
+        ControlRequest::Shutdown => json_line(&serde_json::json!({"ok": true})),
+    }
+}

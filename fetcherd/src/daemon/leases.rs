@@ -1,0 +1,246 @@
+//! Leases on disk: one JSON file per lease in `<store_dir>/leases/`, written atomically
+//! (temporary file, fsync, rename, fsync of the directory), so a restarted daemon knows every
+//! lease a container may still be using, and a crash leaves either the old file or the new one.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Longest lease id.
+pub const MAX_LEASE_LEN: usize = 128;
+
+/// Why a lease id is refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("lease id {id:?} is invalid: {reason} (1 to 128 characters of A-Z a-z 0-9 . _ -, not starting with .)")]
+pub struct BadLeaseId {
+    /// The id as given (cut to a readable length).
+    pub id: String,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+/// Checks a lease id: it names a file and a view directory, so it is kept to a safe alphabet.
+pub fn check_lease_id(id: &str) -> Result<(), BadLeaseId> {
+    let bad = |reason| BadLeaseId {
+        id: id.chars().take(160).collect(),
+        reason,
+    };
+    if id.is_empty() {
+        return Err(bad("empty"));
+    }
+    if id.len() > MAX_LEASE_LEN {
+        return Err(bad("too long"));
+    }
+    if id.starts_with('.') {
+        return Err(bad("starts with ."));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return Err(bad("has a character outside the allowed set"));
+    }
+    Ok(())
+}
+
+/// What the daemon remembers of a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The lease id.
+    pub lease: String,
+    /// FloxHub owner.
+    pub owner: String,
+    /// Environment name.
+    pub name: String,
+    /// The generation held (the environment record in the store has the rest).
+    pub generation: u64,
+    /// Whether the request named the generation.
+    pub pinned: bool,
+    /// The activation (holds `FLOX_ENV`).
+    pub activation: crate::api::Activation,
+    /// Whether this lease set the gc root (and so its release may remove it).
+    pub root_set_by_lease: bool,
+    /// Unix time it was prepared.
+    pub created_at: i64,
+}
+
+impl LeaseRecord {
+    /// `owner/name`.
+    pub fn env_name(&self) -> String {
+        format!("{}/{}", self.owner, self.name)
+    }
+}
+
+/// Why the lease directory failed.
+#[derive(Debug, Error)]
+pub enum LeaseStoreError {
+    /// An I/O operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A lease file is not a lease.
+    #[error("lease file {path} is malformed: {source}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The lease directory.
+#[derive(Debug, Clone)]
+pub struct LeaseDir {
+    dir: PathBuf,
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LeaseStoreError {
+    let path = path.to_path_buf();
+    move |source| LeaseStoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+impl LeaseDir {
+    /// Opens (creating, mode 0700) the directory.
+    pub fn open(dir: &Path) -> Result<LeaseDir, LeaseStoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("creating", dir))?;
+        Ok(LeaseDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn file(&self, lease: &str) -> PathBuf {
+        self.dir.join(format!("{lease}.json"))
+    }
+
+    /// Writes `rec` atomically.
+    pub fn put(&self, rec: &LeaseRecord) -> Result<(), LeaseStoreError> {
+        let path = self.file(&rec.lease);
+        let tmp = self
+            .dir
+            .join(format!(".tmp-{}-{}", std::process::id(), rec.lease));
+        let text = serde_json::to_vec_pretty(rec).expect("a lease record always encodes");
+        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(&text).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), LeaseStoreError> {
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &self.dir))
+    }
+
+    /// Removes a lease file; `false` if there was none.
+    pub fn remove(&self, lease: &str) -> Result<bool, LeaseStoreError> {
+        let path = self.file(lease);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.sync_dir()?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io("removing", &path)(e)),
+        }
+    }
+
+    /// Every lease on disk, by id. Leftover temporary files are removed; a malformed file is
+    /// an error (it may be a lease a container is using: it must not be forgotten silently).
+    pub fn load_all(&self) -> Result<Vec<LeaseRecord>, LeaseStoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io("listing", &self.dir))? {
+            let entry = entry.map_err(io("listing", &self.dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".tmp-") {
+                fs::remove_file(&path).map_err(io("removing", &path))?;
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let text = fs::read(&path).map_err(io("reading", &path))?;
+            let rec: LeaseRecord =
+                serde_json::from_slice(&text).map_err(|source| LeaseStoreError::Malformed {
+                    path: path.clone(),
+                    source,
+                })?;
+            out.push(rec);
+        }
+        out.sort_by(|a, b| a.lease.cmp(&b.lease));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_are_checked() {
+        for ok in ["c1", "pod-abc_1.2", &"x".repeat(128)] {
+            assert_eq!(check_lease_id(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".hidden", "a/b", "..", "a b", "é", &"x".repeat(129)] {
+            assert!(check_lease_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn leases_round_trip_and_leftovers_are_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LeaseDir::open(&tmp.path().join("leases")).unwrap();
+        let rec = LeaseRecord {
+            lease: "c1".into(),
+            owner: "kof".into(),
+            name: "hello".into(),
+            generation: 2,
+            pinned: false,
+            activation: crate::api::Activation {
+                env: "kof/hello:2".into(),
+                flox_env: "/nix/store/abc-flox-env-hello".into(),
+                description: "hello".into(),
+                vars: Default::default(),
+                hook: None,
+                bash: None,
+            },
+            root_set_by_lease: true,
+            created_at: 7,
+        };
+        dir.put(&rec).unwrap();
+        std::fs::write(tmp.path().join("leases/.tmp-1-c2"), b"{").unwrap();
+        assert_eq!(dir.load_all().unwrap(), vec![rec.clone()]);
+        assert!(!tmp.path().join("leases/.tmp-1-c2").exists());
+        assert!(dir.remove("c1").unwrap());
+        assert!(!dir.remove("c1").unwrap());
+        assert!(dir.load_all().unwrap().is_empty());
+        std::fs::write(tmp.path().join("leases/bad.json"), b"{").unwrap();
+        assert!(matches!(
+            dir.load_all(),
+            Err(LeaseStoreError::Malformed { .. })
+        ));
+    }
+}

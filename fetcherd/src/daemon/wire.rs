@@ -1,0 +1,233 @@
+//! The view tree ([`kof_fuse::Entry`]) as JSON, for the daemon → FUSE server `add_view`
+//! message. A mirror type, because the tree model has no serde derives.
+//!
+//! Names are JSON strings when they are UTF-8, else `{"b64": "..."}` (store file names may be
+//! any bytes but `/` and NUL). Inline contents are base64. Subtrees shared by views in the
+//! daemon are rebuilt per view in the FUSE server, except identical store path subtrees of
+//! one message, which the decoder shares through [`Decoder`]'s cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::Arc;
+
+use base64::Engine;
+use kof_fuse::{Content, Entry, FileRef};
+use serde::{Deserialize, Serialize};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// A file name or symlink target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum WireName {
+    /// UTF-8.
+    Text(String),
+    /// Any other bytes, base64.
+    Bytes {
+        /// The bytes, base64.
+        b64: String,
+    },
+}
+
+impl WireName {
+    fn from_os(s: &std::ffi::OsStr) -> WireName {
+        match s.to_str() {
+            Some(t) => WireName::Text(t.to_string()),
+            None => WireName::Bytes {
+                b64: B64.encode(s.as_bytes()),
+            },
+        }
+    }
+
+    fn to_os(&self) -> Result<OsString, String> {
+        match self {
+            WireName::Text(t) => Ok(OsString::from(t)),
+            WireName::Bytes { b64 } => B64
+                .decode(b64)
+                .map(OsString::from_vec)
+                .map_err(|e| format!("name {b64:?} is not base64: {e}")),
+        }
+    }
+}
+
+/// One node of a view's tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum WireEntry {
+    /// A directory: `(name, entry)` pairs.
+    Dir {
+        /// Entries.
+        e: Vec<(WireName, WireEntry)>,
+    },
+    /// A store file.
+    File {
+        /// Executable.
+        x: bool,
+        /// Store path base name.
+        sp: String,
+        /// Path inside it.
+        p: String,
+        /// NAR offset of the contents.
+        o: u64,
+        /// Size.
+        s: u64,
+    },
+    /// An inline file.
+    Inline {
+        /// Executable.
+        x: bool,
+        /// Contents, base64.
+        d: String,
+    },
+    /// A symlink.
+    Link {
+        /// Target.
+        to: WireName,
+    },
+}
+
+impl WireEntry {
+    /// The wire form of `e`.
+    pub fn from_entry(e: &Entry) -> WireEntry {
+        match e {
+            Entry::Directory(m) => WireEntry::Dir {
+                e: m.iter()
+                    .map(|(k, v)| (WireName::from_os(k), WireEntry::from_entry(v)))
+                    .collect(),
+            },
+            Entry::Regular {
+                executable,
+                content: Content::Store(f),
+            } => WireEntry::File {
+                x: *executable,
+                sp: f.store_path.to_string(),
+                p: f.path.to_string(),
+                o: f.nar_offset,
+                s: f.size,
+            },
+            Entry::Regular {
+                executable,
+                content: Content::Inline(d),
+            } => WireEntry::Inline {
+                x: *executable,
+                d: B64.encode(d),
+            },
+            Entry::Symlink(t) => WireEntry::Link {
+                to: WireName::from_os(t),
+            },
+        }
+    }
+}
+
+/// Rebuilds trees, sharing the `Arc<str>` of store path names between files.
+#[derive(Default)]
+pub struct Decoder {
+    names: HashMap<String, Arc<str>>,
+}
+
+impl Decoder {
+    /// The tree of `w`; an error names what is malformed.
+    pub fn entry(&mut self, w: &WireEntry) -> Result<Arc<Entry>, String> {
+        Ok(Arc::new(match w {
+            WireEntry::Dir { e } => {
+                let mut m = BTreeMap::new();
+                for (k, v) in e {
+                    let name = k.to_os()?;
+                    let b = name.as_bytes();
+                    if b.is_empty()
+                        || b == b"."
+                        || b == b".."
+                        || b.contains(&b'/')
+                        || b.contains(&0)
+                    {
+                        return Err(format!("invalid file name {name:?}"));
+                    }
+                    if m.insert(name.clone(), self.entry(v)?).is_some() {
+                        return Err(format!("duplicate file name {name:?}"));
+                    }
+                }
+                Entry::Directory(m)
+            }
+            WireEntry::File { x, sp, p, o, s } => {
+                let store_path = match self.names.get(sp) {
+                    Some(a) => a.clone(),
+                    None => {
+                        let a: Arc<str> = Arc::from(sp.as_str());
+                        self.names.insert(sp.clone(), a.clone());
+                        a
+                    }
+                };
+                Entry::Regular {
+                    executable: *x,
+                    content: Content::Store(FileRef {
+                        store_path,
+                        path: Arc::from(p.as_str()),
+                        nar_offset: *o,
+                        size: *s,
+                    }),
+                }
+            }
+            WireEntry::Inline { x, d } => Entry::Regular {
+                executable: *x,
+                content: Content::Inline(Arc::from(
+                    B64.decode(d)
+                        .map_err(|e| format!("inline contents are not base64: {e}"))?,
+                )),
+            },
+            WireEntry::Link { to } => Entry::Symlink(to.to_os()?),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_survives_the_wire() {
+        let file = Arc::new(Entry::Regular {
+            executable: true,
+            content: Content::Store(FileRef {
+                store_path: Arc::from("abc-hello"),
+                path: Arc::from("bin/hello"),
+                nar_offset: 4096,
+                size: 12345,
+            }),
+        });
+        let mut bin = BTreeMap::new();
+        bin.insert(OsString::from("hello"), file);
+        bin.insert(
+            OsString::from_vec(vec![0xff, b'x']),
+            Arc::new(Entry::Symlink(OsString::from_vec(vec![b'a', 0xfe]))),
+        );
+        let mut root = BTreeMap::new();
+        root.insert(OsString::from("bin"), Arc::new(Entry::Directory(bin)));
+        root.insert(
+            OsString::from("passwd"),
+            Arc::new(Entry::Regular {
+                executable: false,
+                content: Content::Inline(Arc::from(&b"root:x:0:0::/:/bin/sh\n"[..])),
+            }),
+        );
+        let tree = Entry::Directory(root);
+        let json = serde_json::to_string(&WireEntry::from_entry(&tree)).unwrap();
+        let back: WireEntry = serde_json::from_str(&json).unwrap();
+        assert_eq!(*Decoder::default().entry(&back).unwrap(), tree);
+    }
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for bad in ["..", ".", "a/b", ""] {
+            let w = WireEntry::Dir {
+                e: vec![(
+                    WireName::Text(bad.into()),
+                    WireEntry::Link {
+                        to: WireName::Text("x".into()),
+                    },
+                )],
+            };
+            assert!(Decoder::default().entry(&w).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,652 @@
+//! End-to-end tests of `kof-fetcherd`: the real daemon binary and its real FUSE server, the
+//! fixture FloxHub and binary caches over HTTP on loopback, a temporary store, socket and
+//! mount point per test. Every test tears down what it started (daemon, FUSE server, mount)
+//! in a guard, and checks that no mount is left.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use kof_fetcherd::api::{ApiError, Client, ErrorKind};
+use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
+use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
+use tempfile::TempDir;
+
+/// The shared fixtures (built once; the builder locks and stamps its directory).
+fn fixtures() -> &'static (PathBuf, Manifest) {
+    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = std::env::var_os("KOF_FIXTURES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
+            });
+        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
+            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
+        (dir, manifest)
+    })
+}
+
+fn manifest() -> &'static Manifest {
+    &fixtures().1
+}
+
+/// The live closure of a fixture environment, absolute paths, sorted.
+fn closure_of(env: &str) -> Vec<String> {
+    let (owner, name) = env.split_once('/').unwrap();
+    let e = manifest()
+        .environments
+        .iter()
+        .find(|e| e.owner == owner && e.name == name)
+        .unwrap();
+    let mut c = e
+        .generations
+        .iter()
+        .find(|g| g.number == e.live_generation)
+        .unwrap()
+        .closure
+        .clone();
+    c.sort();
+    c
+}
+
+/// The staged (reference) tree of a fixture store path.
+fn staged(path: &str) -> PathBuf {
+    fixtures().0.join(&manifest().store_paths[path].staged)
+}
+
+fn sha256_file(p: &Path) -> String {
+    kof_nar::NixHash::digest(&std::fs::read(p).unwrap()).to_hex()
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let d = dir.to_string_lossy().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(d.as_str()))
+}
+
+/// A node: fixture server, store, run directory (sockets), mount point, config, daemon.
+struct Node {
+    tmp: TempDir,
+    /// The node's own fixture server (its counters are this node's).
+    server: ServerHandle,
+    config: PathBuf,
+    daemon: Option<Child>,
+    daemons_started: usize,
+}
+
+struct NodeOptions {
+    flavour: &'static str,
+    bandwidth: Option<u64>,
+    prefetch: &'static str,
+    metrics_port: Option<u16>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            flavour: "zstd",
+            bandwidth: None,
+            prefetch: "none",
+            metrics_port: None,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Node {
+    fn new(opts: NodeOptions) -> Node {
+        let tmp = tempfile::Builder::new()
+            .prefix("kof-fetcherd-test")
+            .tempdir()
+            .unwrap();
+        let mut cfg = ServeConfig::new(&fixtures().0);
+        cfg.bandwidth = opts.bandwidth;
+        let server = serve::start_in_background(cfg);
+        let config = tmp.path().join("config.toml");
+        let mut text = format!(
+            "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\n\
+             store_dir = \"{}\"\nsocket = \"{}\"\nmount_dir = \"{}\"\nprefetch = \"{}\"\n\
+             read_timeout_secs = 10\n",
+            server.git_base(),
+            server.cache_url(opts.flavour),
+            manifest().public_key,
+            tmp.path().join("store").display(),
+            tmp.path().join("run/fetcherd.sock").display(),
+            tmp.path().join("mnt").display(),
+            opts.prefetch,
+        );
+        if let Some(p) = opts.metrics_port {
+            text.push_str(&format!("metrics_addr = \"127.0.0.1:{p}\"\n"));
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut node = Node {
+            tmp,
+            server,
+            config,
+            daemon: None,
+            daemons_started: 0,
+        };
+        node.start_daemon();
+        node
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.tmp.path().join("run/fetcherd.sock")
+    }
+
+    fn mount_dir(&self) -> PathBuf {
+        self.tmp.path().join("mnt")
+    }
+
+    fn control(&self) -> PathBuf {
+        self.tmp.path().join("run/fuse.sock")
+    }
+
+    /// Starts the daemon and waits until it answers `status`.
+    fn start_daemon(&mut self) {
+        self.daemons_started += 1;
+        let log = std::fs::File::create(
+            self.tmp
+                .path()
+                .join(format!("daemon-{}.log", self.daemons_started)),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("KOF_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = Client::connect(&self.socket()).and_then(|mut c| c.status()) {
+                if s.fuse_server.is_some() {
+                    return;
+                }
+            }
+            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited with {st}: {}", self.logs());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the daemon did not come up: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket()).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.tmp.path()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.ends_with(".log") {
+                out.push_str(&format!("--- {name}\n"));
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        let fuse_log = self.tmp.path().join("run/fuse-server.log");
+        out.push_str("--- fuse-server.log\n");
+        out.push_str(&std::fs::read_to_string(fuse_log).unwrap_or_default());
+        out
+    }
+
+    fn fuse_pid(&self) -> Option<u32> {
+        kof_fetcherd::daemon::control::ControlClient::connect(&self.control())
+            .and_then(|mut c| c.ping())
+            .ok()
+            .map(|i| i.pid)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        // Stop the FUSE server (it unmounts), then make sure: kill it and detach the mount.
+        let pid = self.fuse_pid();
+        let _ = kof_fetcherd::daemon::control::ControlClient::connect(&self.control())
+            .and_then(|mut c| c.shutdown());
+        if let Some(pid) = pid {
+            let start = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists()
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: a plain kill(2) of the FUSE server this node started (it may be gone).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if is_mounted(&self.mount_dir()) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.mount_dir())
+                .status();
+        }
+    }
+}
+
+fn metrics(port: u16) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
+}
+
+#[test]
+fn prepare_serves_the_closure_and_release_removes_it() {
+    let port = free_port();
+    // The uncompressed cache: demand reads are range GETs, counted when their bytes arrive.
+    let node = Node::new(NodeOptions {
+        metrics_port: Some(port),
+        flavour: "none",
+        ..NodeOptions::default()
+    });
+    let mount_dir = node.mount_dir();
+
+    // Root only: the socket 0600 in a 0700 directory.
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let mode = std::fs::metadata(node.socket().parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "run dir mode {mode:o}");
+
+    let mut c = node.client();
+    let p = c.prepare("kof/hello", "c1", None).unwrap();
+    let closure = closure_of("kof/hello");
+    assert_eq!(p.closure, closure);
+    assert_eq!(p.env, "kof/hello");
+    assert_eq!(p.view_root, mount_dir.join("c1"));
+    assert!(p.flox_env.starts_with("/nix/store/"), "{}", p.flox_env);
+    assert_eq!(p.activation.flox_env, p.flox_env);
+
+    // Exactly the closure under nix/store, plus the rendered environment.
+    let mut listed: Vec<String> = std::fs::read_dir(p.view_root.join("nix/store"))
+        .unwrap()
+        .map(|e| format!("/nix/store/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    listed.sort();
+    let mut want = closure.clone();
+    want.push(p.flox_env.clone());
+    want.sort();
+    assert_eq!(listed, want);
+
+    // A file's bytes, fetched on demand, are the real ones.
+    let bash = closure.iter().find(|p| p.contains("-bash-")).unwrap();
+    let via_view = p
+        .view_root
+        .join(bash.trim_start_matches('/'))
+        .join("bin/bash");
+    assert_eq!(
+        sha256_file(&via_view),
+        sha256_file(&staged(bash).join("bin/bash"))
+    );
+    // ... and through the rendered environment's symlinks too.
+    let flox_bin = p
+        .view_root
+        .join(p.flox_env.trim_start_matches('/'))
+        .join("bin");
+    assert!(flox_bin.is_dir(), "{}", flox_bin.display());
+
+    let text = metrics(port);
+    assert!(
+        sample(&text, "kof_fetch_bytes_total{cause=\"demand\"}") > 0.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "kof_fuse_op_seconds_count{op=\"read\"}") > 0.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "kof_leases"), 1.0);
+    assert!(sample(&text, "kof_api_requests_total{op=\"prepare\"}") >= 1.0);
+
+    // The lease is listed, and preparing it again is harmless.
+    let leases = c.leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].lease, "c1");
+    assert_eq!(leases[0].closure_paths, closure.len());
+    let again = c.prepare("kof/hello", "c1", None).unwrap();
+    assert_eq!(again, p);
+    // ... but not for another environment.
+    let e = c.prepare("kof/python", "c1", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::LeaseExists), "{e}");
+    // The leased generation is kept from gc.
+    let status = c.status().unwrap();
+    assert_eq!(status.leases.len(), 1);
+    assert_eq!(
+        status.fuse_server.as_ref().unwrap().views,
+        vec!["c1".to_string()]
+    );
+
+    // The leased generation is recorded and pinned as a gc root while leased.
+    let roots = || {
+        kof_store::Store::open(&node.tmp.path().join("store"))
+            .unwrap()
+            .roots()
+            .unwrap()
+    };
+    let held = roots();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (
+            held[0].owner.as_str(),
+            held[0].name.as_str(),
+            held[0].generation,
+            held[0].pinned
+        ),
+        ("kof", "hello", p.generation, true)
+    );
+
+    let r = c.release("c1").unwrap();
+    assert!(r.released);
+    assert!(roots().is_empty(), "the lease's gc root outlived it");
+    assert!(!p.view_root.exists(), "the view is gone after release");
+    assert!(c.leases().unwrap().is_empty());
+    assert!(!c.release("c1").unwrap().released);
+    assert!(!node.tmp.path().join("store/leases/c1.json").exists());
+
+    drop(c);
+    drop(node);
+    assert!(
+        !is_mounted(&mount_dir),
+        "teardown left {} mounted",
+        mount_dir.display()
+    );
+}
+
+#[test]
+fn errors_name_the_environment_and_the_cause() {
+    let node = Node::new(NodeOptions::default());
+    let mut c = node.client();
+    let e = c.prepare("kof/no-such-env", "c1", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Resolve), "{e}");
+    assert!(e.to_string().contains("kof/no-such-env"), "{e}");
+    let e = c.prepare("not a ref", "c1", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::BadEnv), "{e}");
+    let e = c.prepare("kof/hello", "../etc", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::BadLease), "{e}");
+    let e = c.prepare("kof/hello:99", "c1", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Resolve), "{e}");
+    assert!(e.to_string().contains("kof/hello"), "{e}");
+    // Nothing was left behind by the failures.
+    assert!(c.leases().unwrap().is_empty());
+    assert!(std::fs::read_dir(node.mount_dir())
+        .unwrap()
+        .next()
+        .is_none());
+    // A malformed line gets a bad_request answer, and the connection goes on.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(node.socket()).unwrap();
+        s.write_all(b"{\"op\":\"mount\"}\n{\"op\":\"leases\"}\n")
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"kind\":\"bad_request\""), "{line}");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"leases\":[]}\n");
+    }
+}
+
+/// Kills the daemon (SIGKILL) while a reader reads a large file through the view, fetched on
+/// demand over a slow link; a new daemon starts; the reader finishes with the right bytes and
+/// no error, the FUSE server and the view having stayed all along.
+#[test]
+fn a_daemon_restart_under_a_running_reader_breaks_nothing() {
+    let mut node = Node::new(NodeOptions {
+        flavour: "none",
+        bandwidth: Some(2 << 20),
+        ..NodeOptions::default()
+    });
+    let p = node.client().prepare("kof/python", "c1", None).unwrap();
+    let python = closure_of("kof/python")
+        .into_iter()
+        .find(|p| p.contains("-python3-"))
+        .unwrap();
+    let rel = "bin/python3.11";
+    let want = sha256_file(&staged(&python).join(rel));
+    let size = std::fs::metadata(staged(&python).join(rel)).unwrap().len();
+    let file = p.view_root.join(python.trim_start_matches('/')).join(rel);
+    let fuse_pid = node.fuse_pid().unwrap();
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let progress = progress.clone();
+        std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            let mut f = std::fs::File::open(&file)?;
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(all);
+                }
+                all.extend_from_slice(&buf[..n]);
+                progress.store(all.len() as u64, Ordering::SeqCst);
+            }
+        })
+    };
+    // Once the reader is under way, kill the daemon.
+    while progress.load(Ordering::SeqCst) == 0 && !reader.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    node.kill_daemon();
+    let at_kill = progress.load(Ordering::SeqCst);
+    assert!(
+        at_kill < size,
+        "the reader finished ({at_kill} of {size} bytes) before the daemon was killed: the link is not slow enough for this test"
+    );
+    node.start_daemon();
+    let bytes = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the read failed across the restart: {e}\n{}", node.logs()));
+    assert_eq!(bytes.len() as u64, size);
+    assert_eq!(kof_nar::NixHash::digest(&bytes).to_hex(), want);
+    // The read really waited for the daemon: the FUSE server retried while it was away.
+    let fuse_log = std::fs::read_to_string(node.tmp.path().join("run/fuse-server.log")).unwrap();
+    assert!(fuse_log.contains("daemon away"), "{}", node.logs());
+    assert!(fuse_log.contains("the daemon is back"), "{}", node.logs());
+    // The same FUSE server served all along, and the new daemon adopted the lease.
+    assert_eq!(node.fuse_pid(), Some(fuse_pid));
+    let leases = node.client().leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].lease, "c1");
+    assert!(p.view_root.join("nix/store").is_dir());
+}
+
+/// With no daemon at all, the client fails with a connection error naming the socket.
+#[test]
+fn no_daemon_is_a_connect_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("none.sock");
+    match Client::connect(&sock) {
+        Err(e @ ApiError::Connect { .. }) => {
+            assert!(e.is_unavailable());
+            assert!(e.to_string().contains(&sock.display().to_string()), "{e}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+}
+
+/// `prefetch` through the daemon fetches the whole closure once and records the environment;
+/// a second one finds everything stored.
+#[test]
+fn prefetch_through_the_daemon_fetches_the_closure_once() {
+    let node = Node::new(NodeOptions::default());
+    let mut c = node.client();
+    let closure = closure_of("kof/hello");
+    let p = c.prefetch("kof/hello", None).unwrap();
+    assert_eq!(p.env, "kof/hello");
+    assert_eq!(p.paths, closure.len());
+    assert_eq!(p.paths_fetched, closure.len());
+    assert_eq!(
+        node.server.stats().requests_by_kind.nar,
+        closure.len() as u64
+    );
+    let again = c.prefetch("kof/hello", None).unwrap();
+    assert_eq!(again.paths_fetched, 0);
+    assert_eq!(again.paths_already_present, closure.len());
+    assert_eq!(
+        node.server.stats().requests_by_kind.nar,
+        closure.len() as u64
+    );
+    let status = c.status().unwrap();
+    assert_eq!(status.store.store_paths, closure.len() as u64);
+    assert_eq!(status.store.environments, 1);
+    assert_eq!(status.store_dir, node.tmp.path().join("store"));
+}
+
+/// With `prefetch = "closure"`, the rest of the closure arrives in the background after a
+/// prepare, without any read.
+#[test]
+fn background_prefetch_completes_the_closure() {
+    let node = Node::new(NodeOptions {
+        prefetch: "closure",
+        ..NodeOptions::default()
+    });
+    let mut c = node.client();
+    let closure = closure_of("kof/hello");
+    c.prepare("kof/hello", "c1", None).unwrap();
+    let start = Instant::now();
+    loop {
+        let s = c.status().unwrap();
+        if s.store.store_paths == closure.len() as u64 {
+            assert!(s.prefetch_bytes > 0, "{s:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "prefetch did not complete: {s:?}\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every path came once.
+    assert_eq!(
+        node.server.stats().requests_by_kind.nar,
+        closure.len() as u64
+    );
+}
+
+/// When the FUSE server itself dies (its mount is then dead for everyone), the daemon starts a
+/// new one, which replaces the dead mount, and rebuilds every leased view from the lease files
+/// and the store's records; a view without a lease is not brought back.
+#[test]
+fn a_dead_fuse_server_is_replaced_and_the_leased_views_rebuilt() {
+    let node = Node::new(NodeOptions::default());
+    let mut c = node.client();
+    let p = c.prepare("kof/hello", "c1", None).unwrap();
+    c.prepare("kof/hello", "c2", None).unwrap();
+    c.release("c2").unwrap();
+    let old = node.fuse_pid().unwrap();
+    // SAFETY: kill(2) of the FUSE server this test's daemon started.
+    unsafe {
+        libc::kill(old as i32, libc::SIGKILL);
+    }
+    let start = Instant::now();
+    let views = loop {
+        if let Ok(s) = c.status() {
+            if let Some(f) = s
+                .fuse_server
+                .filter(|f| f.pid != old && !f.views.is_empty())
+            {
+                break f.views;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no new FUSE server with views: {}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(views, vec!["c1".to_string()]);
+    let bash = closure_of("kof/hello")
+        .into_iter()
+        .find(|p| p.contains("-bash-"))
+        .unwrap();
+    assert_eq!(
+        sha256_file(
+            &p.view_root
+                .join(bash.trim_start_matches('/'))
+                .join("bin/bash")
+        ),
+        sha256_file(&staged(&bash).join("bin/bash"))
+    );
+}
+
+/// A private environment: refused without a token (the error names it), prepared with the
+/// token given in the request, which never shows in any log.
+#[test]
+fn a_private_environment_needs_its_token_which_is_never_logged() {
+    let node = Node::new(NodeOptions::default());
+    let token_file = fixtures().0.join(&manifest().tokens["secretorg"]);
+    let token = std::fs::read_to_string(token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut c = node.client();
+    let e = c.prepare("secretorg/app", "c1", None).unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::Resolve), "{e}");
+    assert!(e.to_string().contains("secretorg/app"), "{e}");
+    let p = c.prepare("secretorg/app", "c1", Some(&token)).unwrap();
+    assert_eq!(p.env, "secretorg/app");
+    assert!(p.view_root.join("nix/store").is_dir());
+    let e = c
+        .prepare("secretorg/app", "c2", Some("bad token\n"))
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ErrorKind::BadToken), "{e}");
+    assert!(!node.logs().contains(&token), "the token was logged");
+}
