@@ -105,7 +105,11 @@ impl Hub {
 }
 
 fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
-    let refs = parse_refs(refs)?;
+    let parsed = parse_refs(refs)?;
+    if let Some(mut client) = crate::daemon_client::connect(ctx) {
+        return crate::daemon_client::prefetch(ctx, &mut client, refs);
+    }
+    let refs = parsed;
     let start = Instant::now();
     let store = Arc::new(ctx.open_store()?);
     let hub = Hub::new(ctx)?;

@@ -7,6 +7,7 @@
 
 mod commands;
 mod context;
+mod daemon_client;
 mod profile;
 mod progress;
 mod run;
