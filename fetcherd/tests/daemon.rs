@@ -650,3 +650,63 @@ fn a_private_environment_needs_its_token_which_is_never_logged() {
     assert_eq!(e.kind(), Some(ErrorKind::BadToken), "{e}");
     assert!(!node.logs().contains(&token), "the token was logged");
 }
+
+/// The first start of an environment records what it reads; released, the lease leaves a
+/// learned profile; another node given that profile fetches those ranges as soon as the
+/// environment is prepared, before any read.
+#[test]
+fn the_first_start_teaches_the_next_cold_start() {
+    let port = free_port();
+    let a = Node::new(NodeOptions {
+        flavour: "none",
+        ..NodeOptions::default()
+    });
+    let bash = closure_of("kof/hello")
+        .into_iter()
+        .find(|p| p.contains("-bash-"))
+        .unwrap();
+    let mut c = a.client();
+    let p = c.prepare("kof/hello", "c1", None).unwrap();
+    let bytes = std::fs::read(
+        p.view_root
+            .join(bash.trim_start_matches('/'))
+            .join("bin/bash"),
+    )
+    .unwrap();
+    assert!(!bytes.is_empty());
+    c.release("c1").unwrap();
+    let saved = a.tmp.path().join("store/profiles/kof/hello.json");
+    let profile = std::fs::read_to_string(&saved)
+        .unwrap_or_else(|e| panic!("no profile at {}: {e}\n{}", saved.display(), a.logs()));
+    let base = bash.trim_start_matches("/nix/store/");
+    assert!(profile.contains(base), "{profile}");
+
+    let b = Node::new(NodeOptions {
+        flavour: "none",
+        metrics_port: Some(port),
+        ..NodeOptions::default()
+    });
+    let dir = b.tmp.path().join("store/profiles/kof");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello.json"), &profile).unwrap();
+    b.client().prepare("kof/hello", "c1", None).unwrap();
+    let start = Instant::now();
+    loop {
+        let text = metrics(port);
+        let profile_bytes = sample(&text, "kof_fetch_bytes_total{cause=\"profile\"}");
+        if profile_bytes > 0.0 {
+            assert_eq!(
+                sample(&text, "kof_fetch_bytes_total{cause=\"demand\"}"),
+                0.0,
+                "nothing was read on node b"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the profile was not fetched: {text}\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -38,6 +38,9 @@ const FUSE_SERVER_START: Duration = Duration::from_secs(30);
 const FUSE_SERVER_WATCH: Duration = Duration::from_secs(2);
 /// Closure members whose trees are built at once during a prepare.
 const ENTRIES_IN_FLIGHT: usize = 32;
+/// How long the reads of an environment's first start are recorded for its learned profile
+/// (or until its lease is released, if sooner).
+const RECORD_WINDOW: Duration = Duration::from_secs(30);
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, Error)]
@@ -89,6 +92,8 @@ struct Daemon {
     paths: RunPaths,
     metrics: DaemonMetrics,
     started: Instant,
+    /// Profile recordings under way: environment key (`owner/name`) → the lease recording.
+    recordings: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn now_secs() -> i64 {
@@ -161,6 +166,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         paths,
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
+        recordings: std::sync::Mutex::new(HashMap::new()),
     });
 
     // Serve at once: a FUSE server waiting on `ensure` since the last daemon died gets its
@@ -539,6 +545,7 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .insert(lease.to_string(), rec.clone());
         info!(lease, env = %label, generation = rec.generation, paths = record.closure.len(), "prepared");
+        self.learned_profile(&rec, &closure);
         if self.config.prefetch == Prefetch::Closure {
             self.prefetch_closure(closure);
         }
@@ -587,6 +594,76 @@ impl Daemon {
             .await?;
         let input = ViewInput::new(resolved, entries.into_iter().collect());
         build_view(&input).map_err(|e| fail(ErrorKind::View, e.to_string()))
+    }
+
+    /// The learned profile of a lease's environment: when one is saved (this node recorded it,
+    /// or it was imported), its ranges are fetched now, in parallel, ahead of the closure
+    /// prefetch; otherwise the demand reads of this first start are recorded (for
+    /// [`RECORD_WINDOW`] or until the lease is released) and saved as the profile.
+    fn learned_profile(self: &Arc<Self>, rec: &LeaseRecord, closure: &Closure) {
+        let key = rec.env_name();
+        match crate::lazy::Profile::load(&self.config.store_dir, &key) {
+            Ok(Some(profile)) => {
+                let n = profile.ranges.len();
+                let task = self.lazy.prefetch_profile(profile);
+                let key2 = key.clone();
+                tokio::spawn(async move {
+                    match task.await {
+                        Ok(failures) if failures.is_empty() => {
+                            info!(env = %key2, ranges = n, "learned profile fetched")
+                        }
+                        Ok(failures) => {
+                            warn!(env = %key2, ranges = n, first_failure = %failures[0], "learned profile fetched in part")
+                        }
+                        Err(e) => warn!(env = %key2, error = %e, "learned profile task failed"),
+                    }
+                });
+            }
+            Ok(None) => {
+                {
+                    let mut recs = self.recordings.lock().unwrap_or_else(|p| p.into_inner());
+                    if recs.contains_key(&key) {
+                        return;
+                    }
+                    recs.insert(key.clone(), rec.lease.clone());
+                }
+                self.lazy.start_recording_only(&key, Some(closure.paths()));
+                info!(env = %key, lease = %rec.lease, "recording the first start's reads");
+                let d = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RECORD_WINDOW).await;
+                    d.finish_recording(&key, None);
+                });
+            }
+            Err(e) => warn!(env = %key, error = %e, "learned profile unusable; ignored"),
+        }
+    }
+
+    /// Ends the recording of `key` (only if `lease` started it, when given) and saves what it
+    /// saw.
+    fn finish_recording(&self, key: &str, lease: Option<&str>) {
+        {
+            let mut recs = self.recordings.lock().unwrap_or_else(|p| p.into_inner());
+            match recs.get(key) {
+                Some(l) if lease.is_none_or(|x| x == l) => {
+                    recs.remove(key);
+                }
+                _ => return,
+            }
+        }
+        let Some(profile) = self.lazy.stop_recording(key) else {
+            return;
+        };
+        if profile.ranges.is_empty() {
+            info!(env = %key, "the first start read nothing missing; no profile saved");
+            return;
+        }
+        match profile.save(&self.config.store_dir) {
+            Ok(path) => {
+                info!(env = %key, ranges = profile.ranges.len(), file = %path.display(), "learned profile saved")
+            }
+            Err(e) => warn!(env = %key, error = %e, "saving the learned profile"),
+        }
     }
 
     /// Fetches the rest of a closure in the background, below demand reads.
@@ -647,6 +724,7 @@ impl Daemon {
                 o.owner == rec.owner && o.name == rec.name && o.generation == rec.generation
             })
         };
+        self.finish_recording(&rec.env_name(), Some(lease));
         if rec.root_set_by_lease && !still_held {
             if let Err(e) = self
                 .store
