@@ -39,6 +39,32 @@
 //!   it.
 //! - `status`: the daemon's pid, leases, store totals, in-flight fetches, the FUSE server.
 //!
+//! Success responses (fields in this order; absent optional values are `null`):
+//!
+//! ```text
+//! prepare  {"lease":"c1","env":"kof/hello","generation":2,"pinned":false,
+//!           "view_root":"/var/lib/kof/mnt/c1","flox_env":"/nix/store/<hash>-flox-env-hello",
+//!           "closure":["/nix/store/...",...],
+//!           "activation":{"env":"kof/hello:2","flox_env":"/nix/store/<hash>-flox-env-hello",
+//!                         "description":"hello","vars":{"K":"V"},"hook":"..."|null,
+//!                         "bash":"/nix/store/<hash>-bash-5.2/bin/bash"|null}}
+//! release  {"lease":"c1","released":true}
+//! prefetch {"env":"kof/hello","generation":2,"paths":9,"paths_fetched":9,
+//!           "paths_already_present":0,"bytes_downloaded":N,"nar_bytes":N,
+//!           "new_stored_bytes":N,"elapsed_secs":1.5}
+//! status   {"pid":P,"store_dir":"/var/lib/kof","leases":[<lease>...],
+//!           "store":{"store_paths":N,"logical_bytes":N,"stored_bytes":N,"unique_bytes":N,
+//!                    "objects":N,"environments":N},
+//!           "in_flight_fetches":N,"demand_bytes":N,"prefetch_bytes":N,
+//!           "fuse_server":{"pid":P,"mount_dir":"/var/lib/kof/mnt","views":["c1"]}|null}
+//! ensure   {"ok":true}
+//! leases   {"leases":[<lease>...]}
+//! <lease> = {"lease":"c1","env":"kof/hello","generation":2,"pinned":false,
+//!            "view_root":"...","flox_env":"...","closure_paths":9,"created_at":UNIX_SECS}
+//! ```
+//!
+//! The activation is applied as `flox activate -- CMD` does ([`crate::activate`]): the shim
+//! runs the container's command with the view as its root and that environment.
 //! A failure is `{"error":{"kind":K,"message":M}}`: `kind` is one of the [`ErrorKind`]
 //! names (`bad_request`, `bad_env`, `bad_lease`, `bad_token`, `lease_exists`, `resolve`,
 //! `closure`, `fetch`, `store`, `view`, `fuse`, `internal`), `message` one line naming the

@@ -23,6 +23,11 @@
 //! a lease is removed. Fetches interrupted by the crash start again in the new daemon (its
 //! engine discards partial NARs of an earlier process) as the waiting reads ask for them.
 //!
+//! Learned profiles: a prepare whose environment has a saved profile
+//! (`<store_dir>/profiles/<owner>/<name>.json`, learned here or imported) fetches its ranges
+//! first, in parallel; otherwise the demand reads of that first start are recorded until the
+//! lease is released (at most 30 s) and saved as the profile.
+//!
 //! Leases keep their closures from gc: the leased generation is recorded in the store and
 //! pinned as a gc root for the life of the lease (a root that existed before the lease is
 //! left as it was on release).
