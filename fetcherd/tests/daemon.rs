@@ -233,8 +233,13 @@ impl Drop for Node {
         self.kill_daemon();
         // Stop the FUSE server (it unmounts), then make sure: kill it and detach the mount.
         let pid = self.fuse_pid();
-        let _ = kof_fetcherd::daemon::control::ControlClient::connect(&self.control())
-            .and_then(|mut c| c.shutdown());
+        let _ = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("stop-fuse-server")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if let Some(pid) = pid {
             let start = Instant::now();
             while Path::new(&format!("/proc/{pid}")).exists()
@@ -280,7 +285,7 @@ fn sample(text: &str, series: &str) -> f64 {
 fn prepare_serves_the_closure_and_release_removes_it() {
     let port = free_port();
     // The uncompressed cache: demand reads are range GETs, counted when their bytes arrive.
-    let node = Node::new(NodeOptions {
+    let mut node = Node::new(NodeOptions {
         metrics_port: Some(port),
         flavour: "none",
         ..NodeOptions::default()
@@ -392,6 +397,31 @@ fn prepare_serves_the_closure_and_release_removes_it() {
     assert!(c.leases().unwrap().is_empty());
     assert!(!c.release("c1").unwrap().released);
     assert!(!node.tmp.path().join("store/leases/c1.json").exists());
+
+    // Node shutdown: the daemon stops (else it would start a new FUSE server), then stopping
+    // the FUSE server unmounts the view.
+    let fuse_pid = node.fuse_pid().unwrap();
+    node.kill_daemon();
+    let out = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
+        .arg("--config")
+        .arg(&node.config)
+        .arg("stop-fuse-server")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{fuse_pid}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the FUSE server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&mount_dir), "stop-fuse-server left the mount");
 
     drop(c);
     drop(node);

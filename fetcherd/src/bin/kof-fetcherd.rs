@@ -24,6 +24,9 @@ struct Cli {
 enum Sub {
     /// Run the FUSE server (the daemon starts it; it outlives daemon restarts).
     FuseServer,
+    /// Stop the FUSE server: every view disappears (for node shutdown, never for a daemon
+    /// restart).
+    StopFuseServer,
 }
 
 fn main() {
@@ -48,6 +51,12 @@ fn main() {
         Some(Sub::FuseServer) => kof_fetcherd::daemon::fuse_server::run(&config)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+        Some(Sub::StopFuseServer) => {
+            let control = kof_fetcherd::daemon::control::RunPaths::of(&config).control;
+            kof_fetcherd::daemon::control::ControlClient::connect(&control)
+                .and_then(|mut c| c.shutdown())
+                .map_err(|e| format!("stopping the FUSE server at {}: {e}", control.display()))
+        }
     };
     if let Err(e) = result {
         eprintln!("kof-fetcherd: {}", e.replace('\n', " "));
