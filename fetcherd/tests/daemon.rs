@@ -446,6 +446,17 @@ fn errors_name_the_environment_and_the_cause() {
     let e = c.prepare("kof/hello:99", "c1", None).unwrap_err();
     assert_eq!(e.kind(), Some(ErrorKind::Resolve), "{e}");
     assert!(e.to_string().contains("kof/hello"), "{e}");
+    // A second daemon on the same socket refuses to start and leaves the first alone.
+    let out = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
+        .arg("--config")
+        .arg(&node.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another kof-fetcherd is running"), "{err}");
+    assert!(c.status().is_ok());
     // Nothing was left behind by the failures.
     assert!(c.leases().unwrap().is_empty());
     assert!(std::fs::read_dir(node.mount_dir())
