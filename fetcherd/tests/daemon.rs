@@ -751,3 +751,43 @@ fn the_first_start_teaches_the_next_cold_start() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// After a node restart (daemon and FUSE server both gone), a new daemon brings every lease's
+/// view back from the lease files and the store's records.
+#[test]
+fn leases_survive_a_node_restart() {
+    let mut node = Node::new(NodeOptions::default());
+    let p = node.client().prepare("kof/hello", "c1", None).unwrap();
+    node.kill_daemon();
+    let out = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
+        .arg("--config")
+        .arg(&node.config)
+        .arg("stop-fuse-server")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    while is_mounted(&node.mount_dir()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "still mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.start_daemon();
+    let again = node.client().prepare("kof/hello", "c1", None).unwrap();
+    assert_eq!(again, p);
+    let bash = closure_of("kof/hello")
+        .into_iter()
+        .find(|p| p.contains("-bash-"))
+        .unwrap();
+    assert_eq!(
+        sha256_file(
+            &p.view_root
+                .join(bash.trim_start_matches('/'))
+                .join("bin/bash")
+        ),
+        sha256_file(&staged(&bash).join("bin/bash"))
+    );
+}

@@ -447,6 +447,17 @@ impl Daemon {
                 ));
             }
             let record = self.env_record(&rec)?;
+            // Its view may be missing (a rebuild after a restart failed): build it now.
+            let d = self.clone();
+            let name = lease.to_string();
+            let has_view = tokio::task::spawn_blocking(move || {
+                d.fuse_info().is_some_and(|i| i.views.contains(&name))
+            })
+            .await
+            .unwrap_or(false);
+            if !has_view {
+                self.rebuild(&rec).await?;
+            }
             return Ok(self.prepared_of(&rec, &record));
         }
 
