@@ -133,9 +133,73 @@ async fn closure_entries(
         .await
 }
 
-/// Everything up to the command's exit status; the caller exits with it.
+/// Everything up to the command's exit status; the caller exits with it. Through the node
+/// daemon when it answers on the configured socket and owns this store (fetches shared, one
+/// store writer), else alone.
 pub fn run_status(ctx: &Context, reference: &str, cmd: &[String]) -> Result<i32> {
     let r = EnvRef::parse(reference)?;
+    if let Some(client) = crate::daemon_client::connect(ctx) {
+        return run_through_daemon(ctx, client, &r, cmd);
+    }
+    run_alone(ctx, &r, cmd)
+}
+
+/// The view prepared by `kof-fetcherd` for a lease of this run, released afterwards (also when
+/// the command could not run).
+fn run_through_daemon(
+    ctx: &Context,
+    mut client: kof_fetcherd::api::Client,
+    r: &EnvRef,
+    cmd: &[String],
+) -> Result<i32> {
+    let token = ctx
+        .config
+        .floxhub_token_file
+        .as_deref()
+        .map(|p| {
+            let t = std::fs::read_to_string(p)
+                .with_context(|| format!("FloxHub token file {}", p.display()))?;
+            read_token_file(p).with_context(|| format!("FloxHub token file {}", p.display()))?;
+            anyhow::Ok(t.trim().to_string())
+        })
+        .transpose()?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let lease = format!("kof-run-{}-{nanos}", std::process::id());
+    let prepared = client
+        .prepare(&r.to_string(), &lease, token.as_deref())
+        .with_context(|| format!("preparing {r} through kof-fetcherd"))?;
+    tracing::info!(env = %r, lease = %lease, view = %prepared.view_root.display(),
+        "running in the view kof-fetcherd prepared");
+    let status = (|| {
+        let activation = activate(&prepared.activation.input("/root", None), cmd)
+            .with_context(|| format!("activating {r}"))?;
+        let scratch = tempfile::Builder::new()
+            .prefix("kof-run-")
+            .tempdir()
+            .context("creating the run's temporary directory")?;
+        let status = sandbox::run(&SandboxSpec {
+            lower: prepared.view_root.clone(),
+            scratch: scratch.path().join("sandbox"),
+            argv: activation.argv,
+            env: activation.env,
+            resolv_conf: true,
+        });
+        drop(scratch);
+        status
+    })();
+    // A fresh connection: the daemon need not keep an idle one open for the command's life.
+    let released =
+        kof_fetcherd::api::Client::connect(&ctx.config.socket).and_then(|mut c| c.release(&lease));
+    let status = status?;
+    released.with_context(|| format!("releasing lease {lease} of kof-fetcherd"))?;
+    Ok(status)
+}
+
+/// The view served by a FUSE mount of this process ([`prepare_view`]).
+fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     let store = Arc::new(ctx.open_store()?);
     let (resolver, token) = resolver(ctx)?;
     let fetcher = Arc::new(
@@ -151,6 +215,7 @@ pub fn run_status(ctx: &Context, reference: &str, cmd: &[String]) -> Result<i32>
         .context("starting the async runtime")?;
     let (env, closure, view, lazy) = rt.block_on(async {
         let env: ResolvedEnvironment = {
+            let r = r.clone();
             let r2 = r.clone();
             tokio::task::spawn_blocking(move || resolver.resolve(&r2, token.as_ref()))
                 .await

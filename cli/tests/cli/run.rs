@@ -1,8 +1,13 @@
 //! `kof-store run`: commands run inside an environment's lazy view (real FUSE, overlay, mount
 //! and pid namespaces), activated as `flox activate -- CMD`, leaving nothing mounted.
 
-use std::path::Path;
-use std::process::Output;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kof_fetcherd::api::Client;
 
 use crate::support::*;
 
@@ -192,4 +197,161 @@ fn a_pinned_generation_runs_its_own_packages() {
         pinned.lines().nth(1).unwrap().starts_with("jq-"),
         "{pinned}"
     );
+}
+
+/// The `kof-fetcherd` binary, built into the same target directory as `kof-store` (a test of
+/// `kof-cli` does not get the binaries of other packages).
+fn fetcherd_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let store_bin = Path::new(env!("CARGO_BIN_EXE_kof-store"));
+        let profile_dir = store_bin.parent().unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-q", "-p", "kof-fetcherd", "--bin", "kof-fetcherd"])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().unwrap() == "release" {
+            c.arg("--release");
+        }
+        let out = run_bounded(c, Duration::from_secs(1200));
+        assert!(
+            out.status.success(),
+            "building kof-fetcherd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        profile_dir.join("kof-fetcherd")
+    })
+    .clone()
+}
+
+/// A `kof-fetcherd` serving a node, stopped (with its FUSE server and mount) when dropped.
+struct Daemon {
+    child: Child,
+    config: PathBuf,
+    socket: PathBuf,
+    mount_dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(node: &Node) -> Daemon {
+        let socket = node.tmp.path().join("run/fetcherd.sock");
+        let mount_dir = node.tmp.path().join("mnt");
+        let mut cfg = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&node.config)
+            .unwrap();
+        writeln!(
+            cfg,
+            "socket = \"{}\"\nmount_dir = \"{}\"",
+            socket.display(),
+            mount_dir.display()
+        )
+        .unwrap();
+        let log = std::fs::File::create(node.tmp.path().join("daemon.log")).unwrap();
+        let child = Command::new(fetcherd_bin())
+            .arg("--config")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child,
+            config: node.config.clone(),
+            socket,
+            mount_dir,
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = Client::connect(&d.socket).and_then(|mut c| c.status()) {
+                if s.fuse_server.is_some() {
+                    return d;
+                }
+            }
+            if let Some(st) = d.child.try_wait().unwrap() {
+                panic!(
+                    "kof-fetcherd exited with {st}: {}",
+                    std::fs::read_to_string(node.tmp.path().join("daemon.log")).unwrap()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "kof-fetcherd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(fetcherd_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("stop-fuse-server")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(self.mount_dir.to_str().unwrap())
+        };
+        let start = Instant::now();
+        while mounted() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if mounted() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount_dir)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn runs_through_the_daemon_when_it_answers() {
+    let node = Node::new();
+    let daemon = Daemon::start(&node);
+    let tmp = node.tmp.path().join("run-tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut c = node.cmd(&[
+        "run",
+        "kof/python",
+        "--",
+        "python3",
+        "-c",
+        "import json, sqlite3, os; print(1, os.environ['KOF_HOOK_RAN'])",
+    ]);
+    c.env("TMPDIR", &tmp).env("KOF_LOG", "info");
+    let out = run_bounded(c, Duration::from_secs(300));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "1 1\n");
+    assert!(
+        stderr(&out).contains("running in the view kof-fetcherd prepared"),
+        "the run went through the daemon: {}",
+        stderr(&out)
+    );
+    // The lease was released, and the run's own directories are gone.
+    assert_eq!(daemon.client().leases().unwrap().len(), 0);
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The exit status passes through this way too.
+    let mut c = node.cmd(&["run", "kof/python", "--", "sh", "-c", "exit 3"]);
+    c.env("TMPDIR", &tmp);
+    assert_eq!(
+        run_bounded(c, Duration::from_secs(300)).status.code(),
+        Some(3)
+    );
+    drop(daemon);
 }
