@@ -20,7 +20,7 @@ use kof_fetcherd::config::Prefetch;
 use kof_fetcherd::envref::EnvRef;
 use kof_fetcherd::fetcher::Fetcher;
 use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
-use kof_fetcherd::lazy::{LazyContent, LazyOptions, LazyStore, LocalReader};
+use kof_fetcherd::lazy::{LazyContent, LazyOptions, LazyStore, LocalReader, Profile};
 use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
 use kof_fetcherd::view::{build_view, View, ViewInput};
 use kof_fuse::{Entry, MountOptions, Mounted};
@@ -241,6 +241,20 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     let _guard = rt.enter();
     let name = format!("{}-{}-{}", env.owner, env.name, std::process::id());
     let prepared = prepare_view(&lazy, &name, view.root.clone(), scratch.path())?;
+    // The learned profile, as the daemon does: a saved one is fetched first; without one,
+    // this start's demand reads are recorded and saved as the profile.
+    let key = format!("{}/{}", env.owner, env.name);
+    let (profile_task, recording) = match Profile::load(&ctx.config.store_dir, &key) {
+        Ok(Some(profile)) => (Some(lazy.prefetch_profile(profile)), false),
+        Ok(None) => {
+            lazy.start_recording_only(&key, Some(closure.paths()));
+            (None, true)
+        }
+        Err(e) => {
+            tracing::warn!(env = %key, error = %e, "learned profile unusable; ignored");
+            (None, false)
+        }
+    };
     let prefetch = match ctx.config.prefetch {
         Prefetch::Closure => Some(lazy.prefetch(closure)),
         Prefetch::None => None,
@@ -255,7 +269,20 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
         resolv_conf: true,
     };
     let status = sandbox::run(&spec);
+    if recording {
+        match lazy.stop_recording(&key) {
+            Some(p) if !p.ranges.is_empty() => match p.save(&ctx.config.store_dir) {
+                Ok(file) => tracing::info!(env = %key, ranges = p.ranges.len(),
+                    file = %file.display(), "learned profile saved"),
+                Err(e) => tracing::warn!(env = %key, error = %e, "saving the learned profile"),
+            },
+            _ => {}
+        }
+    }
     if let Some(p) = prefetch {
+        p.abort();
+    }
+    if let Some(p) = profile_task {
         p.abort();
     }
     let closed = prepared.close();

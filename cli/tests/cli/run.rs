@@ -87,15 +87,25 @@ fn python_runs_in_a_lazy_view_and_fetches_only_part_of_the_closure() {
     assert_eq!(out, "1\n");
     // The on-activate hook ran (it writes to stderr).
     assert!(err.contains("python env activated"), "{err}");
-    // With prefetch off, only what was read was fetched: well under the closure's NAR bytes.
+    // With prefetch off, only what was read was fetched (python reads about 29%).
     let closure = closure_of("kof/python", None);
     let closure_bytes: u64 = closure.iter().map(|p| nar_size(p)).sum();
     let fetched = node.server.stats().bytes_by_kind.nar;
     assert!(fetched > 0, "python's files were fetched");
     assert!(
-        fetched * 2 < closure_bytes,
-        "a lazy run fetches what it reads: {fetched} of {closure_bytes} NAR bytes"
+        fetched * 100 <= closure_bytes * 35,
+        "a lazy run fetches what it reads (at most 35% of the closure, the issue's target): {fetched} of {closure_bytes} NAR bytes"
     );
+    // The first start's reads were saved as the environment's learned profile.
+    let profile = node.store_dir().join("profiles/kof/python.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
+    assert!(
+        !v["ranges"].as_array().unwrap().is_empty(),
+        "the profile holds the reads: {v}"
+    );
+    // The next start fetches that profile first and runs the same.
+    let (out, _) = ok(&node, &["kof/python", "--", "python3", "-c", "print(2)"]);
+    assert_eq!(out, "2\n");
 }
 
 #[test]
