@@ -16,7 +16,9 @@
 //! Pid 1 reaps every orphan until the command ends, then exits with the command's status
 //! (`128 + n` for a signal); the kernel then kills what is left in the namespace, and the
 //! mounts, which exist only in the namespace, vanish with it: nothing is left mounted on the
-//! host whatever happens. Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`).
+//! host whatever happens. Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`);
+//! a SIGTERM or SIGHUP to the caller is passed to the keeper, taking the sandbox down, and the
+//! caller then cleans up as after a normal end.
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -24,11 +26,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context as _, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, execve, fork, pivot_root, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
@@ -90,12 +93,63 @@ pub fn run(spec: &SandboxSpec) -> Result<i32> {
         .spawn()
         .context("starting the sandbox (new mount and pid namespaces)")?;
     // The terminal's ^C / ^\ go to the whole foreground process group: the command decides
-    // what they mean; kof-store waits for it and cleans up.
+    // what they mean; kof-store waits for it and cleans up. A SIGTERM or SIGHUP sent to
+    // kof-store is passed to the keeper, whose end takes the sandbox down (PR_SET_PDEATHSIG),
+    // after which kof-store cleans up as usual.
+    KEEPER.store(child.id() as i32, Ordering::SeqCst);
     let _quiet = IgnoreInterrupts::new();
-    let status = child.wait().context("waiting for the sandbox")?;
+    let _forward = ForwardTermination::new();
+    let status = child.wait().context("waiting for the sandbox");
+    KEEPER.store(0, Ordering::SeqCst);
+    let status = status?;
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The keeper's pid while `run` waits for it (0 otherwise), for the signal handler.
+static KEEPER: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_to_keeper(sig: libc::c_int) {
+    let pid = KEEPER.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Passes SIGTERM and SIGHUP to the keeper while alive.
+struct ForwardTermination {
+    old: Vec<(Signal, SigAction)>,
+}
+
+impl ForwardTermination {
+    fn new() -> Self {
+        let action = SigAction::new(
+            SigHandler::Handler(forward_to_keeper),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut old = Vec::new();
+        for s in [Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: the handler only reads an atomic and calls kill(2).
+            if let Ok(prev) = unsafe { sigaction(s, &action) } {
+                old.push((s, prev));
+            }
+        }
+        ForwardTermination { old }
+    }
+}
+
+impl Drop for ForwardTermination {
+    fn drop(&mut self) {
+        for (s, a) in self.old.drain(..) {
+            // SAFETY: restores the previous action.
+            let _ = unsafe { sigaction(s, &a) };
+        }
+    }
 }
 
 /// Ignores SIGINT and SIGQUIT while alive.
@@ -105,7 +159,7 @@ struct IgnoreInterrupts {
 
 impl IgnoreInterrupts {
     fn new() -> Self {
-        use nix::sys::signal::{signal, SigHandler};
+        use nix::sys::signal::signal;
         let mut old = Vec::new();
         for s in [Signal::SIGINT, Signal::SIGQUIT] {
             // SAFETY: installing SIG_IGN runs no code.

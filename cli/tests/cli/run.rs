@@ -1,7 +1,7 @@
 //! `kof-store run`: commands run inside an environment's lazy view (real FUSE, overlay, mount
 //! and pid namespaces), activated as `flox activate -- CMD`, leaving nothing mounted.
 
-use std::io::Write as _;
+use std::io::{BufRead as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -120,6 +120,56 @@ fn the_exit_status_is_passed_through() {
     let out = run(&node, &["kof/python", "--", "no-such-command"]);
     assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
     assert!(stderr(&out).contains("no-such-command"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
+    let node = Node::new();
+    let tmp = node.tmp.path().join("run-tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut c = node.cmd(&[
+        "run",
+        "kof/python",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 300",
+    ]);
+    c.env("TMPDIR", &tmp)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    // SAFETY: kill(2) of the kof-store this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "kof-store run did not end after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + 15));
+    assert_nothing_mounted_under(node.tmp.path());
+    // The command died with its pid namespace.
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c == b"sleep\0300\0")
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .collect();
+    assert!(survivors.is_empty(), "{survivors:?}");
 }
 
 #[test]
