@@ -166,7 +166,7 @@ fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
         .unwrap()
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| c == b"sleep\0300\0")
+        .filter(|c| c == b"sleep\x00300\x00")
         .map(|c| String::from_utf8_lossy(&c).into_owned())
         .collect();
     assert!(survivors.is_empty(), "{survivors:?}");
