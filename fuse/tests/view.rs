@@ -438,3 +438,40 @@ fn the_kernel_caches_view_metadata_including_absent_names() {
     drop(root);
     fx.unmount();
 }
+
+#[test]
+fn xattrs_ioctls_and_close_have_definite_answers() {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    let fx = Fixture::new(no_passthrough(), false);
+    let bytes = pattern(4096, 9);
+    let view = dir(vec![("f", fx.store.file("ddd-x", "f", &bytes, false))]);
+    fx.m().add_view("v", view).unwrap();
+    let path = CString::new(fx.mnt.join("v/f").as_os_str().as_encoded_bytes()).unwrap();
+    let name = CString::new("user.anything").unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let r = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 64) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+    // SAFETY: as above.
+    let r = unsafe { libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), 64) };
+    assert_eq!(r, 0, "no attributes listed");
+    let f = fs::File::open(fx.mnt.join("v/f")).unwrap();
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long into `flags`.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOTTY)
+    );
+    // close(2) sends FLUSH: it must succeed, not fail with ENOSYS.
+    // SAFETY: the fd is ours and closed once (into_raw_fd gives up ownership).
+    let r = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(f)) };
+    assert_eq!(r, 0);
+    fx.unmount();
+}
