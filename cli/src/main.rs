@@ -120,6 +120,18 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Run { .. } | Command::SandboxInit { .. }
+    ) {
+        // Output commands end quietly when their reader goes away (`kof-store ls | head`), as
+        // Unix tools do, instead of panicking on EPIPE. `run` keeps Rust's default: it must
+        // outlive its command's pipes to clean up its mounts.
+        // SAFETY: setting a signal's disposition to the default before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if let Command::SandboxInit { spec } = &cli.command {
         sandbox::init_main(spec);
     }
