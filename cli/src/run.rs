@@ -202,6 +202,8 @@ fn run_through_daemon(
 fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     let store = Arc::new(ctx.open_store()?);
     let (resolver, token) = resolver(ctx)?;
+    // A pinned generation this store recorded resolves without FloxHub.
+    let resolver = resolver.with_store(store.clone());
     let fetcher = Arc::new(
         Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?,
     );

@@ -5,11 +5,17 @@
 //! Everything read is validated ([`crate::generations`], [`crate::lockfile`]) before a
 //! [`ResolvedEnvironment`] exists; a resolution either succeeds whole or fails with an error
 //! naming the environment and the cause.
+//!
+//! A pinned generation is immutable: once the node's store has recorded it (the record is
+//! written only after a whole, validated resolution), a resolver given the store
+//! ([`Resolver::with_store`]) answers that reference from the record without asking FloxHub.
+//! The live generation (no pin) is always asked of FloxHub: it moves.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use kof_nar::StorePath;
-use kof_store::EnvironmentRecord;
+use kof_store::{EnvironmentRecord, Store};
 use thiserror::Error;
 
 use crate::envref::EnvRef;
@@ -90,7 +96,8 @@ pub struct ResolvedEnvironment {
     pub pinned: bool,
     /// The node's system.
     pub system: String,
-    /// The floxmeta commit read.
+    /// The floxmeta commit read; empty when the generation was resolved from the store's
+    /// record ([`ResolvedEnvironment::from_record`]), FloxHub not asked.
     pub commit: String,
     /// The generation's `manifest.lock`, verbatim.
     pub lockfile_text: String,
@@ -104,13 +111,41 @@ pub struct ResolvedEnvironment {
     pub history: serde_json::Value,
     /// The store paths installed for `system`, sorted.
     pub roots: Vec<StorePath>,
-    /// The live generation at resolution time.
+    /// The live generation at resolution time (the generation itself when resolved from the
+    /// store's record: FloxHub was not asked).
     pub live: u64,
-    /// The newest generation at resolution time.
+    /// The newest generation at resolution time (likewise).
     pub newest: u64,
 }
 
 impl ResolvedEnvironment {
+    /// The generation the store recorded, as resolved then (its lockfile validated again);
+    /// `commit` is empty and `live`/`newest` are the generation itself.
+    pub fn from_record(record: &EnvironmentRecord, pinned: bool) -> Result<Self, ResolveError> {
+        let lockfile =
+            Lockfile::parse(&record.lockfile).map_err(|source| ResolveError::Lockfile {
+                env: format!("{}/{}", record.owner, record.name),
+                generation: record.generation,
+                source: Box::new(source),
+            })?;
+        Ok(ResolvedEnvironment {
+            owner: record.owner.clone(),
+            name: record.name.clone(),
+            generation: record.generation,
+            pinned,
+            system: record.system.clone(),
+            commit: String::new(),
+            lockfile_text: record.lockfile.clone(),
+            lockfile,
+            vars: record.vars.clone(),
+            hook: record.hook.clone(),
+            history: record.history.clone(),
+            roots: record.roots.clone(),
+            live: record.generation,
+            newest: record.generation,
+        })
+    }
+
     /// `owner/name:generation`.
     pub fn env_ref(&self) -> EnvRef {
         EnvRef {
@@ -146,30 +181,78 @@ impl ResolvedEnvironment {
 }
 
 /// Resolves environment references for one node system.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Resolver {
     /// Where environments are read from.
     pub floxhub: FloxHubClient,
     /// The node's Nix system (`x86_64-linux`).
     pub system: String,
+    /// The node's store: its recorded generations answer pinned references locally.
+    pub store: Option<Arc<Store>>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("floxhub", &self.floxhub)
+            .field("system", &self.system)
+            .field("store", &self.store.as_ref().map(|s| s.dir().to_path_buf()))
+            .finish()
+    }
 }
 
 impl Resolver {
-    /// A resolver for `system`.
+    /// A resolver for `system` that always asks FloxHub.
     pub fn new(floxhub: FloxHubClient, system: impl Into<String>) -> Self {
         Resolver {
             floxhub,
             system: system.into(),
+            store: None,
         }
     }
 
-    /// Fetches the environment's branch and resolves the pinned generation, or the live one.
-    /// Blocking (runs git); call it from `spawn_blocking` in async code.
+    /// The same, answering a pinned generation the store has recorded from that record.
+    pub fn with_store(mut self, store: Arc<Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// A pinned generation the store recorded for this system, if any. A record that cannot
+    /// be read or whose lockfile no longer parses is ignored (FloxHub is asked instead).
+    fn recorded(&self, r: &EnvRef) -> Option<ResolvedEnvironment> {
+        let (store, generation) = (self.store.as_ref()?, r.generation?);
+        let record = match store.get_environment(&r.owner, &r.name, generation) {
+            Ok(Some(record)) if record.system == self.system => record,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(env = %r, error = %e, "reading the recorded generation; asking FloxHub");
+                return None;
+            }
+        };
+        match ResolvedEnvironment::from_record(&record, true) {
+            Ok(env) => {
+                tracing::debug!(env = %r, roots = env.roots.len(),
+                    "pinned generation resolved from the store's record");
+                Some(env)
+            }
+            Err(e) => {
+                tracing::warn!(env = %r, error = %e, "recorded generation unusable; asking FloxHub");
+                None
+            }
+        }
+    }
+
+    /// Resolves the pinned generation, or the live one: a pinned generation the store has
+    /// recorded (see [`Resolver::with_store`]) from that record, anything else by fetching the
+    /// environment's branch. Blocking (runs git); call it from `spawn_blocking` in async code.
     pub fn resolve(
         &self,
         r: &EnvRef,
         token: Option<&Token>,
     ) -> Result<ResolvedEnvironment, ResolveError> {
+        if let Some(env) = self.recorded(r) {
+            return Ok(env);
+        }
         let env = r.env_name();
         let fetched = self.floxhub.fetch(r, token)?;
         let metadata = self.floxhub.read_metadata(r, &fetched.commit)?;

@@ -755,3 +755,79 @@ fn concurrent_resolves_of_one_owner() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_recorded_pinned_generation_resolves_from_the_store_without_floxhub() {
+    let hub = Hub::start(&[]);
+    push_rollback_env(&hub, "alice", "hello");
+    let cache = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(kof_store::Store::open(store_dir.path()).unwrap());
+    let r = resolver(&hub, cache.path(), SYSTEM).with_store(store.clone());
+    let fetches = |hub: &Hub| hub.requests().lines().count();
+
+    // Not recorded yet: FloxHub is asked.
+    let before = fetches(&hub);
+    let first = r.resolve(&env("alice/hello:3"), None).unwrap();
+    assert!(
+        fetches(&hub) > before,
+        "an unrecorded generation asks FloxHub"
+    );
+    assert_eq!(first.commit.len(), 40);
+    store
+        .put_environment(&first.to_record(first.roots.clone()))
+        .unwrap();
+
+    // Recorded: answered from the record, no request at all.
+    let before = fetches(&hub);
+    let local = r.resolve(&env("alice/hello:3"), None).unwrap();
+    assert_eq!(
+        fetches(&hub),
+        before,
+        "a recorded pinned generation asks nothing"
+    );
+    assert_eq!(local.commit, "");
+    assert_eq!((local.generation, local.pinned), (3, true));
+    assert_eq!(local.roots, first.roots);
+    assert_eq!(local.lockfile_text, first.lockfile_text);
+    assert_eq!(local.lockfile, first.lockfile);
+    assert_eq!((&local.vars, &local.hook), (&first.vars, &first.hook));
+    assert_eq!(local.history, first.history);
+
+    // The live generation moves: always asked of FloxHub, even when its number is recorded.
+    let live = r.resolve(&env("alice/hello"), None).unwrap();
+    store
+        .put_environment(&live.to_record(live.roots.clone()))
+        .unwrap();
+    let before = fetches(&hub);
+    let again = r.resolve(&env("alice/hello"), None).unwrap();
+    assert!(fetches(&hub) > before, "the live generation asks FloxHub");
+    assert_eq!(
+        (again.generation, again.pinned, again.commit.len()),
+        (2, false, 40)
+    );
+
+    // Another system's resolver does not take this system's record.
+    let before = fetches(&hub);
+    let arm = resolver(&hub, cache.path(), "aarch64-linux")
+        .with_store(store.clone())
+        .resolve(&env("alice/hello:3"), None)
+        .unwrap();
+    assert!(fetches(&hub) > before);
+    assert_eq!(arm.system, "aarch64-linux");
+    assert_ne!(arm.roots, first.roots);
+
+    // With FloxHub gone, the recorded pin still resolves; the live one and an unrecorded pin
+    // fail.
+    drop(hub);
+    let offline = r.resolve(&env("alice/hello:3"), None).unwrap();
+    assert_eq!(offline.roots, first.roots);
+    assert!(r.resolve(&env("alice/hello"), None).is_err());
+    assert!(r.resolve(&env("alice/hello:1"), None).is_err());
+    // A resolver without the store asks FloxHub for the pin too.
+    let bare = Resolver::new(
+        FloxHubClient::new("http://127.0.0.1:9", cache.path()).unwrap(),
+        SYSTEM,
+    );
+    assert!(bare.resolve(&env("alice/hello:3"), None).is_err());
+}

@@ -154,7 +154,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         .load_all()
         .map_err(|e| setup("reading leases")(e.to_string()))?;
     let daemon = Arc::new(Daemon {
-        resolver: Arc::new(Resolver::new(floxhub, config.system.clone())),
+        resolver: Arc::new(Resolver::new(floxhub, config.system.clone()).with_store(store.clone())),
         config,
         store,
         fetcher,
