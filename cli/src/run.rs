@@ -15,17 +15,18 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use kof_fetcherd::activate::{activate, ActivationInput};
-use kof_fetcherd::closure::Closure;
+use kof_fetcherd::closure::{Closure, ClosureEntry};
 use kof_fetcherd::config::Prefetch;
 use kof_fetcherd::envref::EnvRef;
 use kof_fetcherd::fetcher::Fetcher;
 use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
-use kof_fetcherd::lazy::{LazyContent, LazyOptions, LazyStore, LocalReader, Profile};
+use kof_fetcherd::lazy::{LazyContent, LazyError, LazyOptions, LazyStore, LocalReader, Profile};
 use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
 use kof_fetcherd::view::{build_view, View, ViewInput};
 use kof_fuse::{Entry, MountOptions, Mounted};
 use kof_nar::StorePath;
 use tempfile::TempDir;
+use tokio::task::JoinHandle;
 
 use crate::context::Context;
 use crate::sandbox::{self, SandboxSpec};
@@ -112,19 +113,23 @@ fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_fetcherd::floxhub::To
     Ok((Resolver::new(client, cfg.system.clone()), token))
 }
 
-/// The view trees of every closure member, from metadata.
+/// The view trees of every closure member, from metadata; `started` holds the lookups already
+/// under way, by path.
 async fn closure_entries(
     lazy: &Arc<LazyStore>,
     closure: &Closure,
+    mut started: BTreeMap<StorePath, JoinHandle<Result<Arc<Entry>, LazyError>>>,
 ) -> Result<BTreeMap<StorePath, Arc<Entry>>> {
     stream::iter(closure.entries.iter().cloned())
         .map(|e| {
             let lazy = lazy.clone();
+            let task = started.remove(e.path());
             async move {
-                let entry = lazy
-                    .entry(&e)
-                    .await
-                    .with_context(|| format!("describing {}", e.path()))?;
+                let entry = match task {
+                    Some(t) => t.await.context("listing task")?,
+                    None => lazy.entry(&e).await,
+                }
+                .with_context(|| format!("describing {}", e.path()))?;
                 anyhow::Ok((e.path().clone(), entry))
             }
         })
@@ -224,12 +229,22 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
                 .context("resolver task")?
                 .with_context(|| format!("resolving {r}"))?
         };
+        let lazy = LazyStore::new(fetcher.clone(), store.clone(), LazyOptions::default());
+        // Each path's listing is asked for as soon as its narinfo is accepted, while the
+        // walk of the references goes on.
+        let mut listings = BTreeMap::new();
         let closure = fetcher
-            .resolve(&env.roots)
+            .resolve_with(&env.roots, |sub| {
+                let lazy = lazy.clone();
+                let e = ClosureEntry::Remote(sub.clone());
+                listings.insert(
+                    sub.info.store_path.clone(),
+                    tokio::spawn(async move { lazy.entry(&e).await }),
+                );
+            })
             .await
             .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
-        let lazy = LazyStore::new(fetcher.clone(), store.clone(), LazyOptions::default());
-        let paths = closure_entries(&lazy, &closure).await?;
+        let paths = closure_entries(&lazy, &closure, listings).await?;
         let view: View = build_view(&ViewInput::new(&env, paths))
             .with_context(|| format!("building the view of {}", env.env_ref()))?;
         anyhow::Ok((env, closure, view, lazy))

@@ -441,6 +441,24 @@ impl Fetcher {
         .await
     }
 
+    /// [`Fetcher::resolve`], calling `on_remote` with each path to fetch the moment its narinfo
+    /// is accepted (see [`crate::closure::compute_closure_with`]), so that a caller can start
+    /// on it (its listing, say) while the walk goes on.
+    pub async fn resolve_with(
+        &self,
+        roots: &[StorePath],
+        on_remote: impl FnMut(&Arc<Substitute>),
+    ) -> Result<Closure, ClosureError> {
+        compute_closure_with(
+            &self.inner.subs,
+            &self.inner.store,
+            roots,
+            self.inner.opts.lookups_in_flight,
+            on_remote,
+        )
+        .await
+    }
+
     /// Fetches the closure of `roots` into the store.
     pub async fn fetch_closure(
         &self,

@@ -6,13 +6,13 @@ use std::fs::{File, OpenOptions};
 use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
-use kof_fuse::Entry;
+use kof_fuse::{Content, Entry};
 use kof_nar::{Compression, StorePath};
 use kof_store::Store;
 use tokio::runtime::Handle;
@@ -49,6 +49,9 @@ enum Phase {
     Stored,
     Failed(Arc<LazyError>),
 }
+
+/// A path's regular files as `(nar_offset, size)`, sorted by offset.
+type FileExtents = Arc<Vec<(u64, u64)>>;
 
 type StreamJob = Shared<BoxFuture<'static, Result<(), Arc<LazyError>>>>;
 
@@ -177,6 +180,37 @@ pub struct LazyStore {
     prefetch_slots: Arc<Semaphore>,
     counters: Counters,
     recordings: Mutex<HashMap<String, Recording>>,
+    /// Regular files of paths described by a listing, as `(nar_offset, size)` sorted by
+    /// offset: what a whole-file readahead reads.
+    files: Mutex<HashMap<StorePath, FileExtents>>,
+    /// Files whose readahead has started, by path and NAR offset.
+    read_ahead: Mutex<HashSet<(StorePath, u64)>>,
+    /// Demand work (ensures and the fetches they started) under way now.
+    demand_active: AtomicUsize,
+    /// When demand work last ended.
+    demand_ended: Mutex<Instant>,
+}
+
+/// Counts as demand work while held (see [`LazyStore::demand_quiet`]).
+struct DemandActivity(Arc<LazyStore>);
+
+impl Drop for DemandActivity {
+    fn drop(&mut self) {
+        *self.0.demand_ended.lock().expect("demand clock poisoned") = Instant::now();
+        self.0.demand_active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The regular files of `entry` as `(nar_offset, size)`.
+fn file_extents(entry: &Entry, out: &mut Vec<(u64, u64)>) {
+    match entry {
+        Entry::Directory(children) => children.values().for_each(|c| file_extents(c, out)),
+        Entry::Regular {
+            content: Content::Store(f),
+            ..
+        } => out.push((f.nar_offset, f.size)),
+        _ => {}
+    }
 }
 
 fn spawn_err(path: &StorePath, e: tokio::task::JoinError) -> LazyError {
@@ -219,11 +253,88 @@ impl LazyStore {
             range_ok: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             recordings: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
+            read_ahead: Mutex::new(HashSet::new()),
+            demand_active: AtomicUsize::new(0),
+            demand_ended: Mutex::new(Instant::now()),
         })
     }
 
     fn arc(&self) -> Arc<LazyStore> {
         self.me.upgrade().expect("the engine is alive while used")
+    }
+
+    /// Marks demand work under way until the guard is dropped.
+    fn demand_activity(&self) -> DemandActivity {
+        self.demand_active.fetch_add(1, Ordering::SeqCst);
+        DemandActivity(self.arc())
+    }
+
+    /// Returns once no demand work is under way and none ended within
+    /// [`LazyOptions::prefetch_quiet`]: prefetch starts its fetches only then, so that it takes
+    /// the link only while demand leaves it idle.
+    async fn demand_quiet(&self) {
+        let quiet = self.opts.prefetch_quiet;
+        if quiet.is_zero() {
+            return;
+        }
+        loop {
+            let wait = if self.demand_active.load(Ordering::SeqCst) > 0 {
+                quiet
+            } else {
+                let since = self
+                    .demand_ended
+                    .lock()
+                    .expect("demand clock poisoned")
+                    .elapsed();
+                if since >= quiet {
+                    return;
+                }
+                quiet - since
+            };
+            tokio::time::sleep(wait.min(Duration::from_millis(10))).await;
+        }
+    }
+
+    /// The range a whole-file readahead should fetch for a demand read at NAR byte `start` of
+    /// `path` (state `st`): the file holding it, when it is small enough, reaches beyond
+    /// `start..end` and was not read ahead before.
+    fn readahead_of(
+        &self,
+        st: &PathState,
+        path: &StorePath,
+        start: u64,
+        end: u64,
+    ) -> Option<(u64, u64)> {
+        let max = self.opts.readahead_file_max;
+        // Not before the cache is known to honour `Range`: each GET of a cache that ignores
+        // it is a whole NAR.
+        if max == 0 || self.cache_honours_range(st.sub.cache.url()) != Some(true) {
+            return None;
+        }
+        let files = self
+            .files
+            .lock()
+            .expect("files poisoned")
+            .get(path)?
+            .clone();
+        let i = files
+            .partition_point(|(off, _)| *off <= start)
+            .checked_sub(1)?;
+        let (off, size) = files[i];
+        let file_end = off + size;
+        if start >= file_end || size > max || (off >= start && file_end <= end) {
+            return None;
+        }
+        if !self
+            .read_ahead
+            .lock()
+            .expect("read_ahead poisoned")
+            .insert((path.clone(), off))
+        {
+            return None;
+        }
+        Some((off, file_end))
     }
 
     /// The fetcher.
@@ -364,7 +475,16 @@ impl LazyStore {
             ClosureEntry::Remote(sub) if !self.is_stored(&path).await? => {
                 self.register(sub);
                 match self.listing_entry(sub).await? {
-                    Some(entry) => entry,
+                    Some(entry) => {
+                        let mut files = Vec::new();
+                        file_extents(&entry, &mut files);
+                        files.sort_unstable();
+                        self.files
+                            .lock()
+                            .expect("files poisoned")
+                            .insert(path.clone(), Arc::new(files));
+                        entry
+                    }
                     None => {
                         tracing::info!(%path, cache = sub.cache.url(),
                             "no usable listing: fetching the whole path for its tree");
@@ -434,6 +554,7 @@ impl LazyStore {
         cause: Cause,
     ) -> Result<(), LazyError> {
         let timeout = self.opts.read_timeout;
+        let _active = (cause != Cause::Prefetch).then(|| self.demand_activity());
         let result =
             match tokio::time::timeout(timeout, self.ensure_inner(path, start, end, cause)).await {
                 Ok(r) => r,
@@ -499,25 +620,34 @@ impl LazyStore {
                 g.mode
             };
             match mode {
-                Mode::Range => match self.ensure_range(&st, start, end, cause).await {
-                    Err(RunError::Unsupported) => continue,
-                    Err(RunError::Failed(e, _)) => return Err(e),
-                    Ok(()) => return Ok(()),
-                },
+                Mode::Range => {
+                    let readahead = match cause {
+                        Cause::Demand => self.readahead_of(&st, path, start, end),
+                        _ => None,
+                    };
+                    match self.ensure_range(&st, start, end, cause, readahead).await {
+                        Err(RunError::Unsupported) => continue,
+                        Err(RunError::Failed(e, _)) => return Err(e),
+                        Ok(()) => return Ok(()),
+                    }
+                }
                 Mode::Stream => return self.ensure_stream(&st, end, cause).await,
             }
         }
     }
 
     /// Range path: claims the missing chunks of `start..end` and fetches them (demand: all at
-    /// once, in parallel; prefetch: a window at a time, each under a prefetch slot), then
-    /// waits for chunks others are fetching.
+    /// once, in parallel; prefetch: a window at a time, each under a prefetch slot, when
+    /// demand is quiet), then waits for chunks others are fetching. `readahead`: NAR bytes
+    /// whose missing chunks are also claimed (after the read's own) and fetched in the
+    /// background, in parallel GETs, not waited for.
     async fn ensure_range(
         &self,
         st: &Arc<PathState>,
         start: u64,
         end: u64,
         cause: Cause,
+        mut readahead: Option<(u64, u64)>,
     ) -> Result<(), RunError> {
         let chunk = self.opts.range_chunk;
         let (c0, c1) = ((start / chunk) as usize, end.div_ceil(chunk) as usize);
@@ -533,11 +663,16 @@ impl LazyStore {
             let mut permit = match cause {
                 Cause::Prefetch => Some({
                     let _queued = self.counters.queued();
-                    self.prefetch_slots
+                    self.demand_quiet().await;
+                    let p = self
+                        .prefetch_slots
                         .clone()
                         .acquire_owned()
                         .await
-                        .expect("never closed")
+                        .expect("never closed");
+                    // Demand may have come while this waited for a slot.
+                    self.demand_quiet().await;
+                    p
                 }),
                 _ => None,
             };
@@ -562,9 +697,21 @@ impl LazyStore {
                     usize::MAX
                 };
                 let runs = claim(&mut g.chunks, c0, c1, max_run, claim_limit);
-                if !runs.is_empty() {
+                let ahead = match readahead.take() {
+                    Some((a, b)) if permit.is_none() => claim(
+                        &mut g.chunks,
+                        (a / chunk) as usize,
+                        b.div_ceil(chunk) as usize,
+                        limit(self.opts.readahead_request),
+                        usize::MAX,
+                    ),
+                    _ => Vec::new(),
+                };
+                if !runs.is_empty() || !ahead.is_empty() {
                     st.file(&mut g).map_err(|e| RunError::Failed(e, false))?;
                 }
+                drop(g);
+                self.spawn_readahead(st, ahead);
                 runs
             };
             if runs.is_empty() {
@@ -627,6 +774,22 @@ impl LazyStore {
                     }
                 }
             }
+        }
+    }
+
+    /// Fetches claimed chunk runs in the background as demand work, not waited for. A failed
+    /// run leaves its chunks missing for the next read to fetch.
+    fn spawn_readahead(&self, st: &Arc<PathState>, runs: Vec<(usize, usize)>) {
+        for (a, b) in runs {
+            let me = self.arc();
+            let st = st.clone();
+            tokio::spawn(async move {
+                let _active = me.demand_activity();
+                let _slot = me.demand_slots.acquire().await.expect("never closed");
+                if let Err(RunError::Failed(e, _)) = me.fetch_run(st, a, b, Cause::Demand).await {
+                    tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                }
+            });
         }
     }
 
@@ -906,8 +1069,12 @@ impl LazyStore {
                     me.demand_slots.acquire().await.expect("never closed")
                 } else {
                     let _queued = me.counters.queued();
+                    let quiet_slot = async {
+                        me.demand_quiet().await;
+                        me.prefetch_slots.acquire().await
+                    };
                     tokio::select! {
-                        p = me.prefetch_slots.acquire() => p.expect("never closed"),
+                        p = quiet_slot => p.expect("never closed"),
                         _ = demanded => me.demand_slots.acquire().await.expect("never closed"),
                     }
                 }
@@ -1008,7 +1175,7 @@ impl LazyStore {
                     return job.await.map_err(LazyError::Shared);
                 }
                 Mode::Range => {
-                    match self.ensure_range(&st, 0, st.nar_size(), cause).await {
+                    match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported) => continue,
                         Err(RunError::Failed(e, _)) => return Err(e),
                         Ok(()) => {}

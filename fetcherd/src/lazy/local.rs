@@ -159,6 +159,7 @@ impl LocalReader {
         }
         let start = file.nar_offset + offset;
         let end = start + len as u64;
+        tracing::trace!(store_path = %file.store_path, file = %file.path, offset, len, "read of a path not stored");
         if let Err(e) = ensure.ensure(&file.store_path, start, end) {
             tracing::warn!(store_path = %file.store_path, file = %file.path, offset, len,
                 error = %e, "read failed: bytes not available");

@@ -114,6 +114,18 @@ pub struct LazyOptions {
     pub max_prefetch_request: u64,
     /// Attempts of a range fetch that fails transiently.
     pub range_attempts: u32,
+    /// Whole-file readahead: the first demand read of a file of at most this many bytes (its
+    /// size from the listing) also fetches the rest of the file, in parallel GETs of at most
+    /// [`LazyOptions::readahead_request`] bytes, without making the read wait for them. A
+    /// program that maps an executable or a library faults its pages in one after another, in
+    /// no order: one round trip per chunk otherwise. `0` turns it off.
+    pub readahead_file_max: u64,
+    /// Largest GET of a whole-file readahead.
+    pub readahead_request: u64,
+    /// Prefetch stays below demand: a prefetch GET or stream starts only when no demand
+    /// fetch is in flight and none ended within this quiet time (a program's reads come in
+    /// chains, one shortly after another).
+    pub prefetch_quiet: Duration,
 }
 
 impl Default for LazyOptions {
@@ -127,6 +139,9 @@ impl Default for LazyOptions {
             max_demand_request: 8 << 20,
             max_prefetch_request: 4 << 20,
             range_attempts: 3,
+            readahead_file_max: 8 << 20,
+            readahead_request: 1 << 20,
+            prefetch_quiet: Duration::from_millis(30),
         }
     }
 }
