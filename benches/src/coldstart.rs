@@ -10,8 +10,11 @@
 //! - `lazy_profile`: a learned profile recorded on another node, exported and imported first.
 //!
 //! Warm runs (everything local) compare the run through the FUSE view with the same command in
-//! the Nix chroot, whose files are the same tree on local disk; they use an unshaped server so
-//! FloxHub round trips do not count.
+//! the Nix chroot, whose files are the same tree on local disk. They name the generation
+//! (`owner/name:G`, the live one): a pinned generation the store recorded resolves without
+//! FloxHub, so nothing but local work is timed. Two kof sides: `kof-store run` alone (its own
+//! FUSE mount per run) and through a running `kof-fetcherd` on the node (the mount persists,
+//! views share inodes and the page cache).
 
 use std::path::Path;
 use std::process::Command;
@@ -75,8 +78,11 @@ pub struct ColdStartReport {
     /// fetch (FloxHub's two, the reference chain's depth, one listing). A lower bound: it
     /// ignores the program's own chain of dependent reads.
     pub physical_limit_s: f64,
-    /// Warm: the command through the FUSE view (`kof-store run`, everything local), seconds.
+    /// Warm: the command through the FUSE view (`kof-store run REF:G` alone, everything
+    /// local), seconds.
     pub warm_view: Vec<f64>,
+    /// Warm: the same through a running `kof-fetcherd` (persistent mount), seconds.
+    pub warm_daemon: Vec<f64>,
     /// Warm: the same command in the Nix chroot (the same tree on local disk), seconds.
     pub warm_local: Vec<f64>,
 }
@@ -96,8 +102,10 @@ pub struct Medians {
     pub lazy_zstd: f64,
     /// Lazy, learned profile.
     pub lazy_profile: f64,
-    /// Warm, view.
+    /// Warm, view (`kof-store run` alone).
     pub warm_view: f64,
+    /// Warm, view through `kof-fetcherd`.
+    pub warm_daemon: f64,
     /// Warm, local disk.
     pub warm_local: f64,
 }
@@ -138,21 +146,13 @@ fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Comma
         std::fs::create_dir_all(root.join(d))?;
     }
     let path: Vec<String> = roots.iter().map(|r| format!("{r}/bin")).collect();
+    // The host's `env` clears the environment and the host's `chroot` then looks the command
+    // up on the environment's PATH inside the chroot.
     let script = format!(
-        "mount -t proc proc '{r}/proc' && mount --rbind /dev '{r}/dev' && exec chroot '{r}' /usr/bin/env -i PATH='{p}' HOME=/ \"$@\"",
+        "mount -t proc proc '{r}/proc' && mount --rbind /dev '{r}/dev' && exec /usr/bin/env -i PATH='{p}' HOME=/ PYTHONDONTWRITEBYTECODE=1 /usr/sbin/chroot '{r}' \"$@\"",
         r = root.display(),
         p = path.join(":")
     );
-    // `env` inside the chroot comes from the environment's coreutils.
-    let env_bin = roots
-        .iter()
-        .find(|r| {
-            root.join(r.trim_start_matches('/'))
-                .join("bin/env")
-                .exists()
-        })
-        .context("no coreutils env in the environment")?;
-    let script = script.replace("/usr/bin/env", &format!("{env_bin}/bin/env"));
     let mut c = Command::new("unshare");
     c.args(["--mount", "--pid", "--fork", "sh", "-c", &script, "sh"])
         .args(cmd);
@@ -321,7 +321,7 @@ impl ColdStartBench {
         server.shutdown();
 
         // Warm: an unshaped link; the kof node already holds the closure, the Nix chroot too.
-        let (warm_view, warm_local) = self.warm(fixtures, manifest, kof_store, &roots)?;
+        let warm = self.warm(fixtures, manifest, kof_store, &roots)?;
 
         let medians = Medians {
             nix: med(&r.nix),
@@ -330,8 +330,9 @@ impl ColdStartBench {
             lazy_none: med(&r.lazy_none),
             lazy_zstd: med(&r.lazy_zstd),
             lazy_profile: med(&r.lazy_profile),
-            warm_view: median(&warm_view),
-            warm_local: median(&warm_local),
+            warm_view: median(&warm.view),
+            warm_daemon: median(&warm.daemon),
+            warm_local: median(&warm.local),
         };
         let touched = r.lazy_none.first().map_or(0, |x| x.bytes);
         let rtts = 2 + reference_depth(manifest, &roots) + 1;
@@ -357,18 +358,20 @@ impl ColdStartBench {
             lazy_zstd: r.lazy_zstd,
             lazy_profile: r.lazy_profile,
             medians,
-            warm_view,
-            warm_local,
+            warm_view: warm.view,
+            warm_daemon: warm.daemon,
+            warm_local: warm.local,
         })
     }
 
-    fn warm(
+    /// Warm runs of the pinned live generation: alone, through the daemon, in the Nix chroot.
+    pub fn warm(
         &self,
         fixtures: &Path,
         manifest: &Manifest,
         kof_store: &Path,
         roots: &[String],
-    ) -> Result<(Vec<f64>, Vec<f64>)> {
+    ) -> Result<Warm> {
         let server = node::serve(
             fixtures,
             Link {
@@ -376,8 +379,11 @@ impl ColdStartBench {
                 bandwidth: None,
             },
         )?;
+        let live = node::environment(manifest, &self.env)?.live_generation;
+        let pinned = format!("{}:{live}", self.env);
         let kof = KofNode::new(&server, manifest, "zstd", "prefetch = \"none\"\n")?;
-        let out = kof.cmd(kof_store, &["prefetch", &self.env]).output()?;
+        kof.enable_daemon()?;
+        let out = kof.cmd(kof_store, &["prefetch", &pinned]).output()?;
         if !out.status.success() {
             bail!(
                 "kof-store prefetch: {}",
@@ -391,22 +397,51 @@ impl ColdStartBench {
         if !out.status.success() {
             bail!("nix copy: {}", String::from_utf8_lossy(&out.stderr));
         }
-        let run_args = self.run_args();
-        let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
-        let (mut view, mut local) = (Vec::new(), Vec::new());
-        // One untimed run of each first, so both start with a warm page cache.
+        let mut run_args = vec!["run", pinned.as_str(), "--"];
+        run_args.extend(self.cmd.iter().map(String::as_str));
+        let mut w = Warm::default();
+        // Alone, alternating with the chroot; one untimed run of each first, so both start
+        // with a warm page cache.
         for i in 0..=self.runs {
-            let a = node::timed(&server, &mut kof.cmd(kof_store, &run_args))?.seconds;
-            let b =
-                node::timed(&server, &mut nix_chroot_run(&nix.root(), roots, &self.cmd)?)?.seconds;
+            let a = node::timed(&server, &mut kof.cmd(kof_store, &run_args))?;
+            let b = node::timed(&server, &mut nix_chroot_run(&nix.root(), roots, &self.cmd)?)?;
+            if a.requests != 0 {
+                bail!("a warm run of {pinned} sent {} requests", a.requests);
+            }
             if i > 0 {
-                view.push(a);
-                local.push(b);
+                w.view.push(a.seconds);
+                w.local.push(b.seconds);
             }
         }
+        // Through the daemon: its first run prepares the view (untimed), the mount persists.
+        let daemon = node::Daemon::start(&kof, kof_store)?;
+        for i in 0..=self.runs {
+            let a = node::timed(&server, &mut kof.cmd(kof_store, &run_args))?;
+            if a.requests != 0 {
+                bail!(
+                    "a warm run of {pinned} through kof-fetcherd sent {} requests",
+                    a.requests
+                );
+            }
+            if i > 0 {
+                w.daemon.push(a.seconds);
+            }
+        }
+        daemon.stop()?;
         server.shutdown();
-        Ok((view, local))
+        Ok(w)
     }
+}
+
+/// Warm run times (seconds).
+#[derive(Debug, Clone, Default)]
+pub struct Warm {
+    /// `kof-store run` alone.
+    pub view: Vec<f64>,
+    /// Through `kof-fetcherd`.
+    pub daemon: Vec<f64>,
+    /// The Nix chroot.
+    pub local: Vec<f64>,
 }
 
 #[derive(Default)]

@@ -10,9 +10,13 @@
 //! - [`dedup`]: several generations of one environment, kof's stored bytes vs the unique content
 //!   and vs a Nix store holding the same paths.
 //! - [`coldstart`]: a command's cold start in an environment, lazy vs eager vs Nix, plus warm.
+//! - [`concurrent`]: many cold starts of one environment at once through one daemon.
+//! - [`seqread`]: sequential read of a large cached file through the view vs native.
 
 pub mod coldstart;
+pub mod concurrent;
 pub mod dedup;
 pub mod node;
 pub mod prefetch;
 pub mod report;
+pub mod seqread;

@@ -6,9 +6,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kof_benches::coldstart::ColdStartBench;
+use kof_benches::concurrent::ConcurrentBench;
 use kof_benches::node::Link;
 use kof_benches::prefetch::PrefetchBench;
-use kof_benches::{dedup, report};
+use kof_benches::{dedup, report, seqread};
 use kof_fixtures::serve::parse_bandwidth;
 
 #[derive(Parser)]
@@ -73,6 +74,55 @@ enum Cmd {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Warm runs only (everything local, pinned generation): kof-store run alone, through
+    /// kof-fetcherd, and the Nix chroot.
+    Warm {
+        /// `owner/name`.
+        #[arg(long)]
+        env: String,
+        /// Runs of each side.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Concurrent cold starts of one environment through one kof-fetcherd on a fresh node.
+    Concurrent {
+        /// `owner/name`.
+        #[arg(long, default_value = "kof/python")]
+        env: String,
+        /// Concurrent starts.
+        #[arg(long, default_value_t = 20)]
+        starts: usize,
+        /// Cache flavour (`none`: range-capable).
+        #[arg(long, default_value = "none")]
+        flavour: String,
+        /// Per-request latency.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Shared bandwidth (`50MB`).
+        #[arg(long, default_value = "50MB", value_parser = parse_bandwidth)]
+        bandwidth: u64,
+        /// The command and its arguments (default: the python set's).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Sequential read of a cached file through the view vs native (the fixtures are unused).
+    Seqread {
+        /// File size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Timed passes of each side.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also cold-cache passes (drops the whole machine's page cache before each).
+        #[arg(long)]
+        cold: bool,
+        /// Where the file and the store go (the disk measured).
+        #[arg(long, default_value = "/var/tmp")]
+        work: PathBuf,
     },
     /// The lazy-environments issue's set: kof/python and kof/jdk cold starts; 20 ms, 50 MB/s.
     ColdstartAll {
@@ -175,6 +225,66 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", report::coldstart_table(&reports));
             json.insert("coldstart".into(), serde_json::to_value(reports)?);
+        }
+        Cmd::Warm { env, runs, cmd } => {
+            let b = ColdStartBench {
+                env: env.clone(),
+                cmd: cmd.clone(),
+                runs,
+                link: standard,
+            };
+            let (roots, _, _) = kof_benches::node::generation(&manifest, &env, None)?;
+            let w = b.warm(&cli.fixtures, &manifest, &kof_store, &roots)?;
+            let m = |v: &[f64]| kof_benches::prefetch::median(v);
+            println!(
+                "| environment | kof-store run alone | through kof-fetcherd | Nix chroot | alone/chroot | daemon/chroot |\n|---|---|---|---|---|---|\n| {env} | {:.3} s | {:.3} s | {:.3} s | {:.2}x | {:.2}x |",
+                m(&w.view),
+                m(&w.daemon),
+                m(&w.local),
+                m(&w.view) / m(&w.local),
+                m(&w.daemon) / m(&w.local)
+            );
+            json.insert(
+                "warm".into(),
+                serde_json::json!({"env": env, "cmd": cmd, "alone": w.view, "daemon": w.daemon, "chroot": w.local}),
+            );
+        }
+        Cmd::Concurrent {
+            env,
+            starts,
+            flavour,
+            latency_ms,
+            bandwidth,
+            cmd,
+        } => {
+            let cmd = if cmd.is_empty() {
+                COLDSTART_SET[0].1.iter().map(|s| s.to_string()).collect()
+            } else {
+                cmd
+            };
+            let b = ConcurrentBench {
+                env,
+                cmd,
+                starts,
+                flavour,
+                link: Link {
+                    latency: Duration::from_millis(latency_ms),
+                    bandwidth: Some(bandwidth),
+                },
+            };
+            let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
+            println!("{}", report::concurrent_table(&r));
+            json.insert("concurrent".into(), serde_json::to_value(r)?);
+        }
+        Cmd::Seqread {
+            mib,
+            runs,
+            cold,
+            work,
+        } => {
+            let r = seqread::run(&work, mib << 20, runs, cold)?;
+            println!("{}", report::seqread_table(&r));
+            json.insert("seqread".into(), serde_json::to_value(r)?);
         }
         Cmd::Dedup { env } => {
             let r = dedup::run(&cli.fixtures, &manifest, &kof_store, &env)?;

@@ -93,6 +93,26 @@ impl KofNode {
         Ok(KofNode { dir, config })
     }
 
+    /// Gives the node its own `kof-fetcherd` socket and mount directory (else the system's).
+    pub fn enable_daemon(&self) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)?;
+        writeln!(
+            f,
+            "socket = \"{}\"\nmount_dir = \"{}\"",
+            self.socket().display(),
+            self.dir.path().join("mnt").display()
+        )?;
+        Ok(())
+    }
+
+    /// The node's `kof-fetcherd` socket (after [`KofNode::enable_daemon`]).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("fetcherd.sock")
+    }
+
     /// `kof-store ARGS` for this node.
     pub fn cmd(&self, kof_store: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(kof_store);
@@ -196,4 +216,85 @@ pub fn download_bytes(dir: &Path, flavour: &str, paths: &[String]) -> Result<u64
         total += info.file_size.unwrap_or(info.nar_size);
     }
     Ok(total)
+}
+
+/// A node's running `kof-fetcherd` (the binary beside `kof-store`), stopped by [`Daemon::stop`]
+/// (or, less cleanly, on drop).
+pub struct Daemon {
+    child: Option<std::process::Child>,
+    exe: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Starts it with the node's config and waits (up to 30 s) until its socket answers.
+    pub fn start(node: &KofNode, kof_store: &Path) -> Result<Daemon> {
+        let exe = kof_store
+            .parent()
+            .context("locating kof-fetcherd")?
+            .join("kof-fetcherd");
+        let log = std::fs::File::create(node.dir.path().join("fetcherd.log"))?;
+        let child = Command::new(&exe)
+            .env("KOF_CONFIG", &node.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let mut d = Daemon {
+            child: Some(child),
+            exe,
+            config: node.config.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::os::unix::net::UnixStream::connect(node.socket()).is_ok() {
+                return Ok(d);
+            }
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!(
+                    "kof-fetcherd exited ({status}); see {}",
+                    node.dir.path().join("fetcherd.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kof-fetcherd did not open {} in 30 s",
+                    node.socket().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, wait, then `kof-fetcherd stop-fuse-server` (unmounts every view).
+    pub fn stop(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait()?;
+        let out = Command::new(&self.exe)
+            .arg("stop-fuse-server")
+            .env("KOF_CONFIG", &self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "kof-fetcherd stop-fuse-server: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
 }

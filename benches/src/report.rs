@@ -1,8 +1,10 @@
 //! Printing results: a table for people, JSON for tools.
 
 use crate::coldstart::ColdStartReport;
+use crate::concurrent::ConcurrentReport;
 use crate::dedup::DedupReport;
 use crate::prefetch::PrefetchReport;
+use crate::seqread::SeqReadReport;
 
 fn mb(n: u64) -> String {
     format!("{:.1} MB", n as f64 / 1e6)
@@ -88,11 +90,69 @@ pub fn coldstart_table(reports: &[ColdStartReport]) -> String {
             r.touched_fraction * 100.0
         ));
         s.push_str(&format!(
-            "| {} | warm: view / local disk | {:.3} s / {:.3} s | {:.2}x (view/local) | | | |\n",
+            "| {} | warm (pinned): kof-store run alone / local disk | {:.3} s / {:.3} s | {:.2}x (view/local) | | | |\n",
             r.env,
             m.warm_view,
             m.warm_local,
             m.warm_view / m.warm_local
+        ));
+        s.push_str(&format!(
+            "| {} | warm (pinned): through kof-fetcherd / local disk | {:.3} s / {:.3} s | {:.2}x (view/local) | | | |\n",
+            r.env,
+            m.warm_daemon,
+            m.warm_local,
+            m.warm_daemon / m.warm_local
+        ));
+    }
+    s
+}
+
+/// A Markdown table of concurrent cold starts through one daemon.
+pub fn concurrent_table(r: &ConcurrentReport) -> String {
+    let mut s = String::from(
+        "| environment | cache | starts | wall time | requests | NAR requests | NAR bytes | vs closure NAR | vs one start |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (starts, t) in [(1, &r.one), (r.starts, &r.many)] {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} s | {} | {} | {} | {:.2}x | {:.2}x |\n",
+            r.env,
+            r.flavour,
+            starts,
+            t.seconds,
+            t.requests,
+            t.nar_requests,
+            mb(t.nar_bytes),
+            t.nar_bytes as f64 / r.closure_nar_bytes as f64,
+            t.nar_bytes as f64 / r.one.nar_bytes.max(1) as f64,
+        ));
+    }
+    s
+}
+
+/// A Markdown table of the sequential read.
+pub fn seqread_table(r: &SeqReadReport) -> String {
+    let med = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0} MB/s", crate::prefetch::median(v))
+        }
+    };
+    let mut s = format!(
+        "| {} file, 1 MiB reads | warm cache | cold cache | FUSE reads served | warm vs native |\n|---|---|---|---|---|\n",
+        mb(r.size)
+    );
+    for (name, side, ratio) in [
+        ("native (same disk)", &r.native, 1.0),
+        ("view, passthrough", &r.passthrough, r.passthrough_ratio),
+        ("view, no passthrough", &r.fuse, r.fuse_ratio),
+    ] {
+        s.push_str(&format!(
+            "| {name} | {} | {} | {} | {:.2}x |\n",
+            med(&side.warm_mb_s),
+            med(&side.cold_mb_s),
+            side.fuse_reads,
+            ratio
         ));
     }
     s
