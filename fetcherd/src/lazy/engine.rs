@@ -1198,6 +1198,9 @@ impl LazyStore {
     /// [`LazyOptions::prefetch_concurrency`] fetches at once, through the same single-flight
     /// state as demand reads (so a path being prefetched serves them too).
     pub fn prefetch(&self, closure: Closure) -> JoinHandle<PrefetchReport> {
+        // A prefetch starts as a program does (a view was just prepared): its first reads come
+        // within the quiet time, ahead of the prefetch.
+        *self.demand_ended.lock().expect("demand clock poisoned") = Instant::now();
         let me = self.arc();
         tokio::spawn(async move {
             let mut tasks = Vec::new();
