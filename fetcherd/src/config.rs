@@ -93,6 +93,7 @@ struct RawConfig {
     metrics_addr: Option<String>,
     read_timeout_secs: Option<u64>,
     download_attempts: Option<u32>,
+    demand_timeout_secs: Option<u64>,
 }
 
 /// The node configuration, defaults filled in and values checked.
@@ -127,6 +128,9 @@ pub struct Config {
     /// Longest wait for any read from a cache (or FloxHub) before the transfer counts as
     /// stalled and is retried.
     pub read_timeout: std::time::Duration,
+    /// Longest a read through a view waits for bytes not yet fetched (retries included) before
+    /// it fails with `EIO`.
+    pub demand_timeout: std::time::Duration,
     /// Attempts per download (and per narinfo) before giving up on a transient failure.
     pub download_attempts: u32,
 }
@@ -157,12 +161,21 @@ impl Default for Config {
             prefetch: Prefetch::Closure,
             metrics_addr: None,
             read_timeout: std::time::Duration::from_secs(30),
+            demand_timeout: std::time::Duration::from_secs(60),
             download_attempts: 5,
         }
     }
 }
 
 impl Config {
+    /// The lazy engine's options this configuration sets (the demand bound); the rest default.
+    pub fn lazy_options(&self) -> crate::lazy::LazyOptions {
+        crate::lazy::LazyOptions {
+            read_timeout: self.demand_timeout,
+            ..crate::lazy::LazyOptions::default()
+        }
+    }
+
     /// Loads the config: `path` if given (must exist), else `$KOF_CONFIG` (must exist), else
     /// [`SYSTEM_CONFIG`] if it exists, else the defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -251,6 +264,11 @@ impl Config {
             Some(s) => std::time::Duration::from_secs(s),
             None => d.read_timeout,
         };
+        let demand_timeout = match raw.demand_timeout_secs {
+            Some(0) => return Err(bad("demand_timeout_secs", "must be at least 1".into())),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => d.demand_timeout,
+        };
         let download_attempts = raw.download_attempts.unwrap_or(d.download_attempts);
         if download_attempts == 0 {
             return Err(bad("download_attempts", "must be at least 1".into()));
@@ -277,6 +295,7 @@ impl Config {
             prefetch: raw.prefetch.unwrap_or(d.prefetch),
             metrics_addr: raw.metrics_addr,
             read_timeout,
+            demand_timeout,
             download_attempts,
         })
     }

@@ -26,6 +26,8 @@ fn defaults_when_no_file() {
     assert_eq!(c.mount_dir, PathBuf::from("/var/lib/kof/mnt"));
     assert_eq!(c.prefetch, Prefetch::Closure);
     assert_eq!(c.max_parallel_downloads, 16);
+    assert_eq!(c.demand_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(c.lazy_options().read_timeout, c.demand_timeout);
     assert_eq!(c.system, host_system());
     let expected_arch = std::env::consts::ARCH;
     assert!(c.system.starts_with(expected_arch) && c.system.ends_with("-linux"));
@@ -51,6 +53,7 @@ socket = "/tmp/s.sock"
 mount_dir = "/tmp/mnt"
 prefetch = "none"
 metrics_addr = "127.0.0.1:9100"
+demand_timeout_secs = 7
 "#
         ),
     );
@@ -72,6 +75,11 @@ metrics_addr = "127.0.0.1:9100"
     assert_eq!(c.mount_dir, PathBuf::from("/tmp/mnt"));
     assert_eq!(c.prefetch, Prefetch::None);
     assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
+    assert_eq!(c.demand_timeout, std::time::Duration::from_secs(7));
+    assert_eq!(
+        c.lazy_options().read_timeout,
+        std::time::Duration::from_secs(7)
+    );
 }
 
 #[test]
@@ -126,6 +134,18 @@ fn bad_values_are_refused() {
     let err = Config::load_from(Some(&p), None, Path::new("/x")).unwrap_err();
     assert!(matches!(&err, ConfigError::Parse { .. }), "{err:?}");
     assert!(err.to_string().contains("require_sigs"), "{err}");
+    let p = write(dir.path(), "d.toml", "demand_timeout_secs = 0\n");
+    let err = Config::load_from(Some(&p), None, Path::new("/x")).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ConfigError::BadValue {
+                key: "demand_timeout_secs",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let p = write(dir.path(), "p.toml", "prefetch = \"everything\"\n");
     assert!(Config::load_from(Some(&p), None, Path::new("/x")).is_err());
 }

@@ -198,9 +198,7 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
 
     // The same bound as the engine's own (a read never waits longer for the daemon than
     // the daemon would wait for the cache), and never below the transfer stall timeout.
-    let bound = crate::lazy::LazyOptions::default()
-        .read_timeout
-        .max(config.read_timeout);
+    let bound = config.demand_timeout.max(config.read_timeout);
     let ensure = Arc::new(DaemonEnsure::new(&config.socket, bound));
     let source = content_source(config, ensure)?;
     let mounted = kof_fuse::mount(&config.mount_dir, source, MountOptions::default())?;

@@ -26,7 +26,7 @@ use crate::config::{Config, Prefetch};
 use crate::envref::EnvRef;
 use crate::fetcher::Fetcher;
 use crate::floxhub::{read_token_file, FloxHubClient, Token};
-use crate::lazy::{Cause, LazyOptions, LazyStore};
+use crate::lazy::{Cause, LazyStore};
 use crate::lockfile::Lockfile;
 use crate::metrics::{DaemonMetrics, Exposition};
 use crate::resolve::{ResolvedEnvironment, Resolver};
@@ -146,7 +146,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let lazy = LazyStore::new(
         Arc::new(fetcher.clone()),
         store.clone(),
-        LazyOptions::default(),
+        config.lazy_options(),
     );
     let lease_dir = LeaseDir::open(&config.store_dir.join("leases"))
         .map_err(|e| setup("opening the lease directory")(e.to_string()))?;
