@@ -7,7 +7,8 @@
 //! 1. the caller spawns `kof-store __sandbox-init SPEC` after `unshare(CLONE_NEWNS |
 //!    CLONE_NEWPID)` (in `pre_exec`): the *keeper*, in the new mount namespace;
 //! 2. the keeper forks the namespace's pid 1, which makes every mount private, mounts the
-//!    overlay (lower: the view; upper and work: the run's temporary directory), `proc`, `/dev`
+//!    overlay (lower: the view; upper and work: a `tmpfs` of the namespace, mounted on the
+//!    run's temporary directory), `proc`, `/dev`
 //!    (recursive bind), a `tmpfs` on `/tmp` and `/etc/resolv.conf` (bind), `pivot_root`s into the
 //!    overlay, detaches the old root, and forks
 //! 3. the command, `execve`d with exactly the activated environment (looked up on that
@@ -16,7 +17,10 @@
 //! Pid 1 reaps every orphan until the command ends, then exits with the command's status
 //! (`128 + n` for a signal); the kernel then kills what is left in the namespace, and the
 //! mounts, which exist only in the namespace, vanish with it: nothing is left mounted on the
-//! host whatever happens. Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`);
+//! host whatever happens. The overlay's upper layer is on a `tmpfs` rather than the host's
+//! disk: unmounting an overlay syncs its upper file system, and on a busy disk that sync
+//! (tens of milliseconds, more under load) was the larger part of a warm run's teardown; the
+//! run's writes are scratch anyway. Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`);
 //! a SIGTERM or SIGHUP to the caller is passed to the keeper, taking the sandbox down, and the
 //! caller then cleans up as after a normal end.
 
@@ -46,8 +50,8 @@ pub const EXIT_CANNOT_RUN: i32 = 126;
 pub struct SandboxSpec {
     /// The read-only root (the view's directory on the FUSE mount).
     pub lower: PathBuf,
-    /// A private temporary directory for the overlay's upper and work directories and its
-    /// mount point.
+    /// A private temporary directory for the overlay's mount point and the `tmpfs` holding its
+    /// upper and work directories.
     pub scratch: PathBuf,
     /// The program and its arguments.
     pub argv: Vec<String>,
@@ -58,11 +62,15 @@ pub struct SandboxSpec {
 }
 
 impl SandboxSpec {
+    /// Where the namespace's `tmpfs` for the overlay's writable layers is mounted.
+    fn rw(&self) -> PathBuf {
+        self.scratch.join("rw")
+    }
     fn upper(&self) -> PathBuf {
-        self.scratch.join("upper")
+        self.rw().join("upper")
     }
     fn work(&self) -> PathBuf {
-        self.scratch.join("work")
+        self.rw().join("work")
     }
     fn root(&self) -> PathBuf {
         self.scratch.join("root")
@@ -72,7 +80,7 @@ impl SandboxSpec {
 /// Runs `spec` and returns the command's exit status (`128 + n` when killed by signal `n`).
 /// Blocks until the command and the sandbox are gone.
 pub fn run(spec: &SandboxSpec) -> Result<i32> {
-    for d in [spec.upper(), spec.work(), spec.root()] {
+    for d in [spec.rw(), spec.root()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     let spec_file = spec.scratch.join("sandbox.json");
@@ -240,6 +248,18 @@ fn pid1(spec: &SandboxSpec) -> Result<i32> {
     // Nothing done here may propagate to the host's mount namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| mount_err("private propagation", Path::new("/"), e))?;
+    let rw = spec.rw();
+    mount(
+        Some("kof-run-rw"),
+        &rw,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0700"),
+    )
+    .map_err(|e| mount_err("the writable layer's tmpfs", &rw, e))?;
+    for d in [spec.upper(), spec.work()] {
+        std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let root = spec.root();
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
