@@ -20,7 +20,7 @@ use kof_fetcherd::config::Prefetch;
 use kof_fetcherd::envref::EnvRef;
 use kof_fetcherd::fetcher::Fetcher;
 use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
-use kof_fetcherd::lazy::{LazyContent, LazyError, LazyOptions, LazyStore, LocalReader, Profile};
+use kof_fetcherd::lazy::{LazyContent, LazyError, LazyStore, LocalReader, Profile};
 use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
 use kof_fetcherd::view::{build_view, View, ViewInput};
 use kof_fuse::{Entry, MountOptions, Mounted};
@@ -229,7 +229,7 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
                 .context("resolver task")?
                 .with_context(|| format!("resolving {r}"))?
         };
-        let lazy = LazyStore::new(fetcher.clone(), store.clone(), LazyOptions::default());
+        let lazy = LazyStore::new(fetcher.clone(), store.clone(), ctx.config.lazy_options());
         // Each path's listing is asked for as soon as its narinfo is accepted, while the
         // walk of the references goes on.
         let mut listings = BTreeMap::new();
