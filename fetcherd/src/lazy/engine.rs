@@ -185,10 +185,34 @@ pub struct LazyStore {
     files: Mutex<HashMap<StorePath, FileExtents>>,
     /// Files whose readahead has started, by path and NAR offset.
     read_ahead: Mutex<HashSet<(StorePath, u64)>>,
+    /// Window readahead of large files, by path and NAR offset of the file.
+    windows: Mutex<HashMap<(StorePath, u64), Window>>,
     /// Demand work (ensures and the fetches they started) under way now.
     demand_active: AtomicUsize,
     /// When demand work last ended.
     demand_ended: Mutex<Instant>,
+}
+
+/// The window readahead of one large file: where its last demand read ended and how far
+/// ahead of it was read.
+#[derive(Clone, Copy)]
+struct Window {
+    start: u64,
+    end: u64,
+    size: u64,
+}
+
+/// The next window after a demand read of `start..end`, given the previous one: doubled (up
+/// to `max`) when the read is near the previous one (within the previous read and its
+/// window, or a window before it), else back to `min`.
+fn next_window(prev: Option<Window>, start: u64, end: u64, min: u64, max: u64) -> Window {
+    let size = match prev {
+        Some(w) if start + w.size >= w.start && start <= w.end + w.size => {
+            (w.size.saturating_mul(2)).min(max).max(min)
+        }
+        _ => min,
+    };
+    Window { start, end, size }
 }
 
 /// Counts as demand work while held (see [`LazyStore::demand_quiet`]).
@@ -255,6 +279,7 @@ impl LazyStore {
             recordings: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             read_ahead: Mutex::new(HashSet::new()),
+            windows: Mutex::new(HashMap::new()),
             demand_active: AtomicUsize::new(0),
             demand_ended: Mutex::new(Instant::now()),
         })
@@ -323,7 +348,13 @@ impl LazyStore {
             .checked_sub(1)?;
         let (off, size) = files[i];
         let file_end = off + size;
-        if start >= file_end || size > max || (off >= start && file_end <= end) {
+        if start >= file_end {
+            return None;
+        }
+        if size > max {
+            return self.window_of(path, off, file_end, start, end);
+        }
+        if off >= start && file_end <= end {
             return None;
         }
         if !self
@@ -335,6 +366,31 @@ impl LazyStore {
             return None;
         }
         Some((off, file_end))
+    }
+
+    /// The window readahead of a demand read at `start..end` of the large file at NAR bytes
+    /// `off..file_end` of `path`: the next [`Window`]'s bytes after the read, within the file.
+    fn window_of(
+        &self,
+        path: &StorePath,
+        off: u64,
+        file_end: u64,
+        start: u64,
+        end: u64,
+    ) -> Option<(u64, u64)> {
+        let (min, max) = (
+            self.opts.readahead_window_min,
+            self.opts.readahead_window_max,
+        );
+        if min == 0 {
+            return None;
+        }
+        let mut windows = self.windows.lock().expect("windows poisoned");
+        let key = (path.clone(), off);
+        let w = next_window(windows.get(&key).copied(), start, end, min, max.max(min));
+        windows.insert(key, w);
+        let ahead_end = end.saturating_add(w.size).min(file_end);
+        (ahead_end > end).then_some((end, ahead_end))
     }
 
     /// The fetcher.
@@ -1392,5 +1448,25 @@ mod tests {
         let mut c = vec![Missing; 10];
         assert_eq!(claim(&mut c, 2, 10, 4, 3), vec![(2, 5)]);
         assert_eq!(c.iter().filter(|x| **x == InFlight).count(), 3);
+    }
+
+    #[test]
+    fn readahead_window_grows_while_reads_stay_near_and_resets_on_a_jump() {
+        const M: u64 = 1 << 20;
+        let w = next_window(None, 0, 4096, M, 8 * M);
+        assert_eq!(w.size, M);
+        let w = next_window(Some(w), M + 4096, M + 8192, M, 8 * M);
+        assert_eq!(w.size, 2 * M);
+        let w = next_window(Some(w), 3 * M, 3 * M + 4096, M, 8 * M);
+        assert_eq!(w.size, 4 * M);
+        let w = next_window(Some(w), 7 * M, 7 * M + 4096, M, 8 * M);
+        assert_eq!(w.size, 8 * M);
+        let w = next_window(Some(w), 15 * M, 15 * M + 4096, M, 8 * M);
+        assert_eq!(w.size, 8 * M, "capped");
+        // A read just before the previous one still counts as near (faults in no order).
+        let w = next_window(Some(w), 10 * M, 10 * M + 4096, M, 8 * M);
+        assert_eq!(w.size, 8 * M);
+        let w = next_window(Some(w), 100 * M, 100 * M + 4096, M, 8 * M);
+        assert_eq!(w.size, M, "a jump resets the window");
     }
 }

@@ -122,6 +122,16 @@ pub struct LazyOptions {
     pub readahead_file_max: u64,
     /// Largest GET of a whole-file readahead.
     pub readahead_request: u64,
+    /// Window readahead of a file larger than [`LazyOptions::readahead_file_max`] (which is
+    /// not fetched whole): a demand read also fetches, in the background, this many bytes
+    /// after it, in parallel GETs. Like the kernel's readahead, the window doubles (up to
+    /// [`LazyOptions::readahead_window_max`]) while reads of the file stay near the previous
+    /// one, and falls back to this after a jump. A program mapping a large library or data
+    /// file faults its pages in one after another: without it, one round trip per chunk.
+    /// `0` turns it off.
+    pub readahead_window_min: u64,
+    /// Largest window of a large file's readahead.
+    pub readahead_window_max: u64,
     /// Prefetch stays below demand: a prefetch GET or stream starts only when no demand
     /// fetch is in flight and none ended within this quiet time (a program's reads come in
     /// chains, one shortly after another).
@@ -141,6 +151,8 @@ impl Default for LazyOptions {
             range_attempts: 3,
             readahead_file_max: 8 << 20,
             readahead_request: 1 << 20,
+            readahead_window_min: 1 << 20,
+            readahead_window_max: 8 << 20,
             prefetch_quiet: Duration::from_millis(30),
         }
     }
