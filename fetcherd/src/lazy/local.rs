@@ -1,17 +1,30 @@
 //! Reading store files locally, with no network: from the store when the path is stored, else
 //! from its partial NAR file after asking an [`Ensure`] to make the bytes present. Usable in
 //! another process than the engine (the FUSE server), whose `Ensure` is the daemon client.
+//!
+//! For FUSE passthrough a stored file needs a local file holding exactly its bytes. A file
+//! stored as one raw object has one (its object file). Others (zstd-compressed, or chunked)
+//! get a materialized raw copy at `<store_dir>/raw/<2 hex>/<BLAKE3 hex of the content>`,
+//! written in the background on the first open that asks for it (that open, and those until
+//! the copy is in place, read through FUSE as before). Only files of at least
+//! [`RAW_CACHE_MIN`] bytes are materialized: smaller ones cost little through FUSE and would
+//! mostly add inodes. The copy is verified on creation (its BLAKE3 must equal the content's
+//! digest, else it is dropped) and renamed into place complete, mode 0444; a copy of the wrong
+//! size is never used (it is removed and written again). `raw/` is derived data: the store's
+//! gc does not look at it, and the whole directory may be deleted at any time (copies of
+//! paths gc removed stay until then).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kof_fuse::{ContentSource, FileRef};
 use kof_nar::StorePath;
-use kof_store::{Codec, FileContent, NodeKind, Store};
+use kof_store::{Codec, Digest, FileContent, NodeKind, Store};
 
 use super::Ensure;
 
@@ -25,11 +38,32 @@ pub fn partial_file(store_dir: &Path, path: &StorePath) -> PathBuf {
 /// A stored path's files by NAR offset.
 type FileMap = Arc<HashMap<u64, FileContent>>;
 
+/// The smallest file given a materialized raw copy for passthrough (16 KiB).
+pub const RAW_CACHE_MIN: u64 = 16 << 10;
+
+/// At most this many raw copies are written at once (each is one background thread); an
+/// open finding them all busy starts none, and a later open of the file tries again.
+pub const RAW_CACHE_WRITERS: usize = 2;
+
+/// The materialized raw copy of the file content `digest` in the store directory `store_dir`.
+pub fn raw_file(store_dir: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.to_hex();
+    store_dir.join("raw").join(&hex[..2]).join(hex)
+}
+
+/// Raw copies being written, and contents whose copy failed (not tried again by this process).
+#[derive(Default)]
+struct RawWriters {
+    running: HashSet<Digest>,
+    failed: HashSet<Digest>,
+}
+
 /// Reads files of store paths from the store or from partial NAR files.
 pub struct LocalReader {
     store: Arc<Store>,
     /// Stored paths' files by NAR offset, by base name. Stored paths never change.
     stored: Mutex<HashMap<Arc<str>, FileMap>>,
+    raw: Arc<Mutex<RawWriters>>,
 }
 
 fn invalid(file: &FileRef, what: String) -> io::Error {
@@ -45,6 +79,7 @@ impl LocalReader {
         LocalReader {
             store,
             stored: Mutex::new(HashMap::new()),
+            raw: Arc::default(),
         }
     }
 
@@ -186,27 +221,160 @@ impl LocalReader {
         }
     }
 
-    /// When `file` is stored as one raw object (its object file holds exactly its bytes), that
-    /// file opened, for FUSE passthrough.
+    /// A file holding exactly `file`'s bytes, opened, for FUSE passthrough: its object file
+    /// when it is stored as one raw object, else its materialized raw copy once written (see
+    /// the module doc). `None` for a path not stored, a file under [`RAW_CACHE_MIN`] that is
+    /// not one raw object, or while its copy is being written (the first call starts that).
     pub fn backing_file(&self, file: &FileRef) -> Option<File> {
         let path = Self::store_path(file).ok()?;
         let files = self.stored_files(file, &path).ok()??;
         let content = self.content(file, &files).ok()?;
-        if content.chunked || content.size == 0 {
+        if content.size == 0 {
             return None;
         }
-        let pieces = self.store.file_pieces(&content).ok()?;
-        match pieces.as_slice() {
-            [p] if p.object.codec == Codec::Raw
-                && p.object.size == content.size
-                && p.object.stored_size == content.size =>
-            {
-                let f = File::open(self.store.object_path(&p.object.digest)).ok()?;
-                (f.metadata().ok()?.len() == content.size).then_some(f)
+        if !content.chunked {
+            let pieces = self.store.file_pieces(&content).ok()?;
+            if let [p] = pieces.as_slice() {
+                if p.object.codec == Codec::Raw
+                    && p.object.size == content.size
+                    && p.object.stored_size == content.size
+                {
+                    let f = File::open(self.store.object_path(&p.object.digest)).ok()?;
+                    return (f.metadata().ok()?.len() == content.size).then_some(f);
+                }
             }
-            _ => None,
         }
+        if content.size < RAW_CACHE_MIN {
+            return None;
+        }
+        self.raw_copy(file, content)
     }
+
+    /// The raw copy of `content` if it is in place with the right size; else starts writing
+    /// it (unless already being written, or failed before) and returns `None`.
+    fn raw_copy(&self, file: &FileRef, content: FileContent) -> Option<File> {
+        let dest = raw_file(self.store.dir(), &content.digest);
+        match File::open(&dest) {
+            Ok(f) => match f.metadata() {
+                Ok(m) if m.len() == content.size => return Some(f),
+                Ok(m) => {
+                    tracing::warn!(store_path = %file.store_path, file = %file.path,
+                        raw = %dest.display(), has = m.len(), size = content.size,
+                        "raw copy has the wrong size: removing it");
+                    drop(f);
+                    if let Err(e) = fs::remove_file(&dest) {
+                        tracing::warn!(raw = %dest.display(), error = %e, "removing a raw copy");
+                        return None;
+                    }
+                }
+                Err(_) => return None,
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::debug!(raw = %dest.display(), error = %e, "opening a raw copy");
+                return None;
+            }
+        }
+        {
+            let mut w = self.raw.lock().expect("raw writers poisoned");
+            if w.failed.contains(&content.digest)
+                || w.running.contains(&content.digest)
+                || w.running.len() >= RAW_CACHE_WRITERS
+            {
+                return None;
+            }
+            w.running.insert(content.digest);
+        }
+        let (store, raw) = (self.store.clone(), self.raw.clone());
+        let what = format!("{}/{}", file.store_path, file.path);
+        let spawned = std::thread::Builder::new()
+            .name("kof-raw-copy".into())
+            .spawn(move || {
+                let res = write_raw_copy(&store, &content, &dest);
+                let mut w = raw.lock().expect("raw writers poisoned");
+                w.running.remove(&content.digest);
+                match res {
+                    Ok(()) => tracing::debug!(file = %what, raw = %dest.display(),
+                        size = content.size, "raw copy written"),
+                    Err(e) => {
+                        tracing::warn!(file = %what, raw = %dest.display(), error = %e,
+                            "raw copy not written: the file is read through FUSE");
+                        w.failed.insert(content.digest);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "starting a raw copy writer");
+            self.raw
+                .lock()
+                .expect("raw writers poisoned")
+                .running
+                .remove(&content.digest);
+        }
+        None
+    }
+}
+
+/// Writes `content` read from `store` to a temporary file beside `dest`, checks its size and
+/// BLAKE3 against the content's, makes it read-only and renames it to `dest`. A failure
+/// leaves no file behind. Both the daemon and its FUSE server may write the same copy at once:
+/// each writes its own temporary file and the rename makes either complete copy visible.
+fn write_raw_copy(store: &Store, content: &FileContent, dest: &Path) -> io::Result<()> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = dest
+        .parent()
+        .expect("raw copies live in a fan-out directory");
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}-{}",
+        content.digest.to_hex(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let res = (|| {
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&tmp)?;
+        let mut reader = store.open_file(content).map_err(io::Error::other)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+        if total != content.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the store gave {total} bytes of a {}-byte file",
+                    content.size
+                ),
+            ));
+        }
+        let got = Digest::from(hasher.finalize());
+        if got != content.digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the bytes written hash to {got}, not {}", content.digest),
+            ));
+        }
+        drop(out);
+        fs::rename(&tmp, dest)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
 }
 
 /// The [`ContentSource`] of a lazy view: local reads, and an [`Ensure`] for missing bytes (the
