@@ -27,7 +27,6 @@ use crate::envref::EnvRef;
 use crate::fetcher::Fetcher;
 use crate::floxhub::{read_token_file, FloxHubClient, Token};
 use crate::lazy::{Cause, LazyStore};
-use crate::lockfile::Lockfile;
 use crate::metrics::{DaemonMetrics, Exposition};
 use crate::resolve::{ResolvedEnvironment, Resolver};
 use crate::view::{build_view, ViewInput};
@@ -891,7 +890,9 @@ impl Daemon {
     /// Rebuilds a lease's view from the store's record of its environment.
     async fn rebuild(&self, rec: &LeaseRecord) -> Result<(), Failure> {
         let record = self.env_record(rec)?;
-        let resolved = resolved_of_record(&record, rec.pinned)?;
+        // The view needs the lockfile's installed paths and priorities, which the record holds.
+        let resolved = ResolvedEnvironment::from_record(&record, rec.pinned)
+            .map_err(|e| fail(ErrorKind::Store, format!("recorded {e}")))?;
         let closure = self.fetcher.resolve(&record.roots).await.map_err(|e| {
             fail(
                 ErrorKind::Closure,
@@ -1070,35 +1071,4 @@ impl Daemon {
         }
         out.finish()
     }
-}
-
-/// A resolved environment rebuilt from the store's record (after a daemon restart): the view
-/// needs the lockfile's installed paths and priorities, which the record's lockfile holds.
-fn resolved_of_record(
-    record: &EnvironmentRecord,
-    pinned: bool,
-) -> Result<ResolvedEnvironment, Failure> {
-    let label = format!("{}/{}:{}", record.owner, record.name, record.generation);
-    let lockfile = Lockfile::parse(&record.lockfile).map_err(|e| {
-        fail(
-            ErrorKind::Store,
-            format!("environment {label}: recorded lockfile: {e}"),
-        )
-    })?;
-    Ok(ResolvedEnvironment {
-        owner: record.owner.clone(),
-        name: record.name.clone(),
-        generation: record.generation,
-        pinned,
-        system: record.system.clone(),
-        commit: String::new(),
-        lockfile_text: record.lockfile.clone(),
-        lockfile,
-        vars: record.vars.clone(),
-        hook: record.hook.clone(),
-        history: record.history.clone(),
-        roots: record.roots.clone(),
-        live: record.generation,
-        newest: record.generation,
-    })
 }
