@@ -41,6 +41,16 @@ const VIEW_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// go.
 const ROOT_TTL: Duration = Duration::from_secs(1);
 
+/// How long the kernel may keep an entry (or an absence) found in directory `parent`: the mount
+/// root's entries are views, which come and go; everything inside a view is immutable.
+fn entry_ttl(parent: u64) -> Duration {
+    if parent == ROOT_INO {
+        ROOT_TTL
+    } else {
+        VIEW_TTL
+    }
+}
+
 /// State shared by the FUSE worker threads and the [`crate::Mounted`] handle.
 pub(crate) struct Shared {
     pub(crate) tree: RwLock<Tree>,
@@ -265,14 +275,11 @@ impl Filesystem for KofFs {
         let _timer = self.shared.stats.start(Op::Lookup);
         match self.shared.lookup(parent.0, name) {
             Ok(Some(attr)) => {
-                let entry_ttl = if parent.0 == ROOT_INO {
-                    ROOT_TTL
-                } else {
-                    VIEW_TTL
-                };
-                reply.entry_with_ttls(&VIEW_TTL, &entry_ttl, &attr, Generation(0));
+                reply.entry_with_ttls(&VIEW_TTL, &entry_ttl(parent.0), &attr, Generation(0));
             }
-            Ok(None) => reply.entry(&VIEW_TTL, &negative_attr(), Generation(0)),
+            // An absent view name may appear with the next `add_view`: only names inside a
+            // view (immutable) are known absent for a day.
+            Ok(None) => reply.entry(&entry_ttl(parent.0), &negative_attr(), Generation(0)),
             Err(e) => reply.error(e),
         }
     }

@@ -165,8 +165,27 @@ impl Mounted {
                     mountpoint: self.mountpoint.clone(),
                 },
             })?;
+        // A lookup of this name before it existed may have left an absence in the kernel's
+        // cache.
+        self.invalidate_root_entry(name);
         tracing::debug!(mountpoint = %self.mountpoint.display(), view = name, "view added");
         Ok(())
+    }
+
+    /// Drops the kernel's cached entry (or cached absence) for `name` in the mount root. Called
+    /// outside the tree lock: the kernel may call back into the file system while invalidating.
+    /// Failure is harmless: root entries are cached for a second only.
+    fn invalidate_root_entry(&self, name: &str) {
+        match self
+            .notifier
+            .inval_entry(INodeNo(ROOT_INO), std::ffi::OsStr::new(name))
+        {
+            // Nothing cached under that name.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) => tracing::warn!(mountpoint = %self.mountpoint.display(), view = name,
+                %error, "invalidating a view's root entry failed; it is right within a second"),
+            Ok(()) => {}
+        }
     }
 
     /// Removes the view `name`; returns whether it existed. Files already open in it stay
@@ -175,15 +194,7 @@ impl Mounted {
         if !self.shared.tree.write().remove_view(name) {
             return false;
         }
-        // Outside the tree lock: the kernel may call back into the file system while
-        // invalidating.
-        if let Err(error) = self
-            .notifier
-            .inval_entry(INodeNo(ROOT_INO), std::ffi::OsStr::new(name))
-        {
-            tracing::warn!(mountpoint = %self.mountpoint.display(), view = name, %error,
-                "invalidating a removed view's entry failed; it vanishes within a second");
-        }
+        self.invalidate_root_entry(name);
         tracing::debug!(mountpoint = %self.mountpoint.display(), view = name, "view removed");
         true
     }

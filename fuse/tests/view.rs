@@ -475,3 +475,17 @@ fn xattrs_ioctls_and_close_have_definite_answers() {
     assert_eq!(r, 0);
     fx.unmount();
 }
+
+#[test]
+fn a_view_looked_up_before_it_was_added_appears_when_added() {
+    let fx = Fixture::new(no_passthrough(), false);
+    let bytes = pattern(1000, 4);
+    // The kernel is told the name is absent, and may cache that absence.
+    let err = fs::metadata(fx.mnt.join("later/f")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    let view = dir(vec![("f", fx.store.file("eee-y", "f", &bytes, false))]);
+    fx.m().add_view("later", view).unwrap();
+    // At once, not after some cache timeout.
+    assert_eq!(fs::read(fx.mnt.join("later/f")).unwrap(), bytes);
+    fx.unmount();
+}
