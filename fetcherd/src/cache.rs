@@ -450,49 +450,8 @@ impl BinaryCache {
             }
             Location::Http(base) => {
                 let full = self.join(base, &info.url, Some(&path))?;
-                let resp = self
-                    .with_retries(&url, Some(&path), || async {
-                        let resp =
-                            self.client
-                                .get(full.clone())
-                                .send()
-                                .await
-                                .map_err(|source| CacheError::Transport {
-                                    url: url.clone(),
-                                    path: Some(path.clone()),
-                                    source,
-                                })?;
-                        let status = resp.status();
-                        if !status.is_success() {
-                            return Err(CacheError::Status {
-                                url: url.clone(),
-                                path: Some(path.clone()),
-                                status: status.as_u16(),
-                            });
-                        }
-                        Ok(resp)
-                    })
-                    .await?;
-                let stream = futures_util::stream::unfold(Some(resp), move |resp| {
-                    let url = url.clone();
-                    let path = path.clone();
-                    async move {
-                        let mut resp = resp?;
-                        match resp.chunk().await {
-                            Ok(Some(b)) => Some((Ok(b), Some(resp))),
-                            Ok(None) => None,
-                            Err(source) => Some((
-                                Err(CacheError::Transport {
-                                    url,
-                                    path: Some(path),
-                                    source,
-                                }),
-                                None,
-                            )),
-                        }
-                    }
-                });
-                Ok(Box::pin(stream))
+                let resp = self.get_nar(&full, None, &url, &path).await?;
+                Ok(body_stream(resp, url, path))
             }
         }
     }
@@ -546,30 +505,7 @@ impl BinaryCache {
             Location::Http(base) => {
                 let full = self.join(base, &info.url, Some(&path))?;
                 let range = format!("bytes={}-{}", start, end - 1);
-                let resp = self
-                    .with_retries(&url, Some(&path), || async {
-                        let resp = self
-                            .client
-                            .get(full.clone())
-                            .header(reqwest::header::RANGE, &range)
-                            .send()
-                            .await
-                            .map_err(|source| CacheError::Transport {
-                                url: url.clone(),
-                                path: Some(path.clone()),
-                                source,
-                            })?;
-                        let status = resp.status();
-                        if !status.is_success() {
-                            return Err(CacheError::Status {
-                                url: url.clone(),
-                                path: Some(path.clone()),
-                                status: status.as_u16(),
-                            });
-                        }
-                        Ok(resp)
-                    })
-                    .await?;
+                let resp = self.get_nar(&full, Some(&range), &url, &path).await?;
                 if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
                     return Ok(None);
                 }
@@ -582,28 +518,41 @@ impl BinaryCache {
                 if !content_range.starts_with(&expected) {
                     return Err(bad(format!("answered Content-Range {content_range:?}")));
                 }
-                let stream = futures_util::stream::unfold(Some(resp), move |resp| {
-                    let url = url.clone();
-                    let path = path.clone();
-                    async move {
-                        let mut resp = resp?;
-                        match resp.chunk().await {
-                            Ok(Some(b)) => Some((Ok(b), Some(resp))),
-                            Ok(None) => None,
-                            Err(source) => Some((
-                                Err(CacheError::Transport {
-                                    url,
-                                    path: Some(path),
-                                    source,
-                                }),
-                                None,
-                            )),
-                        }
-                    }
-                });
-                Ok(Some(Box::pin(stream)))
+                Ok(Some(body_stream(resp, url, path)))
             }
         }
+    }
+
+    /// GETs a NAR file (or the `Range` of it given, a header value), retrying transient
+    /// failures; any non-2xx status is an error.
+    async fn get_nar(
+        &self,
+        full: &reqwest::Url,
+        range: Option<&str>,
+        url: &str,
+        path: &StorePath,
+    ) -> Result<reqwest::Response, CacheError> {
+        self.with_retries(url, Some(path), || async {
+            let mut req = self.client.get(full.clone());
+            if let Some(range) = range {
+                req = req.header(reqwest::header::RANGE, range);
+            }
+            let resp = req.send().await.map_err(|source| CacheError::Transport {
+                url: url.to_string(),
+                path: Some(path.clone()),
+                source,
+            })?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(CacheError::Status {
+                    url: url.to_string(),
+                    path: Some(path.clone()),
+                    status: status.as_u16(),
+                });
+            }
+            Ok(resp)
+        })
+        .await
     }
 
     fn join(
@@ -729,6 +678,31 @@ impl BinaryCache {
             }
         }
     }
+}
+
+/// A response's body as a [`NarStream`]; a broken transfer is a transport error naming the
+/// URL and the store path.
+fn body_stream(resp: reqwest::Response, url: String, path: StorePath) -> NarStream {
+    let stream = futures_util::stream::unfold(Some(resp), move |resp| {
+        let url = url.clone();
+        let path = path.clone();
+        async move {
+            let mut resp = resp?;
+            match resp.chunk().await {
+                Ok(Some(b)) => Some((Ok(b), Some(resp))),
+                Ok(None) => None,
+                Err(source) => Some((
+                    Err(CacheError::Transport {
+                        url,
+                        path: Some(path),
+                        source,
+                    }),
+                    None,
+                )),
+            }
+        }
+    });
+    Box::pin(stream)
 }
 
 #[cfg(test)]
