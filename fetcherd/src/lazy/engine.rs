@@ -430,19 +430,28 @@ impl LazyStore {
             .or_insert_with(|| sub.clone());
     }
 
-    async fn is_stored(&self, path: &StorePath) -> Result<bool, LazyError> {
-        if self.stored.lock().expect("stored poisoned").contains(path) {
-            return Ok(true);
-        }
+    /// Runs a store query about `path` on a blocking thread; its error names the path.
+    async fn on_store<T: Send + 'static>(
+        &self,
+        path: &StorePath,
+        query: impl FnOnce(&Store, &StorePath) -> Result<T, kof_store::StoreError> + Send + 'static,
+    ) -> Result<T, LazyError> {
         let store = self.store.clone();
         let p = path.clone();
-        let found = tokio::task::spawn_blocking(move || store.has_path(&p))
+        tokio::task::spawn_blocking(move || query(&store, &p))
             .await
             .map_err(|e| spawn_err(path, e))?
             .map_err(|source| LazyError::Store {
                 path: path.clone(),
                 source: Box::new(source),
-            })?;
+            })
+    }
+
+    async fn is_stored(&self, path: &StorePath) -> Result<bool, LazyError> {
+        if self.stored.lock().expect("stored poisoned").contains(path) {
+            return Ok(true);
+        }
+        let found = self.on_store(path, |store, p| store.has_path(p)).await?;
         if found {
             self.stored
                 .lock()
@@ -585,15 +594,7 @@ impl LazyStore {
     }
 
     async fn stored_entry(&self, path: &StorePath) -> Result<Entry, LazyError> {
-        let store = self.store.clone();
-        let p = path.clone();
-        let nodes = tokio::task::spawn_blocking(move || store.tree(&p))
-            .await
-            .map_err(|e| spawn_err(path, e))?
-            .map_err(|source| LazyError::Store {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
+        let nodes = self.on_store(path, |store, p| store.tree(p)).await?;
         entry_of_tree(&path.base_name(), &nodes).map_err(|reason| LazyError::BadTree {
             path: path.clone(),
             reason,
