@@ -658,12 +658,23 @@ fn a_dead_fuse_server_is_replaced_and_the_leased_views_rebuilt() {
         .into_iter()
         .find(|p| p.contains("-bash-"))
         .unwrap();
+    let file = p
+        .view_root
+        .join(bash.trim_start_matches('/'))
+        .join("bin/bash");
+    let read = std::fs::read(&file).unwrap_or_else(|e| {
+        let missing = file
+            .ancestors()
+            .find(|a| std::fs::symlink_metadata(a).is_ok())
+            .map(|a| a.display().to_string());
+        panic!(
+            "reading {} after the restart: {e} (the deepest existing ancestor: {missing:?})\n{}",
+            file.display(),
+            node.logs()
+        )
+    });
     assert_eq!(
-        sha256_file(
-            &p.view_root
-                .join(bash.trim_start_matches('/'))
-                .join("bin/bash")
-        ),
+        kof_nar::NixHash::digest(&read).to_hex(),
         sha256_file(&staged(&bash).join("bin/bash"))
     );
 }
@@ -782,12 +793,23 @@ fn leases_survive_a_node_restart() {
         .into_iter()
         .find(|p| p.contains("-bash-"))
         .unwrap();
+    let file = p
+        .view_root
+        .join(bash.trim_start_matches('/'))
+        .join("bin/bash");
+    let read = std::fs::read(&file).unwrap_or_else(|e| {
+        let missing = file
+            .ancestors()
+            .find(|a| std::fs::symlink_metadata(a).is_ok())
+            .map(|a| a.display().to_string());
+        panic!(
+            "reading {} after the restart: {e} (the deepest existing ancestor: {missing:?})\n{}",
+            file.display(),
+            node.logs()
+        )
+    });
     assert_eq!(
-        sha256_file(
-            &p.view_root
-                .join(bash.trim_start_matches('/'))
-                .join("bin/bash")
-        ),
+        kof_nar::NixHash::digest(&read).to_hex(),
         sha256_file(&staged(&bash).join("bin/bash"))
     );
 }

@@ -868,6 +868,23 @@ impl Daemon {
             if info.views.contains(&rec.lease) {
                 continue;
             }
+            // The API is served while this runs: a `prepare` of the same lease may have rebuilt
+            // the view already, or a `release` dropped the lease. Under the lease's lock, look
+            // again; rebuilding twice would replace a view a reader is already walking.
+            let lock = self.lease_lock(&rec.lease);
+            let _held = handle.block_on(lock.lock());
+            let still_leased = self
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&rec.lease);
+            if !still_leased
+                || self
+                    .fuse_info()
+                    .is_some_and(|i| i.views.contains(&rec.lease))
+            {
+                continue;
+            }
             match handle.block_on(self.rebuild(rec)) {
                 Ok(()) => info!(lease = %rec.lease, "view rebuilt for a lease"),
                 Err(f) => {
@@ -877,6 +894,18 @@ impl Daemon {
         }
         for v in &info.views {
             if !leases.iter().any(|r| &r.lease == v) {
+                // A `prepare` adds its view before it records the lease: under the lease's lock,
+                // look again.
+                let lock = self.lease_lock(v);
+                let _held = handle.block_on(lock.lock());
+                if self
+                    .leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(v)
+                {
+                    continue;
+                }
                 info!(view = %v, "removing a view without a lease");
                 if let Err(e) =
                     ControlClient::connect(&self.paths.control).and_then(|mut c| c.remove_view(v))
