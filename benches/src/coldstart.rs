@@ -160,7 +160,7 @@ fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Comma
 }
 
 /// Longest chain of references from the roots (each link is one dependent narinfo round trip).
-fn reference_depth(manifest: &Manifest, roots: &[String]) -> usize {
+pub(crate) fn reference_depth(manifest: &Manifest, roots: &[String]) -> usize {
     fn depth(
         m: &Manifest,
         p: &str,

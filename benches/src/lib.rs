@@ -11,6 +11,7 @@
 //!   and vs a Nix store holding the same paths.
 //! - [`coldstart`]: a command's cold start in an environment, lazy vs eager vs Nix, plus warm.
 //! - [`concurrent`]: many cold starts of one environment at once through one daemon.
+//! - [`prepare`]: preparing a view cold (metadata only), against Nix's narinfo walk.
 //! - [`seqread`]: sequential read of a large cached file through the view vs native.
 
 pub mod coldstart;
@@ -18,5 +19,6 @@ pub mod concurrent;
 pub mod dedup;
 pub mod node;
 pub mod prefetch;
+pub mod prepare;
 pub mod report;
 pub mod seqread;

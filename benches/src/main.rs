@@ -9,6 +9,7 @@ use kof_benches::coldstart::ColdStartBench;
 use kof_benches::concurrent::ConcurrentBench;
 use kof_benches::node::Link;
 use kof_benches::prefetch::PrefetchBench;
+use kof_benches::prepare::PrepareBench;
 use kof_benches::{dedup, report, seqread};
 use kof_fixtures::serve::parse_bandwidth;
 
@@ -108,6 +109,19 @@ enum Cmd {
         /// The command and its arguments (default: the python set's).
         #[arg(last = true)]
         cmd: Vec<String>,
+    },
+    /// Preparing a view cold (metadata only) through a fresh kof-fetcherd, against
+    /// `nix path-info --recursive`; 20 ms, 50 MB/s.
+    Prepare {
+        /// `owner/name` (repeatable; default: kof/wide, kof/python, kof/jdk).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Cache flavour.
+        #[arg(long, default_value = "zstd")]
+        flavour: String,
+        /// Timed runs of each side.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// Sequential read of a cached file through the view vs native (the fixtures are unused).
     Seqread {
@@ -275,6 +289,28 @@ fn run(cli: Cli) -> Result<()> {
             let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
             println!("{}", report::concurrent_table(&r));
             json.insert("concurrent".into(), serde_json::to_value(r)?);
+        }
+        Cmd::Prepare { env, flavour, runs } => {
+            let envs = if env.is_empty() {
+                ["kof/wide", "kof/python", "kof/jdk"]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                env
+            };
+            let mut reports = Vec::new();
+            for env in envs {
+                eprintln!("prepare {env} ({flavour}), {runs} runs each side");
+                let b = PrepareBench {
+                    env,
+                    flavour: flavour.clone(),
+                    runs,
+                    link: standard,
+                };
+                reports.push(b.run(&cli.fixtures, &manifest, &kof_store)?);
+            }
+            println!("{}", report::prepare_table(&reports));
+            json.insert("prepare".into(), serde_json::to_value(reports)?);
         }
         Cmd::Seqread {
             mib,

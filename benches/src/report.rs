@@ -4,6 +4,7 @@ use crate::coldstart::ColdStartReport;
 use crate::concurrent::ConcurrentReport;
 use crate::dedup::DedupReport;
 use crate::prefetch::PrefetchReport;
+use crate::prepare::PrepareReport;
 use crate::seqread::SeqReadReport;
 
 fn mb(n: u64) -> String {
@@ -124,6 +125,36 @@ pub fn concurrent_table(r: &ConcurrentReport) -> String {
             mb(t.nar_bytes),
             t.nar_bytes as f64 / r.closure_nar_bytes as f64,
             t.nar_bytes as f64 / r.one.nar_bytes.max(1) as f64,
+        ));
+    }
+    s
+}
+
+/// A Markdown table of cold view preparations.
+pub fn prepare_table(reports: &[PrepareReport]) -> String {
+    let mut s = String::from(
+        "| environment | cache | paths | depth | closure NAR | kof prepare | requests (narinfo, listings, git) | bytes | nix path-info -r | requests | kof/nix |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in reports {
+        let (k, n) = (r.kof_seconds(), r.nix_seconds());
+        let last = r.kof.last();
+        let nix_req = r.nix.last().map_or(0, |x| x.requests);
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.3} s | {} ({}, {}, {}) | {} | {:.3} s | {} | {:.2}x |\n",
+            r.env,
+            r.flavour,
+            r.paths,
+            r.depth,
+            mb(r.closure_nar_bytes),
+            k,
+            last.map_or(0, |x| x.requests),
+            last.map_or(0, |x| x.narinfo_requests),
+            last.map_or(0, |x| x.listing_requests),
+            last.map_or(0, |x| x.git_requests),
+            mb(last.map_or(0, |x| x.bytes)),
+            n,
+            nix_req,
+            k / n,
         ));
     }
     s
