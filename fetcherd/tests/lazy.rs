@@ -655,6 +655,55 @@ async fn demand_never_queues_behind_prefetch() {
     }
 }
 
+/// A prefetch GET streaming when a demand read starts stops at its next chunk boundary, so the
+/// demand read does not share the link with it; the prefetch then resumes from the chunks it
+/// has, fetching no byte twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_yields_the_link_to_demand_reads() {
+    // 8 MB/s: a 4 MiB prefetch GET streams for half a second, a 512 KiB chunk for 65 ms.
+    let mut cfg = ServeConfig::new(&fixtures().0);
+    cfg.bandwidth = Some(8_000_000);
+    let opts = LazyOptions {
+        prefetch_concurrency: 1,
+        ..lazy_opts()
+    };
+    let node = Node::with_server(serve::start_in_background(cfg), "none", opts);
+    let (a, b) = (path_of("glibc"), path_of("openssl"));
+    let closure = resolve(&node, "none", &[a.clone(), b.clone()]).await;
+    node.engine.entry(entry_of(&closure, &b)).await.unwrap();
+    let a_size = python_nar_size(&a);
+    assert!(
+        a_size > 8 << 20,
+        "{a} is large enough for several prefetch GETs"
+    );
+    let engine = node.engine.clone();
+    let only_a = closure_only(&closure, &a);
+    let prefetch = tokio::spawn(async move { engine.prefetch(only_a).await });
+    let mut polls = 0;
+    while node.engine.counters().bytes_fetched.prefetch == 0 {
+        polls += 1;
+        assert!(polls < 3000, "the prefetch of {a} never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 2 MiB of b on demand: at least a quarter of a second at this bandwidth, so the prefetch
+    // GET reaches a chunk boundary while it runs.
+    let want = python_nar_size(&b).min(2 << 20);
+    node.engine
+        .ensure(&b, 0, want, Cause::Demand)
+        .await
+        .unwrap();
+    let report = prefetch.await.unwrap().unwrap();
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert!(
+        node.store.has_path(&a).unwrap(),
+        "{a} completed and verified"
+    );
+    let c = node.engine.counters();
+    assert!(c.prefetch_yields >= 1, "{c:?}");
+    // What the prefetch kept before yielding was not fetched again.
+    assert_eq!(c.bytes_fetched.prefetch, a_size, "{c:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_ignoring_range_is_streamed_instead() {
     // A plain HTTP server that answers every GET with the whole file (200), over the fixtures'

@@ -70,6 +70,9 @@ pub struct LazyCounters {
     pub paths_refused: u64,
     /// Ensures that failed or timed out.
     pub ensure_failures: u64,
+    /// Prefetch GETs stopped early to leave the link to demand reads.
+    #[serde(default)]
+    pub prefetch_yields: u64,
     /// Duration of each fetch (range GET from request to last byte; streamed path to commit).
     pub fetch_latency: LatencyHistogram,
 }
@@ -85,6 +88,7 @@ pub(crate) struct Counters {
     completed: AtomicU64,
     refused: AtomicU64,
     failures: AtomicU64,
+    yields: AtomicU64,
     latency: Vec<AtomicU64>,
     latency_sum_nanos: AtomicU64,
 }
@@ -108,6 +112,7 @@ impl Default for Counters {
             completed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            yields: AtomicU64::new(0),
             latency: (0..=LATENCY_BUCKETS.len())
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -163,6 +168,10 @@ impl Counters {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn prefetch_yield(&self) {
+        self.yields.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn failure(&self) {
         self.failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -200,6 +209,7 @@ impl Counters {
             paths_completed: self.completed.load(Ordering::Relaxed),
             paths_refused: self.refused.load(Ordering::Relaxed),
             ensure_failures: self.failures.load(Ordering::Relaxed),
+            prefetch_yields: self.yields.load(Ordering::Relaxed),
             fetch_latency: LatencyHistogram {
                 buckets,
                 count: acc,

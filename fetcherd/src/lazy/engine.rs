@@ -143,6 +143,9 @@ enum RunError {
     /// The cache ignores `Range`: the path now uses the stream path.
     Unsupported,
     Failed(LazyError, bool),
+    /// A prefetch GET stopped at a chunk boundary because demand work started: its chunks not
+    /// filled are missing again, for a later prefetch (or the demand) to fetch.
+    Yielded,
 }
 
 /// What a closure prefetch did.
@@ -683,7 +686,8 @@ impl LazyStore {
                         _ => None,
                     };
                     match self.ensure_range(&st, start, end, cause, readahead).await {
-                        Err(RunError::Unsupported) => continue,
+                        // (ensure_range retries a yielded prefetch itself.)
+                        Err(RunError::Unsupported | RunError::Yielded) => continue,
                         Err(RunError::Failed(e, _)) => return Err(e),
                         Ok(()) => return Ok(()),
                     }
@@ -786,8 +790,16 @@ impl LazyStore {
                 let task = tokio::spawn(async move {
                     let _slot = permit;
                     let mut out = Vec::new();
+                    let mut yielded = false;
                     for (a, b) in runs {
-                        out.push(me.fetch_run(st2.clone(), a, b, cause).await);
+                        if yielded {
+                            // Claimed, not fetched: missing again.
+                            me.release(&st2, a, b);
+                            continue;
+                        }
+                        let r = me.fetch_run(st2.clone(), a, b, cause).await;
+                        yielded = matches!(r, Err(RunError::Yielded));
+                        out.push(r);
                     }
                     out
                 });
@@ -818,7 +830,8 @@ impl LazyStore {
             drop(permit);
             for r in results {
                 match r {
-                    Ok(()) => {}
+                    // Prefetch gave the link to demand: wait for quiet and claim again.
+                    Ok(()) | Err(RunError::Yielded) => {}
                     Err(RunError::Unsupported) => return Err(RunError::Unsupported),
                     Err(RunError::Failed(e, transient)) => {
                         failures += 1;
@@ -868,16 +881,21 @@ impl LazyStore {
             .fetch_run_inner(&st, start, end, cause, &mut next)
             .await;
         if result.is_err() {
-            let mut g = st.lock();
-            for c in &mut g.chunks[next..b] {
-                if *c == Chunk::InFlight {
-                    *c = Chunk::Missing;
-                }
-            }
-            drop(g);
-            st.bump();
+            self.release(&st, next, b);
         }
         result
+    }
+
+    /// Makes claimed chunks of `a..b` not filled missing again, and wakes their waiters.
+    fn release(&self, st: &Arc<PathState>, a: usize, b: usize) {
+        let mut g = st.lock();
+        for c in &mut g.chunks[a..b] {
+            if *c == Chunk::InFlight {
+                *c = Chunk::Missing;
+            }
+        }
+        drop(g);
+        st.bump();
     }
 
     async fn fetch_run_inner(
@@ -985,6 +1003,17 @@ impl LazyStore {
             if done_to > *next {
                 self.fill(st, *next, done_to);
                 *next = done_to;
+                // Prefetch stays below demand: a demand read started while this GET streamed
+                // shares the link with it, so stop at this chunk boundary (the connection is
+                // dropped; the rest is fetched again later).
+                if cause == Cause::Prefetch
+                    && pos != end
+                    && self.demand_active.load(Ordering::SeqCst) > 0
+                {
+                    self.counters.prefetch_yield();
+                    tracing::debug!(%path, at = pos, end, "prefetch GET yields to demand");
+                    return Err(RunError::Yielded);
+                }
             }
         }
         if pos != end {
@@ -1233,7 +1262,7 @@ impl LazyStore {
                 }
                 Mode::Range => {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
-                        Err(RunError::Unsupported) => continue,
+                        Err(RunError::Unsupported | RunError::Yielded) => continue,
                         Err(RunError::Failed(e, _)) => return Err(e),
                         Ok(()) => {}
                     }
