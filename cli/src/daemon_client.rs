@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use kof_fetcherd::api::Client;
+use kof_fetcherd::api::{ApiError, Client, ErrorKind};
 
 use crate::context::Context;
 use crate::progress::human_bytes;
@@ -16,16 +16,24 @@ use crate::progress::human_bytes;
 pub fn connect(ctx: &Context) -> Option<Client> {
     let socket = &ctx.config.socket;
     let mut client = Client::connect(socket).ok()?;
-    let status = match client.status() {
-        Ok(s) => s,
+    let store_dir = match client.hello() {
+        Ok(h) => Ok(h.store_dir),
+        // A daemon older than `hello`.
+        Err(ApiError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
+            client.status().map(|s| s.store_dir)
+        }
+        Err(e) => Err(e),
+    };
+    let store_dir = match store_dir {
+        Ok(d) => d,
         Err(e) => {
-            tracing::warn!(socket = %socket.display(), error = %e, "kof-fetcherd answers but not to status; working alone");
+            tracing::warn!(socket = %socket.display(), error = %e, "kof-fetcherd answers but not to hello or status; working alone");
             return None;
         }
     };
-    if !same_dir(&status.store_dir, &ctx.config.store_dir) {
+    if !same_dir(&store_dir, &ctx.config.store_dir) {
         tracing::info!(
-            daemon_store = %status.store_dir.display(),
+            daemon_store = %store_dir.display(),
             store = %ctx.config.store_dir.display(),
             "kof-fetcherd owns another store; working alone"
         );

@@ -17,6 +17,7 @@
 //! | `{"op":"release","lease":"ID"}` | [`Released`] |
 //! | `{"op":"prefetch","env":"owner/name[:N]","token":"..."?}` | [`Prefetched`] |
 //! | `{"op":"status"}` | [`Status`] |
+//! | `{"op":"hello"}` | [`Hello`] |
 //! | `{"op":"ensure","store_path":"<hash>-<name>","start":S,"end":E}` | `{"ok":true}` |
 //! | `{"op":"leases"}` | `{"leases":[`[`LeaseInfo`]`...]}` |
 //!
@@ -38,6 +39,9 @@
 //!   store (or its partial NAR); it returns when the bytes are there. The FUSE server uses
 //!   it.
 //! - `status`: the daemon's pid, leases, store totals, in-flight fetches, the FUSE server.
+//! - `hello`: the daemon's pid and store, at once (no store query, no FUSE server round trip):
+//!   what a client checks before using the daemon. A daemon older than `hello` answers
+//!   `bad_request`; ask `status` then.
 //!
 //! Success responses (fields in this order; absent optional values are `null`):
 //!
@@ -57,6 +61,7 @@
 //!                    "objects":N,"environments":N},
 //!           "in_flight_fetches":N,"demand_bytes":N,"prefetch_bytes":N,
 //!           "fuse_server":{"pid":P,"mount_dir":"/var/lib/kof/mnt","views":["c1"]}|null}
+//! hello    {"pid":P,"store_dir":"/var/lib/kof"}
 //! ensure   {"ok":true}
 //! leases   {"leases":[<lease>...]}
 //! <lease> = {"lease":"c1","env":"kof/hello","generation":2,"pinned":false,
@@ -132,6 +137,8 @@ pub enum Request {
     },
     /// The daemon's state.
     Status,
+    /// The daemon's pid and store.
+    Hello,
     /// Make a NAR byte range of a store path readable.
     Ensure {
         /// The store path's base name (`<hash>-<name>`).
@@ -363,6 +370,15 @@ pub struct Status {
     pub fuse_server: Option<FuseServerInfo>,
 }
 
+/// The answer to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The store it owns.
+    pub store_dir: PathBuf,
+}
+
 /// Why a request through [`Client`] failed.
 #[derive(Debug, Error)]
 pub enum ApiError {
@@ -444,6 +460,7 @@ impl Request {
             Request::Release { .. } => "release",
             Request::Prefetch { .. } => "prefetch",
             Request::Status => "status",
+            Request::Hello => "hello",
             Request::Ensure { .. } => "ensure",
             Request::Leases => "leases",
         }
@@ -531,6 +548,11 @@ impl Client {
     /// The daemon's state.
     pub fn status(&mut self) -> Result<Status, ApiError> {
         self.call(&Request::Status)
+    }
+
+    /// The daemon's pid and store (cheaper than [`Client::status`]).
+    pub fn hello(&mut self) -> Result<Hello, ApiError> {
+        self.call(&Request::Hello)
     }
 
     /// The leases.
@@ -707,6 +729,8 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
         assert_eq!(r, Request::Status);
+        let r: Request = serde_json::from_str(r#"{"op":"hello"}"#).unwrap();
+        assert_eq!(r, Request::Hello);
         // Unknown ops and fields are refused.
         assert!(serde_json::from_str::<Request>(r#"{"op":"mount"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"release","lease":"a","x":1}"#).is_err());

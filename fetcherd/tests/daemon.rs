@@ -813,3 +813,171 @@ fn leases_survive_a_node_restart() {
         sha256_file(&staged(&bash).join("bin/bash"))
     );
 }
+
+/// Every file of a view under `root`, relative, with its kind and (regular files) the SHA-256
+/// of its bytes read through the view; symlinks with their targets.
+fn view_files(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if m.file_type().is_symlink() {
+            out.push((
+                rel,
+                format!("-> {}", std::fs::read_link(&p).unwrap().display()),
+            ));
+        } else if m.is_dir() {
+            out.push((rel, "dir".into()));
+            view_files(root, &p, out);
+        } else {
+            out.push((rel, sha256_file(&p)));
+        }
+    }
+}
+
+fn fuse_server_log(node: &Node) -> String {
+    std::fs::read_to_string(node.tmp.path().join("run/fuse-server.log")).unwrap_or_default()
+}
+
+/// Leases of one generation share its built view: a second lease (and a lease after every
+/// earlier one is released, and after a daemon restart) gets a view with the same files and
+/// bytes, served from the tree the FUSE server keeps, without the tree crossing the control
+/// socket again; releasing one lease leaves the other's view intact.
+#[test]
+fn leases_of_one_generation_share_the_view_and_release_separately() {
+    let mut node = Node::new(NodeOptions::default());
+    let mut c = node.client();
+    let hello = c.hello().unwrap();
+    assert_eq!(hello.store_dir, node.tmp.path().join("store"));
+    assert_eq!(Some(hello.pid), node.daemon.as_ref().map(|d| d.id()));
+    // Everything stored: the daemon keeps the view it builds.
+    c.prefetch("kof/hello", None).unwrap();
+    let p1 = c.prepare("kof/hello", "c1", None).unwrap();
+    let mut want = Vec::new();
+    view_files(&p1.view_root, &p1.view_root, &mut want);
+    let bash = closure_of("kof/hello")
+        .into_iter()
+        .find(|p| p.contains("-bash-"))
+        .unwrap();
+    let bash_rel = format!("{}/bin/bash", bash.trim_start_matches('/'));
+    assert!(
+        want.contains(&(
+            bash_rel.clone(),
+            sha256_file(&staged(&bash).join("bin/bash"))
+        )),
+        "{want:?}"
+    );
+
+    let p2 = c.prepare("kof/hello", "c2", None).unwrap();
+    assert_ne!(p2.view_root, p1.view_root);
+    assert_eq!(p2.flox_env, p1.flox_env);
+    assert_eq!(p2.activation, p1.activation);
+    let mut got = Vec::new();
+    view_files(&p2.view_root, &p2.view_root, &mut got);
+    assert_eq!(got, want);
+    let log = fuse_server_log(&node);
+    assert!(
+        log.contains("view added from a kept tree view=c2"),
+        "c2 was not served from c1's tree:\n{log}"
+    );
+
+    // Releasing c1 leaves c2 whole, and a file open in c2 stays readable.
+    let mut open = std::fs::File::open(p2.view_root.join(&bash_rel)).unwrap();
+    assert!(c.release("c1").unwrap().released);
+    assert!(!p1.view_root.exists());
+    let mut got = Vec::new();
+    view_files(&p2.view_root, &p2.view_root, &mut got);
+    assert_eq!(got, want);
+    let mut bytes = Vec::new();
+    open.read_to_end(&mut bytes).unwrap();
+    assert_eq!(
+        kof_nar::NixHash::digest(&bytes).to_hex(),
+        sha256_file(&staged(&bash).join("bin/bash"))
+    );
+
+    // With no lease left, the next lease still gets the kept tree.
+    assert!(c.release("c2").unwrap().released);
+    assert!(!p2.view_root.exists());
+    let p3 = c.prepare("kof/hello", "c3", None).unwrap();
+    let mut got = Vec::new();
+    view_files(&p3.view_root, &p3.view_root, &mut got);
+    assert_eq!(got, want);
+    assert!(fuse_server_log(&node).contains("view added from a kept tree view=c3"));
+
+    // A new daemon builds the view again and names it by the same digest: the FUSE server
+    // serves its kept tree.
+    drop(c);
+    node.kill_daemon();
+    node.start_daemon();
+    let mut c = node.client();
+    let p4 = c.prepare("kof/hello", "c4", None).unwrap();
+    let mut got = Vec::new();
+    view_files(&p4.view_root, &p4.view_root, &mut got);
+    assert_eq!(got, want);
+    assert!(
+        fuse_server_log(&node).contains("view added from a kept tree view=c4"),
+        "{}",
+        node.logs()
+    );
+    assert!(c.release("c3").unwrap().released);
+    assert!(c.release("c4").unwrap().released);
+    assert_eq!(
+        kof_fetcherd::daemon::control::ControlClient::connect(&node.control())
+            .unwrap()
+            .ping()
+            .unwrap()
+            .views,
+        Vec::<String>::new()
+    );
+}
+
+/// The control socket refuses a tree whose digest is not its own, and answers `false` for a
+/// digest it does not keep, changing nothing.
+#[test]
+fn the_fuse_server_checks_tree_digests() {
+    use kof_fetcherd::daemon::control::ControlClient;
+    use kof_fetcherd::daemon::wire::{tree_digest, WireEntry};
+    let node = Node::new(NodeOptions::default());
+    let mut cc = ControlClient::connect(&node.control()).unwrap();
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        std::ffi::OsString::from("motd"),
+        std::sync::Arc::new(kof_fuse::Entry::Regular {
+            executable: false,
+            content: kof_fuse::Content::Inline(std::sync::Arc::from(&b"hello\n"[..])),
+        }),
+    );
+    let tree = kof_fuse::Entry::Directory(m);
+    let digest = tree_digest(&tree);
+    let other = tree_digest(&kof_fuse::Entry::Directory(Default::default()));
+    let e = cc
+        .add_view("t1", WireEntry::from_entry(&tree), Some(&other))
+        .unwrap_err();
+    match &e {
+        ApiError::Remote(r) => {
+            assert_eq!(r.kind, ErrorKind::BadRequest, "{e}");
+            assert!(r.message.contains("digest"), "{e}");
+        }
+        _ => panic!("{e}"),
+    }
+    assert!(!node.mount_dir().join("t1").exists());
+    assert!(!cc.add_cached_view("t2", &digest).unwrap());
+    assert!(!node.mount_dir().join("t2").exists());
+    cc.add_view("t1", WireEntry::from_entry(&tree), Some(&digest))
+        .unwrap();
+    assert!(cc.add_cached_view("t2", &digest).unwrap());
+    assert_eq!(
+        std::fs::read(node.mount_dir().join("t2/motd")).unwrap(),
+        b"hello\n"
+    );
+    assert!(cc.remove_view("t1").unwrap());
+    assert_eq!(
+        std::fs::read(node.mount_dir().join("t2/motd")).unwrap(),
+        b"hello\n"
+    );
+    assert!(cc.remove_view("t2").unwrap());
+}

@@ -4,8 +4,16 @@
 //! [`crate::api`]); requests:
 //!
 //! - `{"op":"ping"}` → `{"pid":P,"mount_dir":"...","views":["lease",...]}`
-//! - `{"op":"add_view","name":"lease","root":<tree>}` → `{"ok":true}` (the tree as
-//!   [`super::wire::WireEntry`]; replaces a view of the same name)
+//! - `{"op":"add_view","name":"lease","root":<tree>,"tree":"<digest>"?}` → `{"ok":true}` (the
+//!   tree as [`super::wire::WireEntry`]; replaces a view of the same name). With `tree` (the
+//!   tree's [`super::wire::tree_digest`]), the server keeps the decoded tree under that digest
+//!   for `add_cached_view`.
+//! - `{"op":"add_cached_view","name":"lease","tree":"<digest>"}` → `{"added":bool}`: serves
+//!   the tree kept under that digest as view `name` (replacing a view of the same name), without
+//!   the tree crossing the socket again; `false` (nothing changed) when the server does not hold
+//!   it (it keeps the trees of its views and a few recently unused ones; a new server holds
+//!   none), and the daemon then sends it with `add_view`. A server older than this op answers
+//!   `bad_request`; the daemon then sends `add_view` without `tree`.
 //! - `{"op":"remove_view","name":"lease"}` → `{"removed":bool}`
 //! - `{"op":"op_stats"}` → `{"ops":{"read":{"count":N,"sum_seconds":S,"buckets":[[le,n],...]},...}}`
 //! - `{"op":"shutdown"}` → `{"ok":true}`, then the server unmounts and exits (views are gone:
@@ -75,6 +83,16 @@ pub enum ControlRequest {
         name: String,
         /// Its tree.
         root: WireEntry,
+        /// The tree's digest ([`super::wire::tree_digest`]): keep the tree under it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tree: Option<String>,
+    },
+    /// Serve a tree the server keeps, by digest.
+    AddCachedView {
+        /// The view's name (the lease id).
+        name: String,
+        /// The tree's digest.
+        tree: String,
     },
     /// Stop serving a view.
     RemoveView {
@@ -93,6 +111,7 @@ impl ControlRequest {
         match self {
             ControlRequest::Ping => "ping",
             ControlRequest::AddView { .. } => "add_view",
+            ControlRequest::AddCachedView { .. } => "add_cached_view",
             ControlRequest::RemoveView { .. } => "remove_view",
             ControlRequest::OpStats => "op_stats",
             ControlRequest::Shutdown => "shutdown",
@@ -125,6 +144,11 @@ struct OkAnswer {
 }
 
 #[derive(Deserialize)]
+struct Added {
+    added: bool,
+}
+
+#[derive(Deserialize)]
 struct Removed {
     removed: bool,
 }
@@ -147,16 +171,36 @@ impl ControlClient {
         self.client.call_json("ping", &ControlRequest::Ping)
     }
 
-    /// Serves `root` as view `name`.
-    pub fn add_view(&mut self, name: &str, root: WireEntry) -> Result<(), ApiError> {
+    /// Serves `root` as view `name`; with `tree` (its digest), the server keeps it for
+    /// [`ControlClient::add_cached_view`].
+    pub fn add_view(
+        &mut self,
+        name: &str,
+        root: WireEntry,
+        tree: Option<&str>,
+    ) -> Result<(), ApiError> {
         let _: OkAnswer = self.client.call_json(
             "add_view",
             &ControlRequest::AddView {
                 name: name.to_string(),
                 root,
+                tree: tree.map(str::to_string),
             },
         )?;
         Ok(())
+    }
+
+    /// Serves the tree the server keeps under digest `tree` as view `name`; `false` when it
+    /// keeps no such tree (nothing changed).
+    pub fn add_cached_view(&mut self, name: &str, tree: &str) -> Result<bool, ApiError> {
+        let r: Added = self.client.call_json(
+            "add_cached_view",
+            &ControlRequest::AddCachedView {
+                name: name.to_string(),
+                tree: tree.to_string(),
+            },
+        )?;
+        Ok(r.added)
     }
 
     /// Removes view `name`; `false` if there was none.

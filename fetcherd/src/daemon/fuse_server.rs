@@ -11,7 +11,13 @@
 //!
 //! One FUSE server per run directory (an exclusive `flock` on `fuse.lock`). It stops on its
 //! control socket's `shutdown`, or on SIGTERM/SIGINT, unmounting first.
+//!
+//! Decoded view trees are kept by content digest (`TreeCache`): views of the same
+//! environment generation share one tree in memory, and a new lease of a generation served
+//! recently is added by digest (`add_cached_view`) instead of its tree crossing the control
+//! socket and being parsed again.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,15 +25,101 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kof_fuse::{ContentSource, MountOptions, Mounted};
+use kof_fuse::{ContentSource, Entry, MountOptions, Mounted};
 
 use super::control::{ControlRequest, RunPaths, WireOpStat, WireOpStats};
-use super::wire::Decoder;
+use super::wire::{tree_digest, Decoder};
 use crate::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
 use crate::config::Config;
 
 /// Longest control request line (a view's tree can be large).
 const MAX_CONTROL_LINE: u64 = 1 << 30;
+/// Trees kept while no view uses them (the most recently used first).
+const IDLE_TREES: usize = 8;
+
+/// Decoded view trees by digest: those of the current views, and up to [`IDLE_TREES`] more
+/// that no view uses any longer, the least recently used dropped first. A tree is immutable
+/// (an `Arc`): serving it for another view never changes what a reader of an existing view
+/// walks.
+#[derive(Default)]
+pub(crate) struct TreeCache {
+    trees: HashMap<String, KeptTree>,
+    /// View name → the digest of its tree (views added without a digest are absent).
+    views: HashMap<String, String>,
+    tick: u64,
+}
+
+struct KeptTree {
+    root: Arc<Entry>,
+    last_used: u64,
+}
+
+impl TreeCache {
+    /// The tree kept under `digest`.
+    pub(crate) fn get(&mut self, digest: &str) -> Option<Arc<Entry>> {
+        self.tick += 1;
+        let kept = self.trees.get_mut(digest)?;
+        kept.last_used = self.tick;
+        Some(kept.root.clone())
+    }
+
+    /// Keeps `root` under `digest`.
+    pub(crate) fn insert(&mut self, digest: &str, root: Arc<Entry>) {
+        self.tick += 1;
+        self.trees.insert(
+            digest.to_string(),
+            KeptTree {
+                root,
+                last_used: self.tick,
+            },
+        );
+    }
+
+    /// View `name` now shows the tree `digest` (`None`: a tree not kept).
+    pub(crate) fn view_added(&mut self, name: &str, digest: Option<&str>) {
+        match digest {
+            Some(d) => {
+                self.views.insert(name.to_string(), d.to_string());
+            }
+            None => {
+                self.views.remove(name);
+            }
+        }
+        self.evict();
+    }
+
+    /// View `name` is gone.
+    pub(crate) fn view_removed(&mut self, name: &str) {
+        self.views.remove(name);
+        self.evict();
+    }
+
+    /// Digests of the kept trees, sorted.
+    #[cfg(test)]
+    fn digests(&self) -> Vec<String> {
+        let mut d: Vec<String> = self.trees.keys().cloned().collect();
+        d.sort();
+        d
+    }
+
+    fn evict(&mut self) {
+        let in_use: std::collections::HashSet<&String> = self.views.values().collect();
+        let mut idle: Vec<(u64, String)> = self
+            .trees
+            .iter()
+            .filter(|(d, _)| !in_use.contains(d))
+            .map(|(d, k)| (k.last_used, d.clone()))
+            .collect();
+        if idle.len() <= IDLE_TREES {
+            return;
+        }
+        idle.sort();
+        let drop_n = idle.len() - IDLE_TREES;
+        for (_, d) in idle.into_iter().take(drop_n) {
+            self.trees.remove(&d);
+        }
+    }
+}
 
 /// Why the FUSE server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +296,7 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
     let mounted = kof_fuse::mount(&config.mount_dir, source, MountOptions::default())?;
     tracing::info!(mount_dir = %config.mount_dir.display(), "FUSE view mounted");
     let mounted = Arc::new(Mutex::new(Some(mounted)));
+    let trees = Arc::new(Mutex::new(TreeCache::default()));
 
     let listener = UnixListener::bind(&paths.control).map_err(io_err("binding", &paths.control))?;
     {
@@ -227,9 +320,12 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
                 let mounted = mounted.clone();
+                let trees = trees.clone();
                 let mount_dir = mount_dir.clone();
                 let done_tx = done_tx.clone();
-                std::thread::spawn(move || serve_control(conn, &mounted, &mount_dir, &done_tx));
+                std::thread::spawn(move || {
+                    serve_control(conn, &mounted, &trees, &mount_dir, &done_tx)
+                });
             }
         });
     }
@@ -247,6 +343,7 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
 fn serve_control(
     conn: UnixStream,
     mounted: &Mutex<Option<Mounted>>,
+    trees: &Mutex<TreeCache>,
     mount_dir: &Path,
     done: &std::sync::mpsc::Sender<&'static str>,
 ) {
@@ -270,7 +367,7 @@ fn serve_control(
             ),
             Ok(req) => {
                 let shutdown = matches!(req, ControlRequest::Shutdown);
-                (handle(req, mounted, mount_dir), shutdown)
+                (handle(req, mounted, trees, mount_dir), shutdown)
             }
         };
         if writer.write_all(&answer).is_err() {
@@ -289,7 +386,18 @@ fn json_line(v: &impl serde::Serialize) -> Vec<u8> {
     out
 }
 
-fn handle(req: ControlRequest, mounted: &Mutex<Option<Mounted>>, mount_dir: &Path) -> Vec<u8> {
+/// Serves `root` as view `name`, replacing a view of that name.
+fn replace_view(m: &Mounted, name: &str, root: Arc<Entry>) -> Result<(), kof_fuse::FuseError> {
+    m.remove_view(name);
+    m.add_view(name, root)
+}
+
+fn handle(
+    req: ControlRequest,
+    mounted: &Mutex<Option<Mounted>>,
+    trees: &Mutex<TreeCache>,
+    mount_dir: &Path,
+) -> Vec<u8> {
     let guard = mounted.lock().unwrap_or_else(|p| p.into_inner());
     let Some(m) = guard.as_ref() else {
         return error_line(ErrorKind::Fuse, "the FUSE view is being unmounted");
@@ -300,25 +408,66 @@ fn handle(req: ControlRequest, mounted: &Mutex<Option<Mounted>>, mount_dir: &Pat
             mount_dir: mount_dir.to_path_buf(),
             views: m.views(),
         }),
-        ControlRequest::AddView { name, root } => {
+        ControlRequest::AddView { name, root, tree } => {
             let root = match Decoder::default().entry(&root) {
                 Ok(r) => r,
                 Err(e) => {
                     return error_line(ErrorKind::BadRequest, format!("view {name}: {e}"));
                 }
             };
+            if let Some(d) = &tree {
+                let actual = tree_digest(&root);
+                if &actual != d {
+                    return error_line(
+                        ErrorKind::BadRequest,
+                        format!("view {name}: the tree's digest is {actual}, not {d}"),
+                    );
+                }
+            }
             // Replacing: the new tree takes the place of the old one.
-            m.remove_view(&name);
-            match m.add_view(&name, root) {
+            match replace_view(m, &name, root.clone()) {
                 Ok(()) => {
-                    tracing::info!(view = %name, "view added");
+                    let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(d) = &tree {
+                        t.insert(d, root);
+                    }
+                    t.view_added(&name, tree.as_deref());
+                    tracing::info!(view = %name, tree = tree.as_deref().unwrap_or("-"), "view added");
                     json_line(&serde_json::json!({"ok": true}))
                 }
-                Err(e) => error_line(ErrorKind::Fuse, e.to_string()),
+                Err(e) => {
+                    trees
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .view_removed(&name);
+                    error_line(ErrorKind::Fuse, e.to_string())
+                }
+            }
+        }
+        ControlRequest::AddCachedView { name, tree } => {
+            let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(root) = t.get(&tree) else {
+                tracing::info!(view = %name, %tree, "tree not kept; the daemon sends it");
+                return json_line(&serde_json::json!({"added": false}));
+            };
+            match replace_view(m, &name, root) {
+                Ok(()) => {
+                    t.view_added(&name, Some(&tree));
+                    tracing::info!(view = %name, %tree, "view added from a kept tree");
+                    json_line(&serde_json::json!({"added": true}))
+                }
+                Err(e) => {
+                    t.view_removed(&name);
+                    error_line(ErrorKind::Fuse, e.to_string())
+                }
             }
         }
         ControlRequest::RemoveView { name } => {
             let removed = m.remove_view(&name);
+            trees
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .view_removed(&name);
             tracing::info!(view = %name, removed, "view removed");
             json_line(&serde_json::json!({ "removed": removed }))
         }
@@ -346,5 +495,57 @@ fn handle(req: ControlRequest, mounted: &Mutex<Option<Mounted>>, mount_dir: &Pat
             json_line(&WireOpStats { ops })
         }
         ControlRequest::Shutdown => json_line(&serde_json::json!({"ok": true})),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn tree(n: u8) -> Arc<Entry> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            std::ffi::OsString::from("f"),
+            Arc::new(Entry::Regular {
+                executable: false,
+                content: kof_fuse::Content::Inline(Arc::from(&[n][..])),
+            }),
+        );
+        Arc::new(Entry::Directory(m))
+    }
+
+    #[test]
+    fn trees_in_use_stay_and_idle_ones_are_bounded() {
+        let mut c = TreeCache::default();
+        c.insert("used", tree(0));
+        c.view_added("v1", Some("used"));
+        c.view_added("v2", Some("used"));
+        for i in 0..(IDLE_TREES as u8 + 3) {
+            let d = format!("idle{i:02}");
+            c.insert(&d, tree(i + 1));
+            c.view_added(&format!("w{i}"), Some(&d));
+            c.view_removed(&format!("w{i}"));
+        }
+        // The tree two views show is kept; of the idle ones, the most recent IDLE_TREES.
+        let kept = c.digests();
+        assert!(kept.contains(&"used".to_string()), "{kept:?}");
+        assert_eq!(kept.len(), IDLE_TREES + 1, "{kept:?}");
+        for i in 0..3 {
+            assert!(!kept.contains(&format!("idle{i:02}")), "{kept:?}");
+        }
+        assert_eq!(c.get("used"), Some(tree(0)));
+        // Removing one of its two views keeps it in use; removing both makes it idle, and
+        // the most recently used: it is kept, the oldest idle one goes.
+        c.view_removed("v1");
+        c.view_removed("v2");
+        let kept = c.digests();
+        assert!(kept.contains(&"used".to_string()), "{kept:?}");
+        assert_eq!(kept.len(), IDLE_TREES, "{kept:?}");
+        assert!(!kept.contains(&"idle03".to_string()), "{kept:?}");
+        // A view replaced by one without a digest no longer holds its tree.
+        c.view_added("x", Some("idle10"));
+        c.view_added("x", None);
+        assert!(c.get("unknown").is_none());
     }
 }

@@ -16,12 +16,12 @@ use tracing::{error, info, warn};
 
 use super::control::{ensure_fuse_server, ControlClient, RunPaths};
 use super::leases::{check_lease_id, LeaseDir, LeaseRecord};
-use super::wire::WireEntry;
+use super::wire::{tree_digest, WireEntry};
 use crate::api::{
-    error_line, Activation, ErrorKind, FuseServerInfo, LeaseInfo, Leases, Prefetched, Prepared,
-    Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
+    error_line, Activation, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases,
+    Prefetched, Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
 };
-use crate::closure::Closure;
+use crate::closure::{Closure, ClosureEntry};
 use crate::config::{Config, Prefetch};
 use crate::envref::EnvRef;
 use crate::fetcher::Fetcher;
@@ -37,6 +37,8 @@ const FUSE_SERVER_START: Duration = Duration::from_secs(30);
 const FUSE_SERVER_WATCH: Duration = Duration::from_secs(2);
 /// Closure members whose trees are built at once during a prepare.
 const ENTRIES_IN_FLIGHT: usize = 32;
+/// Views of environment generations kept for their next lease.
+const BUILT_VIEWS: usize = 16;
 /// How long the reads of an environment's first start are recorded for its learned profile
 /// (or until its lease is released, if sooner).
 const RECORD_WINDOW: Duration = Duration::from_secs(30);
@@ -76,6 +78,22 @@ fn fail(kind: ErrorKind, message: impl Into<String>) -> Failure {
     }
 }
 
+/// A view built for an environment generation, kept so that the next lease of that generation
+/// skips building it, and the FUSE server, which keeps the decoded tree under the same digest,
+/// serves it without the tree crossing the control socket again.
+struct BuiltView {
+    /// The lockfile it was built from.
+    lockfile: String,
+    /// The closure it was built from, every member stored.
+    closure: Vec<StorePath>,
+    view: crate::view::View,
+    /// [`tree_digest`] of the view's root.
+    tree: String,
+}
+
+/// Generation (`owner`, `name`, `generation`) → its built view and when it was last used.
+type BuiltViews = HashMap<(String, String, u64), (Arc<BuiltView>, u64)>;
+
 /// The daemon's state, shared by the connection tasks.
 struct Daemon {
     config: Config,
@@ -93,6 +111,9 @@ struct Daemon {
     started: Instant,
     /// Profile recordings under way: environment key (`owner/name`) → the lease recording.
     recordings: std::sync::Mutex<HashMap<String, String>>,
+    /// Views built for the latest generations leased (at most [`BUILT_VIEWS`]), and a use
+    /// counter.
+    built: std::sync::Mutex<(BuiltViews, u64)>,
 }
 
 fn now_secs() -> i64 {
@@ -166,6 +187,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
         recordings: std::sync::Mutex::new(HashMap::new()),
+        built: std::sync::Mutex::new((HashMap::new(), 0)),
     });
 
     // Serve at once: a FUSE server waiting on `ensure` since the last daemon died gets its
@@ -254,7 +276,9 @@ async fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
             Ok(req) => {
                 let op = req.op();
                 let result = daemon.clone().handle(req).await;
-                daemon.metrics.request(op, result.is_err());
+                // `hello` is a light `status`, counted with it.
+                let counted = if op == "hello" { "status" } else { op };
+                daemon.metrics.request(counted, result.is_err());
                 match result {
                     Ok(mut v) => {
                         v.push(b'\n');
@@ -306,6 +330,10 @@ impl Daemon {
                     .await?,
             ),
             Request::Status => to_json(&self.status().await?),
+            Request::Hello => to_json(&Hello {
+                pid: std::process::id(),
+                store_dir: self.config.store_dir.clone(),
+            }),
             Request::Leases => to_json(&Leases {
                 leases: self.lease_infos(),
             }),
@@ -501,10 +529,11 @@ impl Daemon {
             })
             .await?
         };
-        let view = self
-            .build(&resolved, &closure)
+        let built = self
+            .view_of(&resolved, &closure)
             .await
             .map_err(|f| fail(f.kind, format!("environment {label_g}: {}", f.message)))?;
+        let view = &built.view;
         let activation = Activation {
             env: label_g.clone(),
             flox_env: view.flox_env(),
@@ -532,15 +561,7 @@ impl Daemon {
                 .map_err(|e| fail(ErrorKind::Store, format!("lease {}: {e}", rec2.lease)))
         })
         .await?;
-        let wire = WireEntry::from_entry(&view.root);
-        let control = self.paths.control.clone();
-        let name = lease.to_string();
-        let added = blocking("adding the view", move || {
-            ControlClient::connect(&control)
-                .and_then(|mut c| c.add_view(&name, wire))
-                .map_err(|e| fail(ErrorKind::Fuse, format!("adding view {name}: {e}")))
-        })
-        .await;
+        let added = self.add_view(lease, built).await;
         if let Err(f) = added {
             let _ = self.lease_dir.remove(lease);
             if !pinned_before {
@@ -577,6 +598,90 @@ impl Daemon {
                     ),
                 )
             })
+    }
+
+    /// The view of an environment generation: the one built for an earlier lease when it was
+    /// built from the same lockfile and the same closure, every member stored (a stored path's
+    /// tree never changes; a path still to fetch is described afresh, its listing registered
+    /// with the engine); else built now (and kept when every member is stored).
+    async fn view_of(
+        &self,
+        resolved: &ResolvedEnvironment,
+        closure: &Closure,
+    ) -> Result<Arc<BuiltView>, Failure> {
+        let all_stored = closure
+            .entries
+            .iter()
+            .all(|e| matches!(e, ClosureEntry::Stored(_)));
+        let key = (
+            resolved.owner.clone(),
+            resolved.name.clone(),
+            resolved.generation,
+        );
+        let paths = closure.paths();
+        if all_stored {
+            let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+            let (views, clock) = &mut *built;
+            *clock += 1;
+            if let Some((b, used)) = views.get_mut(&key) {
+                if b.lockfile == resolved.lockfile_text && b.closure == paths {
+                    *used = *clock;
+                    return Ok(b.clone());
+                }
+            }
+        }
+        let view = self.build(resolved, closure).await?;
+        let root = view.root.clone();
+        let tree = blocking("naming the tree", move || Ok(tree_digest(&root))).await?;
+        let b = Arc::new(BuiltView {
+            lockfile: resolved.lockfile_text.clone(),
+            closure: paths,
+            view,
+            tree,
+        });
+        if all_stored {
+            let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+            let (views, clock) = &mut *built;
+            *clock += 1;
+            views.insert(key, (b.clone(), *clock));
+            if views.len() > BUILT_VIEWS {
+                if let Some(oldest) = views
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+                {
+                    views.remove(&oldest);
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Serves `built` as view `name` on the FUSE server (replacing a view of that name): by
+    /// digest when the server keeps that tree, else the whole tree (kept there under its
+    /// digest); a FUSE server older than digests gets the tree alone.
+    async fn add_view(&self, name: &str, built: Arc<BuiltView>) -> Result<(), Failure> {
+        let control = self.paths.control.clone();
+        let name = name.to_string();
+        blocking("adding the view", move || {
+            let add = || {
+                let mut c = ControlClient::connect(&control)?;
+                match c.add_cached_view(&name, &built.tree) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => c.add_view(
+                        &name,
+                        WireEntry::from_entry(&built.view.root),
+                        Some(&built.tree),
+                    ),
+                    Err(ApiError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
+                        c.add_view(&name, WireEntry::from_entry(&built.view.root), None)
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            add().map_err(|e| fail(ErrorKind::Fuse, format!("adding view {name}: {e}")))
+        })
+        .await
     }
 
     /// The view of an environment: every closure member's tree (metadata only), then the root
@@ -928,16 +1033,8 @@ impl Daemon {
                 format!("lease {}: computing the closure: {e}", rec.lease),
             )
         })?;
-        let view = self.build(&resolved, &closure).await?;
-        let wire = WireEntry::from_entry(&view.root);
-        let control = self.paths.control.clone();
-        let name = rec.lease.clone();
-        blocking("adding the view", move || {
-            ControlClient::connect(&control)
-                .and_then(|mut c| c.add_view(&name, wire))
-                .map_err(|e| fail(ErrorKind::Fuse, format!("adding view {name}: {e}")))
-        })
-        .await
+        let built = self.view_of(&resolved, &closure).await?;
+        self.add_view(&rec.lease, built).await
     }
 
     /// Background prefetch of every leased closure again (after a restart).

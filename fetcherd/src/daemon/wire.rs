@@ -5,6 +5,10 @@
 //! any bytes but `/` and NUL). Inline contents are base64. Subtrees shared by views in the
 //! daemon are rebuilt per view in the FUSE server, except identical store path subtrees of
 //! one message, which the decoder shares through [`Decoder`]'s cache.
+//!
+//! [`tree_digest`] names a tree by its content, so that the FUSE server can keep a decoded
+//! tree and serve it again for another view of the same environment generation without the
+//! daemon sending (and the FUSE server parsing) it again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -120,6 +124,54 @@ impl WireEntry {
     }
 }
 
+/// The content digest of a tree: BLAKE3 over an unambiguous encoding of every node (kind,
+/// length-prefixed names and targets, file references, inline bytes, executable bits), as
+/// 64 hex digits. Equal trees have equal digests; any difference (a name, an offset, a bit)
+/// gives another.
+pub fn tree_digest(e: &Entry) -> String {
+    fn bytes(h: &mut blake3::Hasher, b: &[u8]) {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    fn walk(h: &mut blake3::Hasher, e: &Entry) {
+        match e {
+            Entry::Directory(m) => {
+                h.update(b"d");
+                h.update(&(m.len() as u64).to_le_bytes());
+                for (k, v) in m {
+                    bytes(h, k.as_bytes());
+                    walk(h, v);
+                }
+            }
+            Entry::Regular {
+                executable,
+                content: Content::Store(f),
+            } => {
+                h.update(if *executable { b"F" } else { b"f" });
+                bytes(h, f.store_path.as_bytes());
+                bytes(h, f.path.as_bytes());
+                h.update(&f.nar_offset.to_le_bytes());
+                h.update(&f.size.to_le_bytes());
+            }
+            Entry::Regular {
+                executable,
+                content: Content::Inline(d),
+            } => {
+                h.update(if *executable { b"I" } else { b"i" });
+                bytes(h, d);
+            }
+            Entry::Symlink(t) => {
+                h.update(b"l");
+                bytes(h, t.as_bytes());
+            }
+        }
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"kof-view-tree-1\0");
+    walk(&mut h, e);
+    h.finalize().to_hex().to_string()
+}
+
 /// Rebuilds trees, sharing the `Arc<str>` of store path names between files.
 #[derive(Default)]
 pub struct Decoder {
@@ -214,6 +266,61 @@ mod tests {
         let json = serde_json::to_string(&WireEntry::from_entry(&tree)).unwrap();
         let back: WireEntry = serde_json::from_str(&json).unwrap();
         assert_eq!(*Decoder::default().entry(&back).unwrap(), tree);
+    }
+
+    #[test]
+    fn the_digest_names_the_content() {
+        let file = |offset: u64, executable: bool| {
+            Arc::new(Entry::Regular {
+                executable,
+                content: Content::Store(FileRef {
+                    store_path: Arc::from("abc-hello"),
+                    path: Arc::from("bin/hello"),
+                    nar_offset: offset,
+                    size: 10,
+                }),
+            })
+        };
+        let dir = |entries: Vec<(&str, Arc<Entry>)>| {
+            Entry::Directory(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (OsString::from(k), v))
+                    .collect(),
+            )
+        };
+        let a = dir(vec![("hello", file(4096, true))]);
+        // The same content built again: the same digest.
+        assert_eq!(
+            tree_digest(&a),
+            tree_digest(&dir(vec![("hello", file(4096, true))]))
+        );
+        assert_eq!(tree_digest(&a).len(), 64);
+        // Any difference gives another digest.
+        let others = [
+            dir(vec![("hello", file(4097, true))]),
+            dir(vec![("hello", file(4096, false))]),
+            dir(vec![("hellp", file(4096, true))]),
+            dir(vec![
+                ("hello", file(4096, true)),
+                ("x", Arc::new(Entry::Symlink(OsString::from("hello")))),
+            ]),
+            dir(vec![(
+                "hello",
+                Arc::new(Entry::Regular {
+                    executable: true,
+                    content: Content::Inline(Arc::from(&b"abc-hello"[..])),
+                }),
+            )]),
+            dir(vec![("hello", Arc::new(dir(vec![])))]),
+        ];
+        for o in &others {
+            assert_ne!(tree_digest(&a), tree_digest(o), "{o:?}");
+        }
+        // Names and targets are length-prefixed: moving bytes between them changes the digest.
+        let l1 = dir(vec![("ab", Arc::new(Entry::Symlink(OsString::from("c"))))]);
+        let l2 = dir(vec![("a", Arc::new(Entry::Symlink(OsString::from("bc"))))]);
+        assert_ne!(tree_digest(&l1), tree_digest(&l2));
     }
 
     #[test]
