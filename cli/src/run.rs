@@ -176,6 +176,9 @@ fn run_through_daemon(
     let prepared = client
         .prepare(&r.to_string(), &lease, token.as_deref())
         .with_context(|| format!("preparing {r} through kof-fetcherd"))?;
+    // The daemon need not keep an idle connection open for the command's life (nor the
+    // sandbox's processes inherit it).
+    drop(client);
     tracing::info!(env = %r, lease = %lease, view = %prepared.view_root.display(),
         "running in the view kof-fetcherd prepared");
     let status = (|| {
@@ -187,7 +190,7 @@ fn run_through_daemon(
             .context("creating the run's temporary directory")?;
         let status = sandbox::run(&SandboxSpec {
             lower: prepared.view_root.clone(),
-            scratch: scratch.path().join("sandbox"),
+            scratch: scratch.path().to_path_buf(),
             argv: activation.argv,
             env: activation.env,
             resolv_conf: true,
@@ -195,7 +198,6 @@ fn run_through_daemon(
         drop(scratch);
         status
     })();
-    // A fresh connection: the daemon need not keep an idle one open for the command's life.
     let released =
         kof_fetcherd::api::Client::connect(&ctx.config.socket).and_then(|mut c| c.release(&lease));
     let status = status?;

@@ -1,16 +1,20 @@
 //! The sandbox `kof-store run` runs a command in: a writable overlay over a read-only view,
 //! in new mount and pid namespaces.
 //!
-//! Three processes, so that every step runs in a fresh single-threaded process (the caller has
-//! FUSE and async worker threads, and `unshare(CLONE_NEWNS)` refuses multithreaded callers):
+//! Three processes, so that every step runs in a single-threaded process (`unshare(CLONE_NEWNS)`
+//! refuses multithreaded callers, and only a single-threaded process may do more than
+//! async-signal-safe calls after a `fork`):
 //!
-//! 1. the caller spawns `kof-store __sandbox-init SPEC` after `unshare(CLONE_NEWNS |
-//!    CLONE_NEWPID)` (in `pre_exec`): the *keeper*, in the new mount namespace;
-//! 2. the keeper forks the namespace's pid 1, which makes every mount private, mounts the
-//!    overlay (lower: the view; upper and work: a `tmpfs` of the namespace, mounted on the
-//!    run's temporary directory), `proc`, `/dev`
-//!    (recursive bind), a `tmpfs` on `/tmp` and `/etc/resolv.conf` (bind), `pivot_root`s into the
-//!    overlay, detaches the old root, and forks
+//! 1. the *keeper*, in new mount and pid namespaces (`unshare(CLONE_NEWNS | CLONE_NEWPID)`):
+//!    when the caller is single-threaded (`kof-store run` through `kof-fetcherd`), a `fork` of
+//!    it; otherwise (the caller runs FUSE and async worker threads) a fresh `kof-store
+//!    __sandbox-init /dev/fd/N` process, the spec passed on a pipe (an `exec` costs
+//!    milliseconds a `fork` does not);
+//! 2. the keeper forks the namespace's pid 1, which makes every mount private, mounts a
+//!    `tmpfs` of the namespace on the run's temporary directory, holding the overlay's upper
+//!    and work directories and its mount point, mounts the overlay (lower: the view), `proc`,
+//!    `/dev` (recursive bind), a `tmpfs` on `/tmp` and `/etc/resolv.conf` (bind), `pivot_root`s
+//!    into the overlay, detaches the old root, and forks
 //! 3. the command, `execve`d with exactly the activated environment (looked up on that
 //!    environment's `PATH` when `argv[0]` has no `/`).
 //!
@@ -20,14 +24,18 @@
 //! host whatever happens. The overlay's upper layer is on a `tmpfs` rather than the host's
 //! disk: unmounting an overlay syncs its upper file system, and on a busy disk that sync
 //! (tens of milliseconds, more under load) was the larger part of a warm run's teardown; the
-//! run's writes are scratch anyway. Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`);
+//! run's writes are scratch anyway. For the same reason nothing but the temporary directory
+//! itself is made on the host's disk (each directory made and removed there was a journal
+//! operation, up to milliseconds each on a busy disk). Every process of the chain dies with its parent (`PR_SET_PDEATHSIG`);
 //! a SIGTERM or SIGHUP to the caller is passed to the keeper, taking the sandbox down, and the
 //! caller then cleans up as after a normal end.
 
 use std::ffi::{CString, OsStr};
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -50,8 +58,8 @@ pub const EXIT_CANNOT_RUN: i32 = 126;
 pub struct SandboxSpec {
     /// The read-only root (the view's directory on the FUSE mount).
     pub lower: PathBuf,
-    /// A private temporary directory for the overlay's mount point and the `tmpfs` holding its
-    /// upper and work directories.
+    /// A private temporary directory (created if missing, left empty): the namespace mounts a
+    /// `tmpfs` on it holding the overlay's upper and work directories and its mount point.
     pub scratch: PathBuf,
     /// The program and its arguments.
     pub argv: Vec<String>,
@@ -62,16 +70,15 @@ pub struct SandboxSpec {
 }
 
 impl SandboxSpec {
-    /// Where the namespace's `tmpfs` for the overlay's writable layers is mounted.
-    fn rw(&self) -> PathBuf {
-        self.scratch.join("rw")
-    }
+    /// The overlay's upper directory, on the namespace's `tmpfs`.
     fn upper(&self) -> PathBuf {
-        self.rw().join("upper")
+        self.scratch.join("upper")
     }
+    /// The overlay's work directory, on the namespace's `tmpfs`.
     fn work(&self) -> PathBuf {
-        self.rw().join("work")
+        self.scratch.join("work")
     }
+    /// The overlay's mount point, on the namespace's `tmpfs`.
     fn root(&self) -> PathBuf {
         self.scratch.join("root")
     }
@@ -80,39 +87,93 @@ impl SandboxSpec {
 /// Runs `spec` and returns the command's exit status (`128 + n` when killed by signal `n`).
 /// Blocks until the command and the sandbox are gone.
 pub fn run(spec: &SandboxSpec) -> Result<i32> {
-    for d in [spec.rw(), spec.root()] {
-        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let spec_file = spec.scratch.join("sandbox.json");
-    std::fs::write(&spec_file, serde_json::to_vec(spec)?)
-        .with_context(|| format!("writing {}", spec_file.display()))?;
-    let exe = std::env::current_exe().context("finding the kof-store executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("__sandbox-init").arg(&spec_file);
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)?;
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .context("starting the sandbox (new mount and pid namespaces)")?;
+    std::fs::create_dir_all(&spec.scratch)
+        .with_context(|| format!("creating {}", spec.scratch.display()))?;
+    let keeper = if single_threaded() {
+        fork_keeper(spec)?
+    } else {
+        exec_keeper(spec)?
+    };
     // The terminal's ^C / ^\ go to the whole foreground process group: the command decides
     // what they mean; kof-store waits for it and cleans up. A SIGTERM or SIGHUP sent to
     // kof-store is passed to the keeper, whose end takes the sandbox down (PR_SET_PDEATHSIG),
-    // after which kof-store cleans up as usual.
-    KEEPER.store(child.id() as i32, Ordering::SeqCst);
+    // after which kof-store cleans up as usual. (Installed after the fork: the command must
+    // not inherit ignored interrupts.)
+    KEEPER.store(keeper.as_raw(), Ordering::SeqCst);
     let _quiet = IgnoreInterrupts::new();
     let _forward = ForwardTermination::new();
-    let status = child.wait().context("waiting for the sandbox");
+    let status = wait_exit(keeper).context("waiting for the sandbox");
     KEEPER.store(0, Ordering::SeqCst);
-    let status = status?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    status
+}
+
+/// Whether this process runs a single thread (then a forked child may do anything).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
+}
+
+/// The keeper as a fork of this single-threaded process.
+fn fork_keeper(spec: &SandboxSpec) -> Result<Pid> {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the caller is single-threaded (checked), so the child may run any code.
+    match unsafe { fork() }.context("forking the sandbox's keeper")? {
+        ForkResult::Child => {
+            let code = (|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("PR_SET_PDEATHSIG")?;
+                if nix::unistd::getppid() != parent {
+                    bail!("kof-store ended before its sandbox started");
+                }
+                unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+                    .context("new mount and pid namespaces")?;
+                keeper(spec)
+            })()
+            .unwrap_or_else(|e| {
+                eprintln!("kof-store run: sandbox: {e:#}");
+                EXIT_CANNOT_RUN
+            });
+            // SAFETY: ends this forked copy without running the caller's exit handlers or
+            // flushing its (copied) buffers.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => Ok(child),
+    }
+}
+
+/// The keeper as a fresh `kof-store __sandbox-init /dev/fd/N` process in new namespaces, the
+/// spec written to it on a pipe (its read end `N`, the only descriptor it gains; the keeper
+/// closes it once read, so the command inherits exactly the caller's descriptors).
+fn exec_keeper(spec: &SandboxSpec) -> Result<Pid> {
+    let exe = std::env::current_exe().context("finding the kof-store executable")?;
+    // Close-on-exec: only the keeper's copy of the read end, made inheritable below, survives.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("a pipe for the sandbox's spec")?;
+    let read_fd = read.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("__sandbox-init").arg(format!("/dev/fd/{read_fd}"));
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)?;
+            if libc::fcntl(read_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .context("starting the sandbox (new mount and pid namespaces)")?;
+    drop(read);
+    let pid = Pid::from_raw(child.id() as i32);
+    // The keeper reads the whole spec first; if it died instead, `run` reaps it and reports
+    // its status.
+    let mut w = std::fs::File::from(write);
+    if let Err(e) = w.write_all(&serde_json::to_vec(spec)?) {
+        tracing::warn!(error = %e, "writing the sandbox's spec");
+    }
+    drop(w);
+    Ok(pid)
 }
 
 /// The keeper's pid while `run` waits for it (0 otherwise), for the signal handler.
@@ -188,34 +249,50 @@ impl Drop for IgnoreInterrupts {
     }
 }
 
-/// `kof-store __sandbox-init SPEC`: the keeper (see the module doc). Never returns.
+/// `kof-store __sandbox-init SPEC`: the keeper (see the module doc), its spec read from the
+/// file `SPEC` (`/dev/fd/N`, a pipe, closed once read). Never returns.
 pub fn init_main(spec_file: &Path) -> ! {
-    let code = match keeper(spec_file) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("kof-store run: sandbox: {e:#}");
-            EXIT_CANNOT_RUN
+    let code = (|| {
+        let spec: SandboxSpec = serde_json::from_slice(
+            &std::fs::read(spec_file)
+                .with_context(|| format!("reading {}", spec_file.display()))?,
+        )
+        .with_context(|| format!("parsing {}", spec_file.display()))?;
+        let inherited = spec_file
+            .to_str()
+            .and_then(|s| s.strip_prefix("/dev/fd/"))
+            .and_then(|n| n.parse::<i32>().ok());
+        if let Some(fd) = inherited.filter(|fd| *fd > 2) {
+            // SAFETY: closes the pipe `run` passed; nothing else in this process uses it.
+            unsafe {
+                libc::close(fd);
+            }
         }
-    };
+        keeper(&spec)
+    })()
+    .unwrap_or_else(|e| {
+        eprintln!("kof-store run: sandbox: {e:#}");
+        EXIT_CANNOT_RUN
+    });
     std::process::exit(code)
 }
 
-fn keeper(spec_file: &Path) -> Result<i32> {
-    let spec: SandboxSpec = serde_json::from_slice(
-        &std::fs::read(spec_file).with_context(|| format!("reading {}", spec_file.display()))?,
-    )
-    .with_context(|| format!("parsing {}", spec_file.display()))?;
-    // SAFETY: this process is single-threaded (a fresh exec that started no thread).
+/// Forks the namespace's pid 1 and waits for it; its exit status.
+fn keeper(spec: &SandboxSpec) -> Result<i32> {
+    // SAFETY: this process is single-threaded (a fresh exec that started no thread, or a fork
+    // of a single-threaded one).
     match unsafe { fork() }.context("forking the namespace's pid 1")? {
         ForkResult::Child => {
-            let code = match pid1(&spec) {
+            let code = match pid1(spec) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("kof-store run: sandbox: {e:#}");
                     EXIT_CANNOT_RUN
                 }
             };
-            std::process::exit(code)
+            // SAFETY: ends this forked copy without running exit handlers or flushing copied
+            // buffers.
+            unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => {
             let _quiet = IgnoreInterrupts::new();
@@ -248,16 +325,15 @@ fn pid1(spec: &SandboxSpec) -> Result<i32> {
     // Nothing done here may propagate to the host's mount namespace.
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
         .map_err(|e| mount_err("private propagation", Path::new("/"), e))?;
-    let rw = spec.rw();
     mount(
         Some("kof-run-rw"),
-        &rw,
+        &spec.scratch,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0700"),
     )
-    .map_err(|e| mount_err("the writable layer's tmpfs", &rw, e))?;
-    for d in [spec.upper(), spec.work()] {
+    .map_err(|e| mount_err("the writable layer's tmpfs", &spec.scratch, e))?;
+    for d in [spec.upper(), spec.work(), spec.root()] {
         std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     let root = spec.root();
@@ -348,6 +424,12 @@ fn pid1(spec: &SandboxSpec) -> Result<i32> {
     // SAFETY: single-threaded; the child only execs (or exits).
     let command = match unsafe { fork() }.context("forking the command")? {
         ForkResult::Child => {
+            // Rust's runtime ignores SIGPIPE and an ignored signal stays ignored across exec:
+            // the command starts with the default disposition, as a shell would start it.
+            // SAFETY: signal(2) is async-signal-safe.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
             let e = execve(&prog, &argv, &envp).unwrap_err();
             eprintln!("kof-store run: {}: {e}", program.display());
             // SAFETY: exit without running this process's (copied) atexit handlers.

@@ -14,6 +14,11 @@ use crate::support::*;
 /// Runs `kof-store run args...` with its temporary directories under the node's own, so a test
 /// can check that nothing of its run is left mounted while other tests run.
 fn run(node: &Node, args: &[&str]) -> Output {
+    run_but(node, args, None)
+}
+
+/// [`run`], when a daemon's view mount (`daemon_mount`) lies under the node's directory.
+fn run_but(node: &Node, args: &[&str], daemon_mount: Option<&Path>) -> Output {
     let tmp = node.tmp.path().join("run-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let mut all = vec!["run"];
@@ -21,17 +26,19 @@ fn run(node: &Node, args: &[&str]) -> Output {
     let mut c = node.cmd(&all);
     c.env("TMPDIR", &tmp);
     let out = run_bounded(c, std::time::Duration::from_secs(300));
-    assert_nothing_mounted_under(node.tmp.path());
+    assert_nothing_mounted_under_but(node.tmp.path(), daemon_mount);
     out
 }
 
-/// No mount of this process's namespace lies under `dir`, and no temporary directory is left.
-fn assert_nothing_mounted_under(dir: &Path) {
+/// No mount of this process's namespace lies under `dir` but `except` (a daemon's view mount),
+/// and no temporary directory is left.
+fn assert_nothing_mounted_under_but(dir: &Path, except: Option<&Path>) {
     let dir = dir.canonicalize().unwrap();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<&str> = mountinfo
         .lines()
         .filter(|l| l.contains(dir.to_str().unwrap()))
+        .filter(|l| except.is_none_or(|e| l.split(' ').nth(4) != Some(e.to_str().unwrap())))
         .collect();
     assert!(left.is_empty(), "left mounted: {left:#?}");
     let tmp = dir.join("run-tmp");
@@ -55,7 +62,12 @@ fn stderr(out: &Output) -> String {
 }
 
 fn ok(node: &Node, args: &[&str]) -> (String, String) {
-    let out = run(node, args);
+    ok_but(node, args, None)
+}
+
+/// [`ok`], when a daemon's view mount (`daemon_mount`) lies under the node's directory.
+fn ok_but(node: &Node, args: &[&str], daemon_mount: Option<&Path>) -> (String, String) {
+    let out = run_but(node, args, daemon_mount);
     assert!(
         out.status.success(),
         "kof-store run {args:?} failed ({:?}): {}\nstdout: {}",
@@ -122,9 +134,10 @@ fn the_exit_status_is_passed_through() {
     assert!(stderr(&out).contains("no-such-command"), "{}", stderr(&out));
 }
 
-#[test]
-fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
-    let node = Node::new();
+/// Starts `kof-store run kof/python -- sh -c 'echo ready; exec sleep 300'`, waits for it to be
+/// ready, sends it SIGTERM, and checks it ends with 143 leaving nothing mounted and no command
+/// alive (`daemon_mount`: the daemon's view mount, which stays).
+fn terminate_a_run(node: &Node, daemon_mount: Option<&Path>) {
     let tmp = node.tmp.path().join("run-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let mut c = node.cmd(&[
@@ -160,7 +173,7 @@ fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(128 + 15));
-    assert_nothing_mounted_under(node.tmp.path());
+    assert_nothing_mounted_under_but(node.tmp.path(), daemon_mount);
     // The command died with its pid namespace.
     let survivors: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
@@ -170,6 +183,113 @@ fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
         .map(|c| String::from_utf8_lossy(&c).into_owned())
         .collect();
     assert!(survivors.is_empty(), "{survivors:?}");
+}
+
+#[test]
+fn a_terminated_run_takes_its_sandbox_down_and_cleans_up() {
+    terminate_a_run(&Node::new(), None);
+}
+
+/// The descriptors the command starts with beyond stdin, stdout and stderr (but `ls`'s own,
+/// reading the directory): `kof-store run` must add none to those its caller passed.
+fn command_descriptors(node: &Node, daemon_mount: Option<&Path>) -> Vec<u32> {
+    let (out, _) = ok_but(
+        node,
+        &["kof/python", "--", "ls", "-l", "/proc/self/fd"],
+        daemon_mount,
+    );
+    let mut fds: Vec<u32> = out
+        .lines()
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            let fd: u32 = left.rsplit(' ').next()?.parse().ok()?;
+            let own_listing = target.starts_with("/proc/") && target.ends_with("/fd");
+            (fd > 2 && !own_listing).then_some(fd)
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// The descriptors of this process a child inherits (no close-on-exec), beyond 0, 1 and 2.
+fn inheritable_descriptors() -> Vec<u32> {
+    let mut fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd: &u32| {
+            // SAFETY: F_GETFD only reads the flags of a descriptor number (a closed one fails).
+            let flags = unsafe { libc::fcntl(*fd as i32, libc::F_GETFD) };
+            *fd > 2 && flags >= 0 && flags & libc::FD_CLOEXEC == 0
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn the_command_inherits_no_descriptor_of_the_run() {
+    let node = Node::new();
+    let want = inheritable_descriptors();
+    // Alone (the sandbox's keeper is a fresh process, its spec passed on a pipe).
+    assert_eq!(command_descriptors(&node, None), want);
+    // Through the daemon (the keeper is a fork of kof-store, which talked to the daemon).
+    let daemon = Daemon::start(&node);
+    assert_eq!(command_descriptors(&node, Some(&daemon.mount_dir)), want);
+    assert_eq!(daemon.client().leases().unwrap().len(), 0);
+}
+
+/// `SigIgn` of the command's shell, as a mask.
+fn ignored_signals(node: &Node, daemon_mount: Option<&Path>) -> u64 {
+    let (out, _) = ok_but(
+        node,
+        &[
+            "kof/python",
+            "--",
+            "sh",
+            "-c",
+            "while read k v; do [ \"$k\" = SigIgn: ] && echo $v; done < /proc/$$/status; exit 0",
+        ],
+        daemon_mount,
+    );
+    u64::from_str_radix(out.trim(), 16).unwrap_or_else(|e| panic!("{out:?}: {e}"))
+}
+
+/// The command starts with SIGPIPE at its default (a writer to a closed pipe dies of it, as
+/// under a shell), though `kof-store`, a Rust program, ignores it; alone and through the daemon.
+#[test]
+fn the_command_starts_with_sigpipe_at_its_default() {
+    let node = Node::new();
+    let sigpipe = 1u64 << (libc::SIGPIPE - 1);
+    assert_eq!(ignored_signals(&node, None) & sigpipe, 0);
+    // A writer to a closed pipe dies of SIGPIPE, without an EPIPE error message.
+    let (out, err) = ok(&node, &["kof/python", "--", "sh", "-c", "yes | head -n 2"]);
+    assert_eq!(out, "y\ny\n");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    let daemon = Daemon::start(&node);
+    let mount = Some(daemon.mount_dir.as_path());
+    assert_eq!(ignored_signals(&node, mount) & sigpipe, 0);
+    let (out, err) = ok_but(
+        &node,
+        &["kof/python", "--", "sh", "-c", "yes | head -n 2"],
+        mount,
+    );
+    assert_eq!(out, "y\ny\n");
+    assert!(!err.contains("Broken pipe"), "{err}");
+}
+
+/// Through the daemon the sandbox's keeper is a fork of `kof-store`: a SIGTERM still takes the
+/// sandbox down, and the lease is released.
+#[test]
+fn a_terminated_run_through_the_daemon_takes_its_sandbox_down_and_releases_its_lease() {
+    let node = Node::new();
+    let daemon = Daemon::start(&node);
+    terminate_a_run(&node, Some(&daemon.mount_dir));
+    assert_eq!(daemon.client().leases().unwrap().len(), 0);
+    assert_eq!(
+        daemon.client().status().unwrap().fuse_server.unwrap().views,
+        Vec::<String>::new()
+    );
 }
 
 #[test]
