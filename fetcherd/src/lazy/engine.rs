@@ -181,6 +181,8 @@ pub struct LazyStore {
     range_ok: Mutex<HashMap<String, bool>>,
     demand_slots: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
+    /// Readahead GETs in flight (FIFO: a file is read ahead in the order it was asked).
+    readahead_slots: Arc<Semaphore>,
     counters: Counters,
     recordings: Mutex<HashMap<String, Recording>>,
     /// Regular files of paths described by a listing, as `(nar_offset, size)` sorted by
@@ -271,6 +273,7 @@ impl LazyStore {
             store,
             handle: Handle::current(),
             demand_slots: Arc::new(Semaphore::new(opts.demand_concurrency.max(1))),
+            readahead_slots: Arc::new(Semaphore::new(opts.readahead_in_flight.max(1))),
             prefetch_slots: Arc::new(Semaphore::new(opts.prefetch_concurrency.max(1))),
             opts,
             paths: Mutex::new(HashMap::new()),
@@ -758,21 +761,14 @@ impl LazyStore {
                     usize::MAX
                 };
                 let runs = claim(&mut g.chunks, c0, c1, max_run, claim_limit);
-                let ahead = match readahead.take() {
-                    Some((a, b)) if permit.is_none() => claim(
-                        &mut g.chunks,
-                        (a / chunk) as usize,
-                        b.div_ceil(chunk) as usize,
-                        limit(self.opts.readahead_request),
-                        usize::MAX,
-                    ),
-                    _ => Vec::new(),
-                };
-                if !runs.is_empty() || !ahead.is_empty() {
+                if !runs.is_empty() {
                     st.file(&mut g).map_err(|e| RunError::Failed(e, false))?;
                 }
                 drop(g);
-                self.spawn_readahead(st, ahead);
+                if let Some((a, b)) = readahead.take().filter(|_| permit.is_none()) {
+                    let (a, b) = ((a / chunk) as usize, b.div_ceil(chunk) as usize);
+                    self.spawn_readahead(st, a, b, c1, limit(self.opts.readahead_request));
+                }
                 runs
             };
             if runs.is_empty() {
@@ -847,17 +843,48 @@ impl LazyStore {
         }
     }
 
-    /// Fetches claimed chunk runs in the background as demand work, not waited for. A failed
-    /// run leaves its chunks missing for the next read to fetch.
-    fn spawn_readahead(&self, st: &Arc<PathState>, runs: Vec<(usize, usize)>) {
-        for (a, b) in runs {
+    /// Reads chunks `a..b` ahead in the background as demand work, not waited for: in pieces
+    /// of at most `piece` chunks, those from `from` (where the read that asked ended) first,
+    /// then those before it. Each piece claims its missing chunks only once it has a readahead
+    /// slot, so chunks a demand read needs meanwhile are fetched by that read, not queued
+    /// behind the readahead. A failed piece leaves its chunks missing for the next read.
+    fn spawn_readahead(&self, st: &Arc<PathState>, a: usize, b: usize, from: usize, piece: usize) {
+        let from = from.clamp(a, b);
+        let pieces = (from..b)
+            .step_by(piece)
+            .map(|p| (p, (p + piece).min(b)))
+            .chain((a..from).step_by(piece).map(|p| (p, (p + piece).min(from))));
+        for (p0, p1) in pieces {
             let me = self.arc();
             let st = st.clone();
             tokio::spawn(async move {
                 let _active = me.demand_activity();
-                let _slot = me.demand_slots.acquire().await.expect("never closed");
-                if let Err(RunError::Failed(e, _)) = me.fetch_run(st, a, b, Cause::Demand).await {
-                    tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                let _ahead = me.readahead_slots.acquire().await.expect("never closed");
+                let runs = {
+                    let mut g = st.lock();
+                    if PathState::settled(&g).is_some() || g.mode != Mode::Range {
+                        return;
+                    }
+                    let runs = claim(&mut g.chunks, p0, p1, piece, usize::MAX);
+                    if !runs.is_empty() {
+                        if let Err(e) = st.file(&mut g) {
+                            drop(g);
+                            for &(x, y) in &runs {
+                                me.release(&st, x, y);
+                            }
+                            tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                            return;
+                        }
+                    }
+                    runs
+                };
+                for (x, y) in runs {
+                    let _slot = me.demand_slots.acquire().await.expect("never closed");
+                    if let Err(RunError::Failed(e, _)) =
+                        me.fetch_run(st.clone(), x, y, Cause::Demand).await
+                    {
+                        tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                    }
                 }
             });
         }

@@ -122,6 +122,11 @@ pub struct LazyOptions {
     pub readahead_file_max: u64,
     /// Largest GET of a whole-file readahead.
     pub readahead_request: u64,
+    /// Readahead GETs in flight at once, over the whole engine. A readahead claims its chunks
+    /// only when it gets a slot, so a demand read meanwhile fetches its own chunk at once,
+    /// sharing the link with at most this many readahead GETs rather than with a whole
+    /// library's worth of them.
+    pub readahead_in_flight: usize,
     /// Window readahead of a file larger than [`LazyOptions::readahead_file_max`] (which is
     /// not fetched whole): a demand read also fetches, in the background, this many bytes
     /// after it, in parallel GETs. Like the kernel's readahead, the window doubles (up to
@@ -149,8 +154,9 @@ impl Default for LazyOptions {
             max_demand_request: 8 << 20,
             max_prefetch_request: 4 << 20,
             range_attempts: 3,
-            readahead_file_max: 8 << 20,
+            readahead_file_max: 32 << 20,
             readahead_request: 1 << 20,
+            readahead_in_flight: 4,
             readahead_window_min: 1 << 20,
             readahead_window_max: 8 << 20,
             prefetch_quiet: Duration::from_millis(30),
