@@ -31,6 +31,10 @@ use crate::metrics::{DaemonMetrics, Exposition};
 use crate::resolve::{ResolvedEnvironment, Resolver};
 use crate::view::{build_view, ViewInput};
 
+/// Trees of closure members being described (listings fetched) while the closure is walked.
+type Listings =
+    BTreeMap<StorePath, tokio::task::JoinHandle<Result<Arc<Entry>, crate::lazy::LazyError>>>;
+
 /// How long the daemon waits for a FUSE server it started to answer.
 const FUSE_SERVER_START: Duration = Duration::from_secs(30);
 /// How often the daemon checks that the FUSE server is alive.
@@ -491,13 +495,27 @@ impl Daemon {
         let label = r.to_string();
         let resolved = self.resolve(&r, token).await?;
         let label_g = format!("{}:{}", resolved.env_ref().env_name(), resolved.generation);
-        // Metadata only: narinfos of paths not stored, stored metadata of the others.
-        let closure = self.fetcher.resolve(&resolved.roots).await.map_err(|e| {
-            fail(
-                ErrorKind::Closure,
-                format!("environment {label_g}: computing the closure: {e}"),
-            )
-        })?;
+        // Metadata only: narinfos of paths not stored, stored metadata of the others. Each
+        // path's listing is asked for as soon as its narinfo is accepted, while the walk of the
+        // references goes on (for a 200-path closure, a round of listings less).
+        let mut listings = Listings::new();
+        let closure = self
+            .fetcher
+            .resolve_with(&resolved.roots, |sub| {
+                let lazy = self.lazy.clone();
+                let e = ClosureEntry::Remote(sub.clone());
+                listings.insert(
+                    sub.info.store_path.clone(),
+                    tokio::spawn(async move { lazy.entry(&e).await }),
+                );
+            })
+            .await
+            .map_err(|e| {
+                fail(
+                    ErrorKind::Closure,
+                    format!("environment {label_g}: computing the closure: {e}"),
+                )
+            })?;
         let record = resolved.to_record(closure.paths());
         let pinned_before = {
             let store = self.store.clone();
@@ -530,7 +548,7 @@ impl Daemon {
             .await?
         };
         let built = self
-            .view_of(&resolved, &closure)
+            .view_of(&resolved, &closure, listings)
             .await
             .map_err(|f| fail(f.kind, format!("environment {label_g}: {}", f.message)))?;
         let view = &built.view;
@@ -608,6 +626,7 @@ impl Daemon {
         &self,
         resolved: &ResolvedEnvironment,
         closure: &Closure,
+        listings: Listings,
     ) -> Result<Arc<BuiltView>, Failure> {
         let all_stored = closure
             .entries
@@ -630,7 +649,7 @@ impl Daemon {
                 }
             }
         }
-        let view = self.build(resolved, closure).await?;
+        let view = self.build(resolved, closure, listings).await?;
         let root = view.root.clone();
         let tree = blocking("naming the tree", move || Ok(tree_digest(&root))).await?;
         let b = Arc::new(BuiltView {
@@ -686,21 +705,28 @@ impl Daemon {
 
     /// The view of an environment: every closure member's tree (metadata only), then the root
     /// file system.
+    /// Builds the view of `closure`, taking the trees of paths whose listing `listings` has
+    /// under way from there.
     async fn build(
         &self,
         resolved: &ResolvedEnvironment,
         closure: &Closure,
+        mut listings: Listings,
     ) -> Result<crate::view::View, Failure> {
         use futures_util::stream::{self, StreamExt, TryStreamExt};
         let entries: Vec<(StorePath, Arc<Entry>)> = stream::iter(closure.entries.clone())
             .map(|c| {
                 let lazy = self.lazy.clone();
+                let started = listings.remove(c.path());
                 async move {
                     let p = c.path().clone();
-                    let e = lazy
-                        .entry(&c)
-                        .await
-                        .map_err(|e| fail(ErrorKind::View, format!("tree of {p}: {e}")))?;
+                    let e = match started {
+                        Some(task) => task.await.map_err(|e| {
+                            fail(ErrorKind::View, format!("tree of {p}: listing task: {e}"))
+                        })?,
+                        None => lazy.entry(&c).await,
+                    }
+                    .map_err(|e| fail(ErrorKind::View, format!("tree of {p}: {e}")))?;
                     Ok::<_, Failure>((p, e))
                 }
             })
@@ -1033,7 +1059,7 @@ impl Daemon {
                 format!("lease {}: computing the closure: {e}", rec.lease),
             )
         })?;
-        let built = self.view_of(&resolved, &closure).await?;
+        let built = self.view_of(&resolved, &closure, Listings::new()).await?;
         self.add_view(&rec.lease, built).await
     }
 
@@ -1141,6 +1167,12 @@ impl Daemon {
             "Reads whose bytes could not be fetched.",
         );
         out.sample("kof_ensure_failures_total", &[], c.ensure_failures as f64);
+        out.header(
+            "kof_prefetch_yields_total",
+            "counter",
+            "Prefetch GETs stopped early to leave the link to demand reads.",
+        );
+        out.sample("kof_prefetch_yields_total", &[], c.prefetch_yields as f64);
         out.histogram(
             "kof_fetch_seconds",
             "Duration of NAR fetches (range GET to last byte; streamed path to commit).",
