@@ -83,8 +83,11 @@ pub struct ColdStartReport {
     pub warm_view: Vec<f64>,
     /// Warm: the same through a running `kof-fetcherd` (persistent mount), seconds.
     pub warm_daemon: Vec<f64>,
-    /// Warm: the same command in the Nix chroot (the same tree on local disk), seconds.
+    /// Warm: the same command in the Nix chroot (the same tree on local disk), seconds,
+    /// alternating with the runs alone.
     pub warm_local: Vec<f64>,
+    /// Warm: the Nix chroot again, alternating with the runs through `kof-fetcherd`.
+    pub warm_local_daemon: Vec<f64>,
 }
 
 /// Medians of every side.
@@ -106,8 +109,10 @@ pub struct Medians {
     pub warm_view: f64,
     /// Warm, view through `kof-fetcherd`.
     pub warm_daemon: f64,
-    /// Warm, local disk.
+    /// Warm, local disk (alternating with the runs alone).
     pub warm_local: f64,
+    /// Warm, local disk (alternating with the runs through `kof-fetcherd`).
+    pub warm_local_daemon: f64,
 }
 
 fn med(runs: &[Run]) -> f64 {
@@ -333,6 +338,7 @@ impl ColdStartBench {
             warm_view: median(&warm.view),
             warm_daemon: median(&warm.daemon),
             warm_local: median(&warm.local),
+            warm_local_daemon: median(&warm.local_daemon),
         };
         let touched = r.lazy_none.first().map_or(0, |x| x.bytes);
         let rtts = 2 + reference_depth(manifest, &roots) + 1;
@@ -361,6 +367,7 @@ impl ColdStartBench {
             warm_view: warm.view,
             warm_daemon: warm.daemon,
             warm_local: warm.local,
+            warm_local_daemon: warm.local_daemon,
         })
     }
 
@@ -414,9 +421,11 @@ impl ColdStartBench {
             }
         }
         // Through the daemon: its first run prepares the view (untimed), the mount persists.
+        // Alternating with the chroot again, so both sides of this ratio see the same noise.
         let daemon = node::Daemon::start(&kof, kof_store)?;
         for i in 0..=self.runs {
             let a = node::timed(&server, &mut kof.cmd(kof_store, &run_args))?;
+            let b = node::timed(&server, &mut nix_chroot_run(&nix.root(), roots, &self.cmd)?)?;
             if a.requests != 0 {
                 bail!(
                     "a warm run of {pinned} through kof-fetcherd sent {} requests",
@@ -425,6 +434,7 @@ impl ColdStartBench {
             }
             if i > 0 {
                 w.daemon.push(a.seconds);
+                w.local_daemon.push(b.seconds);
             }
         }
         daemon.stop()?;
@@ -440,8 +450,10 @@ pub struct Warm {
     pub view: Vec<f64>,
     /// Through `kof-fetcherd`.
     pub daemon: Vec<f64>,
-    /// The Nix chroot.
+    /// The Nix chroot, alternating with the runs alone.
     pub local: Vec<f64>,
+    /// The Nix chroot, alternating with the runs through the daemon.
+    pub local_daemon: Vec<f64>,
 }
 
 #[derive(Default)]

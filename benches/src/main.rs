@@ -251,16 +251,17 @@ fn run(cli: Cli) -> Result<()> {
             let w = b.warm(&cli.fixtures, &manifest, &kof_store, &roots)?;
             let m = |v: &[f64]| kof_benches::prefetch::median(v);
             println!(
-                "| environment | kof-store run alone | through kof-fetcherd | Nix chroot | alone/chroot | daemon/chroot |\n|---|---|---|---|---|---|\n| {env} | {:.3} s | {:.3} s | {:.3} s | {:.2}x | {:.2}x |",
+                "| environment | kof-store run alone | Nix chroot (alternating) | alone/chroot | through kof-fetcherd | Nix chroot (alternating) | daemon/chroot |\n|---|---|---|---|---|---|---|\n| {env} | {:.3} s | {:.3} s | {:.2}x | {:.3} s | {:.3} s | {:.2}x |",
                 m(&w.view),
-                m(&w.daemon),
                 m(&w.local),
                 m(&w.view) / m(&w.local),
-                m(&w.daemon) / m(&w.local)
+                m(&w.daemon),
+                m(&w.local_daemon),
+                m(&w.daemon) / m(&w.local_daemon)
             );
             json.insert(
                 "warm".into(),
-                serde_json::json!({"env": env, "cmd": cmd, "alone": w.view, "daemon": w.daemon, "chroot": w.local}),
+                serde_json::json!({"env": env, "cmd": cmd, "alone": w.view, "chroot_with_alone": w.local, "daemon": w.daemon, "chroot_with_daemon": w.local_daemon}),
             );
         }
         Cmd::Concurrent {

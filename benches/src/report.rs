@@ -101,8 +101,8 @@ pub fn coldstart_table(reports: &[ColdStartReport]) -> String {
             "| {} | warm (pinned): through kof-fetcherd / local disk | {:.3} s / {:.3} s | {:.2}x (view/local) | | | |\n",
             r.env,
             m.warm_daemon,
-            m.warm_local,
-            m.warm_daemon / m.warm_local
+            m.warm_local_daemon,
+            m.warm_daemon / m.warm_local_daemon
         ));
     }
     s
