@@ -324,7 +324,16 @@ fn write_raw_copy(store: &Store, content: &FileContent, dest: &Path) -> io::Resu
     let dir = dest
         .parent()
         .expect("raw copies live in a fan-out directory");
-    fs::create_dir_all(dir)?;
+    // `raw/` and its fan-out directory only, never the store directory above them: a copy
+    // finishing after its store was removed (a test's temporary store) must not bring the
+    // removed tree back.
+    let raw = dir.parent().expect("the fan-out directory is in raw/");
+    for d in [raw, dir] {
+        match fs::create_dir(d) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
     let tmp = dir.join(format!(
         ".tmp-{}-{}-{}",
         content.digest.to_hex(),
