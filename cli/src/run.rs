@@ -8,31 +8,23 @@
 //! and the temporary directories are removed, also on error; the command's exit status is
 //! `kof-store`'s.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use kof_fetcherd::activate::{activate, ActivationInput};
-use kof_fetcherd::closure::{Closure, ClosureEntry};
 use kof_fetcherd::config::Prefetch;
 use kof_fetcherd::envref::EnvRef;
 use kof_fetcherd::fetcher::Fetcher;
 use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
-use kof_fetcherd::lazy::{LazyContent, LazyError, LazyStore, LocalReader, Profile};
+use kof_fetcherd::lazy::{LazyContent, LazyStore, LocalReader, Profile, StartedEntries};
 use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
 use kof_fetcherd::view::{build_view, View, ViewInput};
 use kof_fuse::{Entry, MountOptions, Mounted};
-use kof_nar::StorePath;
 use tempfile::TempDir;
-use tokio::task::JoinHandle;
 
 use crate::context::Context;
 use crate::sandbox::{self, SandboxSpec};
-
-/// Metadata lookups (stored trees, listings) in flight while a view is prepared.
-const ENTRY_LOOKUPS_IN_FLIGHT: usize = 32;
 
 /// Runs `cmd` in the environment `reference`; exits the process with the command's status.
 pub fn run(ctx: &Context, reference: &str, cmd: &[String]) -> Result<()> {
@@ -111,31 +103,6 @@ fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_fetcherd::floxhub::To
         .map(|p| read_token_file(p).with_context(|| format!("FloxHub token file {}", p.display())))
         .transpose()?;
     Ok((Resolver::new(client, cfg.system.clone()), token))
-}
-
-/// The view trees of every closure member, from metadata; `started` holds the lookups already
-/// under way, by path.
-async fn closure_entries(
-    lazy: &Arc<LazyStore>,
-    closure: &Closure,
-    mut started: BTreeMap<StorePath, JoinHandle<Result<Arc<Entry>, LazyError>>>,
-) -> Result<BTreeMap<StorePath, Arc<Entry>>> {
-    stream::iter(closure.entries.iter().cloned())
-        .map(|e| {
-            let lazy = lazy.clone();
-            let task = started.remove(e.path());
-            async move {
-                let entry = match task {
-                    Some(t) => t.await.context("listing task")?,
-                    None => lazy.entry(&e).await,
-                }
-                .with_context(|| format!("describing {}", e.path()))?;
-                anyhow::Ok((e.path().clone(), entry))
-            }
-        })
-        .buffer_unordered(ENTRY_LOOKUPS_IN_FLIGHT)
-        .try_collect()
-        .await
 }
 
 /// Everything up to the command's exit status; the caller exits with it. Through the node
@@ -234,19 +201,15 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
         let lazy = LazyStore::new(fetcher.clone(), store.clone(), ctx.config.lazy_options());
         // Each path's listing is asked for as soon as its narinfo is accepted, while the
         // walk of the references goes on.
-        let mut listings = BTreeMap::new();
+        let mut listings = StartedEntries::new();
         let closure = fetcher
-            .resolve_with(&env.roots, |sub| {
-                let lazy = lazy.clone();
-                let e = ClosureEntry::Remote(sub.clone());
-                listings.insert(
-                    sub.info.store_path.clone(),
-                    tokio::spawn(async move { lazy.entry(&e).await }),
-                );
-            })
+            .resolve_with(&env.roots, |sub| lazy.start_entry(sub, &mut listings))
             .await
             .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
-        let paths = closure_entries(&lazy, &closure, listings).await?;
+        let paths = lazy
+            .entries(&closure, listings)
+            .await
+            .with_context(|| format!("describing the closure of {}", env.env_ref()))?;
         let view: View = build_view(&ViewInput::new(&env, paths))
             .with_context(|| format!("building the view of {}", env.env_ref()))?;
         anyhow::Ok((env, closure, view, lazy))

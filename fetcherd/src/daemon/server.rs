@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kof_fuse::Entry;
 use kof_nar::StorePath;
 use kof_store::{EnvironmentRecord, Store};
 use thiserror::Error;
@@ -26,21 +25,15 @@ use crate::config::{Config, Prefetch};
 use crate::envref::EnvRef;
 use crate::fetcher::Fetcher;
 use crate::floxhub::{read_token_file, FloxHubClient, Token};
-use crate::lazy::{Cause, LazyStore};
+use crate::lazy::{Cause, LazyStore, StartedEntries};
 use crate::metrics::{DaemonMetrics, Exposition};
 use crate::resolve::{ResolvedEnvironment, Resolver};
 use crate::view::{build_view, ViewInput};
-
-/// Trees of closure members being described (listings fetched) while the closure is walked.
-type Listings =
-    BTreeMap<StorePath, tokio::task::JoinHandle<Result<Arc<Entry>, crate::lazy::LazyError>>>;
 
 /// How long the daemon waits for a FUSE server it started to answer.
 const FUSE_SERVER_START: Duration = Duration::from_secs(30);
 /// How often the daemon checks that the FUSE server is alive.
 const FUSE_SERVER_WATCH: Duration = Duration::from_secs(2);
-/// Closure members whose trees are built at once during a prepare.
-const ENTRIES_IN_FLIGHT: usize = 32;
 /// Views of environment generations kept for their next lease.
 const BUILT_VIEWS: usize = 16;
 /// How long the reads of an environment's first start are recorded for its learned profile
@@ -498,16 +491,11 @@ impl Daemon {
         // Metadata only: narinfos of paths not stored, stored metadata of the others. Each
         // path's listing is asked for as soon as its narinfo is accepted, while the walk of the
         // references goes on (for a 200-path closure, a round of listings less).
-        let mut listings = Listings::new();
+        let mut listings = StartedEntries::new();
         let closure = self
             .fetcher
             .resolve_with(&resolved.roots, |sub| {
-                let lazy = self.lazy.clone();
-                let e = ClosureEntry::Remote(sub.clone());
-                listings.insert(
-                    sub.info.store_path.clone(),
-                    tokio::spawn(async move { lazy.entry(&e).await }),
-                );
+                self.lazy.start_entry(sub, &mut listings)
             })
             .await
             .map_err(|e| {
@@ -626,7 +614,7 @@ impl Daemon {
         &self,
         resolved: &ResolvedEnvironment,
         closure: &Closure,
-        listings: Listings,
+        listings: StartedEntries,
     ) -> Result<Arc<BuiltView>, Failure> {
         let all_stored = closure
             .entries
@@ -703,37 +691,20 @@ impl Daemon {
         .await
     }
 
-    /// The view of an environment: every closure member's tree (metadata only), then the root
-    /// file system.
-    /// Builds the view of `closure`, taking the trees of paths whose listing `listings` has
-    /// under way from there.
+    /// The view of an environment: every closure member's tree (metadata only; those
+    /// `listings` has under way taken from there), then the root file system.
     async fn build(
         &self,
         resolved: &ResolvedEnvironment,
         closure: &Closure,
-        mut listings: Listings,
+        listings: StartedEntries,
     ) -> Result<crate::view::View, Failure> {
-        use futures_util::stream::{self, StreamExt, TryStreamExt};
-        let entries: Vec<(StorePath, Arc<Entry>)> = stream::iter(closure.entries.clone())
-            .map(|c| {
-                let lazy = self.lazy.clone();
-                let started = listings.remove(c.path());
-                async move {
-                    let p = c.path().clone();
-                    let e = match started {
-                        Some(task) => task.await.map_err(|e| {
-                            fail(ErrorKind::View, format!("tree of {p}: listing task: {e}"))
-                        })?,
-                        None => lazy.entry(&c).await,
-                    }
-                    .map_err(|e| fail(ErrorKind::View, format!("tree of {p}: {e}")))?;
-                    Ok::<_, Failure>((p, e))
-                }
-            })
-            .buffer_unordered(ENTRIES_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        let input = ViewInput::new(resolved, entries.into_iter().collect());
+        let entries = self
+            .lazy
+            .entries(closure, listings)
+            .await
+            .map_err(|e| fail(ErrorKind::View, format!("describing the closure: {e}")))?;
+        let input = ViewInput::new(resolved, entries);
         build_view(&input).map_err(|e| fail(ErrorKind::View, e.to_string()))
     }
 
@@ -1059,7 +1030,9 @@ impl Daemon {
                 format!("lease {}: computing the closure: {e}", rec.lease),
             )
         })?;
-        let built = self.view_of(&resolved, &closure, Listings::new()).await?;
+        let built = self
+            .view_of(&resolved, &closure, StartedEntries::new())
+            .await?;
         self.add_view(&rec.lease, built).await
     }
 

@@ -1,7 +1,7 @@
 //! [`LazyStore`]: per-path fetch state (chunks for the range path, a high-water mark for the
 //! stream path), single-flight fetches, demand and prefetch slots, completion into the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::BufReader;
 use std::os::unix::fs::FileExt;
@@ -241,6 +241,13 @@ fn file_extents(entry: &Entry, out: &mut Vec<(u64, u64)>) {
         _ => {}
     }
 }
+
+/// Trees of closure members being described (their listings fetched) while the closure is
+/// still walked, by store path: see [`LazyStore::start_entry`].
+pub type StartedEntries = BTreeMap<StorePath, JoinHandle<Result<Arc<Entry>, LazyError>>>;
+
+/// Closure members described at once by [`LazyStore::entries`].
+const ENTRIES_IN_FLIGHT: usize = 32;
 
 fn spawn_err(path: &StorePath, e: tokio::task::JoinError) -> LazyError {
     LazyError::Aborted {
@@ -572,6 +579,43 @@ impl LazyStore {
             .expect("entries poisoned")
             .insert(path, entry.clone());
         Ok(entry)
+    }
+
+    /// Starts describing a closure member in the background (see [`LazyStore::entry`]), for
+    /// [`LazyStore::entries`] to take from `started`: called as each narinfo is accepted during
+    /// the closure walk, so listings are fetched while the walk goes on.
+    pub fn start_entry(&self, sub: &Arc<Substitute>, started: &mut StartedEntries) {
+        let me = self.arc();
+        let e = ClosureEntry::Remote(sub.clone());
+        started.insert(
+            sub.info.store_path.clone(),
+            tokio::spawn(async move { me.entry(&e).await }),
+        );
+    }
+
+    /// The tree of every member of `closure`: from `started` when under way there, else
+    /// described now, in parallel.
+    pub async fn entries(
+        &self,
+        closure: &Closure,
+        mut started: StartedEntries,
+    ) -> Result<BTreeMap<StorePath, Arc<Entry>>, LazyError> {
+        use futures_util::stream::{self, TryStreamExt};
+        stream::iter(closure.entries.iter().cloned())
+            .map(|e| {
+                let me = self.arc();
+                let task = started.remove(e.path());
+                async move {
+                    let entry = match task {
+                        Some(t) => t.await.map_err(|j| spawn_err(e.path(), j))?,
+                        None => me.entry(&e).await,
+                    }?;
+                    Ok((e.path().clone(), entry))
+                }
+            })
+            .buffer_unordered(ENTRIES_IN_FLIGHT)
+            .try_collect()
+            .await
     }
 
     async fn listing_entry(&self, sub: &Substitute) -> Result<Option<Entry>, LazyError> {

@@ -61,7 +61,7 @@ use crate::fetcher::PathError;
 use crate::substituters::SubstituteError;
 
 pub use counters::{ByCause, LatencyHistogram, LazyCounters, LATENCY_BUCKETS};
-pub use engine::{LazyStore, PrefetchReport};
+pub use engine::{LazyStore, PrefetchReport, StartedEntries};
 pub use local::{partial_file, LazyContent, LocalReader};
 pub use profile::{export_profile, import_profile, Profile, ProfileError, ProfileRange};
 pub use tree::{entry_of_listing, entry_of_tree};
