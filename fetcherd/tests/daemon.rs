@@ -63,6 +63,33 @@ fn sha256_file(p: &Path) -> String {
     kof_nar::NixHash::digest(&std::fs::read(p).unwrap()).to_hex()
 }
 
+/// Checks that kof/hello's `bin/bash` reads through the view at `view_root` with the staged
+/// bytes; a failed read names the deepest path that exists and prints the node's logs.
+fn assert_view_has_bash(node: &Node, view_root: &Path) {
+    let bash = closure_of("kof/hello")
+        .into_iter()
+        .find(|p| p.contains("-bash-"))
+        .unwrap();
+    let file = view_root
+        .join(bash.trim_start_matches('/'))
+        .join("bin/bash");
+    let read = std::fs::read(&file).unwrap_or_else(|e| {
+        let missing = file
+            .ancestors()
+            .find(|a| std::fs::symlink_metadata(a).is_ok())
+            .map(|a| a.display().to_string());
+        panic!(
+            "reading {} after the restart: {e} (the deepest existing ancestor: {missing:?})\n{}",
+            file.display(),
+            node.logs()
+        )
+    });
+    assert_eq!(
+        kof_nar::NixHash::digest(&read).to_hex(),
+        sha256_file(&staged(&bash).join("bin/bash"))
+    );
+}
+
 fn is_mounted(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let d = dir.to_string_lossy().to_string();
@@ -654,29 +681,7 @@ fn a_dead_fuse_server_is_replaced_and_the_leased_views_rebuilt() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(views, vec!["c1".to_string()]);
-    let bash = closure_of("kof/hello")
-        .into_iter()
-        .find(|p| p.contains("-bash-"))
-        .unwrap();
-    let file = p
-        .view_root
-        .join(bash.trim_start_matches('/'))
-        .join("bin/bash");
-    let read = std::fs::read(&file).unwrap_or_else(|e| {
-        let missing = file
-            .ancestors()
-            .find(|a| std::fs::symlink_metadata(a).is_ok())
-            .map(|a| a.display().to_string());
-        panic!(
-            "reading {} after the restart: {e} (the deepest existing ancestor: {missing:?})\n{}",
-            file.display(),
-            node.logs()
-        )
-    });
-    assert_eq!(
-        kof_nar::NixHash::digest(&read).to_hex(),
-        sha256_file(&staged(&bash).join("bin/bash"))
-    );
+    assert_view_has_bash(&node, &p.view_root);
 }
 
 /// A private environment: refused without a token (the error names it), prepared with the
@@ -789,29 +794,7 @@ fn leases_survive_a_node_restart() {
     node.start_daemon();
     let again = node.client().prepare("kof/hello", "c1", None).unwrap();
     assert_eq!(again, p);
-    let bash = closure_of("kof/hello")
-        .into_iter()
-        .find(|p| p.contains("-bash-"))
-        .unwrap();
-    let file = p
-        .view_root
-        .join(bash.trim_start_matches('/'))
-        .join("bin/bash");
-    let read = std::fs::read(&file).unwrap_or_else(|e| {
-        let missing = file
-            .ancestors()
-            .find(|a| std::fs::symlink_metadata(a).is_ok())
-            .map(|a| a.display().to_string());
-        panic!(
-            "reading {} after the restart: {e} (the deepest existing ancestor: {missing:?})\n{}",
-            file.display(),
-            node.logs()
-        )
-    });
-    assert_eq!(
-        kof_nar::NixHash::digest(&read).to_hex(),
-        sha256_file(&staged(&bash).join("bin/bash"))
-    );
+    assert_view_has_bash(&node, &p.view_root);
 }
 
 /// Every file of a view under `root`, relative, with its kind and (regular files) the SHA-256
