@@ -227,7 +227,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts it with the node's config and waits (up to 30 s) until its socket answers.
+    /// Starts it with the node's config and waits (up to 30 s) until it answers with its FUSE
+    /// server up, so that no timed run pays for starting them.
     pub fn start(node: &KofNode, kof_store: &Path) -> Result<Daemon> {
         let exe = kof_store
             .parent()
@@ -247,7 +248,10 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::os::unix::net::UnixStream::connect(node.socket()).is_ok() {
+            let up = kof_fetcherd::api::Client::connect(&node.socket())
+                .and_then(|mut c| c.status())
+                .is_ok_and(|s| s.fuse_server.is_some());
+            if up {
                 return Ok(d);
             }
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -258,7 +262,7 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "kof-fetcherd did not open {} in 30 s",
+                    "kof-fetcherd did not answer with its FUSE server up on {} in 30 s",
                     node.socket().display()
                 );
             }

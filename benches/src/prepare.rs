@@ -14,7 +14,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use kof_fetcherd::api::Client;
@@ -112,22 +112,8 @@ impl PrepareBench {
         let server = node::serve(fixtures, self.link)?;
         let n = KofNode::new(&server, manifest, &self.flavour, "prefetch = \"none\"\n")?;
         n.enable_daemon()?;
+        // Not timed: the daemon and its FUSE server starting.
         let daemon = Daemon::start(&n, kof_store)?;
-        // Not timed: the daemon starting its FUSE server.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let up = Client::connect(&n.socket())
-                .and_then(|mut c| c.status())
-                .map(|s| s.fuse_server.is_some())
-                .unwrap_or(false);
-            if up {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("kof-fetcherd's FUSE server did not come up in 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let mut client = Client::connect(&n.socket()).context("connecting to kof-fetcherd")?;
         server.reset();
         let start = Instant::now();
