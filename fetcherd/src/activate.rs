@@ -1,7 +1,8 @@
 //! Activation: the environment variables and the argv that run a command inside an environment
 //! the way `flox activate -- CMD` does.
 //!
-//! From a small base (`PATH`, `HOME`, optionally `TERM`), `FLOX_ENV` and
+//! From a base (the caller's environment when one is inherited, as a container's is, else
+//! `PATH`, `HOME` and optionally `TERM`), `FLOX_ENV` and
 //! `FLOX_ENV_DESCRIPTION` are set, the `[vars]` exported in order (a value may reference
 //! variables set before it, `$NAME` or `${NAME}`, as the double-quoted `export` of Flox's
 //! activation script does), and `$FLOX_ENV/bin:$FLOX_ENV/sbin` put first on `PATH`.
@@ -90,6 +91,12 @@ pub struct ActivationInput {
     pub home: String,
     /// `TERM` to pass through, if any.
     pub term: Option<String>,
+    /// An environment to start from, as `flox activate` starts from its caller's (a
+    /// container's variables: the image's, the pod's, Kubernetes' service variables). Its
+    /// `PATH` and `HOME`, when set, replace [`BASE_PATH`] and `home`; everything in it is kept
+    /// unless the activation sets the same name. Empty for `kof-store run`, whose command gets
+    /// exactly the activation's variables.
+    pub inherit: BTreeMap<String, String>,
 }
 
 impl ActivationInput {
@@ -104,6 +111,7 @@ impl ActivationInput {
             bash: view.bash.clone(),
             home: "/root".into(),
             term: None,
+            inherit: BTreeMap::new(),
         }
     }
 }
@@ -192,9 +200,10 @@ pub fn activate(input: &ActivationInput, cmd: &[String]) -> Result<Activation, A
     if cmd.is_empty() {
         return Err(ActivateError::NoCommand { env: env_label() });
     }
-    let mut env: BTreeMap<String, String> = BTreeMap::new();
-    env.insert("PATH".into(), BASE_PATH.into());
-    env.insert("HOME".into(), input.home.clone());
+    let mut env: BTreeMap<String, String> = input.inherit.clone();
+    env.entry("PATH".into())
+        .or_insert_with(|| BASE_PATH.to_string());
+    env.entry("HOME".into()).or_insert_with(|| input.home.clone());
     if let Some(t) = &input.term {
         env.insert("TERM".into(), t.clone());
     }

@@ -223,6 +223,7 @@ impl Activation {
             bash: self.bash.clone(),
             home: home.to_string(),
             term: term.map(str::to_string),
+            inherit: BTreeMap::new(),
         }
     }
 }

@@ -89,6 +89,8 @@ struct RawConfig {
     max_parallel_downloads: Option<usize>,
     socket: Option<PathBuf>,
     mount_dir: Option<PathBuf>,
+    containers_dir: Option<PathBuf>,
+    dummy_images: Option<Vec<String>>,
     prefetch: Option<Prefetch>,
     metrics_addr: Option<String>,
     read_timeout_secs: Option<u64>,
@@ -121,6 +123,14 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the daemon mounts environments.
     pub mount_dir: PathBuf,
+    /// Where the containerd shim keeps each container's root (an overlay's upper, work and
+    /// mount point) and its record; default `<store_dir>/containers`.
+    pub containers_dir: PathBuf,
+    /// Images the shim treats as the few-byte placeholder of an environment pod: the container's
+    /// root becomes the environment's view. A container of any other image keeps its root and
+    /// gets the environment mounted on top (`/nix/store`, `FLOX_ENV`). Names without a tag or
+    /// digest, as CRI's `io.kubernetes.cri.image-name` gives them (`docker.io/flox/empty`).
+    pub dummy_images: Vec<String>,
     /// What the daemon fetches ahead.
     pub prefetch: Prefetch,
     /// Address for the daemon's metrics endpoint, if any.
@@ -158,6 +168,8 @@ impl Default for Config {
             max_parallel_downloads: 16,
             socket: PathBuf::from("/run/kof/fetcherd.sock"),
             mount_dir: PathBuf::from("/var/lib/kof/mnt"),
+            containers_dir: PathBuf::from("/var/lib/kof/containers"),
+            dummy_images: vec!["docker.io/flox/empty".to_string()],
             prefetch: Prefetch::Closure,
             metrics_addr: None,
             read_timeout: std::time::Duration::from_secs(30),
@@ -288,6 +300,11 @@ impl Config {
             trusted_public_keys,
             require_sigs: raw.require_sigs.unwrap_or(d.require_sigs),
             system,
+            containers_dir: raw
+                .containers_dir
+                .or_else(|| raw.store_dir.as_ref().map(|s| s.join("containers")))
+                .unwrap_or(d.containers_dir),
+            dummy_images: raw.dummy_images.unwrap_or(d.dummy_images),
             store_dir: raw.store_dir.unwrap_or(d.store_dir),
             max_parallel_downloads,
             socket: raw.socket.unwrap_or(d.socket),

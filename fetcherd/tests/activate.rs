@@ -26,7 +26,32 @@ fn input() -> ActivationInput {
         bash: None,
         home: "/root".into(),
         term: Some("xterm-256color".into()),
+        inherit: BTreeMap::new(),
     }
+}
+
+#[test]
+fn an_inherited_environment_is_the_base_and_activation_wins_over_it() {
+    let mut i = input();
+    i.inherit = BTreeMap::from([
+        ("PATH".to_string(), "/opt/image/bin:/bin".to_string()),
+        ("HOME".to_string(), "/home/app".to_string()),
+        ("KUBERNETES_SERVICE_HOST".to_string(), "10.0.0.1".to_string()),
+        ("GREETING".to_string(), "from the pod".to_string()),
+        ("FLOX_ENV".to_string(), "/somewhere/else".to_string()),
+    ]);
+    let a = activate(&i, &cmd(&["true"])).unwrap();
+    // The container's PATH follows the environment's directories, instead of the base PATH.
+    assert_eq!(
+        a.var("PATH"),
+        Some(format!("{FLOX_ENV}/bin:{FLOX_ENV}/sbin:/opt/image/bin:/bin").as_str())
+    );
+    assert_eq!(a.var("HOME"), Some("/home/app"));
+    assert_eq!(a.var("KUBERNETES_SERVICE_HOST"), Some("10.0.0.1"));
+    // [vars] and activation's own variables win, as `flox activate` exports over its caller's.
+    assert_eq!(a.var("GREETING"), Some("hello world"));
+    assert_eq!(a.var("FLOX_ENV"), Some(FLOX_ENV));
+    assert_eq!(a.var("TERM"), Some("xterm-256color"));
 }
 
 fn cmd(args: &[&str]) -> Vec<String> {
