@@ -1,0 +1,690 @@
+//! containerd's config file: registering the `flox` runtime the way Flox documents it.
+//!
+//! The file is edited with `toml_edit`, so comments, order and formatting of everything kof does
+//! not own stay as they were, and a second run over an up-to-date file changes no byte. The
+//! runtime's section depends on the config's `version`:
+//!
+//! | `version` | containerd | section |
+//! | --- | --- | --- |
+//! | absent or 1 | 1.x (legacy format) | `plugins.cri.containerd.runtimes.flox` |
+//! | 2 | 1.6, 1.7 | `plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox` |
+//! | 3 | 2.x | `plugins."io.containerd.cri.v1.runtime".containerd.runtimes.flox` |
+//!
+//! Version 1 is supported rather than refused: containerd 1.6 and 1.7 still read it (and 2.x
+//! migrates it), and its CRI section takes the same runtime keys; the integration test checks
+//! that containerd 1.6 reads what we write.
+//!
+//! The section holds `runtime_type = "io.containerd.runc.v2"`, `runtime_path` (the shim),
+//! `pod_annotations` and `container_annotations` (`["flox.dev/*"]`, which make containerd copy
+//! the pod's `flox.dev/*` annotations into each container's OCI config) and
+//! `options.SystemdCgroup`. The latter must match the node's cgroup driver (a cgroupfs-style
+//! `cgroupsPath` under `SystemdCgroup = true` is a known failure of Flox's own shim), so it is
+//! copied from the runtime runc pods use on this node: see [`ContainerdConfig::node_systemd_cgroup`].
+//! Keys of the section that kof does not own are left alone.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use toml_edit::{Array, DocumentMut, Item, Table, Value};
+
+/// The runtime's name in containerd (the RuntimeClass `handler`).
+pub const RUNTIME_NAME: &str = "flox";
+/// The runtime type: the shim speaks shim v2 and wraps runc's.
+pub const RUNTIME_TYPE: &str = "io.containerd.runc.v2";
+/// The annotations containerd passes to the shim.
+pub const ANNOTATIONS: &str = "flox.dev/*";
+/// Where the shim is installed on the host.
+pub const DEFAULT_RUNTIME_PATH: &str = "/usr/local/bin/containerd-shim-flox-v2";
+
+/// Why containerd's config could not be read or edited.
+#[derive(Debug, Error)]
+pub enum ContainerdConfigError {
+    /// The file is not TOML.
+    #[error("{path}: not valid TOML: {}", one_line(.source))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: toml_edit::TomlError,
+    },
+    /// `version` is not a supported integer.
+    #[error("{path}: unsupported containerd config version {value} (kof knows 1, 2 and 3)")]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The value as written.
+        value: String,
+    },
+    /// A key on the runtime's path holds something other than a `[section]`.
+    #[error("{path}: {key} is {found}, not a [section]; kof edits only [section] tables there")]
+    NotASection {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: String,
+        /// What it is instead ("a string", "an inline table"...).
+        found: &'static str,
+    },
+    /// `imports` is not an array of strings.
+    #[error("{path}: imports must be an array of strings")]
+    BadImports {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+fn one_line(e: &toml_edit::TomlError) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A containerd config file format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigVersion {
+    /// Absent or `version = 1`: the legacy format (containerd 1.x).
+    V1,
+    /// `version = 2`: containerd 1.6 and 1.7.
+    V2,
+    /// `version = 3`: containerd 2.x.
+    V3,
+}
+
+impl ConfigVersion {
+    /// The `version` number.
+    pub fn number(self) -> i64 {
+        match self {
+            ConfigVersion::V1 => 1,
+            ConfigVersion::V2 => 2,
+            ConfigVersion::V3 => 3,
+        }
+    }
+
+    /// The version for a `version = N` value.
+    pub fn from_number(n: i64) -> Option<ConfigVersion> {
+        match n {
+            1 => Some(ConfigVersion::V1),
+            2 => Some(ConfigVersion::V2),
+            3 => Some(ConfigVersion::V3),
+            _ => None,
+        }
+    }
+
+    /// The CRI plugin whose `containerd.runtimes` table holds runtimes.
+    pub fn cri_plugin(self) -> &'static str {
+        match self {
+            ConfigVersion::V1 => "cri",
+            ConfigVersion::V2 => "io.containerd.grpc.v1.cri",
+            ConfigVersion::V3 => "io.containerd.cri.v1.runtime",
+        }
+    }
+
+    /// The path of the `runtimes` table.
+    pub fn runtimes_path(self) -> [&'static str; 4] {
+        ["plugins", self.cri_plugin(), "containerd", "runtimes"]
+    }
+
+    /// The config version a containerd release reads natively: 1.x → 2, 2.x → 3.
+    pub fn for_release(release: &str) -> Option<ConfigVersion> {
+        let major = release.trim_start_matches('v').split('.').next()?;
+        match major.parse::<u32>().ok()? {
+            1 => Some(ConfigVersion::V2),
+            2 => Some(ConfigVersion::V3),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConfigVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.number())
+    }
+}
+
+/// The release number in `containerd --version` output, e.g. `1.6.20~ds1` from
+/// `containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3` or `v2.0.0`
+/// from `containerd github.com/containerd/containerd/v2 v2.0.0 207ad71`: the first word after
+/// the first that starts with a digit (after an optional `v`) and has a dot.
+pub fn release_from_version_output(output: &str) -> Option<&str> {
+    output.split_whitespace().skip(1).find(|w| {
+        let w = w.trim_start_matches('v');
+        w.starts_with(|c: char| c.is_ascii_digit()) && w.contains('.')
+    })
+}
+
+/// A dotted key as containerd's docs write it: `plugins."io.containerd.grpc.v1.cri".containerd`.
+pub fn dotted(path: &[&str]) -> String {
+    path.iter()
+        .map(|k| {
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                k.to_string()
+            } else {
+                format!("\"{k}\"")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// What the flox runtime should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloxRuntime {
+    /// The shim on the host.
+    pub runtime_path: String,
+    /// `options.SystemdCgroup`.
+    pub systemd_cgroup: bool,
+}
+
+/// One key [`ContainerdConfig::register_flox`] set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The dotted key.
+    pub key: String,
+    /// The value before (as written), if there was one.
+    pub old: Option<String>,
+    /// The value now (as written).
+    pub new: String,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.old {
+            Some(old) => write!(f, "{} = {} (was {})", self.key, self.new, old),
+            None => write!(f, "{} = {}", self.key, self.new),
+        }
+    }
+}
+
+/// Where the node's `SystemdCgroup` value was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCgroup {
+    /// The runtime it was read from.
+    pub runtime: String,
+    /// Its `options.SystemdCgroup`.
+    pub systemd_cgroup: bool,
+}
+
+/// A containerd config file, parsed for editing.
+#[derive(Debug, Clone)]
+pub struct ContainerdConfig {
+    path: PathBuf,
+    doc: DocumentMut,
+}
+
+impl ContainerdConfig {
+    /// Parses `text`, the content of `path` (named in errors).
+    pub fn parse(path: &Path, text: &str) -> Result<ContainerdConfig, ContainerdConfigError> {
+        let doc = text
+            .parse::<DocumentMut>()
+            .map_err(|source| ContainerdConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(ContainerdConfig {
+            path: path.to_path_buf(),
+            doc,
+        })
+    }
+
+    /// A new config holding only `version = N` (for a node without a config file).
+    pub fn minimal(path: &Path, version: ConfigVersion) -> ContainerdConfig {
+        let mut doc = DocumentMut::new();
+        doc.insert("version", toml_edit::value(version.number()));
+        ContainerdConfig {
+            path: path.to_path_buf(),
+            doc,
+        }
+    }
+
+    /// The file this config is for.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file has no keys or tables at all (only comments and blank lines).
+    pub fn is_empty(&self) -> bool {
+        self.doc.as_table().is_empty()
+    }
+
+    /// Sets `version` (for an empty file, before anything else is added).
+    /// A file of comments only keeps them above `version`.
+    pub fn set_version(&mut self, version: ConfigVersion) {
+        let comments = if self.is_empty() {
+            let t = self.doc.trailing().as_str().unwrap_or("").to_string();
+            self.doc.set_trailing("");
+            t
+        } else {
+            String::new()
+        };
+        self.doc
+            .insert("version", toml_edit::value(version.number()));
+        if let Some(mut key) = self.doc.as_table_mut().key_mut("version") {
+            if !comments.is_empty() {
+                key.leaf_decor_mut().set_prefix(comments);
+            }
+        }
+    }
+
+    /// The format version: `version`, or 1 when it is absent (as containerd reads it).
+    pub fn version(&self) -> Result<ConfigVersion, ContainerdConfigError> {
+        match self.doc.get("version") {
+            None => Ok(ConfigVersion::V1),
+            Some(item) => item
+                .as_integer()
+                .and_then(ConfigVersion::from_number)
+                .ok_or_else(|| ContainerdConfigError::UnsupportedVersion {
+                    path: self.path.clone(),
+                    value: item.to_string().trim().to_string(),
+                }),
+        }
+    }
+
+    /// The `imports` entries (drop-in files or globs), empty when there is none.
+    pub fn imports(&self) -> Result<Vec<String>, ContainerdConfigError> {
+        let Some(item) = self.doc.get("imports") else {
+            return Ok(Vec::new());
+        };
+        let bad = || ContainerdConfigError::BadImports {
+            path: self.path.clone(),
+        };
+        let array = item.as_array().ok_or_else(bad)?;
+        array
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+            .collect()
+    }
+
+    /// Whether this file has anything under `plugins.<the CRI plugin of version>`: in an
+    /// imported drop-in, such a section can replace the main file's (containerd 1.x merges
+    /// imports plugin by plugin), taking the flox runtime away.
+    pub fn configures_cri_plugin(&self, version: ConfigVersion) -> bool {
+        self.doc
+            .get("plugins")
+            .and_then(Item::as_table_like)
+            .is_some_and(|p| p.contains_key(version.cri_plugin()))
+    }
+
+    /// The `SystemdCgroup` runc pods use on this node: the `options.SystemdCgroup` of the
+    /// default runtime (`default_runtime_name`) if it is a runc runtime that sets it, else of
+    /// the `runc` runtime; `None` when neither sets it (containerd then uses `false`).
+    pub fn node_systemd_cgroup(
+        &self,
+        version: ConfigVersion,
+    ) -> Result<Option<NodeCgroup>, ContainerdConfigError> {
+        let cri = [
+            version.runtimes_path()[0],
+            version.runtimes_path()[1],
+            "containerd",
+        ];
+        let default = self
+            .table_at(&cri)?
+            .and_then(|t| t.get("default_runtime_name"))
+            .and_then(Item::as_str)
+            .map(str::to_string);
+        let mut candidates = Vec::new();
+        if let Some(d) = default.filter(|d| d != RUNTIME_NAME) {
+            candidates.push(d);
+        }
+        if !candidates.iter().any(|c| c == "runc") {
+            candidates.push("runc".to_string());
+        }
+        let runtimes = version.runtimes_path();
+        for name in candidates {
+            let mut path = runtimes.to_vec();
+            path.push(&name);
+            let Some(runtime) = self.table_at(&path)? else {
+                continue;
+            };
+            let is_runc = runtime
+                .get("runtime_type")
+                .and_then(Item::as_str)
+                .is_none_or(|t| t == RUNTIME_TYPE);
+            if !is_runc {
+                continue;
+            }
+            path.push("options");
+            let value = self
+                .table_at(&path)?
+                .and_then(|o| o.get("SystemdCgroup"))
+                .and_then(Item::as_bool);
+            if let Some(systemd_cgroup) = value {
+                return Ok(Some(NodeCgroup {
+                    runtime: name,
+                    systemd_cgroup,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes the `flox` runtime section say what `runtime` says; returns what it changed
+    /// (nothing when the section was already right, and then the text is unchanged).
+    pub fn register_flox(
+        &mut self,
+        runtime: &FloxRuntime,
+    ) -> Result<Vec<Change>, ContainerdConfigError> {
+        let version = self.version()?;
+        let mut path: Vec<&str> = version.runtimes_path().to_vec();
+        path.push(RUNTIME_NAME);
+        let annotations = vec![ANNOTATIONS.to_string()];
+        let mut changes = Vec::new();
+        {
+            let table = self.table_mut(&path)?;
+            let key = dotted(&path);
+            set_string(table, &key, "runtime_type", RUNTIME_TYPE, &mut changes);
+            set_string(
+                table,
+                &key,
+                "runtime_path",
+                &runtime.runtime_path,
+                &mut changes,
+            );
+            set_strings(table, &key, "pod_annotations", &annotations, &mut changes);
+            set_strings(
+                table,
+                &key,
+                "container_annotations",
+                &annotations,
+                &mut changes,
+            );
+        }
+        path.push("options");
+        let key = dotted(&path);
+        let options = self.table_mut(&path)?;
+        let current = options.get("SystemdCgroup");
+        if current.and_then(Item::as_bool) != Some(runtime.systemd_cgroup) {
+            let old = current.map(|i| i.to_string().trim().to_string());
+            options.insert("SystemdCgroup", toml_edit::value(runtime.systemd_cgroup));
+            changes.push(Change {
+                key: format!("{key}.SystemdCgroup"),
+                old,
+                new: runtime.systemd_cgroup.to_string(),
+            });
+        }
+        Ok(changes)
+    }
+
+    /// The `[section]` at `path`, if every step exists.
+    fn table_at(&self, path: &[&str]) -> Result<Option<&Table>, ContainerdConfigError> {
+        let mut table = self.doc.as_table();
+        for (i, key) in path.iter().enumerate() {
+            match table.get(key) {
+                None => return Ok(None),
+                Some(Item::Table(t)) => table = t,
+                Some(other) => return Err(self.not_a_section(&path[..=i], other)),
+            }
+        }
+        Ok(Some(table))
+    }
+
+    /// The `[section]` at `path`, created (its parents implicit, itself with a header) when
+    /// missing.
+    fn table_mut(&mut self, path: &[&str]) -> Result<&mut Table, ContainerdConfigError> {
+        // Checked first, so the error can borrow `self` while the walk below borrows the doc.
+        if let Some((i, item)) = self.first_non_section(path) {
+            return Err(self.not_a_section(&path[..=i], item));
+        }
+        let mut table = self.doc.as_table_mut();
+        for (i, key) in path.iter().enumerate() {
+            let last = i + 1 == path.len();
+            let dotted_parent = table.is_dotted();
+            let item = table.entry(key).or_insert_with(|| {
+                let mut t = Table::new();
+                t.set_implicit(!last);
+                // Below a table written with dotted keys, a new child must be dotted too to
+                // remain valid TOML.
+                t.set_dotted(dotted_parent);
+                Item::Table(t)
+            });
+            table = item.as_table_mut().expect("checked above: a [section]");
+        }
+        Ok(table)
+    }
+
+    fn first_non_section(&self, path: &[&str]) -> Option<(usize, &Item)> {
+        let mut table = self.doc.as_table();
+        for (i, key) in path.iter().enumerate() {
+            match table.get(key) {
+                None => return None,
+                Some(Item::Table(t)) => table = t,
+                Some(other) => return Some((i, other)),
+            }
+        }
+        None
+    }
+
+    fn not_a_section(&self, path: &[&str], item: &Item) -> ContainerdConfigError {
+        let found = match item {
+            Item::Value(Value::InlineTable(_)) => "an inline table",
+            Item::Value(Value::String(_)) => "a string",
+            Item::Value(Value::Array(_)) => "an array",
+            Item::ArrayOfTables(_) => "an array of tables",
+            Item::Value(_) => "a scalar value",
+            Item::None | Item::Table(_) => "empty",
+        };
+        ContainerdConfigError::NotASection {
+            path: self.path.clone(),
+            key: dotted(path),
+            found,
+        }
+    }
+}
+
+impl fmt::Display for ContainerdConfig {
+    /// The file's text.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.doc)
+    }
+}
+
+fn set_string(table: &mut Table, key: &str, name: &str, want: &str, changes: &mut Vec<Change>) {
+    let current = table.get(name);
+    if current.and_then(Item::as_str) == Some(want) {
+        return;
+    }
+    let old = current.map(|i| i.to_string().trim().to_string());
+    table.insert(name, toml_edit::value(want));
+    changes.push(Change {
+        key: format!("{key}.{name}"),
+        old,
+        new: format!("{want:?}"),
+    });
+}
+
+fn set_strings(
+    table: &mut Table,
+    key: &str,
+    name: &str,
+    want: &[String],
+    changes: &mut Vec<Change>,
+) {
+    let current = table.get(name);
+    let have: Option<Vec<&str>> = current
+        .and_then(Item::as_array)
+        .and_then(|a| a.iter().map(Value::as_str).collect());
+    if have.is_some_and(|h| h == want) {
+        return;
+    }
+    let old = current.map(|i| i.to_string().trim().to_string());
+    let array: Array = want.iter().map(String::as_str).collect();
+    let new = array.to_string();
+    table.insert(name, toml_edit::value(array));
+    changes.push(Change {
+        key: format!("{key}.{name}"),
+        old,
+        new,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ContainerdConfig {
+        ContainerdConfig::parse(Path::new("/etc/containerd/config.toml"), text).unwrap()
+    }
+
+    fn flox(systemd_cgroup: bool) -> FloxRuntime {
+        FloxRuntime {
+            runtime_path: DEFAULT_RUNTIME_PATH.to_string(),
+            systemd_cgroup,
+        }
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse("").version().unwrap(), ConfigVersion::V1);
+        assert_eq!(parse("version = 2").version().unwrap(), ConfigVersion::V2);
+        assert_eq!(parse("version = 3").version().unwrap(), ConfigVersion::V3);
+        let e = parse("version = 4").version().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/containerd/config.toml: unsupported containerd config version 4 (kof knows 1, 2 and 3)"
+        );
+        assert!(parse("version = \"2\"").version().is_err());
+    }
+
+    #[test]
+    fn release_parsing() {
+        let debian = "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3";
+        assert_eq!(release_from_version_output(debian), Some("1.6.20~ds1"));
+        let v2 = "containerd github.com/containerd/containerd/v2 v2.0.0 207ad711eabd375a01713109a8a197d197ff6542\n";
+        assert_eq!(release_from_version_output(v2), Some("v2.0.0"));
+        assert_eq!(release_from_version_output("containerd"), None);
+        assert_eq!(
+            ConfigVersion::for_release("1.7.27"),
+            Some(ConfigVersion::V2)
+        );
+        assert_eq!(
+            ConfigVersion::for_release("v2.1.0"),
+            Some(ConfigVersion::V3)
+        );
+        assert_eq!(ConfigVersion::for_release("3.0"), None);
+        assert_eq!(ConfigVersion::for_release("x"), None);
+    }
+
+    #[test]
+    fn dotted_keys_quote_what_needs_it() {
+        assert_eq!(
+            dotted(&ConfigVersion::V2.runtimes_path()),
+            "plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes"
+        );
+        assert_eq!(
+            dotted(&ConfigVersion::V1.runtimes_path()),
+            "plugins.cri.containerd.runtimes"
+        );
+    }
+
+    #[test]
+    fn version_1_gets_the_legacy_section() {
+        let mut c = parse("# a comment\nroot = \"/var/lib/containerd\"\n");
+        let changes = c.register_flox(&flox(false)).unwrap();
+        assert_eq!(changes.len(), 5);
+        let text = c.to_string();
+        assert!(text.starts_with("# a comment\nroot = "), "{text}");
+        assert!(
+            text.contains("[plugins.cri.containerd.runtimes.flox]\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "[plugins.cri.containerd.runtimes.flox.options]\nSystemdCgroup = false\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_comments_keeps_them_on_top() {
+        let mut c = parse("# managed by hand\n\n");
+        assert!(c.is_empty());
+        c.set_version(ConfigVersion::V2);
+        assert_eq!(c.to_string(), "# managed by hand\n\nversion = 2\n");
+    }
+
+    #[test]
+    fn systemd_cgroup_comes_from_the_default_runtime_first() {
+        let text = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd]
+default_runtime_name = "crun"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun]
+runtime_type = "io.containerd.runc.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.crun.options]
+BinaryName = "/usr/bin/crun"
+SystemdCgroup = true
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+SystemdCgroup = false
+"#;
+        let c = parse(text);
+        assert_eq!(
+            c.node_systemd_cgroup(ConfigVersion::V2).unwrap(),
+            Some(NodeCgroup {
+                runtime: "crun".into(),
+                systemd_cgroup: true
+            })
+        );
+        // A default runtime of another type (e.g. kata) says nothing about runc's cgroups.
+        let kata = text.replace(
+            "runtimes.crun]\nruntime_type = \"io.containerd.runc.v2\"",
+            "runtimes.crun]\nruntime_type = \"io.containerd.kata.v2\"",
+        );
+        assert_eq!(
+            parse(&kata).node_systemd_cgroup(ConfigVersion::V2).unwrap(),
+            Some(NodeCgroup {
+                runtime: "runc".into(),
+                systemd_cgroup: false
+            })
+        );
+        assert_eq!(
+            parse("version = 2")
+                .node_systemd_cgroup(ConfigVersion::V2)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_inline_table_on_the_path_is_refused_by_name() {
+        let mut c = parse(
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\ncontainerd = { snapshotter = \"overlayfs\" }\n",
+        );
+        let e = c.register_flox(&flox(true)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "/etc/containerd/config.toml: plugins.\"io.containerd.grpc.v1.cri\".containerd is an inline table, not a [section]; kof edits only [section] tables there"
+        );
+    }
+
+    #[test]
+    fn dotted_key_tables_stay_valid() {
+        let mut c = parse(
+            "version = 2\n[plugins]\n\"io.containerd.grpc.v1.cri\".containerd.snapshotter = \"overlayfs\"\n",
+        );
+        c.register_flox(&flox(true)).unwrap();
+        let text = c.to_string();
+        let again = parse(&text);
+        assert!(again.configures_cri_plugin(ConfigVersion::V2));
+        let mut again2 = again.clone();
+        assert_eq!(again2.register_flox(&flox(true)).unwrap(), vec![], "{text}");
+        assert!(text.contains("snapshotter = \"overlayfs\""), "{text}");
+    }
+
+    #[test]
+    fn imports_are_read() {
+        let c = parse("version = 2\nimports = [\"/etc/containerd/config.d/*.toml\"]\n");
+        assert_eq!(
+            c.imports().unwrap(),
+            vec!["/etc/containerd/config.d/*.toml"]
+        );
+        assert!(parse("imports = [1]").imports().is_err());
+        assert_eq!(
+            parse("version = 2").imports().unwrap(),
+            Vec::<String>::new()
+        );
+    }
+}

@@ -1,0 +1,449 @@
+//! The installation of kof on one node, step by step, each step reported as an [`Action`].
+//!
+//! 1. The shim (and `kof-store`, when given) is copied to `<host>/<bin_dir>/` when its content
+//!    differs.
+//! 2. The node config is checked as `kof-fetcherd` would load it, then written to
+//!    `<host>/etc/kof/config.toml` when absent or different (the old one backed up).
+//! 3. containerd's config gets the `flox` runtime ([`crate::containerd_config`]); a missing or
+//!    empty file becomes a minimal one of the chosen version. The file is backed up before the
+//!    first change and written atomically. Drop-ins named by `imports` are inspected: one that
+//!    configures the CRI plugin can replace the main file's section (containerd 1.x merges
+//!    imports plugin by plugin), so it is named in a warning.
+//! 4. containerd is restarted only when its config changed (and a restart command is given).
+//!
+//! Running it again on an installed node changes nothing and restarts nothing.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+use crate::containerd_config::{
+    dotted, Change, ConfigVersion, ContainerdConfig, ContainerdConfigError, FloxRuntime,
+    RUNTIME_NAME,
+};
+use crate::host_files::{self, HostFileError, Written};
+
+/// Why the installation stopped.
+#[derive(Debug, Error)]
+pub enum InstallError {
+    /// A binary to install is missing or unreadable.
+    #[error("{path}: cannot read the binary to install: {source}")]
+    Source {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The node config to install is not one `kof-fetcherd` accepts.
+    #[error("{0}")]
+    NodeConfig(#[from] kof_fetcherd::config::ConfigError),
+    /// Reading or writing a host file failed.
+    #[error(transparent)]
+    HostFile(#[from] HostFileError),
+    /// containerd's config could not be edited.
+    #[error(transparent)]
+    ContainerdConfig(#[from] ContainerdConfigError),
+    /// containerd's config is not UTF-8.
+    #[error("{path}: not UTF-8 text")]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The restart command could not be started.
+    #[error("restarting containerd: cannot run {command}: {source}")]
+    RestartSpawn {
+        /// The command line.
+        command: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The restart command failed.
+    #[error("restarting containerd: {command} failed ({status}): {stderr}")]
+    RestartFailed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The end of its stderr, on one line.
+        stderr: String,
+    },
+    /// The restart command is empty.
+    #[error("restarting containerd: the restart command is empty")]
+    EmptyRestart,
+}
+
+/// What to install, and where. Paths named "host" are absolute paths on the node and are
+/// looked up under `host_root`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the node's root file system is mounted (`/` when run on the node itself).
+    pub host_root: PathBuf,
+    /// The shim binary to install (a path in this container).
+    pub shim: PathBuf,
+    /// `kof-store` to install as well, if given.
+    pub kof_store: Option<PathBuf>,
+    /// Host directory the binaries go to; the shim there is containerd's `runtime_path`.
+    pub bin_dir: PathBuf,
+    /// The node config to install, if given (a path in this container).
+    pub node_config: Option<PathBuf>,
+    /// Host path of the node config.
+    pub node_config_dest: PathBuf,
+    /// Host path of containerd's config.
+    pub containerd_config: PathBuf,
+    /// Version of a config written where there is none (or an empty one).
+    pub new_config_version: ConfigVersion,
+    /// `SystemdCgroup` when containerd's config does not say what runc uses (containerd's own
+    /// default is `false`).
+    pub systemd_cgroup_fallback: Option<bool>,
+    /// The command restarting containerd after its config changed; `None`: do not restart.
+    pub restart: Option<Vec<String>>,
+}
+
+/// How the shim's `SystemdCgroup` was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupSource {
+    /// Copied from this runtime's options.
+    Runtime(String),
+    /// The config does not say; from the command line.
+    Flag,
+    /// The config does not say and no flag was given: containerd's default.
+    ContainerdDefault,
+}
+
+/// One step of the installation, printed as one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A file was (or did not need to be) installed.
+    File {
+        /// The host file (under the host root).
+        path: PathBuf,
+        /// What happened.
+        written: Written,
+    },
+    /// containerd's config did not exist (or was empty) and was started as `version = N`.
+    ContainerdConfigNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: ConfigVersion,
+    },
+    /// The `SystemdCgroup` value and where it came from.
+    Cgroup {
+        /// The value.
+        systemd_cgroup: bool,
+        /// Its origin.
+        source: CgroupSource,
+    },
+    /// A key of the flox runtime was set.
+    RuntimeKey {
+        /// The file.
+        path: PathBuf,
+        /// The change.
+        change: Change,
+    },
+    /// The flox runtime was already registered as wanted.
+    RuntimeUpToDate {
+        /// The file.
+        path: PathBuf,
+        /// The runtime's section.
+        section: String,
+    },
+    /// Something the operator must check: the install went on.
+    Warning(String),
+    /// containerd was restarted.
+    Restarted {
+        /// The command line.
+        command: String,
+    },
+    /// containerd's config changed but no restart was asked for.
+    RestartSkipped,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::File { path, written } => {
+                let p = path.display();
+                match written {
+                    Written::Unchanged => write!(f, "unchanged {p}"),
+                    Written::ModeSet => write!(f, "set mode of {p}"),
+                    Written::Created => write!(f, "created {p}"),
+                    Written::Replaced { backup: Some(b) } => {
+                        write!(f, "replaced {p} (old one kept as {})", b.display())
+                    }
+                    Written::Replaced { backup: None } => write!(f, "replaced {p}"),
+                }
+            }
+            Action::ContainerdConfigNew { path, version } => write!(
+                f,
+                "containerd config {} is missing or empty: starting it as version {version}",
+                path.display()
+            ),
+            Action::Cgroup {
+                systemd_cgroup,
+                source,
+            } => match source {
+                CgroupSource::Runtime(r) => write!(
+                    f,
+                    "SystemdCgroup = {systemd_cgroup}, as the node's {r:?} runtime has it"
+                ),
+                CgroupSource::Flag => write!(
+                    f,
+                    "SystemdCgroup = {systemd_cgroup}, from --systemd-cgroup (the config sets none for runc)"
+                ),
+                CgroupSource::ContainerdDefault => write!(
+                    f,
+                    "SystemdCgroup = {systemd_cgroup}, containerd's default (the config sets none for runc; use --systemd-cgroup to choose)"
+                ),
+            },
+            Action::RuntimeKey { path, change } => {
+                write!(f, "set {change} in {}", path.display())
+            }
+            Action::RuntimeUpToDate { path, section } => {
+                write!(f, "unchanged [{section}] in {}", path.display())
+            }
+            Action::Warning(w) => write!(f, "WARNING: {w}"),
+            Action::Restarted { command } => write!(f, "restarted containerd ({command})"),
+            Action::RestartSkipped => write!(
+                f,
+                "containerd's config changed but --no-restart was given: restart containerd for the flox runtime to exist"
+            ),
+        }
+    }
+}
+
+/// What [`install`] did overall.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Whether containerd's config was written.
+    pub containerd_config_changed: bool,
+    /// Whether containerd was restarted.
+    pub restarted: bool,
+    /// How many warnings were reported.
+    pub warnings: usize,
+}
+
+/// `host` (an absolute path on the node) under `root`.
+pub fn on_host(root: &Path, host: &Path) -> PathBuf {
+    root.join(host.strip_prefix("/").unwrap_or(host))
+}
+
+/// Installs kof on the node as `opts` says, reporting each step to `report` as it happens.
+pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summary, InstallError> {
+    let mut summary = Summary::default();
+    let mut say = |a: Action, summary: &mut Summary| {
+        if matches!(a, Action::Warning(_)) {
+            summary.warnings += 1;
+        }
+        report(&a);
+    };
+
+    // 1. Binaries.
+    let mut binaries = vec![&opts.shim];
+    binaries.extend(opts.kof_store.as_ref());
+    let mut runtime_path = None;
+    for source in binaries {
+        let content = std::fs::read(source).map_err(|e| InstallError::Source {
+            path: source.clone(),
+            source: e,
+        })?;
+        let name = source.file_name().ok_or_else(|| InstallError::Source {
+            path: source.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"),
+        })?;
+        let host_path = opts.bin_dir.join(name);
+        let path = on_host(&opts.host_root, &host_path);
+        let written = host_files::install(&path, &content, 0o755, false)?;
+        say(Action::File { path, written }, &mut summary);
+        if runtime_path.is_none() {
+            runtime_path = Some(host_path);
+        }
+    }
+    let runtime_path = runtime_path.expect("the shim is always installed");
+
+    // 2. The node config, refused here if the daemon would refuse it.
+    if let Some(source) = &opts.node_config {
+        kof_fetcherd::config::Config::load_from(Some(source), None, Path::new("/nonexistent"))?;
+        let content = std::fs::read(source).map_err(|e| HostFileError::Read {
+            path: source.clone(),
+            source: e,
+        })?;
+        let path = on_host(&opts.host_root, &opts.node_config_dest);
+        let written = host_files::install(&path, &content, 0o644, true)?;
+        say(Action::File { path, written }, &mut summary);
+    }
+
+    // 3. containerd's config.
+    let path = on_host(&opts.host_root, &opts.containerd_config);
+    let original = host_files::read_if_exists(&path)?;
+    let mut config = match &original {
+        None => ContainerdConfig::minimal(&path, opts.new_config_version),
+        Some(bytes) => {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| InstallError::NotUtf8 { path: path.clone() })?;
+            ContainerdConfig::parse(&path, text)?
+        }
+    };
+    if original.is_none() || config.is_empty() {
+        config.set_version(opts.new_config_version);
+        say(
+            Action::ContainerdConfigNew {
+                path: path.clone(),
+                version: opts.new_config_version,
+            },
+            &mut summary,
+        );
+    }
+    let version = config.version()?;
+    for w in import_warnings(&config, version, &opts.host_root, &opts.containerd_config)? {
+        say(Action::Warning(w), &mut summary);
+    }
+    let (systemd_cgroup, source) = match config.node_systemd_cgroup(version)? {
+        Some(n) => (n.systemd_cgroup, CgroupSource::Runtime(n.runtime)),
+        None => match opts.systemd_cgroup_fallback {
+            Some(v) => (v, CgroupSource::Flag),
+            None => (false, CgroupSource::ContainerdDefault),
+        },
+    };
+    say(
+        Action::Cgroup {
+            systemd_cgroup,
+            source,
+        },
+        &mut summary,
+    );
+    let changes = config.register_flox(&FloxRuntime {
+        runtime_path: runtime_path.to_string_lossy().into_owned(),
+        systemd_cgroup,
+    })?;
+    let text = config.to_string();
+    if original.as_deref() == Some(text.as_bytes()) {
+        let mut section = version.runtimes_path().to_vec();
+        section.push(RUNTIME_NAME);
+        say(
+            Action::RuntimeUpToDate {
+                path: path.clone(),
+                section: dotted(&section),
+            },
+            &mut summary,
+        );
+        return Ok(summary);
+    }
+    let written = host_files::install(&path, text.as_bytes(), existing_mode(&path), true)?;
+    summary.containerd_config_changed = true;
+    say(
+        Action::File {
+            path: path.clone(),
+            written,
+        },
+        &mut summary,
+    );
+    for change in changes {
+        say(
+            Action::RuntimeKey {
+                path: path.clone(),
+                change,
+            },
+            &mut summary,
+        );
+    }
+
+    // 4. Restart.
+    match &opts.restart {
+        None => say(Action::RestartSkipped, &mut summary),
+        Some(argv) => {
+            let command = run_restart(argv)?;
+            summary.restarted = true;
+            say(Action::Restarted { command }, &mut summary);
+        }
+    }
+    Ok(summary)
+}
+
+fn existing_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o644)
+}
+
+/// The warnings `imports` deserves: always one (a drop-in may override the section), and one
+/// per imported file that configures the CRI plugin (it can replace the main file's section).
+/// `main` is the config's host path: relative imports are relative to its directory, as
+/// containerd resolves them.
+pub fn import_warnings(
+    config: &ContainerdConfig,
+    version: ConfigVersion,
+    host_root: &Path,
+    main: &Path,
+) -> Result<Vec<String>, InstallError> {
+    let imports = config.imports()?;
+    if imports.is_empty() {
+        return Ok(Vec::new());
+    }
+    let plugin = dotted(&["plugins", version.cri_plugin()]);
+    let mut warnings = vec![format!(
+        "{} imports {:?}: a drop-in that configures [{plugin}] can replace this file's section and with it the flox runtime (pods then fail with: no runtime for \"flox\" is configured); on the node, `containerd config dump | grep -A8 'runtimes.flox'` must show runtime_path",
+        config.path().display(),
+        imports
+    )];
+    let base = main.parent().unwrap_or(Path::new("/"));
+    for pattern in imports {
+        let host_pattern = base.join(&pattern);
+        let pattern_under_root = on_host(host_root, &host_pattern);
+        let Ok(paths) = glob::glob(&pattern_under_root.to_string_lossy()) else {
+            warnings.push(format!(
+                "cannot expand import {pattern:?}: not a valid glob"
+            ));
+            continue;
+        };
+        for entry in paths.flatten() {
+            let Ok(text) = std::fs::read_to_string(&entry) else {
+                warnings.push(format!("cannot read imported {}", entry.display()));
+                continue;
+            };
+            match ContainerdConfig::parse(&entry, &text) {
+                Ok(dropin) if dropin.configures_cri_plugin(version) => warnings.push(format!(
+                    "imported {} configures [{plugin}]: containerd may use its section instead of {}'s; register the flox runtime there too, or check `containerd config dump`",
+                    entry.display(),
+                    config.path().display()
+                )),
+                Ok(_) => {}
+                Err(e) => warnings.push(format!("imported file: {e}")),
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+fn run_restart(argv: &[String]) -> Result<String, InstallError> {
+    let (program, args) = argv.split_first().ok_or(InstallError::EmptyRestart)?;
+    let command = argv.join(" ");
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| InstallError::RestartSpawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.split_whitespace().collect::<Vec<_>>().join(" ");
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(400)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(InstallError::RestartFailed {
+            command,
+            status: out.status,
+            stderr: tail,
+        });
+    }
+    Ok(command)
+}

@@ -1,0 +1,22 @@
+//! `kof-node-install`: installs kof on a Kubernetes node, idempotently.
+//!
+//! Run by the kof DaemonSet's init container with the node's root mounted (`--host-root
+//! /host`), or by hand on a node (`--host-root /`). It puts `containerd-shim-flox-v2` (and
+//! optionally `kof-store`) in the host's `/usr/local/bin`, writes the node config
+//! `/etc/kof/config.toml`, registers the `flox` runtime in containerd's config the way Flox
+//! documents it, and restarts containerd only when that config changed. A second run on an
+//! installed node changes no byte and restarts nothing.
+//!
+//! - [`containerd_config`]: containerd's config, versions 1 to 3, edited with `toml_edit`.
+//! - [`host_files`]: writing host files only when different, atomically, with backups.
+//! - [`install`]: the steps, reported one [`install::Action`] at a time.
+//! - [`probe`]: the DaemonSet's liveness and readiness checks of `kof-fetcherd`.
+
+pub mod containerd_config;
+pub mod host_files;
+pub mod install;
+pub mod probe;
+
+pub use containerd_config::{ConfigVersion, ContainerdConfig, ContainerdConfigError, FloxRuntime};
+pub use host_files::{HostFileError, Written};
+pub use install::{install, Action, InstallError, Options, Summary};

@@ -1,0 +1,181 @@
+//! `kof-node-install`: the command line of the installer (see the library's docs), and the
+//! DaemonSet's probe of `kof-fetcherd` (`kof-node-install probe`).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kof_node_install::containerd_config::{release_from_version_output, DEFAULT_RUNTIME_PATH};
+use kof_node_install::install::{install, Action, Options};
+use kof_node_install::probe::{probe, Check};
+use kof_node_install::ConfigVersion;
+
+const DEFAULT_RESTART: &str =
+    "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd";
+const DEFAULT_VERSION_COMMAND: &str = "nsenter --target 1 --mount -- containerd --version";
+
+#[derive(Parser)]
+#[command(
+    name = "kof-node-install",
+    version,
+    args_conflicts_with_subcommands = true,
+    about = "Install kof on a node: the flox containerd shim, the node config, and containerd's flox runtime (idempotent)"
+)]
+struct Cli {
+    /// Where the node's root file system is mounted.
+    #[arg(long, default_value = "/")]
+    host_root: PathBuf,
+    /// The shim binary to install (its file name is kept).
+    #[arg(long, default_value = DEFAULT_RUNTIME_PATH)]
+    shim: PathBuf,
+    /// `kof-store` binary to install as well.
+    #[arg(long)]
+    kof_store: Option<PathBuf>,
+    /// Host directory for the binaries (the shim there is containerd's runtime_path).
+    #[arg(long, default_value = "/usr/local/bin")]
+    bin_dir: PathBuf,
+    /// Node config to install (checked as kof-fetcherd would load it).
+    #[arg(long)]
+    node_config: Option<PathBuf>,
+    /// Host path of the node config.
+    #[arg(long, default_value = "/etc/kof/config.toml")]
+    node_config_dest: PathBuf,
+    /// Host path of containerd's config.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
+    /// containerd's release (`1.7.2`, `2.0.0`) or `auto` (ask --containerd-version-command):
+    /// chooses the version of a config written where there is none (1.x: 2, 2.x: 3). Default:
+    /// version 2.
+    #[arg(long)]
+    containerd_version: Option<String>,
+    /// The command printing `containerd --version` on the host, for `--containerd-version
+    /// auto` (split on whitespace).
+    #[arg(long, default_value = DEFAULT_VERSION_COMMAND)]
+    containerd_version_command: String,
+    /// SystemdCgroup for the flox runtime when containerd's config sets none for runc
+    /// (otherwise runc's value is copied). Default: false, containerd's own default.
+    #[arg(long)]
+    systemd_cgroup: Option<bool>,
+    /// The command restarting containerd when its config changed (split on whitespace).
+    #[arg(long, default_value = DEFAULT_RESTART)]
+    restart_command: String,
+    /// Never restart containerd (print that it is needed instead).
+    #[arg(long)]
+    no_restart: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Check that kof-fetcherd answers on the node config's socket (DaemonSet probes).
+    Probe {
+        /// Node config. Default: $KOF_CONFIG, else /etc/kof/config.toml if present.
+        #[arg(long, env = "KOF_CONFIG")]
+        config: Option<PathBuf>,
+        /// Readiness: also require the FUSE server to be up (default: liveness, `hello`).
+        #[arg(long)]
+        ready: bool,
+        /// Time limit for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
+    },
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+fn config_version(cli: &Cli) -> Result<ConfigVersion, String> {
+    let release = match cli.containerd_version.as_deref() {
+        None => return Ok(ConfigVersion::V2),
+        Some("auto") => {
+            let argv = words(&cli.containerd_version_command);
+            let (program, args) = argv
+                .split_first()
+                .ok_or("--containerd-version-command is empty")?;
+            let out = Command::new(program)
+                .args(args)
+                .output()
+                .map_err(|e| format!("{}: cannot run: {e}", cli.containerd_version_command))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{}: failed ({}): {}",
+                    cli.containerd_version_command,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            release_from_version_output(&stdout)
+                .ok_or_else(|| {
+                    format!(
+                        "{}: no release number in its output {:?}",
+                        cli.containerd_version_command,
+                        stdout.trim()
+                    )
+                })?
+                .to_string()
+        }
+        Some(r) => r.to_string(),
+    };
+    ConfigVersion::for_release(&release).ok_or_else(|| {
+        format!("containerd release {release:?}: kof knows containerd 1.x (config version 2) and 2.x (config version 3)")
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Sub::Probe {
+        config,
+        ready,
+        timeout_secs,
+    }) = &cli.command
+    {
+        let check = if *ready { Check::Ready } else { Check::Live };
+        return match probe(config.as_deref(), check, Duration::from_secs(*timeout_secs)) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "kof-node-install probe: {}",
+                    e.to_string().replace('\n', " ")
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let new_config_version = match config_version(&cli) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("kof-node-install: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = Options {
+        host_root: cli.host_root.clone(),
+        shim: cli.shim.clone(),
+        kof_store: cli.kof_store.clone(),
+        bin_dir: cli.bin_dir.clone(),
+        node_config: cli.node_config.clone(),
+        node_config_dest: cli.node_config_dest.clone(),
+        containerd_config: cli.containerd_config.clone(),
+        new_config_version,
+        systemd_cgroup_fallback: cli.systemd_cgroup,
+        restart: (!cli.no_restart).then(|| words(&cli.restart_command)),
+    };
+    let mut print = |a: &Action| match a {
+        Action::Warning(_) => eprintln!("kof-node-install: {a}"),
+        _ => println!("{a}"),
+    };
+    match install(&opts, &mut print) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kof-node-install: {}", e.to_string().replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
