@@ -399,7 +399,11 @@ impl ContainerdConfig {
         let current = options.get("SystemdCgroup");
         if current.and_then(Item::as_bool) != Some(runtime.systemd_cgroup) {
             let old = current.map(|i| i.to_string().trim().to_string());
-            options.insert("SystemdCgroup", toml_edit::value(runtime.systemd_cgroup));
+            replace_value(
+                options,
+                "SystemdCgroup",
+                Value::from(runtime.systemd_cgroup),
+            );
             changes.push(Change {
                 key: format!("{key}.SystemdCgroup"),
                 old,
@@ -482,13 +486,27 @@ impl fmt::Display for ContainerdConfig {
     }
 }
 
+/// Sets `name` to `value`; an existing key keeps its place, indentation and trailing comment.
+fn replace_value(table: &mut Table, name: &str, mut value: Value) {
+    match table.get_mut(name) {
+        Some(Item::Value(old)) => {
+            let decor = old.decor().clone();
+            *value.decor_mut() = decor;
+            *old = value;
+        }
+        _ => {
+            table.insert(name, Item::Value(value));
+        }
+    }
+}
+
 fn set_string(table: &mut Table, key: &str, name: &str, want: &str, changes: &mut Vec<Change>) {
     let current = table.get(name);
     if current.and_then(Item::as_str) == Some(want) {
         return;
     }
     let old = current.map(|i| i.to_string().trim().to_string());
-    table.insert(name, toml_edit::value(want));
+    replace_value(table, name, Value::from(want));
     changes.push(Change {
         key: format!("{key}.{name}"),
         old,
@@ -513,7 +531,7 @@ fn set_strings(
     let old = current.map(|i| i.to_string().trim().to_string());
     let array: Array = want.iter().map(String::as_str).collect();
     let new = array.to_string();
-    table.insert(name, toml_edit::value(array));
+    replace_value(table, name, Value::Array(array));
     changes.push(Change {
         key: format!("{key}.{name}"),
         old,
