@@ -1,0 +1,555 @@
+//! A private containerd for tests and benchmarks: started in a fresh temporary directory with its
+//! own `root`, `state`, sockets and CNI directories, the CRI plugin configured the way this
+//! machine needs (host-network pods, a local sandbox image, `restrict_oom_score_adj`) and the
+//! `flox` runtime registered exactly as Flox documents it. Dropping it stops containerd, kills the
+//! shims it started (and their containers), unmounts what is left under its directory and removes
+//! the directory; nothing outside that directory is touched.
+//!
+//! Paths containerd 1.6 keeps outside its `root`/`state` regardless of configuration: a shim's
+//! ttrpc socket (`/run/containerd/s/<hash>`), `ctr`'s FIFOs (`/run/containerd/fifo`) and, for the
+//! `flox` runtime, runc's state (`/run/containerd/runc/<ns>`). They go away when containers are
+//! removed cleanly; a shim killed by `Drop` may leave its socket file behind.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The file name containerd looks up on `PATH` for runtime `io.containerd.flox.v2`.
+pub const FLOX_SHIM_NAME: &str = "containerd-shim-flox-v2";
+/// The name [`crate::images::write_pause_image`] archives are expected under by default.
+pub const DEFAULT_SANDBOX_IMAGE: &str = "docker.io/kof/pause:1";
+/// containerd's namespace for CRI.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// Longest unix socket path (`sun_path` is 108 bytes with its NUL; containerd adds `.ttrpc`).
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Why containerd could not be started or driven.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("creating containerd's temporary directory: {0}")]
+    TempDir(#[source] io::Error),
+    #[error("socket path {0} is too long for a unix socket; set TMPDIR to a shorter directory")]
+    SocketPathTooLong(PathBuf),
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("running {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("containerd exited ({status}) before answering on its socket; log tail:\n{log_tail}")]
+    Exited { status: String, log_tail: String },
+    #[error("containerd did not answer on {socket} within {timeout:?}; log tail:\n{log_tail}")]
+    StartTimeout {
+        socket: PathBuf,
+        timeout: Duration,
+        log_tail: String,
+    },
+    #[error("`ctr images import {archive}` failed ({status}): {stderr}")]
+    Import {
+        archive: PathBuf,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// How to start a [`Containerd`].
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    /// A `containerd-shim-flox-v2` binary: registered as CRI runtime handler `flox` (with
+    /// `runtime_path`) and linked into a directory first on containerd's `PATH`, so that
+    /// `ctr run --runtime io.containerd.flox.v2` finds it. `None`: no `flox` runtime at all.
+    pub flox_shim: Option<PathBuf>,
+    /// `SystemdCgroup` in the `flox` runtime's options (the `runc` runtime always uses cgroupfs:
+    /// no systemd runs on this machine).
+    pub systemd_cgroup: bool,
+    /// Extra environment for containerd, inherited by the shims it starts (e.g. `KOF_CONFIG`).
+    pub env: Vec<(String, String)>,
+    /// CRI's `sandbox_image`; must be imported into namespace `k8s.io` before the first pod.
+    pub sandbox_image: String,
+    /// containerd's `[debug] level` (`info` by default; `debug` logs every shim call).
+    pub log_level: String,
+    /// How long to wait for containerd's socket to answer.
+    pub start_timeout: Duration,
+}
+
+impl Default for ContainerdOptions {
+    fn default() -> Self {
+        Self {
+            flox_shim: None,
+            systemd_cgroup: false,
+            env: Vec::new(),
+            sandbox_image: DEFAULT_SANDBOX_IMAGE.to_owned(),
+            log_level: "info".to_owned(),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running private containerd. See the module doc.
+#[derive(Debug)]
+pub struct Containerd {
+    dir: PathBuf,
+    socket: PathBuf,
+    root: PathBuf,
+    state: PathBuf,
+    log_path: PathBuf,
+    runc_root: PathBuf,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+fn toml_str(s: impl AsRef<str>) -> String {
+    toml::Value::String(s.as_ref().to_owned()).to_string()
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(p.to_string_lossy())
+}
+
+impl Containerd {
+    /// Writes the config, starts containerd and waits until its socket answers.
+    pub fn start(opts: ContainerdOptions) -> Result<Containerd, ContainerdError> {
+        let dir = tempfile::Builder::new()
+            .prefix("kof-ctrd-")
+            .tempdir()
+            .map_err(ContainerdError::TempDir)?
+            .keep();
+        // From here on `Containerd`'s Drop owns the directory, also on the error paths.
+        let mut this = Containerd {
+            socket: dir.join("containerd.sock"),
+            root: dir.join("root"),
+            state: dir.join("state"),
+            log_path: dir.join("containerd.log"),
+            runc_root: dir.join("runc"),
+            config_path: dir.join("config.toml"),
+            dir,
+            child: None,
+        };
+        if this.socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ContainerdError::SocketPathTooLong(this.socket.clone()));
+        }
+        let bin_dir = this.dir.join("bin");
+        let write = |path: &Path, res: io::Result<()>| {
+            res.map_err(|source| ContainerdError::Write {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        write(&bin_dir, fs::create_dir_all(&bin_dir))?;
+        if let Some(shim) = &opts.flox_shim {
+            let link = bin_dir.join(FLOX_SHIM_NAME);
+            let target = std::path::absolute(shim).unwrap_or_else(|_| shim.clone());
+            write(&link, std::os::unix::fs::symlink(target, &link))?;
+        }
+        for sub in ["cni/bin", "cni/net.d", "opt"] {
+            let d = this.dir.join(sub);
+            write(&d, fs::create_dir_all(&d))?;
+        }
+        let config = this.config_toml(&opts);
+        write(&this.config_path, fs::write(&this.config_path, config))?;
+
+        let log = fs::File::create(&this.log_path).map_err(|source| ContainerdError::Write {
+            path: this.log_path.clone(),
+            source,
+        })?;
+        let mut path_var = OsString::from(bin_dir.as_os_str());
+        if let Some(old) = std::env::var_os("PATH") {
+            path_var.push(":");
+            path_var.push(old);
+        }
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&this.config_path)
+            .env("PATH", path_var)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().map_err(|source| ContainerdError::Spawn {
+            program: "containerd".into(),
+            source,
+        })?;
+        tracing::debug!(pid = child.id(), dir = %this.dir.display(), "containerd started");
+        this.child = Some(child);
+        this.wait_ready(opts.start_timeout)?;
+        Ok(this)
+    }
+
+    fn config_toml(&self, opts: &ContainerdOptions) -> String {
+        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        let mut c = format!(
+            r#"# Written by kof-harness for a private test containerd.
+version = 2
+root = {root}
+state = {state}
+# Snapshotters that cannot work here; skipping them only saves start time.
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = {sock}
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  level = {level}
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {opt}
+
+[{cri}]
+  sandbox_image = {sandbox}
+  # This sandbox refuses to lower oom_score_adj to kubelet's -998; without this runc fails
+  # with "can't get final child's PID from pipe".
+  restrict_oom_score_adj = true
+
+[{cri}.cni]
+  bin_dir = {cni_bin}
+  conf_dir = {cni_conf}
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  Root = {runc_root}
+  SystemdCgroup = false
+"#,
+            root = toml_path(&self.root),
+            state = toml_path(&self.state),
+            sock = toml_path(&self.socket),
+            ttrpc = toml_str(format!("{}.ttrpc", self.socket.display())),
+            level = toml_str(&opts.log_level),
+            opt = toml_path(&self.dir.join("opt")),
+            sandbox = toml_str(&opts.sandbox_image),
+            cni_bin = toml_path(&self.dir.join("cni/bin")),
+            cni_conf = toml_path(&self.dir.join("cni/net.d")),
+            runc_root = toml_path(&self.runc_root),
+        );
+        if let Some(shim) = &opts.flox_shim {
+            let shim = std::path::absolute(shim).unwrap_or_else(|_| shim.clone());
+            c.push_str(&format!(
+                r#"
+# The Flox runtime, as Flox documents it.
+[{cri}.containerd.runtimes.flox]
+  runtime_path = {shim}
+  runtime_type = "io.containerd.runc.v2"
+  pod_annotations = [ "flox.dev/*" ]
+  container_annotations = [ "flox.dev/*" ]
+[{cri}.containerd.runtimes.flox.options]
+  SystemdCgroup = {systemd}
+"#,
+                shim = toml_path(&shim),
+                systemd = opts.systemd_cgroup,
+            ));
+        }
+        c
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), ContainerdError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(ContainerdError::Exited {
+                        status: status.to_string(),
+                        log_tail: self.log_tail(40),
+                    });
+                }
+            }
+            if self.socket.exists() {
+                let answered = Command::new("ctr")
+                    .arg("-a")
+                    .arg(&self.socket)
+                    .arg("version")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map_err(|source| ContainerdError::Spawn {
+                        program: "ctr".into(),
+                        source,
+                    })?;
+                if answered.success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ContainerdError::StartTimeout {
+                    socket: self.socket.clone(),
+                    timeout,
+                    log_tail: self.log_tail(40),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// containerd's gRPC socket (also CRI's endpoint).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// containerd's `root` (content, snapshots, metadata).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// containerd's `state` (task bundles: `<state>/io.containerd.runtime.v2.task/<ns>/<id>`).
+    pub fn state(&self) -> &Path {
+        &self.state
+    }
+
+    /// The temporary directory everything of this containerd lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// runc's `--root` for the `runc` runtime (under [`Self::dir`]).
+    pub fn runc_root(&self) -> &Path {
+        &self.runc_root
+    }
+
+    /// The config file containerd was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// containerd's log (its stderr) so far.
+    pub fn log(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `ctr -a <socket> -n <namespace>`, ready for more arguments.
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(&self.socket).arg("-n").arg(namespace);
+        cmd
+    }
+
+    /// `ctr images import` of an OCI archive (see [`crate::images`]) into `namespace`, unpacked
+    /// for the default (overlayfs) snapshotter. Use [`CRI_NAMESPACE`] for images CRI should see.
+    pub fn import_image(&self, namespace: &str, archive: &Path) -> Result<(), ContainerdError> {
+        let out = self
+            .ctr(namespace)
+            .args(["images", "import"])
+            .arg(archive)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| ContainerdError::Spawn {
+                program: "ctr".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(ContainerdError::Import {
+                archive: archive.to_owned(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// PIDs of the shims started for this containerd: processes whose argv has
+    /// `-address <our socket>`.
+    pub fn shim_pids(&self) -> Vec<i32> {
+        let sock = self.socket.as_os_str().as_bytes();
+        processes()
+            .into_iter()
+            .filter(|p| {
+                p.argv
+                    .windows(2)
+                    .any(|w| w[0] == b"-address" && w[1] == sock)
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+
+    /// Mount points at or under this containerd's directory, as `/proc/self/mountinfo` lists them.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        mounts_under(&self.dir)
+    }
+
+    fn stop_containerd(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(pid = child.id(), "containerd ignored SIGTERM; killing it");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn kill_shims(&self) {
+        let shims = self.shim_pids();
+        if shims.is_empty() {
+            return;
+        }
+        // Their containers first (a container's init is a child of its shim, which is a
+        // subreaper), then the shims themselves.
+        let procs = processes();
+        let children: Vec<i32> = procs
+            .iter()
+            .filter(|p| shims.contains(&p.ppid))
+            .map(|p| p.pid)
+            .collect();
+        tracing::warn!(
+            ?shims,
+            ?children,
+            "killing leftover shims and their containers"
+        );
+        for pid in children.iter().chain(shims.iter()) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let all: Vec<i32> = children.into_iter().chain(shims).collect();
+        while Instant::now() < deadline && all.iter().any(|p| is_alive(*p)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn unmount_all(&self) -> bool {
+        for _ in 0..10 {
+            let mut mounts = mounts_under(&self.dir);
+            if mounts.is_empty() {
+                return true;
+            }
+            // Deepest first; lazily, so a busy mount cannot keep us.
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+            for m in &mounts {
+                if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+                    tracing::warn!(mount = %m.display(), error = %e, "unmount failed");
+                }
+            }
+        }
+        mounts_under(&self.dir).is_empty()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop_containerd();
+        self.kill_shims();
+        if !self.unmount_all() {
+            // Never let remove_dir_all walk into a mount: it could reach outside the directory.
+            tracing::error!(dir = %self.dir.display(), "mounts remain; leaving the directory");
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing containerd's directory");
+        }
+    }
+}
+
+struct ProcInfo {
+    pid: i32,
+    ppid: i32,
+    argv: Vec<Vec<u8>>,
+}
+
+fn processes() -> Vec<ProcInfo> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The fields after the parenthesised command name: state, ppid, ...
+            let after = &stat[stat.rfind(')')? + 1..];
+            let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+            let argv = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            Some(ProcInfo { pid, ppid, argv })
+        })
+        .collect()
+}
+
+fn is_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Decodes the octal escapes (`\040` etc.) mountinfo uses in paths.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let oct = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// Mount points at or under `dir` in this process's mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(
+            unescape_mountinfo(r"/tmp/a\040b\134c"),
+            PathBuf::from(r"/tmp/a b\c")
+        );
+        assert_eq!(unescape_mountinfo(r"/x\04"), PathBuf::from(r"/x\04"));
+    }
+}
