@@ -442,7 +442,11 @@ fn run_restart(argv: &[String]) -> Result<String, InstallError> {
         return Err(InstallError::RestartFailed {
             command,
             status: out.status,
-            stderr: tail,
+            stderr: if tail.is_empty() {
+                "nothing on stderr".to_string()
+            } else {
+                tail
+            },
         });
     }
     Ok(command)

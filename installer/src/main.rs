@@ -20,6 +20,7 @@ const DEFAULT_VERSION_COMMAND: &str = "nsenter --target 1 --mount -- containerd 
     name = "kof-node-install",
     version,
     args_conflicts_with_subcommands = true,
+    args_override_self = true,
     about = "Install kof on a node: the flox containerd shim, the node config, and containerd's flox runtime (idempotent)"
 )]
 struct Cli {

@@ -1,0 +1,340 @@
+//! The `kof-node-install` binary end to end, against a temporary host root: what it prints,
+//! what it writes, its backups, its restart (a recorder script), idempotency, and its one-line
+//! errors. `probe` is run against a missing daemon.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const NODE_CONFIG: &str = r#"floxhub_url = "https://api.flox.dev/git"
+substituters = ["https://cache.nixos.org", "https://cache.flox.dev"]
+trusted_public_keys = [
+  "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=",
+  "flox-cache-public-1:7F4OyH7ZCnFhcze3fJdfyXYLQw/aV7GEed86nQ7IsOs=",
+]
+"#;
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A host root with containerd's config (when given), and in the "image": the shim,
+    /// kof-store, the node config and a restart recorder.
+    fn new(containerd_config: Option<&str>) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("host/etc/containerd")).unwrap();
+        if let Some(c) = containerd_config {
+            std::fs::write(d.join("host/etc/containerd/config.toml"), c).unwrap();
+        }
+        std::fs::create_dir_all(d.join("image")).unwrap();
+        std::fs::write(d.join("image/containerd-shim-flox-v2"), b"shim v1").unwrap();
+        std::fs::write(d.join("image/kof-store"), b"kof-store v1").unwrap();
+        std::fs::write(d.join("image/config.toml"), NODE_CONFIG).unwrap();
+        let recorder = d.join("image/restart.sh");
+        std::fs::write(
+            &recorder,
+            format!(
+                "#!/bin/sh\necho \"restart $*\" >> {}\n",
+                d.join("restarts.log").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&recorder, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Node { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn run(&self, extra: &[&str]) -> Output {
+        let d = self.dir.path();
+        Command::new(env!("CARGO_BIN_EXE_kof-node-install"))
+            .arg("--host-root")
+            .arg(d.join("host"))
+            .arg("--shim")
+            .arg(d.join("image/containerd-shim-flox-v2"))
+            .arg("--kof-store")
+            .arg(d.join("image/kof-store"))
+            .arg("--node-config")
+            .arg(d.join("image/config.toml"))
+            .arg("--restart-command")
+            .arg(format!(
+                "{} containerd",
+                d.join("image/restart.sh").display()
+            ))
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn restarts(&self) -> usize {
+        std::fs::read_to_string(self.path("restarts.log"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn files_matching(&self, dir: &str, needle: &str) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.path(dir))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().contains(needle))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn installs_then_changes_nothing_then_updates_only_what_changed() {
+    let original = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n";
+    let node = Node::new(Some(original));
+    let out = node.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_shim = node.path("host/usr/local/bin/containerd-shim-flox-v2");
+    let host_store = node.path("host/usr/local/bin/kof-store");
+    let host_config = node.path("host/etc/containerd/config.toml");
+    let text = stdout(&out);
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines[0], format!("created {}", host_shim.display()));
+    assert_eq!(lines[1], format!("created {}", host_store.display()));
+    assert_eq!(
+        lines[2],
+        format!(
+            "created {}",
+            node.path("host/etc/kof/config.toml").display()
+        )
+    );
+    assert_eq!(
+        lines[3],
+        "SystemdCgroup = true, as the node's \"runc\" runtime has it"
+    );
+    let backups = node.files_matching("host/etc/containerd", "kof-backup-");
+    assert_eq!(backups.len(), 1);
+    assert_eq!(std::fs::read_to_string(&backups[0]).unwrap(), original);
+    assert_eq!(
+        lines[4],
+        format!(
+            "replaced {} (old one kept as {})",
+            host_config.display(),
+            backups[0].display()
+        )
+    );
+    assert!(lines[5].starts_with("set plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox.runtime_type = \"io.containerd.runc.v2\" in "));
+    assert_eq!(
+        lines.last().unwrap(),
+        &format!(
+            "restarted containerd ({} containerd)",
+            node.path("image/restart.sh").display()
+        )
+    );
+    assert_eq!(lines.len(), 11, "{text}");
+    assert_eq!(node.restarts(), 1);
+    assert_eq!(std::fs::read(&host_shim).unwrap(), b"shim v1");
+    assert_eq!(mode(&host_shim), 0o755);
+    assert_eq!(mode(&host_store), 0o755);
+    assert_eq!(
+        std::fs::read_to_string(node.path("host/etc/kof/config.toml")).unwrap(),
+        NODE_CONFIG
+    );
+    let installed = std::fs::read_to_string(&host_config).unwrap();
+    assert!(installed.contains("runtime_path = \"/usr/local/bin/containerd-shim-flox-v2\""));
+
+    // Second run: nothing written, no backup, no restart.
+    let out = node.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("unchanged ") || l.starts_with("SystemdCgroup = ")),
+        "{text}"
+    );
+    assert_eq!(node.restarts(), 1);
+    assert_eq!(std::fs::read_to_string(&host_config).unwrap(), installed);
+    assert_eq!(
+        node.files_matching("host/etc/containerd", "kof-backup-"),
+        backups
+    );
+    assert!(node
+        .files_matching("host/etc/kof", "kof-backup-")
+        .is_empty());
+
+    // A new shim and a new node config: replaced (the config backed up), containerd's config
+    // untouched, so no restart.
+    std::fs::write(node.path("image/containerd-shim-flox-v2"), b"shim v2").unwrap();
+    let new_config = NODE_CONFIG.replace(
+        "https://cache.flox.dev\"]",
+        "https://cache.flox.dev\"]\nprefetch = \"none\"",
+    );
+    std::fs::write(node.path("image/config.toml"), &new_config).unwrap();
+    let out = node.run(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("replaced {}\n", host_shim.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("unchanged {}\n", host_store.display())),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&host_shim).unwrap(), b"shim v2");
+    let kof_backups = node.files_matching("host/etc/kof", "kof-backup-");
+    assert_eq!(kof_backups.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&kof_backups[0]).unwrap(),
+        NODE_CONFIG
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.path("host/etc/kof/config.toml")).unwrap(),
+        new_config
+    );
+    assert_eq!(node.restarts(), 1);
+    // No temporary file anywhere.
+    for dir in ["host/usr/local/bin", "host/etc/kof", "host/etc/containerd"] {
+        assert!(node.files_matching(dir, "kof-tmp").is_empty(), "{dir}");
+    }
+}
+
+#[test]
+fn no_restart_says_a_restart_is_needed() {
+    let node = Node::new(None);
+    let out = node.run(&["--no-restart"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("containerd's config changed but --no-restart was given: restart containerd for the flox runtime to exist\n"));
+    assert_eq!(node.restarts(), 0);
+    assert!(node.path("host/etc/containerd/config.toml").exists());
+}
+
+#[test]
+fn containerd_version_chooses_the_new_config_version() {
+    // Asked of the real containerd (1.6 here: config version 2).
+    let node = Node::new(None);
+    let out = node.run(&[
+        "--no-restart",
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "containerd --version",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap();
+    assert!(text.starts_with("version = 2\n"), "{text}");
+
+    let node = Node::new(None);
+    let out = node.run(&["--no-restart", "--containerd-version", "v2.1.3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap();
+    assert!(text.starts_with("version = 3\n"), "{text}");
+    assert!(text.contains("io.containerd.cri.v1.runtime"), "{text}");
+
+    let out = node.run(&["--containerd-version", "0.9"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        "kof-node-install: containerd release \"0.9\": kof knows containerd 1.x (config version 2) and 2.x (config version 3)\n"
+    );
+}
+
+#[test]
+fn errors_are_one_line_naming_the_file() {
+    // The shim is missing.
+    let node = Node::new(Some("version = 2\n"));
+    std::fs::remove_file(node.path("image/containerd-shim-flox-v2")).unwrap();
+    let out = node.run(&[]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "kof-node-install: {}: cannot read the binary to install: No such file or directory (os error 2)\n",
+            node.path("image/containerd-shim-flox-v2").display()
+        )
+    );
+
+    // A node config kof-fetcherd would refuse: nothing of containerd's is touched.
+    let node = Node::new(Some("version = 2\n"));
+    std::fs::write(node.path("image/config.toml"), "substituter = [\"x\"]\n").unwrap();
+    let out = node.run(&[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "kof-node-install: invalid config file {}: ",
+            node.path("image/config.toml").display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("substituter"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap(),
+        "version = 2\n"
+    );
+    assert!(!node.path("host/etc/kof/config.toml").exists());
+
+    // containerd's config is not TOML.
+    let node = Node::new(Some("version = 2\n[plugins\n"));
+    let out = node.run(&[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "kof-node-install: {}: not valid TOML: ",
+            node.path("host/etc/containerd/config.toml").display()
+        )),
+        "{err}"
+    );
+
+    // The restart fails: the config is written (and backed up), the failure reported.
+    let node = Node::new(Some("version = 2\n"));
+    let out = node.run(&["--restart-command", "false"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        "kof-node-install: restarting containerd: false failed (exit status: 1): nothing on stderr\n"
+    );
+    assert_eq!(
+        node.files_matching("host/etc/containerd", "kof-backup-")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn probe_names_the_socket_when_no_daemon_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fetcherd.sock");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, format!("socket = \"{}\"\n", socket.display())).unwrap();
+    for ready in [false, true] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kof-node-install"));
+        cmd.args(["probe", "--config"]).arg(&config);
+        if ready {
+            cmd.arg("--ready");
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "kof-node-install probe: cannot connect to kof-fetcherd at {}: No such file or directory (os error 2)\n",
+                socket.display()
+            )
+        );
+    }
+}
