@@ -6,9 +6,11 @@
 //! the directory; nothing outside that directory is touched.
 //!
 //! Paths containerd 1.6 keeps outside its `root`/`state` regardless of configuration: a shim's
-//! ttrpc socket (`/run/containerd/s/<hash>`), `ctr`'s FIFOs (`/run/containerd/fifo`) and, for the
-//! `flox` runtime, runc's state (`/run/containerd/runc/<ns>`). They go away when containers are
-//! removed cleanly; a shim killed by `Drop` may leave its socket file behind.
+//! ttrpc socket (`/run/containerd/s/<hash>`), `ctr`'s FIFOs (`/run/containerd/fifo`), runc's
+//! state for `ctr` containers and the `flox` runtime (`/run/containerd/runc/<ns>`) and cgroups.
+//! They go away when containers are deleted, which is why `Drop` first deletes, through
+//! containerd, any task and container a test left behind; only a shim it then has to kill
+//! can leave them behind.
 
 use std::ffi::OsString;
 use std::fs;
@@ -371,24 +373,70 @@ disabled_plugins = [
         Ok(())
     }
 
-    /// PIDs of the shims started for this containerd: processes whose argv has
-    /// `-address <our socket>`.
+    /// PIDs of the shims started for this containerd; see [`shim_pids_for`].
     pub fn shim_pids(&self) -> Vec<i32> {
-        let sock = self.socket.as_os_str().as_bytes();
-        processes()
-            .into_iter()
-            .filter(|p| {
-                p.argv
-                    .windows(2)
-                    .any(|w| w[0] == b"-address" && w[1] == sock)
-            })
-            .map(|p| p.pid)
-            .collect()
+        shim_pids_for(&self.socket)
     }
 
     /// Mount points at or under this containerd's directory, as `/proc/self/mountinfo` lists them.
     pub fn mounts(&self) -> Vec<PathBuf> {
         mounts_under(&self.dir)
+    }
+
+    /// Runs a `ctr` command with a deadline; its stdout if it succeeded.
+    fn ctr_quick(&self, namespace: &str, args: &[&str]) -> Option<String> {
+        let mut child = self
+            .ctr(namespace)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    let mut out = String::new();
+                    io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
+                    return status.success().then_some(out);
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Deletes every task and container still there, through containerd, so that their shims
+    /// exit and clean up after themselves (their sockets, runc state and cgroups live outside
+    /// our directory). Cheap when a test already cleaned up.
+    fn delete_leftover_containers(&self) {
+        let Some(namespaces) = self.ctr_quick("default", &["namespaces", "ls", "-q"]) else {
+            return;
+        };
+        for ns in namespaces.lines().map(str::trim).filter(|n| !n.is_empty()) {
+            let tasks = self
+                .ctr_quick(ns, &["tasks", "ls", "-q"])
+                .unwrap_or_default();
+            let containers = self
+                .ctr_quick(ns, &["containers", "ls", "-q"])
+                .unwrap_or_default();
+            if !tasks.trim().is_empty() || !containers.trim().is_empty() {
+                tracing::warn!(namespace = ns, "deleting containers left running");
+            }
+            for id in tasks.lines().filter(|l| !l.is_empty()) {
+                self.ctr_quick(ns, &["tasks", "delete", "--force", id]);
+            }
+            for id in containers.lines().filter(|l| !l.is_empty()) {
+                self.ctr_quick(ns, &["containers", "delete", id]);
+            }
+        }
     }
 
     fn stop_containerd(&mut self) {
@@ -457,6 +505,9 @@ disabled_plugins = [
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.delete_leftover_containers();
+        }
         self.stop_containerd();
         self.kill_shims();
         if !self.unmount_all() {
@@ -468,6 +519,21 @@ impl Drop for Containerd {
             tracing::warn!(dir = %self.dir.display(), error = %e, "removing containerd's directory");
         }
     }
+}
+
+/// PIDs of the processes whose argv has `-address <socket>`: the shims a containerd listening on
+/// `socket` started (they keep running after containerd stops).
+pub fn shim_pids_for(socket: &Path) -> Vec<i32> {
+    let sock = socket.as_os_str().as_bytes();
+    processes()
+        .into_iter()
+        .filter(|p| {
+            p.argv
+                .windows(2)
+                .any(|w| w[0] == b"-address" && w[1] == sock)
+        })
+        .map(|p| p.pid)
+        .collect()
 }
 
 struct ProcInfo {
