@@ -1,0 +1,68 @@
+//! Why the shim could not set a container up.
+
+use thiserror::Error;
+
+use crate::annotations::AnnotationError;
+use crate::container::ContainerError;
+use crate::spec::SpecError;
+use crate::token::TokenError;
+
+/// A failed start or cleanup. Its message is what containerd shows the caller (`ctr`, the
+/// kubelet's event), so each names the container or environment and the cause.
+#[derive(Debug, Error)]
+pub enum ShimError {
+    /// containerd did not give the shim what it always gives.
+    #[error("missing -{0} on the shim's command line")]
+    MissingArg(&'static str),
+    /// The kof configuration could not be loaded.
+    #[error("{0}")]
+    Config(#[from] kof_fetcherd::config::ConfigError),
+    /// The bundle's spec is unreadable.
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    /// A `flox.dev/*` annotation is malformed.
+    #[error("{0}")]
+    Annotation(#[from] AnnotationError),
+    /// The token could not be read.
+    #[error("environment {env}: {source}")]
+    Token {
+        /// The environment.
+        env: String,
+        /// The cause.
+        #[source]
+        source: TokenError,
+    },
+    /// kof-fetcherd could not prepare the environment.
+    #[error("environment {env}: {source}")]
+    Prepare {
+        /// The environment.
+        env: String,
+        /// The cause.
+        #[source]
+        source: kof_fetcherd::api::ApiError,
+    },
+    /// kof-fetcherd could not release a lease.
+    #[error("releasing lease {lease}: {source}")]
+    Release {
+        /// The lease.
+        lease: String,
+        /// The cause.
+        #[source]
+        source: kof_fetcherd::api::ApiError,
+    },
+    /// The container's command could not be activated.
+    #[error("{0}")]
+    Activate(#[from] kof_fetcherd::activate::ActivateError),
+    /// The container's directory or mounts failed.
+    #[error("environment {env}: {source}")]
+    Container {
+        /// The environment (or the container, for a cleanup).
+        env: String,
+        /// The cause.
+        #[source]
+        source: ContainerError,
+    },
+    /// Cleaning up a container's directory failed.
+    #[error("{0}")]
+    Cleanup(#[from] ContainerError),
+}
