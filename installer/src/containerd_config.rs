@@ -231,16 +231,6 @@ impl ContainerdConfig {
         })
     }
 
-    /// A new config holding only `version = N` (for a node without a config file).
-    pub fn minimal(path: &Path, version: ConfigVersion) -> ContainerdConfig {
-        let mut doc = DocumentMut::new();
-        doc.insert("version", toml_edit::value(version.number()));
-        ContainerdConfig {
-            path: path.to_path_buf(),
-            doc,
-        }
-    }
-
     /// The file this config is for.
     pub fn path(&self) -> &Path {
         &self.path

@@ -20,8 +20,8 @@ use std::process::Command;
 use thiserror::Error;
 
 use crate::containerd_config::{
-    dotted, Change, ConfigVersion, ContainerdConfig, ContainerdConfigError, FloxRuntime,
-    RUNTIME_NAME,
+    dotted, release_from_version_output, Change, ConfigVersion, ContainerdConfig,
+    ContainerdConfigError, FloxRuntime, RUNTIME_NAME,
 };
 use crate::host_files::{self, HostFileError, Written};
 
@@ -38,13 +38,13 @@ pub enum InstallError {
     },
     /// The node config to install is not one `kof-fetcherd` accepts.
     #[error("{0}")]
-    NodeConfig(#[from] kof_fetcherd::config::ConfigError),
+    NodeConfig(Box<kof_fetcherd::config::ConfigError>),
     /// Reading or writing a host file failed.
     #[error(transparent)]
     HostFile(#[from] HostFileError),
     /// containerd's config could not be edited.
     #[error(transparent)]
-    ContainerdConfig(#[from] ContainerdConfigError),
+    ContainerdConfig(Box<ContainerdConfigError>),
     /// containerd's config is not UTF-8.
     #[error("{path}: not UTF-8 text")]
     NotUtf8 {
@@ -72,6 +72,89 @@ pub enum InstallError {
     /// The restart command is empty.
     #[error("restarting containerd: the restart command is empty")]
     EmptyRestart,
+    /// containerd's release could not be found out.
+    #[error("asking containerd its version with {command}: {reason}")]
+    DetectVersion {
+        /// The command line.
+        command: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// containerd's release is not one kof knows.
+    #[error("containerd release {release:?}: kof knows containerd 1.x (config version 2) and 2.x (config version 3)")]
+    UnknownRelease {
+        /// The release as given or printed.
+        release: String,
+    },
+}
+
+impl From<kof_fetcherd::config::ConfigError> for InstallError {
+    fn from(e: kof_fetcherd::config::ConfigError) -> Self {
+        InstallError::NodeConfig(Box::new(e))
+    }
+}
+
+impl From<ContainerdConfigError> for InstallError {
+    fn from(e: ContainerdConfigError) -> Self {
+        InstallError::ContainerdConfig(Box::new(e))
+    }
+}
+
+/// The version of a containerd config kof writes where there is none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewConfigVersion {
+    /// This one.
+    Fixed(ConfigVersion),
+    /// The one the node's containerd reads natively: run `command` (`containerd --version` on
+    /// the host) and read its release. Run only when a config has to be written.
+    Detect {
+        /// The command and its arguments.
+        command: Vec<String>,
+    },
+}
+
+impl NewConfigVersion {
+    /// The version for `release` (`1.7.2`, `v2.0.0`).
+    pub fn for_release(release: &str) -> Result<ConfigVersion, InstallError> {
+        ConfigVersion::for_release(release).ok_or_else(|| InstallError::UnknownRelease {
+            release: release.to_string(),
+        })
+    }
+
+    /// Resolves the version (running the detection command if that is what it is).
+    pub fn resolve(&self) -> Result<ConfigVersion, InstallError> {
+        let command = match self {
+            NewConfigVersion::Fixed(v) => return Ok(*v),
+            NewConfigVersion::Detect { command } => command,
+        };
+        let line = command.join(" ");
+        let err = |reason: String| InstallError::DetectVersion {
+            command: line.clone(),
+            reason,
+        };
+        let (program, args) = command
+            .split_first()
+            .ok_or_else(|| err("the command is empty".into()))?;
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| err(format!("cannot run it: {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let release = release_from_version_output(&stdout).ok_or_else(|| {
+            err(format!(
+                "no release number in its output {:?}",
+                stdout.trim()
+            ))
+        })?;
+        Self::for_release(release)
+    }
 }
 
 /// What to install, and where. Paths named "host" are absolute paths on the node and are
@@ -93,7 +176,7 @@ pub struct Options {
     /// Host path of containerd's config.
     pub containerd_config: PathBuf,
     /// Version of a config written where there is none (or an empty one).
-    pub new_config_version: ConfigVersion,
+    pub new_config_version: NewConfigVersion,
     /// `SystemdCgroup` when containerd's config does not say what runc uses (containerd's own
     /// default is `false`).
     pub systemd_cgroup_fallback: Option<bool>,
@@ -279,7 +362,7 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
     let path = on_host(&opts.host_root, &opts.containerd_config);
     let original = host_files::read_if_exists(&path)?;
     let mut config = match &original {
-        None => ContainerdConfig::minimal(&path, opts.new_config_version),
+        None => ContainerdConfig::parse(&path, "")?,
         Some(bytes) => {
             let text = std::str::from_utf8(bytes)
                 .map_err(|_| InstallError::NotUtf8 { path: path.clone() })?;
@@ -287,11 +370,13 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         }
     };
     if original.is_none() || config.is_empty() {
-        config.set_version(opts.new_config_version);
+        // Only now, so that a node with a config never runs the detection command.
+        let version = opts.new_config_version.resolve()?;
+        config.set_version(version);
         say(
             Action::ContainerdConfigNew {
                 path: path.clone(),
-                version: opts.new_config_version,
+                version,
             },
             &mut summary,
         );

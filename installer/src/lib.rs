@@ -19,4 +19,4 @@ pub mod probe;
 
 pub use containerd_config::{ConfigVersion, ContainerdConfig, ContainerdConfigError, FloxRuntime};
 pub use host_files::{HostFileError, Written};
-pub use install::{install, Action, InstallError, Options, Summary};
+pub use install::{install, Action, InstallError, NewConfigVersion, Options, Summary};

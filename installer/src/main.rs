@@ -2,12 +2,12 @@
 //! DaemonSet's probe of `kof-fetcherd` (`kof-node-install probe`).
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use kof_node_install::containerd_config::{release_from_version_output, DEFAULT_RUNTIME_PATH};
-use kof_node_install::install::{install, Action, Options};
+use kof_node_install::containerd_config::DEFAULT_RUNTIME_PATH;
+use kof_node_install::install::{install, Action, InstallError, NewConfigVersion, Options};
 use kof_node_install::probe::{probe, Check};
 use kof_node_install::ConfigVersion;
 
@@ -51,7 +51,7 @@ struct Cli {
     #[arg(long)]
     containerd_version: Option<String>,
     /// The command printing `containerd --version` on the host, for `--containerd-version
-    /// auto` (split on whitespace).
+    /// auto` (split on whitespace); run only when a config has to be written.
     #[arg(long, default_value = DEFAULT_VERSION_COMMAND)]
     containerd_version_command: String,
     /// SystemdCgroup for the flox runtime when containerd's config sets none for runc
@@ -88,41 +88,13 @@ fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-fn config_version(cli: &Cli) -> Result<ConfigVersion, String> {
-    let release = match cli.containerd_version.as_deref() {
-        None => return Ok(ConfigVersion::V2),
-        Some("auto") => {
-            let argv = words(&cli.containerd_version_command);
-            let (program, args) = argv
-                .split_first()
-                .ok_or("--containerd-version-command is empty")?;
-            let out = Command::new(program)
-                .args(args)
-                .output()
-                .map_err(|e| format!("{}: cannot run: {e}", cli.containerd_version_command))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{}: failed ({}): {}",
-                    cli.containerd_version_command,
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            release_from_version_output(&stdout)
-                .ok_or_else(|| {
-                    format!(
-                        "{}: no release number in its output {:?}",
-                        cli.containerd_version_command,
-                        stdout.trim()
-                    )
-                })?
-                .to_string()
-        }
-        Some(r) => r.to_string(),
-    };
-    ConfigVersion::for_release(&release).ok_or_else(|| {
-        format!("containerd release {release:?}: kof knows containerd 1.x (config version 2) and 2.x (config version 3)")
+fn config_version(cli: &Cli) -> Result<NewConfigVersion, InstallError> {
+    Ok(match cli.containerd_version.as_deref() {
+        None => NewConfigVersion::Fixed(ConfigVersion::V2),
+        Some("auto") => NewConfigVersion::Detect {
+            command: words(&cli.containerd_version_command),
+        },
+        Some(release) => NewConfigVersion::Fixed(NewConfigVersion::for_release(release)?),
     })
 }
 

@@ -242,6 +242,30 @@ fn containerd_version_chooses_the_new_config_version() {
     assert!(text.starts_with("version = 3\n"), "{text}");
     assert!(text.contains("io.containerd.cri.v1.runtime"), "{text}");
 
+    // A node with a config never runs the detection command.
+    let node = Node::new(Some("version = 2\n"));
+    let out = node.run(&[
+        "--no-restart",
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "/nonexistent/containerd --version",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Without one, its failure is the error.
+    let node = Node::new(None);
+    let out = node.run(&[
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "/nonexistent/containerd --version",
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        "kof-node-install: asking containerd its version with /nonexistent/containerd --version: cannot run it: No such file or directory (os error 2)\n"
+    );
+
     let out = node.run(&["--containerd-version", "0.9"]);
     assert!(!out.status.success());
     assert_eq!(

@@ -8,7 +8,7 @@ use std::process::Command;
 use kof_node_install::containerd_config::{
     ConfigVersion, ContainerdConfig, FloxRuntime, DEFAULT_RUNTIME_PATH,
 };
-use kof_node_install::install::{install, Action, CgroupSource, Options};
+use kof_node_install::install::{install, Action, CgroupSource, NewConfigVersion, Options};
 use kof_node_install::Written;
 use toml_edit::DocumentMut;
 
@@ -61,7 +61,7 @@ impl Host {
             node_config: None,
             node_config_dest: PathBuf::from("/etc/kof/config.toml"),
             containerd_config: PathBuf::from("/etc/containerd/config.toml"),
-            new_config_version: ConfigVersion::V2,
+            new_config_version: NewConfigVersion::Fixed(ConfigVersion::V2),
             systemd_cgroup_fallback: None,
             restart: None,
         }
@@ -152,7 +152,7 @@ fn empty_config_becomes_version_2_that_containerd_reads() {
 fn missing_config_is_written_in_the_chosen_version() {
     let host = Host::new(None);
     let mut opts = host.options();
-    opts.new_config_version = ConfigVersion::V3;
+    opts.new_config_version = NewConfigVersion::Fixed(ConfigVersion::V3);
     let actions = host.install(&opts);
     assert!(actions.contains(&Action::File {
         path: host.config_path(),
