@@ -1,7 +1,8 @@
 //! The installation of kof on one node, step by step, each step reported as an [`Action`].
 //!
 //! 1. The shim (and `kof-store`, when given) is copied to `<host>/<bin_dir>/` when its content
-//!    differs.
+//!    differs; a dynamically linked one gets a warning (it needs the host's libc to be new
+//!    enough).
 //! 2. The node config is checked as `kof-fetcherd` would load it, then written to
 //!    `<host>/etc/kof/config.toml` when absent or different (the old one backed up).
 //! 3. containerd's config gets the `flox` runtime ([`crate::containerd_config`]); a missing or
@@ -340,6 +341,15 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         let path = on_host(&opts.host_root, &host_path);
         let written = host_files::install(&path, &content, 0o755, false)?;
         say(Action::File { path, written }, &mut summary);
+        if let Some(interpreter) = elf_interpreter(&content) {
+            say(
+                Action::Warning(format!(
+                    "{} is dynamically linked (loader {interpreter}): it runs on the host only if the host's libc is as new as the build's (Amazon Linux 2's glibc 2.26 is not); build it static (musl) as deploy/Containerfile does",
+                    source.display()
+                )),
+                &mut summary,
+            );
+        }
         if runtime_path.is_none() {
             runtime_path = Some(host_path);
         }
@@ -445,6 +455,14 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         }
     }
     Ok(summary)
+}
+
+/// The program interpreter (dynamic loader) an ELF executable names, `None` for a static
+/// executable or anything that is not ELF. The binaries kof copies to the host run under the
+/// host's libc, not the image's.
+pub fn elf_interpreter(content: &[u8]) -> Option<String> {
+    let elf = goblin::elf::Elf::parse(content).ok()?;
+    elf.interpreter.map(str::to_string)
 }
 
 fn existing_mode(path: &Path) -> u32 {

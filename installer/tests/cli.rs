@@ -105,6 +105,11 @@ fn installs_then_changes_nothing_then_updates_only_what_changed() {
     let node = Node::new(Some(original));
     let out = node.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "",
+        "no import, a non-ELF stand-in shim: no warning"
+    );
     let host_shim = node.path("host/usr/local/bin/containerd-shim-flox-v2");
     let host_store = node.path("host/usr/local/bin/kof-store");
     let host_config = node.path("host/etc/containerd/config.toml");
@@ -208,6 +213,29 @@ fn installs_then_changes_nothing_then_updates_only_what_changed() {
     for dir in ["host/usr/local/bin", "host/etc/kof", "host/etc/containerd"] {
         assert!(node.files_matching(dir, "kof-tmp").is_empty(), "{dir}");
     }
+}
+
+/// A dynamically linked shim (this very binary, linked against the build machine's glibc) is
+/// installed with a warning naming its loader; the stand-in shims of the other tests are not
+/// ELF and get none.
+#[test]
+fn a_dynamically_linked_shim_is_warned_about() {
+    let node = Node::new(Some("version = 2\n"));
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_kof-node-install"),
+        node.path("image/containerd-shim-flox-v2"),
+    )
+    .unwrap();
+    let out = node.run(&["--no-restart"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    let warning = format!(
+        "kof-node-install: WARNING: {} is dynamically linked (loader /lib",
+        node.path("image/containerd-shim-flox-v2").display()
+    );
+    assert!(err.starts_with(&warning), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("build it static (musl)"), "{err}");
 }
 
 #[test]
