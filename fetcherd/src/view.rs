@@ -3,7 +3,8 @@
 //! A view is what a container sees as `/`: `nix/store/` holding exactly the environment's
 //! closure (one subtree per store path, shared with every other view of that path), the
 //! *rendered environment* at a store-like path that `FLOX_ENV` names, `bin/sh` and
-//! `usr/bin/env` when the environment provides them, the essential `etc/` files, and empty
+//! `usr/bin/env` when the environment provides them, `usr/local/bin` (and `sbin`) linking to
+//! the environment's own, the essential `etc/` files, and empty
 //! mount points (`proc`, `sys`, `dev`, `tmp`, `run`, `var`, ...).
 //!
 //! The rendered environment is a buildEnv-style merge of the installed packages' trees, as
@@ -653,14 +654,32 @@ pub fn build_view(input: &ViewInput) -> Result<View, ViewError> {
             dir(vec![("sh", Arc::new(Entry::Symlink(sh.into())))]),
         ));
     }
+    // `usr/local/bin` and `usr/local/sbin` are the environment's: a process that is not
+    // activated (an `exec` into a container, which containerd starts with the container's
+    // original variables) still finds the environment's programs on the default `PATH`.
+    let flox_env = format!("{STORE_DIR}/{}", env_path.base_name());
+    let local: Vec<(&str, Arc<Entry>)> = ["bin", "sbin"]
+        .into_iter()
+        .filter(|d| merged.contains_key(OsStr::new(d)))
+        .map(|d| {
+            (
+                d,
+                Arc::new(Entry::Symlink(format!("{flox_env}/{d}").into())),
+            )
+        })
+        .collect();
+    let mut usr: Vec<(&str, Arc<Entry>)> = Vec::new();
     if let Some(env) = env {
-        root.push((
-            "usr",
-            dir(vec![(
-                "bin",
-                dir(vec![("env", Arc::new(Entry::Symlink(env.into())))]),
-            )]),
+        usr.push((
+            "bin",
+            dir(vec![("env", Arc::new(Entry::Symlink(env.into())))]),
         ));
+    }
+    if !local.is_empty() {
+        usr.push(("local", dir(local)));
+    }
+    if !usr.is_empty() {
+        root.push(("usr", dir(usr)));
     }
     tracing::debug!(
         env = %input.label(),

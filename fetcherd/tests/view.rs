@@ -467,7 +467,14 @@ fn bin_sh_prefers_the_environment_sh_and_is_absent_without_a_shell() {
     let v = build_view(&input(&[&jq], &[])).unwrap();
     assert!(v.bash.is_none());
     assert!(lookup(&v.root, "/bin", false).is_none());
-    assert!(lookup(&v.root, "/usr", false).is_none());
+    assert!(lookup(&v.root, "/usr/bin", false).is_none());
+    // The environment's programs are on the default PATH through /usr/local/bin (for a process
+    // that is not activated); it has no sbin, so there is no /usr/local/sbin.
+    assert_eq!(
+        *lookup(&v.root, "/usr/local/bin", false).unwrap().0,
+        Entry::Symlink(format!("{}/bin", v.flox_env()).into())
+    );
+    assert!(lookup(&v.root, "/usr/local/sbin", false).is_none());
 }
 
 #[test]

@@ -104,6 +104,9 @@ pub struct ContainerRecord {
 
 const RECORD: &str = "record.json";
 
+/// Prefix of a container directory being made (see [`ContainerDir::create`]).
+pub const NEW_PREFIX: &str = ".new-";
+
 fn check_name(
     namespace: &str,
     id: &str,
@@ -174,20 +177,38 @@ impl ContainerDir {
         move |source| ContainerError::Io { path, what, source }
     }
 
-    /// Creates the directory (mode 0700) and locks it.
-    pub fn create(&self) -> Result<DirLock, ContainerError> {
+    /// Creates the directory (mode 0700) holding `rec`, and locks it. The directory appears
+    /// with its record already in it (made under a temporary name, then renamed), so a sweep
+    /// never finds a container's directory without knowing its bundle.
+    pub fn create(&self, rec: &ContainerRecord) -> Result<DirLock, ContainerError> {
         use std::os::unix::fs::DirBuilderExt;
-        if let Some(parent) = self.dir.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o711)
-                .create(parent)
-                .map_err(Self::io(parent, "creating the directory"))?;
-        }
+        let parent = self.dir.parent().unwrap_or(Path::new("/"));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)
+            .map_err(Self::io(parent, "creating the directory"))?;
+        let name = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = ContainerDir {
+            dir: parent.join(format!("{NEW_PREFIX}{name}-{}", std::process::id())),
+        };
+        let _ = std::fs::remove_dir_all(&tmp.dir);
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(&self.dir)
-            .map_err(Self::io(&self.dir, "creating the container's directory"))?;
+            .create(&tmp.dir)
+            .map_err(Self::io(&tmp.dir, "creating the container's directory"))?;
+        let made = tmp.write_record(rec).and_then(|()| {
+            std::fs::rename(&tmp.dir, &self.dir)
+                .map_err(Self::io(&self.dir, "creating the container's directory"))
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp.dir);
+            return Err(e);
+        }
         self.lock()?.ok_or_else(|| ContainerError::Io {
             path: self.dir.clone(),
             what: "locking the container's directory",
@@ -354,8 +375,6 @@ mod tests {
     fn records_round_trip_and_removal_is_idempotent() {
         let tmp = tempfile::tempdir().unwrap();
         let d = ContainerDir::new(tmp.path(), "default", "c1").unwrap();
-        let _lock = d.create().unwrap();
-        assert_eq!(d.record().unwrap(), None);
         let rec = ContainerRecord {
             namespace: "default".into(),
             id: "c1".into(),
@@ -365,7 +384,14 @@ mod tests {
             mode: Some(RootMode::View),
             created_at: 1,
         };
-        d.write_record(&rec).unwrap();
+        let lock = d.create(&rec).unwrap();
+        assert_eq!(d.record().unwrap(), Some(rec.clone()));
+        let names: Vec<_> = std::fs::read_dir(tmp.path().join("default"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c1")]);
+        drop(lock);
         assert_eq!(d.record().unwrap(), Some(rec));
         d.remove().unwrap();
         d.remove().unwrap();

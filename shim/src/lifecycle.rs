@@ -23,7 +23,7 @@ use kof_fetcherd::config::Config;
 use tracing::{info, warn};
 
 use crate::annotations::{decide, Decision, EnvironmentRequest, PlainReason};
-use crate::container::{ContainerDir, ContainerRecord, RootMode};
+use crate::container::{ContainerDir, ContainerRecord, RootMode, NEW_PREFIX};
 use crate::error::ShimError;
 use crate::spec::{env_pairs, BindMount, Spec};
 use crate::token::{read_token, token_file};
@@ -137,10 +137,6 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
     })?;
     // A directory of the same container left by a start that never got its delete.
     cleanup(cfg, &cdir)?;
-    let lock = cdir.create().map_err(|source| ShimError::Container {
-        env: env.clone(),
-        source,
-    })?;
     let lease = lease_id(namespace, id);
     let mut record = ContainerRecord {
         namespace: namespace.to_string(),
@@ -151,12 +147,13 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
         mode: None,
         created_at: unix_now(),
     };
+    let lock = cdir
+        .create(&record)
+        .map_err(|source| ShimError::Container {
+            env: env.clone(),
+            source,
+        })?;
     let result = (|| {
-        cdir.write_record(&record)
-            .map_err(|source| ShimError::Container {
-                env: env.clone(),
-                source,
-            })?;
         let prepared = prepare(cfg, &spec, &req, &lease)?;
         let mode = root_mode(cfg, &req, spec.root_dir().as_deref());
         record.mode = Some(mode);
@@ -315,6 +312,19 @@ fn cleanup(cfg: &Config, cdir: &ContainerDir) -> Result<bool, ShimError> {
     Ok(record.is_some())
 }
 
+/// A container directory without a record (a start killed while making it) is removed once
+/// it is this old.
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
+
+fn older_than(path: &Path, age: Duration) -> bool {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|e| e > age)
+        .unwrap_or(false)
+}
+
 /// Cleans up every container directory whose bundle is gone: containers whose `delete` never
 /// came. Failures are logged; the next sweep retries them.
 pub fn sweep(cfg: &Config) -> Vec<PathBuf> {
@@ -327,23 +337,24 @@ pub fn sweep(cfg: &Config) -> Vec<PathBuf> {
             continue;
         };
         for c in containers.flatten() {
-            let cdir = ContainerDir::at(c.path());
+            let path = c.path();
+            if c.file_name().to_string_lossy().starts_with(NEW_PREFIX) {
+                if older_than(&path, ORPHAN_AGE) {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+                continue;
+            }
+            let cdir = ContainerDir::at(path.clone());
             let stale = match cdir.record() {
                 Ok(Some(rec)) => !rec.bundle.join(crate::spec::CONFIG_JSON).exists(),
-                // A start between creating the directory and writing the record holds the
-                // lock: wait for it, then look again.
-                Ok(None) => {
-                    drop(cdir.lock());
-                    matches!(cdir.record(), Ok(None)) && cdir.path().exists()
-                }
-                Err(_) => true,
+                Ok(None) | Err(_) => older_than(&path, ORPHAN_AGE),
             };
             if !stale {
                 continue;
             }
             match cleanup(cfg, &cdir) {
-                Ok(_) => cleaned.push(c.path()),
-                Err(e) => warn!(dir = %c.path().display(), error = %e, "sweep could not clean up"),
+                Ok(_) => cleaned.push(path),
+                Err(e) => warn!(dir = %path.display(), error = %e, "sweep could not clean up"),
             }
         }
     }

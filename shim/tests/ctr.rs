@@ -170,7 +170,8 @@ fn containers_without_the_annotation_run_as_plain_runc() {
 fn a_failing_environment_fails_the_start_with_its_name_and_cause() {
     let node = Node::new(NodeOptions::default());
     let rootfs = empty_rootfs(node.dir());
-    let cases: [(&str, &[(&str, &str)], &[&str]); 4] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 4] = [
         ("kof/nope", &[], &["environment kof/nope", "not found"]),
         (
             "kof/hello:9",

@@ -74,6 +74,10 @@ impl Default for NodeOptions {
 
 /// See the module doc.
 pub struct Node {
+    /// The containerd namespace of this node's `ctr` containers: unique, because runc keeps
+    /// the state of a runtime without options (the `flox` runtime as `ctr` runs it) under
+    /// `/run/containerd/runc/<namespace>`, shared by every containerd on the machine.
+    pub ns: String,
     pub containerd: Option<Containerd>,
     pub server: ServerHandle,
     pub config: PathBuf,
@@ -126,7 +130,10 @@ impl Node {
             ),
         )
         .unwrap();
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut node = Node {
+            ns: format!("kof-test-{}-{n}", std::process::id()),
             containerd: None,
             server,
             config,
@@ -265,7 +272,7 @@ impl Node {
         annotations: &[(&str, &str)],
         cmd: &[&str],
     ) -> Output {
-        let mut c = self.ctrd().ctr("default");
+        let mut c = self.ctrd().ctr(&self.ns);
         c.args(["run", "--rm", "--runtime", "io.containerd.flox.v2"]);
         for (k, v) in annotations {
             c.arg("--annotation").arg(format!("{k}={v}"));
@@ -371,6 +378,8 @@ impl Drop for Node {
                 .stderr(Stdio::null())
                 .status();
         }
+        // runc's state directory for this namespace (see `ns`), empty by now.
+        let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.ns));
         self.kill_daemon();
         let _ = Command::new(fetcherd_bin())
             .arg("--config")
