@@ -25,6 +25,10 @@ use nix::unistd::Pid;
 
 /// The file name containerd looks up on `PATH` for runtime `io.containerd.flox.v2`.
 pub const FLOX_SHIM_NAME: &str = "containerd-shim-flox-v2";
+/// The `runtime_type` Flox documents for its runtime.
+pub const FLOX_DOCUMENTED_RUNTIME_TYPE: &str = "io.containerd.runc.v2";
+/// The `runtime_type` that makes containerd find `containerd-shim-flox-v2` on its `PATH`.
+pub const FLOX_SHIM_RUNTIME_TYPE: &str = "io.containerd.flox.v2";
 /// The name [`crate::images::write_pause_image`] archives are expected under by default.
 pub const DEFAULT_SANDBOX_IMAGE: &str = "docker.io/kof/pause:1";
 /// containerd's namespace for CRI.
@@ -66,8 +70,14 @@ pub struct ContainerdOptions {
     /// `runtime_path`) and linked into a directory first on containerd's `PATH`, so that
     /// `ctr run --runtime io.containerd.flox.v2` finds it. `None`: no `flox` runtime at all.
     pub flox_shim: Option<PathBuf>,
-    /// `SystemdCgroup` in the `flox` runtime's options (the `runc` runtime always uses cgroupfs:
-    /// no systemd runs on this machine).
+    /// `runtime_type` of the `flox` runtime. Flox documents `io.containerd.runc.v2` (with
+    /// `runtime_path` naming the shim), the default here; but containerd 1.6.20's CRI ignores
+    /// `runtime_path` and starts `containerd-shim-runc-v2` (see the crate doc).
+    /// `io.containerd.flox.v2` makes containerd run `containerd-shim-flox-v2` from `PATH` instead,
+    /// which the link described at [`Self::flox_shim`] provides.
+    pub flox_runtime_type: String,
+    /// `SystemdCgroup` in the `flox` runtime's options, written only with the documented
+    /// `runtime_type` (the `runc` runtime always uses cgroupfs: no systemd runs on this machine).
     pub systemd_cgroup: bool,
     /// Extra environment for containerd, inherited by the shims it starts (e.g. `KOF_CONFIG`).
     pub env: Vec<(String, String)>,
@@ -83,6 +93,7 @@ impl Default for ContainerdOptions {
     fn default() -> Self {
         Self {
             flox_shim: None,
+            flox_runtime_type: FLOX_DOCUMENTED_RUNTIME_TYPE.to_owned(),
             systemd_cgroup: false,
             env: Vec::new(),
             sandbox_image: DEFAULT_SANDBOX_IMAGE.to_owned(),
@@ -245,18 +256,25 @@ disabled_plugins = [
             let shim = std::path::absolute(shim).unwrap_or_else(|_| shim.clone());
             c.push_str(&format!(
                 r#"
-# The Flox runtime, as Flox documents it.
+# The Flox runtime, as Flox documents it (runtime_type may differ: see kof-harness's doc).
 [{cri}.containerd.runtimes.flox]
   runtime_path = {shim}
-  runtime_type = "io.containerd.runc.v2"
+  runtime_type = {rtype}
   pod_annotations = [ "flox.dev/*" ]
   container_annotations = [ "flox.dev/*" ]
-[{cri}.containerd.runtimes.flox.options]
-  SystemdCgroup = {systemd}
 "#,
                 shim = toml_path(&shim),
-                systemd = opts.systemd_cgroup,
+                rtype = toml_str(&opts.flox_runtime_type),
             ));
+            // CRI encodes the options of a runtime type other than io.containerd.runc.v2 as
+            // generic runtimeoptions.v1.Options, which the runc shim refuses: only the
+            // documented type gets them.
+            if opts.flox_runtime_type == FLOX_DOCUMENTED_RUNTIME_TYPE {
+                c.push_str(&format!(
+                    "[{cri}.containerd.runtimes.flox.options]\n  SystemdCgroup = {}\n",
+                    opts.systemd_cgroup
+                ));
+            }
         }
         c
     }

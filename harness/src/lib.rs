@@ -22,7 +22,25 @@
 //!
 //! ## containerd 1.6.20 facts found with this harness (see `tests/cri.rs`)
 //!
-//! FACTS_PLACEHOLDER
+//! - **Image name**: CRI puts `io.kubernetes.cri.image-name` into each container's OCI
+//!   annotations (`<state>/io.containerd.runtime.v2.task/k8s.io/<id>/config.json`), normalized
+//!   (a pod's `flox/empty:1.0.0` arrives as `docker.io/flox/empty:1.0.0`), next to
+//!   `io.kubernetes.cri.{container-type,container-name,sandbox-id,sandbox-name,sandbox-namespace,
+//!   sandbox-uid}` and the `flox.dev/*` pod and container annotations `pod_annotations` /
+//!   `container_annotations` let through (others are dropped). The bundle, and so `config.json`,
+//!   exists only from StartContainer on.
+//! - **`runtime_path` is ignored by CRI**: with the configuration Flox documents
+//!   (`runtime_type = "io.containerd.runc.v2"` + `runtime_path`), containerd 1.6.20 starts
+//!   `containerd-shim-runc-v2`, never the given binary (a shim that exits 7 at once does not stop
+//!   a `flox` pod). `ctr run --runtime /abs/path` does use a path. To run the flox shim under
+//!   CRI here, set [`containerd::ContainerdOptions::flox_runtime_type`] to
+//!   `io.containerd.flox.v2` (found on `PATH`); CRI then passes no runc options (no
+//!   `SystemdCgroup`), as it encodes other types' options in a form the runc shim refuses.
+//! - **Shim binary calls**: per task, containerd execs the shim binary with `start` (a pod's
+//!   container gets its own `start`, whose runc shim joins the sandbox's shim) and, when that
+//!   task's shim connection closes, `-id <id> -bundle <bundle> delete` ("cleaning up dead
+//!   shim") — on clean stops too: after StopContainer (the container's task is deleted on exit)
+//!   and after StopPodSandbox. `ctr run --rm` likewise ends with a `delete`.
 
 pub mod containerd;
 pub mod cri;
