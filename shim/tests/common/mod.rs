@@ -144,6 +144,9 @@ impl Node {
         node.start_daemon();
         let ctrd = Containerd::start(ContainerdOptions {
             flox_shim: Some(shim_bin()),
+            // containerd 1.6's CRI ignores `runtime_path` (it would run the plain runc shim):
+            // on 1.6 the runtime is registered by type, the binary found on containerd's PATH.
+            flox_runtime_type: "io.containerd.flox.v2".into(),
             systemd_cgroup: opts.systemd_cgroup,
             env: vec![("KOF_CONFIG".into(), node.config.display().to_string())],
             ..ContainerdOptions::default()
