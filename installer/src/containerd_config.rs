@@ -14,12 +14,23 @@
 //! migrates it), and its CRI section takes the same runtime keys; the integration test checks
 //! that containerd 1.6 reads what we write.
 //!
-//! The section holds `runtime_type = "io.containerd.runc.v2"`, `runtime_path` (the shim),
-//! `pod_annotations` and `container_annotations` (`["flox.dev/*"]`, which make containerd copy
-//! the pod's `flox.dev/*` annotations into each container's OCI config) and
-//! `options.SystemdCgroup`. The latter must match the node's cgroup driver (a cgroupfs-style
-//! `cgroupsPath` under `SystemdCgroup = true` is a known failure of Flox's own shim), so it is
-//! copied from the runtime runc pods use on this node: see [`ContainerdConfig::node_systemd_cgroup`].
+//! The section always holds `pod_annotations` and `container_annotations` (`["flox.dev/*"]`,
+//! which make containerd copy the pod's `flox.dev/*` annotations into each container's OCI
+//! config). The rest depends on containerd's release ([`ContainerdRelease`]), in one of the
+//! two forms Flox documents ([`FloxRuntime`]):
+//!
+//! - containerd 1.7 and 2.x: `runtime_type = "io.containerd.runc.v2"`, `runtime_path` (the shim)
+//!   and `options.SystemdCgroup`. The latter must match the node's cgroup driver (a
+//!   cgroupfs-style `cgroupsPath` under `SystemdCgroup = true` is a known failure of Flox's own
+//!   shim), so it is copied from the runtime runc pods use on this node: see
+//!   [`ContainerdConfig::node_systemd_cgroup`].
+//! - containerd 1.6 and older: its CRI plugin ignores `runtime_path` (it would start
+//!   `containerd-shim-runc-v2`, and flox pods would silently run without their environment), so
+//!   the runtime is `runtime_type = "io.containerd.flox.v2"` and containerd finds
+//!   `containerd-shim-flox-v2` on its `PATH`. With that type containerd sends the `options`
+//!   table as `runtimeoptions.v1.Options`, which the runc shim kof's shim wraps refuses, so there
+//!   must be no `options` table: an existing one (and a `runtime_path`) is removed.
+//!
 //! Keys of the section that kof does not own are left alone.
 
 use std::fmt;
@@ -30,8 +41,14 @@ use toml_edit::{Array, DocumentMut, Item, Table, Value};
 
 /// The runtime's name in containerd (the RuntimeClass `handler`).
 pub const RUNTIME_NAME: &str = "flox";
-/// The runtime type: the shim speaks shim v2 and wraps runc's.
+/// The runtime type of runc's shim, which kof's shim wraps (and the type of the flox runtime
+/// where containerd honours `runtime_path`).
 pub const RUNTIME_TYPE: &str = "io.containerd.runc.v2";
+/// The flox runtime's type where containerd ignores `runtime_path` (1.6 and older): containerd
+/// runs `containerd-shim-flox-v2` from its `PATH`.
+pub const SHIM_RUNTIME_TYPE: &str = "io.containerd.flox.v2";
+/// The shim's file name, as containerd derives it from [`SHIM_RUNTIME_TYPE`].
+pub const SHIM_FILE_NAME: &str = "containerd-shim-flox-v2";
 /// The annotations containerd passes to the shim.
 pub const ANNOTATIONS: &str = "flox.dev/*";
 /// Where the shim is installed on the host.
@@ -125,16 +142,6 @@ impl ConfigVersion {
     pub fn runtimes_path(self) -> [&'static str; 4] {
         ["plugins", self.cri_plugin(), "containerd", "runtimes"]
     }
-
-    /// The config version a containerd release reads natively: 1.x → 2, 2.x → 3.
-    pub fn for_release(release: &str) -> Option<ConfigVersion> {
-        let major = release.trim_start_matches('v').split('.').next()?;
-        match major.parse::<u32>().ok()? {
-            1 => Some(ConfigVersion::V2),
-            2 => Some(ConfigVersion::V3),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for ConfigVersion {
@@ -154,6 +161,57 @@ pub fn release_from_version_output(output: &str) -> Option<&str> {
     })
 }
 
+/// A containerd release, as far as kof's choices depend on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdRelease {
+    /// As given or printed (`1.6.20~ds1`, `v2.0.0`).
+    pub text: String,
+    /// The major number.
+    pub major: u32,
+    /// The minor number.
+    pub minor: u32,
+}
+
+impl ContainerdRelease {
+    /// Reads `1.6.20~ds1`, `v1.7.2`, `2.0.0-rc.1`: `None` without a `major.minor` start.
+    pub fn parse(text: &str) -> Option<ContainerdRelease> {
+        let mut numbers = text.trim().trim_start_matches('v').split('.');
+        let number = |s: Option<&str>| -> Option<u32> {
+            let s = s?;
+            let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            s[..end].parse().ok()
+        };
+        let major = number(numbers.next())?;
+        let minor = number(numbers.next())?;
+        Some(ContainerdRelease {
+            text: text.trim().to_string(),
+            major,
+            minor,
+        })
+    }
+
+    /// The config version this release reads natively (1.x: 2, 2.x: 3); `None` for a major
+    /// kof does not know.
+    pub fn config_version(&self) -> Option<ConfigVersion> {
+        match self.major {
+            1 => Some(ConfigVersion::V2),
+            2 => Some(ConfigVersion::V3),
+            _ => None,
+        }
+    }
+
+    /// Whether its CRI plugin honours a runtime's `runtime_path` (1.7 and later; 1.6 ignores it).
+    pub fn honours_runtime_path(&self) -> bool {
+        (self.major, self.minor) >= (1, 7)
+    }
+}
+
+impl fmt::Display for ContainerdRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.text)
+    }
+}
+
 /// A dotted key as containerd's docs write it: `plugins."io.containerd.grpc.v1.cri".containerd`.
 pub fn dotted(path: &[&str]) -> String {
     path.iter()
@@ -171,31 +229,51 @@ pub fn dotted(path: &[&str]) -> String {
         .join(".")
 }
 
-/// What the flox runtime should look like.
+/// What the flox runtime should look like: one of the two forms Flox documents.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FloxRuntime {
-    /// The shim on the host.
-    pub runtime_path: String,
+pub enum FloxRuntime {
+    /// containerd 1.7 and 2.x: `runtime_type = "io.containerd.runc.v2"`, `runtime_path` and
     /// `options.SystemdCgroup`.
-    pub systemd_cgroup: bool,
+    RuntimePath {
+        /// The shim on the host.
+        runtime_path: String,
+        /// `options.SystemdCgroup`.
+        systemd_cgroup: bool,
+    },
+    /// containerd 1.6 and older, which ignore `runtime_path`: `runtime_type =
+    /// "io.containerd.flox.v2"` (the shim is found on containerd's `PATH`), no `runtime_path`
+    /// and no `options` table (the runc shim refuses the options containerd would send).
+    ShimOnPath,
 }
 
-/// One key [`ContainerdConfig::register_flox`] set.
+impl FloxRuntime {
+    /// The `runtime_type` of this form.
+    pub fn runtime_type(&self) -> &'static str {
+        match self {
+            FloxRuntime::RuntimePath { .. } => RUNTIME_TYPE,
+            FloxRuntime::ShimOnPath => SHIM_RUNTIME_TYPE,
+        }
+    }
+}
+
+/// One key [`ContainerdConfig::register_flox`] set or removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// The dotted key.
     pub key: String,
     /// The value before (as written), if there was one.
     pub old: Option<String>,
-    /// The value now (as written).
-    pub new: String,
+    /// The value now (as written); `None`: the key was removed.
+    pub new: Option<String>,
 }
 
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.old {
-            Some(old) => write!(f, "{} = {} (was {})", self.key, self.new, old),
-            None => write!(f, "{} = {}", self.key, self.new),
+        match (&self.new, &self.old) {
+            (Some(new), Some(old)) => write!(f, "set {} = {} (was {})", self.key, new, old),
+            (Some(new), None) => write!(f, "set {} = {}", self.key, new),
+            (None, Some(old)) => write!(f, "removed {} (was {})", self.key, old),
+            (None, None) => write!(f, "removed {}", self.key),
         }
     }
 }
@@ -363,17 +441,36 @@ impl ContainerdConfig {
         path.push(RUNTIME_NAME);
         let annotations = vec![ANNOTATIONS.to_string()];
         let mut changes = Vec::new();
+        let key = dotted(&path);
+        // Checked before anything is edited, so that a refusal leaves the document as it was.
+        let mut options_path = path.clone();
+        options_path.push("options");
+        if let Some((i, item)) = self.first_non_section(&options_path) {
+            return Err(self.not_a_section(&options_path[..=i], item));
+        }
         {
             let table = self.table_mut(&path)?;
-            let key = dotted(&path);
-            set_string(table, &key, "runtime_type", RUNTIME_TYPE, &mut changes);
             set_string(
                 table,
                 &key,
-                "runtime_path",
-                &runtime.runtime_path,
+                "runtime_type",
+                runtime.runtime_type(),
                 &mut changes,
             );
+            match runtime {
+                FloxRuntime::RuntimePath { runtime_path, .. } => {
+                    set_string(table, &key, "runtime_path", runtime_path, &mut changes);
+                }
+                FloxRuntime::ShimOnPath => {
+                    if let Some(old) = table.remove("runtime_path") {
+                        changes.push(Change {
+                            key: format!("{key}.runtime_path"),
+                            old: Some(value_text(&old)),
+                            new: None,
+                        });
+                    }
+                }
+            }
             set_strings(table, &key, "pod_annotations", &annotations, &mut changes);
             set_strings(
                 table,
@@ -382,22 +479,30 @@ impl ContainerdConfig {
                 &annotations,
                 &mut changes,
             );
+            if matches!(runtime, FloxRuntime::ShimOnPath) {
+                if let Some(old) = table.remove("options") {
+                    changes.push(Change {
+                        key: format!("{key}.options"),
+                        old: Some(describe_table(&old)),
+                        new: None,
+                    });
+                }
+                return Ok(changes);
+            }
         }
-        path.push("options");
-        let key = dotted(&path);
-        let options = self.table_mut(&path)?;
+        let FloxRuntime::RuntimePath { systemd_cgroup, .. } = *runtime else {
+            unreachable!("the other form returned above");
+        };
+        let key = dotted(&options_path);
+        let options = self.table_mut(&options_path)?;
         let current = options.get("SystemdCgroup");
-        if current.and_then(Item::as_bool) != Some(runtime.systemd_cgroup) {
-            let old = current.map(|i| i.to_string().trim().to_string());
-            replace_value(
-                options,
-                "SystemdCgroup",
-                Value::from(runtime.systemd_cgroup),
-            );
+        if current.and_then(Item::as_bool) != Some(systemd_cgroup) {
+            let old = current.map(value_text);
+            replace_value(options, "SystemdCgroup", Value::from(systemd_cgroup));
             changes.push(Change {
                 key: format!("{key}.SystemdCgroup"),
                 old,
-                new: runtime.systemd_cgroup.to_string(),
+                new: Some(systemd_cgroup.to_string()),
             });
         }
         Ok(changes)
@@ -476,6 +581,30 @@ impl fmt::Display for ContainerdConfig {
     }
 }
 
+/// A value as written, without its comment or surrounding space.
+fn value_text(item: &Item) -> String {
+    match item.as_value() {
+        Some(v) => {
+            let mut v = v.clone();
+            v.decor_mut().clear();
+            v.to_string()
+        }
+        None => item.to_string().trim().to_string(),
+    }
+}
+
+/// A removed table in one line: `{ SystemdCgroup = true }`.
+fn describe_table(item: &Item) -> String {
+    let Some(table) = item.as_table_like() else {
+        return item.to_string().trim().to_string();
+    };
+    let entries: Vec<String> = table
+        .iter()
+        .map(|(k, v)| format!("{k} = {}", value_text(v)))
+        .collect();
+    format!("{{ {} }}", entries.join(", "))
+}
+
 /// Sets `name` to `value`; an existing key keeps its place, indentation and trailing comment.
 fn replace_value(table: &mut Table, name: &str, mut value: Value) {
     match table.get_mut(name) {
@@ -495,12 +624,12 @@ fn set_string(table: &mut Table, key: &str, name: &str, want: &str, changes: &mu
     if current.and_then(Item::as_str) == Some(want) {
         return;
     }
-    let old = current.map(|i| i.to_string().trim().to_string());
+    let old = current.map(value_text);
     replace_value(table, name, Value::from(want));
     changes.push(Change {
         key: format!("{key}.{name}"),
         old,
-        new: format!("{want:?}"),
+        new: Some(format!("{want:?}")),
     });
 }
 
@@ -518,14 +647,14 @@ fn set_strings(
     if have.is_some_and(|h| h == want) {
         return;
     }
-    let old = current.map(|i| i.to_string().trim().to_string());
+    let old = current.map(value_text);
     let array: Array = want.iter().map(String::as_str).collect();
     let new = array.to_string();
     replace_value(table, name, Value::Array(array));
     changes.push(Change {
         key: format!("{key}.{name}"),
         old,
-        new,
+        new: Some(new),
     });
 }
 
@@ -538,7 +667,7 @@ mod tests {
     }
 
     fn flox(systemd_cgroup: bool) -> FloxRuntime {
-        FloxRuntime {
+        FloxRuntime::RuntimePath {
             runtime_path: DEFAULT_RUNTIME_PATH.to_string(),
             systemd_cgroup,
         }
@@ -564,16 +693,25 @@ mod tests {
         let v2 = "containerd github.com/containerd/containerd/v2 v2.0.0 207ad711eabd375a01713109a8a197d197ff6542\n";
         assert_eq!(release_from_version_output(v2), Some("v2.0.0"));
         assert_eq!(release_from_version_output("containerd"), None);
-        assert_eq!(
-            ConfigVersion::for_release("1.7.27"),
-            Some(ConfigVersion::V2)
-        );
-        assert_eq!(
-            ConfigVersion::for_release("v2.1.0"),
-            Some(ConfigVersion::V3)
-        );
-        assert_eq!(ConfigVersion::for_release("3.0"), None);
-        assert_eq!(ConfigVersion::for_release("x"), None);
+        let release = |t: &str| ContainerdRelease::parse(t);
+        let r16 = release("1.6.20~ds1").unwrap();
+        assert_eq!((r16.major, r16.minor), (1, 6));
+        assert_eq!(r16.config_version(), Some(ConfigVersion::V2));
+        assert!(!r16.honours_runtime_path());
+        assert!(!release("1.5.11").unwrap().honours_runtime_path());
+        let r17 = release("1.7.27").unwrap();
+        assert_eq!(r17.config_version(), Some(ConfigVersion::V2));
+        assert!(r17.honours_runtime_path());
+        let r2 = release("v2.1.0").unwrap();
+        assert_eq!((r2.major, r2.minor), (2, 1));
+        assert_eq!(r2.config_version(), Some(ConfigVersion::V3));
+        assert!(r2.honours_runtime_path());
+        assert_eq!(release("2.0.0-rc.1").unwrap().minor, 0);
+        assert_eq!(release("3.0").unwrap().config_version(), None);
+        assert_eq!(release("0.9").unwrap().config_version(), None);
+        assert_eq!(release("x"), None);
+        assert_eq!(release("1"), None);
+        assert_eq!(release("1.x"), None);
     }
 
     #[test]
@@ -603,6 +741,60 @@ mod tests {
             text.contains(
                 "[plugins.cri.containerd.runtimes.flox.options]\nSystemdCgroup = false\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn shim_on_path_replaces_the_runtime_path_form() {
+        let text = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
+runtime_type = "io.containerd.runc.v2"  # kept comment
+runtime_path = "/usr/local/bin/containerd-shim-flox-v2"
+pod_annotations = ["flox.dev/*"]
+container_annotations = ["flox.dev/*"]
+privileged_without_host_devices = false
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox.options]
+SystemdCgroup = true
+BinaryName = "/usr/bin/runc"
+"#;
+        let mut c = parse(text);
+        let changes = c.register_flox(&FloxRuntime::ShimOnPath).unwrap();
+        let lines: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        let section = "plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox";
+        assert_eq!(
+            lines,
+            [
+                format!("set {section}.runtime_type = \"io.containerd.flox.v2\" (was \"io.containerd.runc.v2\")"),
+                format!("removed {section}.runtime_path (was \"/usr/local/bin/containerd-shim-flox-v2\")"),
+                format!("removed {section}.options (was {{ SystemdCgroup = true, BinaryName = \"/usr/bin/runc\" }})"),
+            ]
+        );
+        assert_eq!(
+            c.to_string(),
+            r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
+runtime_type = "io.containerd.flox.v2"  # kept comment
+pod_annotations = ["flox.dev/*"]
+container_annotations = ["flox.dev/*"]
+privileged_without_host_devices = false
+"#
+        );
+        let again = c.to_string();
+        assert_eq!(c.register_flox(&FloxRuntime::ShimOnPath).unwrap(), vec![]);
+        assert_eq!(c.to_string(), again);
+
+        // And back, when containerd is upgraded to 1.7.
+        let changes = c.register_flox(&flox(true)).unwrap();
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        let text = c.to_string();
+        assert!(
+            text.contains("runtime_type = \"io.containerd.runc.v2\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(".flox.options]\nSystemdCgroup = true\n"),
             "{text}"
         );
     }

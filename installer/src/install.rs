@@ -5,8 +5,11 @@
 //!    enough).
 //! 2. The node config is checked as `kof-fetcherd` would load it, then written to
 //!    `<host>/etc/kof/config.toml` when absent or different (the old one backed up).
-//! 3. containerd's config gets the `flox` runtime ([`crate::containerd_config`]); a missing or
-//!    empty file becomes a minimal one of the chosen version. The file is backed up before the
+//! 3. containerd's release is found out (given, or asked of the host's containerd): it chooses
+//!    the form of the runtime's section (1.6 ignores `runtime_path`, see
+//!    [`crate::containerd_config`]) and the version of a new config. containerd's config gets
+//!    the `flox` runtime in that form; a missing or empty file becomes a minimal one of the
+//!    release's version. The file is backed up before the
 //!    first change and written atomically. Drop-ins named by `imports` are inspected: one that
 //!    configures the CRI plugin can replace the main file's section (containerd 1.x merges
 //!    imports plugin by plugin), so it is named in a warning.
@@ -22,7 +25,8 @@ use thiserror::Error;
 
 use crate::containerd_config::{
     dotted, release_from_version_output, Change, ConfigVersion, ContainerdConfig,
-    ContainerdConfigError, FloxRuntime, RUNTIME_NAME,
+    ContainerdConfigError, ContainerdRelease, FloxRuntime, RUNTIME_NAME, SHIM_FILE_NAME,
+    SHIM_RUNTIME_TYPE,
 };
 use crate::host_files::{self, HostFileError, Written};
 
@@ -74,7 +78,7 @@ pub enum InstallError {
     #[error("restarting containerd: the restart command is empty")]
     EmptyRestart,
     /// containerd's release could not be found out.
-    #[error("asking containerd its version with {command}: {reason}")]
+    #[error("asking containerd its version with {command}: {reason}; the flox runtime's registration depends on it (containerd 1.6 ignores runtime_path): give the node's release with --containerd-version (e.g. 1.6.20, 1.7.2, 2.0.0)")]
     DetectVersion {
         /// The command line.
         command: String,
@@ -85,6 +89,16 @@ pub enum InstallError {
     #[error("containerd release {release:?}: kof knows containerd 1.x (config version 2) and 2.x (config version 3)")]
     UnknownRelease {
         /// The release as given or printed.
+        release: String,
+    },
+    /// The config is of a version the release cannot read.
+    #[error("{path}: config version {version} is for containerd 2.x, but containerd is {release}; check --containerd-version")]
+    ConfigTooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        version: ConfigVersion,
+        /// The release.
         release: String,
     },
 }
@@ -101,32 +115,34 @@ impl From<ContainerdConfigError> for InstallError {
     }
 }
 
-/// The version of a containerd config kof writes where there is none.
+/// containerd's release on the node: it chooses the form of the flox runtime's section and the
+/// version of a config written where there is none.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NewConfigVersion {
+pub enum ContainerdVersion {
     /// This one.
-    Fixed(ConfigVersion),
-    /// The one the node's containerd reads natively: run `command` (`containerd --version` on
-    /// the host) and read its release. Run only when a config has to be written.
+    Release(ContainerdRelease),
+    /// Run `command` (`containerd --version` on the host) and read its release.
     Detect {
         /// The command and its arguments.
         command: Vec<String>,
     },
 }
 
-impl NewConfigVersion {
-    /// The version for `release` (`1.7.2`, `v2.0.0`).
-    pub fn for_release(release: &str) -> Result<ConfigVersion, InstallError> {
-        ConfigVersion::for_release(release).ok_or_else(|| InstallError::UnknownRelease {
-            release: release.to_string(),
-        })
+impl ContainerdVersion {
+    /// A known release (`1.7.2`, `v2.0.0`, `1.6.20~ds1`).
+    pub fn for_release(release: &str) -> Result<ContainerdRelease, InstallError> {
+        ContainerdRelease::parse(release)
+            .filter(|r| r.config_version().is_some())
+            .ok_or_else(|| InstallError::UnknownRelease {
+                release: release.to_string(),
+            })
     }
 
-    /// Resolves the version (running the detection command if that is what it is).
-    pub fn resolve(&self) -> Result<ConfigVersion, InstallError> {
+    /// Resolves the release (running the detection command if that is what it is).
+    pub fn resolve(&self) -> Result<ContainerdRelease, InstallError> {
         let command = match self {
-            NewConfigVersion::Fixed(v) => return Ok(*v),
-            NewConfigVersion::Detect { command } => command,
+            ContainerdVersion::Release(r) => return Ok(r.clone()),
+            ContainerdVersion::Detect { command } => command,
         };
         let line = command.join(" ");
         let err = |reason: String| InstallError::DetectVersion {
@@ -158,6 +174,18 @@ impl NewConfigVersion {
     }
 }
 
+/// The directories of systemd's default `PATH` for services (`systemd-path
+/// search-binaries-default`), which containerd.service does not change: where containerd 1.6
+/// can find the shim.
+pub const SYSTEMD_DEFAULT_PATH: [&str; 6] = [
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
 /// What to install, and where. Paths named "host" are absolute paths on the node and are
 /// looked up under `host_root`.
 #[derive(Debug, Clone)]
@@ -176,8 +204,9 @@ pub struct Options {
     pub node_config_dest: PathBuf,
     /// Host path of containerd's config.
     pub containerd_config: PathBuf,
-    /// Version of a config written where there is none (or an empty one).
-    pub new_config_version: NewConfigVersion,
+    /// containerd's release: the form of the runtime's section, and the version of a config
+    /// written where there is none (or an empty one).
+    pub containerd_version: ContainerdVersion,
     /// `SystemdCgroup` when containerd's config does not say what runc uses (containerd's own
     /// default is `false`).
     pub systemd_cgroup_fallback: Option<bool>,
@@ -205,6 +234,13 @@ pub enum Action {
         path: PathBuf,
         /// What happened.
         written: Written,
+    },
+    /// The form of the runtime's section chosen for containerd's release.
+    Registration {
+        /// The release.
+        release: ContainerdRelease,
+        /// Whether it is the `runtime_path` form (else the shim-on-`PATH` form).
+        runtime_path: bool,
     },
     /// containerd's config did not exist (or was empty) and was started as `version = N`.
     ContainerdConfigNew {
@@ -260,6 +296,20 @@ impl fmt::Display for Action {
                     Written::Replaced { backup: None } => write!(f, "replaced {p}"),
                 }
             }
+            Action::Registration {
+                release,
+                runtime_path: true,
+            } => write!(
+                f,
+                "containerd {release}: flox runtime of type io.containerd.runc.v2 with runtime_path"
+            ),
+            Action::Registration {
+                release,
+                runtime_path: false,
+            } => write!(
+                f,
+                "containerd {release} ignores runtime_path: flox runtime of type {SHIM_RUNTIME_TYPE} ({SHIM_FILE_NAME} found on containerd's PATH), without options"
+            ),
             Action::ContainerdConfigNew { path, version } => write!(
                 f,
                 "containerd config {} is missing or empty: starting it as version {version}",
@@ -283,7 +333,7 @@ impl fmt::Display for Action {
                 ),
             },
             Action::RuntimeKey { path, change } => {
-                write!(f, "set {change} in {}", path.display())
+                write!(f, "{change} in {}", path.display())
             }
             Action::RuntimeUpToDate { path, section } => {
                 write!(f, "unchanged [{section}] in {}", path.display())
@@ -379,40 +429,93 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
             ContainerdConfig::parse(&path, text)?
         }
     };
+    let release = opts.containerd_version.resolve()?;
+    let release_version = release
+        .config_version()
+        .ok_or_else(|| InstallError::UnknownRelease {
+            release: release.text.clone(),
+        })?;
+    say(
+        Action::Registration {
+            release: release.clone(),
+            runtime_path: release.honours_runtime_path(),
+        },
+        &mut summary,
+    );
     if original.is_none() || config.is_empty() {
-        // Only now, so that a node with a config never runs the detection command.
-        let version = opts.new_config_version.resolve()?;
-        config.set_version(version);
+        config.set_version(release_version);
         say(
             Action::ContainerdConfigNew {
                 path: path.clone(),
-                version,
+                version: release_version,
             },
             &mut summary,
         );
     }
     let version = config.version()?;
+    if version == ConfigVersion::V3 && release.major < 2 {
+        return Err(InstallError::ConfigTooNew {
+            path: path.clone(),
+            version,
+            release: release.text.clone(),
+        });
+    }
     for w in import_warnings(&config, version, &opts.host_root, &opts.containerd_config)? {
         say(Action::Warning(w), &mut summary);
     }
-    let (systemd_cgroup, source) = match config.node_systemd_cgroup(version)? {
-        Some(n) => (n.systemd_cgroup, CgroupSource::Runtime(n.runtime)),
-        None => match opts.systemd_cgroup_fallback {
-            Some(v) => (v, CgroupSource::Flag),
-            None => (false, CgroupSource::ContainerdDefault),
-        },
-    };
-    say(
-        Action::Cgroup {
+    let node_cgroup = config.node_systemd_cgroup(version)?;
+    let runtime = if release.honours_runtime_path() {
+        let (systemd_cgroup, source) = match node_cgroup {
+            Some(n) => (n.systemd_cgroup, CgroupSource::Runtime(n.runtime)),
+            None => match opts.systemd_cgroup_fallback {
+                Some(v) => (v, CgroupSource::Flag),
+                None => (false, CgroupSource::ContainerdDefault),
+            },
+        };
+        say(
+            Action::Cgroup {
+                systemd_cgroup,
+                source,
+            },
+            &mut summary,
+        );
+        FloxRuntime::RuntimePath {
+            runtime_path: runtime_path.to_string_lossy().into_owned(),
             systemd_cgroup,
-            source,
-        },
-        &mut summary,
-    );
-    let changes = config.register_flox(&FloxRuntime {
-        runtime_path: runtime_path.to_string_lossy().into_owned(),
-        systemd_cgroup,
-    })?;
+        }
+    } else {
+        let systemd = match node_cgroup {
+            Some(n) => n
+                .systemd_cgroup
+                .then(|| format!("the node's {:?} runtime uses", n.runtime)),
+            None => (opts.systemd_cgroup_fallback == Some(true))
+                .then(|| "--systemd-cgroup says the node uses".to_string()),
+        };
+        if let Some(who) = systemd {
+            say(
+                Action::Warning(format!(
+                    "{who} SystemdCgroup = true, but containerd {release} cannot pass options to the flox runtime, so runc runs flox containers with its cgroupfs driver, which takes the kubelet's systemd-style cgroupsPath (kubepods-...-pod<uid>.slice:cri-containerd:<id>) as a plain directory name under the shim's own cgroup: flox containers sit outside their pod's slice (their own resource limits apply; pod-level limits, the kubelet's pod accounting and systemd do not cover them); containerd 1.7 or later is needed for the flox runtime to use SystemdCgroup like runc"
+                )),
+                &mut summary,
+            );
+        }
+        if runtime_path.file_name() != Some(std::ffi::OsStr::new(SHIM_FILE_NAME))
+            || !SYSTEMD_DEFAULT_PATH
+                .iter()
+                .any(|d| runtime_path.parent() == Some(Path::new(d)))
+        {
+            say(
+                Action::Warning(format!(
+                    "containerd {release} runs the flox runtime as {SHIM_FILE_NAME} from its PATH ({}, systemd's default), but the shim is installed as {}: install it as /usr/local/bin/{SHIM_FILE_NAME}",
+                    SYSTEMD_DEFAULT_PATH.join(":"),
+                    runtime_path.display()
+                )),
+                &mut summary,
+            );
+        }
+        FloxRuntime::ShimOnPath
+    };
+    let changes = config.register_flox(&runtime)?;
     let text = config.to_string();
     if original.as_deref() == Some(text.as_bytes()) {
         let mut section = version.runtimes_path().to_vec();
@@ -488,7 +591,7 @@ pub fn import_warnings(
     }
     let plugin = dotted(&["plugins", version.cri_plugin()]);
     let mut warnings = vec![format!(
-        "{} imports {:?}: a drop-in that configures [{plugin}] can replace this file's section and with it the flox runtime (pods then fail with: no runtime for \"flox\" is configured); on the node, `containerd config dump | grep -A8 'runtimes.flox'` must show runtime_path",
+        "{} imports {:?}: a drop-in that configures [{plugin}] can replace this file's section and with it the flox runtime (pods then fail with: no runtime for \"flox\" is configured); on the node, `containerd config dump | grep -A8 'runtimes.flox'` must show the flox runtime",
         config.path().display(),
         imports
     )];

@@ -17,6 +17,8 @@ pub mod host_files;
 pub mod install;
 pub mod probe;
 
-pub use containerd_config::{ConfigVersion, ContainerdConfig, ContainerdConfigError, FloxRuntime};
+pub use containerd_config::{
+    ConfigVersion, ContainerdConfig, ContainerdConfigError, ContainerdRelease, FloxRuntime,
+};
 pub use host_files::{HostFileError, Written};
-pub use install::{install, Action, InstallError, NewConfigVersion, Options, Summary};
+pub use install::{install, Action, ContainerdVersion, InstallError, Options, Summary};

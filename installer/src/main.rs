@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kof_node_install::containerd_config::DEFAULT_RUNTIME_PATH;
-use kof_node_install::install::{install, Action, InstallError, NewConfigVersion, Options};
+use kof_node_install::install::{install, Action, ContainerdVersion, InstallError, Options};
 use kof_node_install::probe::{probe, Check};
-use kof_node_install::ConfigVersion;
 
 const DEFAULT_RESTART: &str =
     "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd";
@@ -45,17 +44,20 @@ struct Cli {
     /// Host path of containerd's config.
     #[arg(long, default_value = "/etc/containerd/config.toml")]
     containerd_config: PathBuf,
-    /// containerd's release (`1.7.2`, `2.0.0`) or `auto` (ask --containerd-version-command):
-    /// chooses the version of a config written where there is none (1.x: 2, 2.x: 3). Default:
-    /// version 2.
-    #[arg(long)]
-    containerd_version: Option<String>,
+    /// containerd's release (`1.6.20`, `1.7.2`, `2.0.0`) or `auto` (ask
+    /// --containerd-version-command). It chooses the flox runtime's form (1.6 and older ignore
+    /// runtime_path: type io.containerd.flox.v2, no options; 1.7+: io.containerd.runc.v2 with
+    /// runtime_path and SystemdCgroup) and the version of a config written where there is
+    /// none (1.x: 2, 2.x: 3).
+    #[arg(long, default_value = "auto")]
+    containerd_version: String,
     /// The command printing `containerd --version` on the host, for `--containerd-version
-    /// auto` (split on whitespace); run only when a config has to be written.
+    /// auto` (split on whitespace).
     #[arg(long, default_value = DEFAULT_VERSION_COMMAND)]
     containerd_version_command: String,
     /// SystemdCgroup for the flox runtime when containerd's config sets none for runc
-    /// (otherwise runc's value is copied). Default: false, containerd's own default.
+    /// (otherwise runc's value is copied). Default: false, containerd's own default. Not
+    /// written for containerd 1.6 (which cannot pass it on), only warned about when true.
     #[arg(long)]
     systemd_cgroup: Option<bool>,
     /// The command restarting containerd when its config changed (split on whitespace).
@@ -88,13 +90,12 @@ fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
-fn config_version(cli: &Cli) -> Result<NewConfigVersion, InstallError> {
-    Ok(match cli.containerd_version.as_deref() {
-        None => NewConfigVersion::Fixed(ConfigVersion::V2),
-        Some("auto") => NewConfigVersion::Detect {
+fn containerd_version(cli: &Cli) -> Result<ContainerdVersion, InstallError> {
+    Ok(match cli.containerd_version.as_str() {
+        "auto" => ContainerdVersion::Detect {
             command: words(&cli.containerd_version_command),
         },
-        Some(release) => NewConfigVersion::Fixed(NewConfigVersion::for_release(release)?),
+        release => ContainerdVersion::Release(ContainerdVersion::for_release(release)?),
     })
 }
 
@@ -121,7 +122,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let new_config_version = match config_version(&cli) {
+    let containerd_version = match containerd_version(&cli) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("kof-node-install: {e}");
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
         node_config: cli.node_config.clone(),
         node_config_dest: cli.node_config_dest.clone(),
         containerd_config: cli.containerd_config.clone(),
-        new_config_version,
+        containerd_version,
         systemd_cgroup_fallback: cli.systemd_cgroup,
         restart: (!cli.no_restart).then(|| words(&cli.restart_command)),
     };

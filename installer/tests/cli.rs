@@ -60,6 +60,8 @@ impl Node {
             .arg(d.join("image/kof-store"))
             .arg("--node-config")
             .arg(d.join("image/config.toml"))
+            // Tests choose containerd's release; a test's own --containerd-version wins.
+            .arg("--containerd-version=1.7.2")
             .arg("--restart-command")
             .arg(format!(
                 "{} containerd",
@@ -126,20 +128,24 @@ fn installs_then_changes_nothing_then_updates_only_what_changed() {
     );
     assert_eq!(
         lines[3],
+        "containerd 1.7.2: flox runtime of type io.containerd.runc.v2 with runtime_path"
+    );
+    assert_eq!(
+        lines[4],
         "SystemdCgroup = true, as the node's \"runc\" runtime has it"
     );
     let backups = node.files_matching("host/etc/containerd", "kof-backup-");
     assert_eq!(backups.len(), 1);
     assert_eq!(std::fs::read_to_string(&backups[0]).unwrap(), original);
     assert_eq!(
-        lines[4],
+        lines[5],
         format!(
             "replaced {} (old one kept as {})",
             host_config.display(),
             backups[0].display()
         )
     );
-    assert!(lines[5].starts_with("set plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox.runtime_type = \"io.containerd.runc.v2\" in "));
+    assert!(lines[6].starts_with("set plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox.runtime_type = \"io.containerd.runc.v2\" in "));
     assert_eq!(
         lines.last().unwrap(),
         &format!(
@@ -147,7 +153,7 @@ fn installs_then_changes_nothing_then_updates_only_what_changed() {
             node.path("image/restart.sh").display()
         )
     );
-    assert_eq!(lines.len(), 11, "{text}");
+    assert_eq!(lines.len(), 12, "{text}");
     assert_eq!(node.restarts(), 1);
     assert_eq!(std::fs::read(&host_shim).unwrap(), b"shim v1");
     assert_eq!(mode(&host_shim), 0o755);
@@ -164,8 +170,9 @@ fn installs_then_changes_nothing_then_updates_only_what_changed() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.lines()
-            .all(|l| l.starts_with("unchanged ") || l.starts_with("SystemdCgroup = ")),
+        text.lines().all(|l| l.starts_with("unchanged ")
+            || l.starts_with("SystemdCgroup = ")
+            || l.starts_with("containerd 1.7.2: ")),
         "{text}"
     );
     assert_eq!(node.restarts(), 1);
@@ -250,49 +257,13 @@ fn no_restart_says_a_restart_is_needed() {
 
 #[test]
 fn containerd_version_chooses_the_new_config_version() {
-    // Asked of the real containerd (1.6 here: config version 2).
-    let node = Node::new(None);
-    let out = node.run(&[
-        "--no-restart",
-        "--containerd-version",
-        "auto",
-        "--containerd-version-command",
-        "containerd --version",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap();
-    assert!(text.starts_with("version = 2\n"), "{text}");
-
     let node = Node::new(None);
     let out = node.run(&["--no-restart", "--containerd-version", "v2.1.3"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap();
     assert!(text.starts_with("version = 3\n"), "{text}");
     assert!(text.contains("io.containerd.cri.v1.runtime"), "{text}");
-
-    // A node with a config never runs the detection command.
-    let node = Node::new(Some("version = 2\n"));
-    let out = node.run(&[
-        "--no-restart",
-        "--containerd-version",
-        "auto",
-        "--containerd-version-command",
-        "/nonexistent/containerd --version",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    // Without one, its failure is the error.
-    let node = Node::new(None);
-    let out = node.run(&[
-        "--containerd-version",
-        "auto",
-        "--containerd-version-command",
-        "/nonexistent/containerd --version",
-    ]);
-    assert!(!out.status.success());
-    assert_eq!(
-        stderr(&out),
-        "kof-node-install: asking containerd its version with /nonexistent/containerd --version: cannot run it: No such file or directory (os error 2)\n"
-    );
+    assert!(text.contains("runtime_path = "), "{text}");
 
     let out = node.run(&["--containerd-version", "0.9"]);
     assert!(!out.status.success());
@@ -300,6 +271,121 @@ fn containerd_version_chooses_the_new_config_version() {
         stderr(&out),
         "kof-node-install: containerd release \"0.9\": kof knows containerd 1.x (config version 2) and 2.x (config version 3)\n"
     );
+}
+
+/// `auto` asks the real containerd of the test machine (1.6.20): the 1.6 form, on a new config
+/// and over an existing config in the 1.7 form alike; the result is read by that containerd.
+#[test]
+fn auto_detects_containerd_16_and_registers_the_shim_on_path_form() {
+    let auto = [
+        "--no-restart",
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "containerd --version",
+    ];
+    let version = Command::new("containerd")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(version.stdout).unwrap();
+    assert!(
+        version.contains(" 1.6."),
+        "this test expects containerd 1.6 on the machine: {version}"
+    );
+    let installed_17 = r#"version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
+runtime_type = "io.containerd.runc.v2"
+runtime_path = "/usr/local/bin/containerd-shim-flox-v2"
+pod_annotations = ["flox.dev/*"]
+container_annotations = ["flox.dev/*"]
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox.options]
+SystemdCgroup = false
+"#;
+    let expected = r#"version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
+runtime_type = "io.containerd.flox.v2"
+pod_annotations = ["flox.dev/*"]
+container_annotations = ["flox.dev/*"]
+"#;
+    for before in [None, Some(installed_17)] {
+        let node = Node::new(before);
+        let out = node.run(&auto);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(
+            text.contains(" ignores runtime_path: flox runtime of type io.containerd.flox.v2 (containerd-shim-flox-v2 found on containerd's PATH), without options\n"),
+            "{text}"
+        );
+        let config = node.path("host/etc/containerd/config.toml");
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), expected);
+        let dump = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "dump"])
+            .output()
+            .unwrap();
+        assert!(dump.status.success(), "{}", stderr(&dump));
+        let dump = stdout(&dump);
+        assert!(
+            dump.contains("runtime_type = \"io.containerd.flox.v2\""),
+            "{dump}"
+        );
+        // Second run: nothing changes.
+        let out = node.run(&auto);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(!stdout(&out).contains("set "), "{}", stdout(&out));
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), expected);
+    }
+}
+
+/// The release decides the registration, so a failing detection is an error on every node,
+/// naming --containerd-version; given, no detection runs.
+#[test]
+fn an_unknown_containerd_version_is_an_error_unless_given() {
+    let failing = [
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "/nonexistent/containerd --version",
+    ];
+    for before in [None, Some("version = 2\n")] {
+        let node = Node::new(before);
+        let out = node.run(&failing);
+        assert!(!out.status.success());
+        assert_eq!(
+            stderr(&out),
+            "kof-node-install: asking containerd its version with /nonexistent/containerd --version: cannot run it: No such file or directory (os error 2); the flox runtime's registration depends on it (containerd 1.6 ignores runtime_path): give the node's release with --containerd-version (e.g. 1.6.20, 1.7.2, 2.0.0)\n"
+        );
+        assert_eq!(node.restarts(), 0);
+        let config = node.path("host/etc/containerd/config.toml");
+        assert_eq!(std::fs::read_to_string(&config).ok().as_deref(), before);
+    }
+    // Output without a release number.
+    let node = Node::new(Some("version = 2\n"));
+    let out = node.run(&[
+        "--containerd-version",
+        "auto",
+        "--containerd-version-command",
+        "echo containerd",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no release number in its output \"containerd\""),
+        "{}",
+        stderr(&out)
+    );
+    // Given: the same failing command is never run.
+    let node = Node::new(Some("version = 2\n"));
+    let mut given = failing.to_vec();
+    given.extend(["--no-restart", "--containerd-version", "1.6.20"]);
+    let out = node.run(&given);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(node.path("host/etc/containerd/config.toml")).unwrap();
+    assert!(text.contains("io.containerd.flox.v2"), "{text}");
 }
 
 #[test]

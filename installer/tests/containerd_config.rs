@@ -1,16 +1,37 @@
 //! Registering the flox runtime in real-world containerd configs (fixtures in `fixtures/`), and
 //! checking with the real containerd (1.6 on the test machine: `containerd --config F config
-//! dump`) that it reads the runtime as we meant it.
+//! dump`) that it reads the runtime as we meant it. Both forms are exercised: containerd 1.7+
+//! (`runtime_path`, `options.SystemdCgroup`) and 1.6 (type `io.containerd.flox.v2`, no options).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kof_node_install::containerd_config::{
-    ConfigVersion, ContainerdConfig, FloxRuntime, DEFAULT_RUNTIME_PATH,
+    ConfigVersion, ContainerdConfig, ContainerdRelease, FloxRuntime, DEFAULT_RUNTIME_PATH,
 };
-use kof_node_install::install::{install, Action, CgroupSource, NewConfigVersion, Options};
+use kof_node_install::install::{install, Action, CgroupSource, ContainerdVersion, Options};
 use kof_node_install::Written;
 use toml_edit::DocumentMut;
+
+fn release(text: &str) -> ContainerdVersion {
+    ContainerdVersion::Release(ContainerdRelease::parse(text).unwrap())
+}
+
+/// Options for a node running containerd 1.6.
+fn on_16(mut opts: Options) -> Options {
+    opts.containerd_version = release("1.6.20");
+    opts
+}
+
+fn warnings(actions: &[Action]) -> Vec<&str> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Warning(w) => Some(w.as_str()),
+            _ => None,
+        })
+        .collect()
+}
 
 fn fixture(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -61,7 +82,7 @@ impl Host {
             node_config: None,
             node_config_dest: PathBuf::from("/etc/kof/config.toml"),
             containerd_config: PathBuf::from("/etc/containerd/config.toml"),
-            new_config_version: NewConfigVersion::Fixed(ConfigVersion::V2),
+            containerd_version: release("1.7.2"),
             systemd_cgroup_fallback: None,
             restart: None,
         }
@@ -152,7 +173,7 @@ fn empty_config_becomes_version_2_that_containerd_reads() {
 fn missing_config_is_written_in_the_chosen_version() {
     let host = Host::new(None);
     let mut opts = host.options();
-    opts.new_config_version = NewConfigVersion::Fixed(ConfigVersion::V3);
+    opts.containerd_version = release("2.0.0");
     let actions = host.install(&opts);
     assert!(actions.contains(&Action::File {
         path: host.config_path(),
@@ -194,13 +215,7 @@ SystemdCgroup = true
         systemd_cgroup: true,
         source: CgroupSource::Runtime("runc".into())
     }));
-    let warnings: Vec<_> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Warning(w) => Some(w.as_str()),
-            _ => None,
-        })
-        .collect();
+    let warnings = warnings(&actions);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("imports [\"/etc/containerd/config.d/*.toml\"]"));
     assert!(warnings[0].contains("no runtime for \"flox\" is configured"));
@@ -217,7 +232,9 @@ SystemdCgroup = true
 fn version_3_config_gets_the_containerd_2_section() {
     let original = fixture("containerd2-v3.toml");
     let host = Host::new(Some(&original));
-    host.install(&host.options());
+    let mut opts = host.options();
+    opts.containerd_version = release("2.0.0");
+    host.install(&opts);
     let text = host.config();
     assert!(text.starts_with(&original), "{text}");
     let doc: DocumentMut = text.parse().unwrap();
@@ -248,7 +265,7 @@ fn an_installed_runtime_is_left_byte_identical() {
 
     let mut c = ContainerdConfig::parse(Path::new("x"), &original).unwrap();
     let changes = c
-        .register_flox(&FloxRuntime {
+        .register_flox(&FloxRuntime::RuntimePath {
             runtime_path: DEFAULT_RUNTIME_PATH.into(),
             systemd_cgroup: false,
         })
@@ -266,19 +283,37 @@ fn every_fixture_is_idempotent() {
         "old-flox-path.toml",
         "systemd-runc-v2.toml",
     ] {
-        let host = Host::new(Some(&fixture(name)));
-        host.install(&host.options());
-        let first = host.config();
-        let backups = host.backups();
-        let actions = host.install(&host.options());
-        assert_eq!(host.config(), first, "{name}: second run changed the file");
-        assert_eq!(host.backups(), backups, "{name}: second run made a backup");
-        assert!(
-            !actions
-                .iter()
-                .any(|a| matches!(a, Action::RuntimeKey { .. } | Action::Restarted { .. })),
-            "{name}: {actions:?}"
-        );
+        for containerd in ["1.7.2", "1.6.20"] {
+            // containerd 1.x cannot read a version-3 file (refused, see below).
+            let containerd = match (containerd, name) {
+                ("1.6.20", "containerd2-v3.toml") => continue,
+                (_, "containerd2-v3.toml") => "2.0.0",
+                (c, _) => c,
+            };
+            let host = Host::new(Some(&fixture(name)));
+            let mut opts = host.options();
+            opts.containerd_version = release(containerd);
+            host.install(&opts);
+            let first = host.config();
+            let backups = host.backups();
+            let actions = host.install(&opts);
+            assert_eq!(
+                host.config(),
+                first,
+                "{name} {containerd}: second run changed the file"
+            );
+            assert_eq!(
+                host.backups(),
+                backups,
+                "{name} {containerd}: second run made a backup"
+            );
+            assert!(
+                !actions
+                    .iter()
+                    .any(|a| matches!(a, Action::RuntimeKey { .. } | Action::Restarted { .. })),
+                "{name} {containerd}: {actions:?}"
+            );
+        }
     }
 }
 
@@ -373,13 +408,7 @@ fn a_dropin_overriding_the_cri_plugin_is_named() {
     )
     .unwrap();
     let actions = host.install(&host.options());
-    let warnings: Vec<_> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Warning(w) => Some(w.clone()),
-            _ => None,
-        })
-        .collect();
+    let warnings = warnings(&actions);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(
         warnings[1].starts_with(&format!("imported {} configures", dropin.display())),
@@ -401,4 +430,201 @@ fn a_dropin_overriding_the_cri_plugin_is_named() {
         runtimes.get("flox").is_none(),
         "containerd 1.6 now merges drop-ins deeply: the warning's premise changed\n{dump}"
     );
+}
+
+/// The flox runtime as containerd 1.6 sees it in the 1.6 form: type `io.containerd.flox.v2`,
+/// the annotations, and neither `runtime_path` nor options (containerd's dump prints
+/// `runtime_path = ""` and an empty `options` table for a runtime whose config sets neither;
+/// with an `options` table in the file, its keys show there).
+fn assert_containerd_has_flox_16(config: &Path) -> DocumentMut {
+    let dump = containerd_dump(config);
+    let flox = &dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["flox"];
+    assert!(flox.is_table(), "no flox runtime:\n{dump}");
+    assert_eq!(
+        flox["runtime_type"].as_str(),
+        Some("io.containerd.flox.v2"),
+        "{dump}"
+    );
+    assert!(
+        flox.get("runtime_path")
+            .and_then(|p| p.as_str())
+            .unwrap_or("")
+            .is_empty(),
+        "{dump}"
+    );
+    assert!(
+        flox.get("options")
+            .is_none_or(|o| o.as_table().is_some_and(|t| t.is_empty())),
+        "{dump}"
+    );
+    for key in ["pod_annotations", "container_annotations"] {
+        let a: Vec<_> = flox[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(a, ["flox.dev/*"], "{key}");
+    }
+    dump
+}
+
+#[test]
+fn containerd_16_gets_the_shim_on_path_form_that_it_reads() {
+    let host = Host::new(None);
+    let actions = host.install(&on_16(host.options()));
+    assert_eq!(
+        host.config(),
+        r#"version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
+runtime_type = "io.containerd.flox.v2"
+pod_annotations = ["flox.dev/*"]
+container_annotations = ["flox.dev/*"]
+"#
+    );
+    assert!(actions.contains(&Action::Registration {
+        release: ContainerdRelease::parse("1.6.20").unwrap(),
+        runtime_path: false
+    }));
+    // No SystemdCgroup is chosen, so nothing is said about it.
+    assert!(!actions.iter().any(|a| matches!(a, Action::Cgroup { .. })));
+    assert!(warnings(&actions).is_empty(), "{actions:?}");
+    assert_containerd_has_flox_16(&host.config_path());
+    // The check sees an options table when there is one (what the 1.6 form must not have).
+    let with_options = host.dir.path().join("with-options.toml");
+    std::fs::write(
+        &with_options,
+        format!(
+            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox.options]\nSystemdCgroup = true\n",
+            host.config()
+        ),
+    )
+    .unwrap();
+    let dump = containerd_dump(&with_options);
+    let flox = &dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["flox"];
+    assert_eq!(flox["options"]["SystemdCgroup"].as_bool(), Some(true));
+}
+
+/// A node installed with the 1.7 form (or by an earlier kof) on containerd 1.6 is converted:
+/// the type changes, `runtime_path` and the options table go, everything else stays; then the
+/// file is stable.
+#[test]
+fn containerd_16_converts_an_installed_runtime_path_form() {
+    let original = fixture("installed-v2.toml");
+    let host = Host::new(Some(&original));
+    let actions = host.install(&on_16(host.options()));
+    let expected = original
+        .replace(
+            "    runtime_type = \"io.containerd.runc.v2\"\n    runtime_path = \"/usr/local/bin/containerd-shim-flox-v2\"\n",
+            "    runtime_type = \"io.containerd.flox.v2\"\n",
+        )
+        .replace(
+            "\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox.options]\n    SystemdCgroup = false\n",
+            "",
+        );
+    assert_ne!(expected, original);
+    assert_eq!(host.config(), expected);
+    let changes: Vec<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::RuntimeKey { change, .. } => Some(change.to_string()),
+            _ => None,
+        })
+        .collect();
+    let flox = "plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.flox";
+    assert_eq!(
+        changes,
+        [
+            format!("set {flox}.runtime_type = \"io.containerd.flox.v2\" (was \"io.containerd.runc.v2\")"),
+            format!("removed {flox}.runtime_path (was \"/usr/local/bin/containerd-shim-flox-v2\")"),
+            format!("removed {flox}.options (was {{ SystemdCgroup = false }})"),
+        ]
+    );
+    assert_eq!(host.backups().len(), 1);
+    let dump = assert_containerd_has_flox_16(&host.config_path());
+    let flox_dump = &dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["flox"];
+    assert_eq!(
+        flox_dump["privileged_without_host_devices"].as_bool(),
+        Some(false)
+    );
+
+    // Idempotent: byte-identical, no backup, no change.
+    let actions = host.install(&on_16(host.options()));
+    assert_eq!(host.config(), expected);
+    assert_eq!(host.backups().len(), 1);
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::RuntimeUpToDate { .. })));
+
+    // containerd upgraded to 1.7: converted back to the runtime_path form.
+    host.install(&host.options());
+    assert_containerd_has_flox(&host.config_path(), false);
+}
+
+/// On a systemd-cgroup node, containerd 1.6 gets no SystemdCgroup for flox (it cannot pass it
+/// on): one warning says so.
+#[test]
+fn containerd_16_warns_when_runc_uses_systemd_cgroups() {
+    for name in ["systemd-runc-v2.toml", "old-flox-path.toml"] {
+        let host = Host::new(Some(&fixture(name)));
+        let actions = host.install(&on_16(host.options()));
+        let w = warnings(&actions);
+        assert_eq!(w.len(), 1, "{name}: {w:?}");
+        assert!(
+            w[0].starts_with("the node's \"runc\" runtime uses SystemdCgroup = true, but containerd 1.6.20 cannot pass options to the flox runtime"),
+            "{}",
+            w[0]
+        );
+        assert!(
+            w[0].contains("outside their pod's slice")
+                && w[0].contains("containerd 1.7 or later is needed"),
+            "{}",
+            w[0]
+        );
+        assert!(!w[0].contains('\n'));
+        assert!(!host.config().contains("runtimes.flox.options"), "{name}");
+        assert_containerd_has_flox_16(&host.config_path());
+    }
+    // The flag stands for the node's driver when the config says nothing.
+    let host = Host::new(Some("version = 2\n"));
+    let mut opts = on_16(host.options());
+    opts.systemd_cgroup_fallback = Some(true);
+    let actions = host.install(&opts);
+    let w = warnings(&actions);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("--systemd-cgroup says the node uses SystemdCgroup = true"));
+    // cgroupfs nodes: nothing to warn about.
+    let host = Host::new(Some(&fixture("installed-v2.toml")));
+    assert!(warnings(&host.install(&on_16(host.options()))).is_empty());
+}
+
+/// containerd 1.6 finds the shim only on its PATH, by its name.
+#[test]
+fn containerd_16_warns_when_the_shim_is_not_on_containerds_path() {
+    let host = Host::new(Some("version = 2\n"));
+    let mut opts = on_16(host.options());
+    opts.bin_dir = PathBuf::from("/opt/kof/bin");
+    let actions = host.install(&opts);
+    let w = warnings(&actions);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(
+        w[0],
+        "containerd 1.6.20 runs the flox runtime as containerd-shim-flox-v2 from its PATH (/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin, systemd's default), but the shim is installed as /opt/kof/bin/containerd-shim-flox-v2: install it as /usr/local/bin/containerd-shim-flox-v2"
+    );
+}
+
+#[test]
+fn a_version_3_config_with_containerd_1_is_refused() {
+    let original = fixture("containerd2-v3.toml");
+    let host = Host::new(Some(&original));
+    let e = install(&on_16(host.options()), &mut |_| {}).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: config version 3 is for containerd 2.x, but containerd is 1.6.20; check --containerd-version",
+            host.config_path().display()
+        )
+    );
+    assert_eq!(host.config(), original);
 }

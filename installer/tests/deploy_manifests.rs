@@ -166,6 +166,8 @@ fn daemonset_installs_then_runs_the_daemon_with_the_host_mounts() {
         cmd.contains(&"--node-config=/config/config.toml"),
         "{cmd:?}"
     );
+    // The release chooses the runtime's form (containerd 1.6 ignores runtime_path).
+    assert!(cmd.contains(&"--containerd-version=auto"), "{cmd:?}");
     assert_eq!(install["securityContext"]["privileged"], true);
     let mut host_dirs = Vec::new();
     for m in install["volumeMounts"].as_sequence().unwrap() {
@@ -283,7 +285,8 @@ fn containerfile_builds_what_the_manifests_run() {
 }
 
 /// The README's ```toml blocks that register the runtime are what the installer writes: an
-/// install over each of them (with its version) changes nothing.
+/// install over each of them (with its config version and containerd release's form) changes
+/// nothing. The containerd 1.6 block is also loaded by the real containerd 1.6.
 #[test]
 fn readme_snippets_are_what_the_installer_writes() {
     let readme = read("README.md");
@@ -299,20 +302,43 @@ fn readme_snippets_are_what_the_installer_writes() {
         .iter()
         .filter(|b| b.contains("runtimes.flox]"))
         .collect();
-    assert_eq!(runtime_blocks.len(), 2, "{blocks:?}");
-    for (block, version) in runtime_blocks.iter().zip([2, 3]) {
+    assert_eq!(runtime_blocks.len(), 3, "{blocks:?}");
+    let runtime_path = FloxRuntime::RuntimePath {
+        runtime_path: DEFAULT_RUNTIME_PATH.to_string(),
+        systemd_cgroup: true,
+    };
+    let forms = [
+        (2, FloxRuntime::ShimOnPath),
+        (2, runtime_path.clone()),
+        (3, runtime_path),
+    ];
+    for (block, (version, runtime)) in runtime_blocks.iter().zip(forms) {
         let text = format!("version = {version}\n\n{block}");
         let mut config = ContainerdConfig::parse(Path::new("README.md"), &text).unwrap();
         assert_eq!(config.version().unwrap().number(), version);
-        let changes = config
-            .register_flox(&FloxRuntime {
-                runtime_path: DEFAULT_RUNTIME_PATH.to_string(),
-                systemd_cgroup: true,
-            })
-            .unwrap();
-        assert!(changes.is_empty(), "version {version}: {changes:?}");
+        let changes = config.register_flox(&runtime).unwrap();
+        assert!(changes.is_empty(), "{runtime:?}: {changes:?}");
         assert_eq!(config.to_string(), text);
     }
+    let first = format!("version = 2\n\n{}", runtime_blocks[0]);
+    assert!(first.contains("io.containerd.flox.v2") && !first.contains("options"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, &first).unwrap();
+    let out = std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(&file)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump: toml_edit::DocumentMut = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+    let flox = &dump["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["flox"];
+    assert_eq!(flox["runtime_type"].as_str(), Some("io.containerd.flox.v2"));
 }
 
 /// The fetcherd container's restart loop, run for real with a stand-in `kof-fetcherd` on
