@@ -188,3 +188,20 @@ fn load_reads_kof_config_env() {
     std::env::remove_var("KOF_CONFIG");
     assert_eq!(c.unwrap().system, "env-linux");
 }
+
+#[test]
+fn the_shims_directories_follow_the_store_unless_given() {
+    let p = Path::new("kof.toml");
+    let d = Config::parse("", p).unwrap();
+    assert_eq!(d.containers_dir, PathBuf::from("/var/lib/kof/containers"));
+    assert_eq!(d.dummy_images, vec!["docker.io/flox/empty".to_string()]);
+    let c = Config::parse("store_dir = \"/srv/kof\"\n", p).unwrap();
+    assert_eq!(c.containers_dir, PathBuf::from("/srv/kof/containers"));
+    let c = Config::parse(
+        "store_dir = \"/srv/kof\"\ncontainers_dir = \"/data/c\"\ndummy_images = [\"registry.example/empty\"]\n",
+        p,
+    )
+    .unwrap();
+    assert_eq!(c.containers_dir, PathBuf::from("/data/c"));
+    assert_eq!(c.dummy_images, vec!["registry.example/empty".to_string()]);
+}
