@@ -12,12 +12,15 @@
 //! - [`coldstart`]: a command's cold start in an environment, lazy vs eager vs Nix, plus warm.
 //! - [`concurrent`]: many cold starts of one environment at once through one daemon.
 //! - [`prepare`]: preparing a view cold (metadata only), against Nix's narinfo walk.
+//! - [`podstart`]: pod start through CRI (the flox shim, containerd, runc): cold, warm, plain
+//!   runc and Nix's eager baseline.
 //! - [`seqread`]: sequential read of a large cached file through the view vs native.
 
 pub mod coldstart;
 pub mod concurrent;
 pub mod dedup;
 pub mod node;
+pub mod podstart;
 pub mod prefetch;
 pub mod prepare;
 pub mod report;

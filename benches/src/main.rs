@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kof_benches::coldstart::ColdStartBench;
 use kof_benches::concurrent::ConcurrentBench;
 use kof_benches::node::Link;
+use kof_benches::podstart::PodStartBench;
 use kof_benches::prefetch::PrefetchBench;
 use kof_benches::prepare::PrepareBench;
 use kof_benches::{dedup, report, seqread};
@@ -137,6 +138,25 @@ enum Cmd {
         /// Where the file and the store go (the disk measured).
         #[arg(long, default_value = "/var/tmp")]
         work: PathBuf,
+    },
+    /// Pod start through CRI (private containerd, the flox shim, runc): cold lazy, warm, plain
+    /// runc with the same files, and the real Nix's eager baseline, interleaved.
+    Podstart {
+        /// `owner/name` (repeatable; default: kof/python, kof/jdk).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Runs of each mode.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Per-request latency.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Shared bandwidth (`50MB`).
+        #[arg(long, default_value = "50MB", value_parser = parse_bandwidth)]
+        bandwidth: u64,
+        /// Interval of the CRI log polls, in microseconds.
+        #[arg(long, default_value_t = 1000)]
+        poll_us: u64,
     },
     /// The lazy-environments issue's set: kof/python and kof/jdk cold starts; 20 ms, 50 MB/s.
     ColdstartAll {
@@ -312,6 +332,32 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{}", report::prepare_table(&reports));
             json.insert("prepare".into(), serde_json::to_value(reports)?);
+        }
+        Cmd::Podstart {
+            env,
+            runs,
+            latency_ms,
+            bandwidth,
+            poll_us,
+        } => {
+            let envs = if env.is_empty() {
+                ["kof/python", "kof/jdk"].map(String::from).to_vec()
+            } else {
+                env
+            };
+            let b = PodStartBench {
+                envs,
+                runs,
+                link: Link {
+                    latency: Duration::from_millis(latency_ms),
+                    bandwidth: Some(bandwidth),
+                },
+                poll: Duration::from_micros(poll_us),
+            };
+            eprintln!("podstart {:?}, {runs} runs of each mode", b.envs);
+            let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
+            println!("{}", kof_benches::podstart::podstart_table(&r));
+            json.insert("podstart".into(), serde_json::to_value(r)?);
         }
         Cmd::Seqread {
             mib,
