@@ -19,3 +19,4 @@ bench=target/release/kof-bench
 "$bench" --fixtures "$fixtures" --json target/bench-concurrent.json concurrent --env kof/python --starts 20
 "$bench" --fixtures "$fixtures" --json target/bench-prepare.json prepare
 "$bench" --fixtures "$fixtures" --json target/bench-seqread.json seqread --runs 3
+cargo build --release -q -p kof-shim && "$bench" --fixtures "$fixtures" --json target/bench-podstart.json podstart "$@"

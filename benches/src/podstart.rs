@@ -641,7 +641,7 @@ fn mb(n: u64) -> String {
 /// A Markdown table of the pod starts: medians, bytes and requests of the first run, ratios.
 pub fn podstart_table(reports: &[PodStartReport]) -> String {
     let mut s = String::from(
-        "| environment | mode | median | vs plain runc | bytes (first run) | requests (NAR) |\n|---|---|---|---|---|---|\n",
+        "| environment | mode | median | StartContainer returned (median) | vs plain runc | bytes (first run) | requests (NAR) |\n|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let m = &r.medians;
@@ -656,37 +656,67 @@ pub fn podstart_table(reports: &[PodStartReport]) -> String {
         let eager_first = r.eager.first().map_or((0, 0, 0), |x| {
             (x.copy.bytes, x.copy.requests, x.copy.nar_requests)
         });
-        let rows: [(&str, f64, (u64, u64, u64)); 7] = [
-            ("pod cold lazy (fresh node)", m.cold, first(&r.cold)),
-            ("pod warm (owner/name)", m.warm, first(&r.warm)),
+        let started = |v: &[PodRun]| {
+            format!(
+                "{:.3} s",
+                median(&v.iter().map(|x| x.started_s).collect::<Vec<_>>())
+            )
+        };
+        let eager_started: Vec<PodRun> = r.eager.iter().map(|x| x.start.clone()).collect();
+        let rows: [(&str, f64, String, (u64, u64, u64)); 7] = [
+            (
+                "pod cold lazy (fresh node)",
+                m.cold,
+                started(&r.cold),
+                first(&r.cold),
+            ),
+            (
+                "pod warm (owner/name)",
+                m.warm,
+                started(&r.warm),
+                first(&r.warm),
+            ),
             (
                 "pod warm (owner/name:G)",
                 m.warm_pinned,
+                started(&r.warm_pinned),
                 first(&r.warm_pinned),
             ),
-            ("pod plain runc (same files)", m.plain, first(&r.plain)),
-            ("pod eager: nix copy + plain runc", m.eager, eager_first),
+            (
+                "pod plain runc (same files)",
+                m.plain,
+                started(&r.plain),
+                first(&r.plain),
+            ),
+            (
+                "pod eager: nix copy + plain runc",
+                m.eager,
+                format!("copy + {}", started(&eager_started)),
+                eager_first,
+            ),
             (
                 "cli lazy: kof-store run",
                 m.cli_lazy,
+                "-".into(),
                 first_run(&r.cli_lazy),
             ),
             (
                 "cli Nix: nix copy + chroot",
                 m.cli_nix,
+                "-".into(),
                 first_run(&r.cli_nix),
             ),
         ];
-        for (name, med, (bytes, req, nar)) in rows {
+        for (name, med, st, (bytes, req, nar)) in rows {
             s.push_str(&format!(
-                "| {} | {name} | {med:.3} s | {:.2}x | {} | {req} ({nar}) |\n",
+                "| {} | {name} | {med:.3} s | {st} | {:.2}x | {} | {req} ({nar}) |\n",
                 r.env,
                 med / m.plain,
                 mb(bytes)
             ));
         }
         s.push_str(&format!(
-            "| {} | ratios | warm/plain {:.2}x (target <= 1.2), pinned/plain {:.2}x | pod cold/eager {:.2}x vs cli lazy/Nix {:.2}x | ({:+.0}%) | closure {} in {} paths, image {} |\n",
+            "| {} | ratios | warm/plain {:.2}x (target <= 1.2), pinned/plain {:.2}x | | pod cold/eager {:.2}x vs cli lazy/Nix {:.2}x | ({:+.0}%) | closure {} in {} paths, image {} |\n",
             r.env,
             r.warm_vs_plain,
             r.warm_pinned_vs_plain,
