@@ -634,6 +634,9 @@ impl PodStartBench {
     }
 }
 
+/// Bytes, requests and NAR requests of one run.
+type Counts = (u64, u64, u64);
+
 fn mb(n: u64) -> String {
     format!("{:.1} MB", n as f64 / 1e6)
 }
@@ -663,7 +666,7 @@ pub fn podstart_table(reports: &[PodStartReport]) -> String {
             )
         };
         let eager_started: Vec<PodRun> = r.eager.iter().map(|x| x.start.clone()).collect();
-        let rows: [(&str, f64, String, (u64, u64, u64)); 7] = [
+        let rows: [(&str, f64, String, Counts); 7] = [
             (
                 "pod cold lazy (fresh node)",
                 m.cold,
@@ -737,4 +740,39 @@ pub fn podstart_table(reports: &[PodStartReport]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_line_waits_for_a_complete_line_with_the_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        assert!(find_line(&log, "ready").unwrap().is_none());
+        std::fs::write(
+            &log,
+            "2026-01-01T00:00:00.1Z stderr F python env activated\n2026-01-01T00:00:00.2Z stdout F rea",
+        )
+        .unwrap();
+        assert!(find_line(&log, "ready").unwrap().is_none());
+        std::fs::write(
+            &log,
+            "2026-01-01T00:00:00.1Z stderr F python env activated\n2026-01-01T00:00:00.2Z stdout F ready\n",
+        )
+        .unwrap();
+        let l = find_line(&log, "ready").unwrap().unwrap();
+        assert_eq!(l.line, "ready");
+        std::fs::write(&log, "garbage\n").unwrap();
+        assert!(find_line(&log, "ready").is_err());
+    }
+
+    #[test]
+    fn commands_are_known_for_the_two_environments_only() {
+        let (cmd, marker) = command_for("kof/python").unwrap();
+        assert!(cmd[2].contains(marker));
+        assert_eq!(command_for("kof/jdk").unwrap().0, ["java", "-version"]);
+        assert!(command_for("kof/other").is_err());
+    }
 }
