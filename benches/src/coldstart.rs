@@ -146,7 +146,7 @@ fn timed_all(server: &ServerHandle, cmds: &mut [Command]) -> Result<Run> {
 
 /// The command in the Nix chroot at `root`: private mount and pid namespaces, `/proc` and
 /// `/dev` mounted as `kof-store run` does, `PATH` made of the roots' `bin` directories.
-fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Command> {
+pub(crate) fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Command> {
     for d in ["proc", "dev", "tmp"] {
         std::fs::create_dir_all(root.join(d))?;
     }

@@ -352,24 +352,6 @@ fn wait_no_leases(node: &KofNode) -> Result<()> {
     }
 }
 
-/// The command in the Nix chroot at `root`, as coldstart's Nix side runs it (private mount and
-/// pid namespaces, `/proc` and `/dev` mounted, `PATH` made of the roots' `bin` directories).
-fn nix_chroot_run(root: &Path, roots: &[String], cmd: &[String]) -> Result<Command> {
-    for d in ["proc", "dev", "tmp"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    let path: Vec<String> = roots.iter().map(|r| format!("{r}/bin")).collect();
-    let script = format!(
-        "mount -t proc proc '{r}/proc' && mount --rbind /dev '{r}/dev' && exec /usr/bin/env -i PATH='{p}' HOME=/ PYTHONDONTWRITEBYTECODE=1 /usr/sbin/chroot '{r}' \"$@\"",
-        r = root.display(),
-        p = path.join(":")
-    );
-    let mut c = Command::new("unshare");
-    c.args(["--mount", "--pid", "--fork", "sh", "-c", &script, "sh"])
-        .args(cmd);
-    Ok(c)
-}
-
 /// The plain image of an environment: its view's root copied out, the activation's variables
 /// as the image's, the activation's argv as the container's command.
 struct PlainImage {
@@ -568,7 +550,7 @@ impl PodStartBench {
                         let t0 = Instant::now();
                         for c in [
                             &mut n.copy(&server.cache_url("zstd"), &manifest.public_key, &roots),
-                            &mut nix_chroot_run(&n.root(), &roots, &cmd)?,
+                            &mut crate::coldstart::nix_chroot_run(&n.root(), &roots, &cmd)?,
                         ] {
                             let out = c.output().with_context(|| format!("running {c:?}"))?;
                             if !out.status.success() {
