@@ -203,7 +203,8 @@ pub fn activate(input: &ActivationInput, cmd: &[String]) -> Result<Activation, A
     let mut env: BTreeMap<String, String> = input.inherit.clone();
     env.entry("PATH".into())
         .or_insert_with(|| BASE_PATH.to_string());
-    env.entry("HOME".into()).or_insert_with(|| input.home.clone());
+    env.entry("HOME".into())
+        .or_insert_with(|| input.home.clone());
     if let Some(t) = &input.term {
         env.insert("TERM".into(), t.clone());
     }

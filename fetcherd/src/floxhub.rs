@@ -5,6 +5,8 @@
 //! (Debian's git, installed on nodes) does it well. This module drives it safely:
 //! - one bare mirror per owner, `<cache_dir>/<owner>.git`, created atomically (init in a
 //!   temporary directory, then rename) and reused: later resolves only fetch;
+//! - `git ls-remote <url> refs/heads/<name>` first when the mirror has the branch: an unchanged
+//!   tip is not fetched again (one request instead of a fetch's negotiation);
 //! - `git fetch --depth 1 <url> +refs/heads/<name>:refs/heads/<name>`: the branch tip holds
 //!   every generation as a directory, so history is not needed;
 //! - files are read from the fetched commit by id (`git cat-file`), sizes checked first;
@@ -364,11 +366,30 @@ impl FloxHubClient {
         }
 
         let refspec = format!("+refs/heads/{0}:refs/heads/{0}", env.name);
-        tracing::debug!(env = %name, %url, "fetching floxmeta branch");
         let mut config = self.transport_config();
         if let Some(t) = token {
             config.push(("http.extraHeader".into(), t.authorization()));
         }
+        // A mirror already holding the branch asks FloxHub only for the tip (one request, the
+        // ref advertisement): when it is the commit the mirror has, there is nothing to fetch.
+        // Any failure here falls through to the fetch, which reports it properly.
+        if !created_mirror {
+            if let Some(local) = self.local_tip(&mirror, &env.name) {
+                if self
+                    .remote_tip(&mirror, &url, &env.name, &config)
+                    .as_deref()
+                    == Some(&local)
+                {
+                    drop(lock);
+                    tracing::info!(env = %name, commit = %local, "floxmeta branch unchanged");
+                    return Ok(FetchedBranch {
+                        commit: local,
+                        created_mirror,
+                    });
+                }
+            }
+        }
+        tracing::debug!(env = %name, %url, "fetching floxmeta branch");
         let fetched = self
             .run_git(
                 &mirror,
@@ -439,6 +460,55 @@ impl FloxHubClient {
         Ok(FetchedBranch {
             commit,
             created_mirror,
+        })
+    }
+
+    /// The commit the mirror's branch `branch` points to, if it has one.
+    fn local_tip(&self, mirror: &Path, branch: &str) -> Option<String> {
+        let out = self
+            .run_git(
+                mirror,
+                &[
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    &format!("refs/heads/{branch}^{{commit}}"),
+                ],
+                &[],
+                4096,
+            )
+            .ok()?;
+        let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && is_object_id(&commit)).then_some(commit)
+    }
+
+    /// The commit FloxHub advertises for `branch` (`git ls-remote`), if it answers.
+    fn remote_tip(
+        &self,
+        mirror: &Path,
+        url: &str,
+        branch: &str,
+        config: &[(String, String)],
+    ) -> Option<String> {
+        let want = format!("refs/heads/{branch}");
+        // Protocol version 0: the refs come with the advertisement itself (one GET); version 2
+        // would ask for them in a second request.
+        let mut config = config.to_vec();
+        config.push(("protocol.version".into(), "0".into()));
+        let out = self
+            .run_git(
+                mirror,
+                &["ls-remote", "--quiet", url, &want],
+                &config,
+                64 << 10,
+            )
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let (oid, name) = l.split_once('\t')?;
+            (name == want && is_object_id(oid)).then(|| oid.to_string())
         })
     }
 

@@ -11,8 +11,8 @@
 //! ([`Resolver::with_store`]) answers that reference from the record without asking FloxHub.
 //! The live generation (no pin) is always asked of FloxHub: it moves.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use kof_nar::StorePath;
 use kof_store::{EnvironmentRecord, Store};
@@ -189,7 +189,15 @@ pub struct Resolver {
     pub system: String,
     /// The node's store: its recorded generations answer pinned references locally.
     pub store: Option<Arc<Store>>,
+    /// Resolutions by (owner, name, requested generation, branch commit): what a commit holds
+    /// never changes, so a resolve whose fetch finds the same tip reads nothing again.
+    by_commit: Arc<Mutex<HashMap<ResolutionKey, ResolvedEnvironment>>>,
 }
+
+type ResolutionKey = (String, String, Option<u64>, String);
+
+/// Resolutions kept by [`Resolver`] (each a parsed lockfile; a node has few environments).
+const RESOLUTIONS_KEPT: usize = 256;
 
 impl std::fmt::Debug for Resolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,6 +216,7 @@ impl Resolver {
             floxhub,
             system: system.into(),
             store: None,
+            by_commit: Arc::default(),
         }
     }
 
@@ -255,7 +264,34 @@ impl Resolver {
         }
         let env = r.env_name();
         let fetched = self.floxhub.fetch(r, token)?;
-        let metadata = self.floxhub.read_metadata(r, &fetched.commit)?;
+        let key = (
+            r.owner.clone(),
+            r.name.clone(),
+            r.generation,
+            fetched.commit.clone(),
+        );
+        if let Some(hit) = self.by_commit.lock().expect("resolution cache").get(&key) {
+            tracing::debug!(env = %env, generation = hit.generation, commit = %fetched.commit,
+                "resolved from the same commit as before");
+            return Ok(hit.clone());
+        }
+        let resolved = self.resolve_commit(r, &fetched.commit)?;
+        let mut cache = self.by_commit.lock().expect("resolution cache");
+        if cache.len() >= RESOLUTIONS_KEPT {
+            cache.clear();
+        }
+        cache.insert(key, resolved.clone());
+        Ok(resolved)
+    }
+
+    /// Resolves `r` from `commit` of its branch in the mirror.
+    fn resolve_commit(
+        &self,
+        r: &EnvRef,
+        commit: &str,
+    ) -> Result<ResolvedEnvironment, ResolveError> {
+        let env = r.env_name();
+        let metadata = self.floxhub.read_metadata(r, commit)?;
         let generations =
             Generations::parse(&metadata).map_err(|source| ResolveError::Metadata {
                 env: env.clone(),
@@ -275,7 +311,7 @@ impl Resolver {
         };
         let lockfile_text = self
             .floxhub
-            .read_lockfile(r, &fetched.commit, generation)?
+            .read_lockfile(r, commit, generation)?
             .ok_or_else(|| ResolveError::LockfileMissing {
                 env: env.clone(),
                 generation,
@@ -302,7 +338,7 @@ impl Resolver {
             live = generations.live,
             newest = generations.newest,
             roots = roots.len(),
-            commit = %fetched.commit,
+            commit = %commit,
             "resolved environment"
         );
         Ok(ResolvedEnvironment {
@@ -311,7 +347,7 @@ impl Resolver {
             generation,
             pinned: r.generation.is_some(),
             system: self.system.clone(),
-            commit: fetched.commit,
+            commit: commit.to_string(),
             vars: lockfile.vars().clone(),
             hook: lockfile.hook().map(str::to_string),
             lockfile_text,

@@ -36,7 +36,10 @@ fn an_inherited_environment_is_the_base_and_activation_wins_over_it() {
     i.inherit = BTreeMap::from([
         ("PATH".to_string(), "/opt/image/bin:/bin".to_string()),
         ("HOME".to_string(), "/home/app".to_string()),
-        ("KUBERNETES_SERVICE_HOST".to_string(), "10.0.0.1".to_string()),
+        (
+            "KUBERNETES_SERVICE_HOST".to_string(),
+            "10.0.0.1".to_string(),
+        ),
         ("GREETING".to_string(), "from the pod".to_string()),
         ("FLOX_ENV".to_string(), "/somewhere/else".to_string()),
     ]);

@@ -831,3 +831,50 @@ fn a_recorded_pinned_generation_resolves_from_the_store_without_floxhub() {
     );
     assert!(bare.resolve(&env("alice/hello:3"), None).is_err());
 }
+
+#[test]
+fn an_unchanged_branch_costs_one_ref_advertisement_and_no_reads() {
+    let hub = Hub::start(&[]);
+    push_rollback_env(&hub, "alice", "hello");
+    let cache = tempfile::tempdir().unwrap();
+    let client = FloxHubClient::new(&hub.url(), cache.path()).unwrap();
+    let r = Resolver::new(client.clone(), SYSTEM);
+    let first = r.resolve(&env("alice/hello"), None).unwrap();
+    let before = hub.requests().lines().count();
+
+    // The tip is unchanged: one ref advertisement, no upload-pack, the same resolution.
+    let again = r.resolve(&env("alice/hello"), None).unwrap();
+    assert_eq!(again, first);
+    let requests = hub.requests();
+    let new: Vec<&str> = requests.lines().skip(before).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert!(new[0].ends_with("/info/refs"), "{new:?}");
+
+    // A push moves the tip: the next resolve fetches it and sees the new live generation.
+    let mut files = vec![(
+        "metadata.json".to_string(),
+        metadata_v2(
+            4,
+            &[
+                entry("install", 1, None),
+                entry("edit", 2, Some(1)),
+                entry("upgrade", 3, Some(2)),
+                entry("switch_generation", 2, Some(3)),
+                entry("install", 4, Some(2)),
+            ],
+        ),
+    )];
+    files.extend(generation(4, "krb5_prereqs.manifest.lock.json"));
+    hub.push("alice", "hello", &files);
+    let moved = r.resolve(&env("alice/hello"), None).unwrap();
+    assert_eq!(moved.generation, 4);
+    assert_ne!(moved.commit, first.commit);
+    let requests = hub.requests();
+    assert!(
+        requests
+            .lines()
+            .skip(before + 1)
+            .any(|l| l.ends_with("/git-upload-pack")),
+        "{requests}"
+    );
+}
