@@ -26,6 +26,7 @@ cleanup() {
   if [ -n "$containerd" ]; then
     ctr -a "$work/containerd/sock" -n kof-demo tasks ls -q 2>/dev/null | xargs -r -n1 ctr -a "$work/containerd/sock" -n kof-demo tasks kill -s KILL 2>/dev/null || true
     kill "$containerd" 2>/dev/null; wait "$containerd" 2>/dev/null || true
+    rmdir /run/containerd/runc/kof-demo 2>/dev/null || true   # runc's state dir for the namespace
   fi
   if [ -n "$daemon" ]; then
     kill "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null || true
