@@ -96,8 +96,6 @@ pub struct ContainerRecord {
     pub lease: String,
     /// The environment, as annotated.
     pub environment: String,
-    /// How its root is made, once decided.
-    pub mode: Option<RootMode>,
     /// Unix time of its start.
     pub created_at: i64,
 }
@@ -381,7 +379,6 @@ mod tests {
             bundle: "/run/b/c1".into(),
             lease: "default.c1".into(),
             environment: "kof/hello".into(),
-            mode: Some(RootMode::View),
             created_at: 1,
         };
         let lock = d.create(&rec).unwrap();

@@ -7,6 +7,16 @@ use crate::container::ContainerError;
 use crate::spec::SpecError;
 use crate::token::TokenError;
 
+impl ShimError {
+    /// A [`ShimError::Container`] of environment `env`, for `map_err`.
+    pub fn container(env: &str) -> impl FnOnce(ContainerError) -> ShimError + '_ {
+        move |source| ShimError::Container {
+            env: env.to_string(),
+            source,
+        }
+    }
+}
+
 /// A failed start or cleanup. Its message is what containerd shows the caller (`ctr`, the
 /// kubelet's event), so each names the container or environment and the cause.
 #[derive(Debug, Error)]

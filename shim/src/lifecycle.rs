@@ -129,39 +129,23 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
         Decision::Environment(req) => req,
     };
     let env = req.environment.clone();
-    let cdir = ContainerDir::new(&cfg.containers_dir, namespace, id).map_err(|source| {
-        ShimError::Container {
-            env: env.clone(),
-            source,
-        }
-    })?;
+    let cdir = ContainerDir::new(&cfg.containers_dir, namespace, id)
+        .map_err(ShimError::container(&env))?;
     // A directory of the same container left by a start that never got its delete.
     cleanup(cfg, &cdir)?;
     let lease = lease_id(namespace, id);
-    let mut record = ContainerRecord {
+    let record = ContainerRecord {
         namespace: namespace.to_string(),
         id: id.to_string(),
         bundle: bundle.to_path_buf(),
         lease: lease.clone(),
         environment: env.clone(),
-        mode: None,
         created_at: unix_now(),
     };
-    let lock = cdir
-        .create(&record)
-        .map_err(|source| ShimError::Container {
-            env: env.clone(),
-            source,
-        })?;
+    let lock = cdir.create(&record).map_err(ShimError::container(&env))?;
     let result = (|| {
         let prepared = prepare(cfg, &spec, &req, &lease)?;
         let mode = root_mode(cfg, &req, spec.root_dir().as_deref());
-        record.mode = Some(mode);
-        cdir.write_record(&record)
-            .map_err(|source| ShimError::Container {
-                env: env.clone(),
-                source,
-            })?;
         rewrite(&mut spec, &cdir, &prepared, &req, mode)?;
         spec.write()?;
         Ok(Started::Environment {
@@ -221,14 +205,11 @@ fn rewrite(
     req: &EnvironmentRequest,
     mode: RootMode,
 ) -> Result<(), ShimError> {
-    let cerr = |source| ShimError::Container {
-        env: req.environment.clone(),
-        source,
-    };
     let view_store = prepared.view_root.join("nix/store");
     match mode {
         RootMode::View => {
-            cdir.mount_root(&prepared.view_root).map_err(cerr)?;
+            cdir.mount_root(&prepared.view_root)
+                .map_err(ShimError::container(&req.environment))?;
             spec.set_root_path(&cdir.rootfs());
             if !req.nix_mutable {
                 spec.add_bind_mount(&BindMount {
@@ -240,7 +221,8 @@ fn rewrite(
         }
         RootMode::Image => {
             let source = if req.nix_mutable {
-                cdir.mount_store(&view_store).map_err(cerr)?;
+                cdir.mount_store(&view_store)
+                    .map_err(ShimError::container(&req.environment))?;
                 cdir.store()
             } else {
                 view_store

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{empty_rootfs, text, Node, NodeOptions};
-use kof_shim::container::{ContainerDir, ContainerRecord, RootMode};
+use kof_shim::container::{ContainerDir, ContainerRecord};
 
 const ENV: &str = "flox.dev/environment";
 
@@ -181,7 +181,6 @@ fn a_container_whose_delete_never_came_is_swept_by_the_next_start() {
             bundle: node.dir().join("gone-bundle"),
             lease,
             environment: "kof/hello".into(),
-            mode: Some(RootMode::View),
             created_at: 0,
         })
         .unwrap();
