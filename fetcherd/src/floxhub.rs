@@ -374,7 +374,7 @@ impl FloxHubClient {
         // ref advertisement): when it is the commit the mirror has, there is nothing to fetch.
         // Any failure here falls through to the fetch, which reports it properly.
         if !created_mirror {
-            if let Some(local) = self.local_tip(&mirror, &env.name) {
+            if let Ok(Some(local)) = self.branch_tip(&mirror, &env.name) {
                 if self
                     .remote_tip(&mirror, &url, &env.name, &config)
                     .as_deref()
@@ -434,27 +434,16 @@ impl FloxHubClient {
             }
             return Err(e);
         }
-        let out = self
-            .run_git(
-                &mirror,
-                &[
-                    "rev-parse",
-                    "--verify",
-                    "--quiet",
-                    &format!("refs/heads/{}^{{commit}}", env.name),
-                ],
-                &[],
-                4096,
-            )
-            .map_err(|e| self.run_error(e, &name, &url))?;
-        let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || !is_object_id(&commit) {
+        let Some(commit) = self
+            .branch_tip(&mirror, &env.name)
+            .map_err(|e| self.run_error(e, &name, &url))?
+        else {
             return Err(FloxHubError::BadData {
                 env: name,
                 url,
                 detail: format!("fetched branch {:?} does not point to a commit", env.name),
             });
-        }
+        };
         drop(lock);
         tracing::info!(env = %name, %commit, created_mirror, "fetched floxmeta branch");
         Ok(FetchedBranch {
@@ -463,23 +452,21 @@ impl FloxHubClient {
         })
     }
 
-    /// The commit the mirror's branch `branch` points to, if it has one.
-    fn local_tip(&self, mirror: &Path, branch: &str) -> Option<String> {
-        let out = self
-            .run_git(
-                mirror,
-                &[
-                    "rev-parse",
-                    "--verify",
-                    "--quiet",
-                    &format!("refs/heads/{branch}^{{commit}}"),
-                ],
-                &[],
-                4096,
-            )
-            .ok()?;
+    /// The commit the mirror's branch `branch` points to; `None` if it points to none.
+    fn branch_tip(&self, mirror: &Path, branch: &str) -> Result<Option<String>, RunError> {
+        let out = self.run_git(
+            mirror,
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                &format!("refs/heads/{branch}^{{commit}}"),
+            ],
+            &[],
+            4096,
+        )?;
         let commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (out.status.success() && is_object_id(&commit)).then_some(commit)
+        Ok((out.status.success() && is_object_id(&commit)).then_some(commit))
     }
 
     /// The commit FloxHub advertises for `branch` (`git ls-remote`), if it answers.

@@ -156,6 +156,25 @@ fn push_rollback_env(hub: &Hub, owner: &str, env: &str) {
     hub.push(owner, env, &files);
 }
 
+/// Pushes generation 4 of `owner/env` (pushed by [`push_rollback_env`]) and makes it live.
+fn push_live_generation_4(hub: &Hub, owner: &str, env: &str) {
+    let mut files = vec![(
+        "metadata.json".to_string(),
+        metadata_v2(
+            4,
+            &[
+                entry("install", 1, None),
+                entry("edit", 2, Some(1)),
+                entry("upgrade", 3, Some(2)),
+                entry("switch_generation", 2, Some(3)),
+                entry("install", 4, Some(2)),
+            ],
+        ),
+    )];
+    files.extend(generation(4, "krb5_prereqs.manifest.lock.json"));
+    hub.push(owner, env, &files);
+}
+
 fn sp(s: &str) -> StorePath {
     StorePath::from_absolute(s).unwrap()
 }
@@ -640,21 +659,7 @@ fn mirror_is_reused_and_only_fetches() {
     assert_eq!(r.resolve(&env("alice/hello"), None).unwrap().generation, 2);
 
     // A new generation 4 becomes live on FloxHub; the next resolve sees it.
-    let mut files = vec![(
-        "metadata.json".to_string(),
-        metadata_v2(
-            4,
-            &[
-                entry("install", 1, None),
-                entry("edit", 2, Some(1)),
-                entry("upgrade", 3, Some(2)),
-                entry("switch_generation", 2, Some(3)),
-                entry("install", 4, Some(2)),
-            ],
-        ),
-    )];
-    files.extend(generation(4, "krb5_prereqs.manifest.lock.json"));
-    hub.push("alice", "hello", &files);
+    push_live_generation_4(&hub, "alice", "hello");
 
     let e = r.resolve(&env("alice/hello"), None).unwrap();
     assert_eq!((e.generation, e.live, e.newest), (4, 4, 4));
@@ -851,21 +856,7 @@ fn an_unchanged_branch_costs_one_ref_advertisement_and_no_reads() {
     assert!(new[0].ends_with("/info/refs"), "{new:?}");
 
     // A push moves the tip: the next resolve fetches it and sees the new live generation.
-    let mut files = vec![(
-        "metadata.json".to_string(),
-        metadata_v2(
-            4,
-            &[
-                entry("install", 1, None),
-                entry("edit", 2, Some(1)),
-                entry("upgrade", 3, Some(2)),
-                entry("switch_generation", 2, Some(3)),
-                entry("install", 4, Some(2)),
-            ],
-        ),
-    )];
-    files.extend(generation(4, "krb5_prereqs.manifest.lock.json"));
-    hub.push("alice", "hello", &files);
+    push_live_generation_4(&hub, "alice", "hello");
     let moved = r.resolve(&env("alice/hello"), None).unwrap();
     assert_eq!(moved.generation, 4);
     assert_ne!(moved.commit, first.commit);
