@@ -248,7 +248,7 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = kof_fetcherd::api::Client::connect(&node.socket())
+            let up = kof_node_api::api::Client::connect(&node.socket())
                 .and_then(|mut c| c.status())
                 .is_ok_and(|s| s.fuse_server.is_some());
             if up {

@@ -30,8 +30,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kof_fetcherd::activate::{activate, BASE_PATH};
-use kof_fetcherd::api::Client;
 use kof_fixtures::build::Manifest;
 use kof_fixtures::serve::ServerHandle;
 use kof_harness::containerd::{
@@ -41,6 +39,8 @@ use kof_harness::containerd::{
 use kof_harness::cri::{ContainerSpec, CriClient, PodSpec};
 use kof_harness::cri_log::{read_cri_log, CriLogError, LogLine};
 use kof_harness::images::{self, ImageConfig};
+use kof_node_api::activate::{activate, BASE_PATH};
+use kof_node_api::api::Client;
 use serde::Serialize;
 
 use crate::node::{self, Daemon, KofNode, Link, NixNode, Run};

@@ -17,8 +17,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kof_fetcherd::api::Client;
 use kof_fixtures::build::Manifest;
+use kof_node_api::api::Client;
 use serde::Serialize;
 
 use crate::node::{self, Daemon, KofNode, Link};

@@ -3,7 +3,7 @@
 //!
 //! A file of incompressible bytes is written, made into a store path (`kof_nar::dump_path`,
 //! ingested by `Store::ingest_nar` with a narinfo built here, its NarHash computed), and served
-//! by a `kof_fuse` mount of `kof_fetcherd::lazy::LazyContent` over the store: with passthrough
+//! by a `kof_fuse` mount of `kof_lazy::LazyContent` over the store: with passthrough
 //! (the kernel reads the store's object file) and without (every read answered by the FUSE
 //! server). Each pass reads the whole file with 1 MiB reads. Warm-cache passes (the file read
 //! once untimed first) always; cold-cache passes (`echo 3 > /proc/sys/vm/drop_caches` before
@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kof_fetcherd::lazy::{entry_of_tree, Ensure, LazyContent, LocalReader};
 use kof_fuse::{Entry, MountOptions};
+use kof_lazy::{entry_of_tree, Ensure, LazyContent, LocalReader};
 use kof_nar::hash::HashingReader;
 use kof_nar::store_path::StorePath;
 use kof_nar::NarInfo;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use kof_fetcherd::envref::EnvRef;
-use kof_fetcherd::fetcher::{FetchEvent, Fetcher};
-use kof_fetcherd::floxhub::{read_token_file, FloxHubClient, Token};
-use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
+use kof_floxhub::client::{read_token_file, FloxHubClient, Token};
+use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
 use kof_nar::StorePath;
+use kof_node_api::envref::EnvRef;
 use kof_store::Store;
+use kof_substituter::fetcher::{FetchEvent, Fetcher};
 use serde_json::json;
 
 use crate::context::Context;

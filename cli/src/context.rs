@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use kof_fetcherd::config::Config;
+use kof_node_api::config::Config;
 use kof_store::Store;
 
 /// Configuration and paths resolved from flags, environment and config file.

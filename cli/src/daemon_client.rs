@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use kof_fetcherd::api::{ApiError, Client, ErrorKind};
+use kof_node_api::api::{ApiError, Client, ErrorKind};
 
 use crate::context::Context;
 use crate::progress::human_bytes;

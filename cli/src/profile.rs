@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
-use kof_fetcherd::lazy::{export_profile, import_profile};
+use kof_lazy::{export_profile, import_profile};
 
 use crate::context::Context;
 

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kof_fetcherd::fetcher::FetchEvent;
+use kof_substituter::fetcher::FetchEvent;
 
 /// Renders fetch events.
 pub enum Progress {

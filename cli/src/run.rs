@@ -1,9 +1,9 @@
 //! `kof-store run REF [--] CMD [ARGS...]`: run a command inside an environment, lazily.
 //!
 //! The environment is resolved, its closure described from metadata (stored paths, else
-//! narinfos and `.ls` listings), its view built ([`kof_fetcherd::view`]) and served by a FUSE
+//! narinfos and `.ls` listings), its view built ([`kof_lazy::view`]) and served by a FUSE
 //! mount ([`prepare_view`]); the command then runs in the [`crate::sandbox`] over that view,
-//! activated ([`kof_fetcherd::activate`]), while the rest of the closure is fetched in the
+//! activated ([`kof_node_api::activate`]), while the rest of the closure is fetched in the
 //! background (config `prefetch`). Files are fetched when first read. Afterwards the FUSE mount
 //! and the temporary directories are removed, also on error; the command's exit status is
 //! `kof-store`'s.
@@ -12,15 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use kof_fetcherd::activate::{activate, ActivationInput};
-use kof_fetcherd::config::Prefetch;
-use kof_fetcherd::envref::EnvRef;
-use kof_fetcherd::fetcher::Fetcher;
-use kof_fetcherd::floxhub::{read_token_file, FloxHubClient};
-use kof_fetcherd::lazy::{LazyContent, LazyStore, LocalReader, Profile, StartedEntries};
-use kof_fetcherd::resolve::{ResolvedEnvironment, Resolver};
-use kof_fetcherd::view::{build_view, View, ViewInput};
+use kof_floxhub::client::{read_token_file, FloxHubClient};
+use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
 use kof_fuse::{Entry, MountOptions, Mounted};
+use kof_lazy::view::{build_view, View, ViewInput};
+use kof_lazy::{LazyContent, LazyStore, LocalReader, Profile, StartedEntries};
+use kof_node_api::activate::activate;
+use kof_node_api::config::Prefetch;
+use kof_node_api::envref::EnvRef;
+use kof_substituter::fetcher::Fetcher;
 use tempfile::TempDir;
 
 use crate::context::Context;
@@ -93,7 +93,7 @@ pub fn prepare_view(
     })
 }
 
-fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_fetcherd::floxhub::Token>)> {
+fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_floxhub::client::Token>)> {
     let cfg = &ctx.config;
     let client = FloxHubClient::new(&cfg.floxhub_url, cfg.store_dir.join("floxmeta"))
         .with_context(|| format!("FloxHub at {}", cfg.floxhub_url))?;
@@ -120,7 +120,7 @@ pub fn run_status(ctx: &Context, reference: &str, cmd: &[String]) -> Result<i32>
 /// the command could not run).
 fn run_through_daemon(
     ctx: &Context,
-    mut client: kof_fetcherd::api::Client,
+    mut client: kof_node_api::api::Client,
     r: &EnvRef,
     cmd: &[String],
 ) -> Result<i32> {
@@ -166,7 +166,7 @@ fn run_through_daemon(
         status
     })();
     let released =
-        kof_fetcherd::api::Client::connect(&ctx.config.socket).and_then(|mut c| c.release(&lease));
+        kof_node_api::api::Client::connect(&ctx.config.socket).and_then(|mut c| c.release(&lease));
     let status = status?;
     released.with_context(|| format!("releasing lease {lease} of kof-fetcherd"))?;
     Ok(status)
@@ -198,7 +198,11 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
                 .context("resolver task")?
                 .with_context(|| format!("resolving {r}"))?
         };
-        let lazy = LazyStore::new(fetcher.clone(), store.clone(), ctx.config.lazy_options());
+        let lazy = LazyStore::new(
+            fetcher.clone(),
+            store.clone(),
+            kof_lazy::LazyOptions::from_config(&ctx.config),
+        );
         // Each path's listing is asked for as soon as its narinfo is accepted, while the
         // walk of the references goes on.
         let mut listings = StartedEntries::new();
@@ -217,7 +221,7 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     store
         .put_environment(&env.to_record(closure.paths()))
         .with_context(|| format!("recording {}", env.env_ref()))?;
-    let activation = activate(&ActivationInput::new(&env, &view), cmd)
+    let activation = activate(&view.activation(&env).input("/root", None), cmd)
         .with_context(|| format!("activating {}", env.env_ref()))?;
 
     let _guard = rt.enter();

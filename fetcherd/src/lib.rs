@@ -1,28 +1,15 @@
-//! The node's fetcher: resolves Flox environments on FloxHub and fetches their closures from Nix
-//! binary caches into the kof store.
+//! `kof-fetcherd`, the node daemon: one per node, the only writer of the node's store.
 //!
-//! Data flows one way: FloxHub ([`floxhub`], [`generations`], [`lockfile`], [`resolve`]) names
-//! the store paths of an environment generation; the binary caches ([`cache`],
-//! [`substituters`]) describe and serve them; [`closure`] follows references; [`fetcher`]
-//! downloads in parallel, verifies every byte, and hands verified NAR streams to `kof-store`.
-//! [`config`] is the node configuration shared with the command line and the daemon.
-//! [`daemon`] is the node daemon `kof-fetcherd` (its local API in [`api`], its Prometheus
-//! metrics in [`metrics`]).
-//! Nothing here trusts what it receives: FloxHub data, narinfos and NARs are checked before use.
+//! What it owns: the local API server (the protocol itself is `kof-node-api`'s), leases and
+//! their records on disk, the FUSE server process that serves every view of the node from one
+//! mount ([`daemon`]), and the Prometheus metrics ([`metrics`]). It puts together what the
+//! library crates do: `kof-floxhub` resolves, `kof-substituter` fetches and verifies,
+//! `kof-lazy` prepares views and fetches on demand, `kof-store` keeps, `kof-fuse` serves.
+//!
+//! What it never does: parse FloxHub data, narinfos or NARs itself (the library crates do, and
+//! check them), or run containers (the shim does, through the API).
 
-pub mod activate;
-pub mod api;
-pub mod cache;
-pub mod closure;
-pub mod config;
+#![deny(missing_docs)]
+
 pub mod daemon;
-pub mod envref;
-pub mod fetcher;
-pub mod floxhub;
-pub mod generations;
-pub mod lazy;
-pub mod lockfile;
 pub mod metrics;
-pub mod resolve;
-pub mod substituters;
-pub mod view;

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use kof_fetcherd::api::{ApiError, Client, ErrorKind};
 use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
 use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
+use kof_node_api::api::{ApiError, Client, ErrorKind};
 use tempfile::TempDir;
 
 /// The shared fixtures (built once; the builder locks and stamps its directory).

@@ -43,7 +43,7 @@ pub enum InstallError {
     },
     /// The node config to install is not one `kof-fetcherd` accepts.
     #[error("{0}")]
-    NodeConfig(Box<kof_fetcherd::config::ConfigError>),
+    NodeConfig(Box<kof_node_api::config::ConfigError>),
     /// Reading or writing a host file failed.
     #[error(transparent)]
     HostFile(#[from] HostFileError),
@@ -103,8 +103,8 @@ pub enum InstallError {
     },
 }
 
-impl From<kof_fetcherd::config::ConfigError> for InstallError {
-    fn from(e: kof_fetcherd::config::ConfigError) -> Self {
+impl From<kof_node_api::config::ConfigError> for InstallError {
+    fn from(e: kof_node_api::config::ConfigError) -> Self {
         InstallError::NodeConfig(Box::new(e))
     }
 }
@@ -408,7 +408,7 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
 
     // 2. The node config, refused here if the daemon would refuse it.
     if let Some(source) = &opts.node_config {
-        kof_fetcherd::config::Config::load_from(Some(source), None, Path::new("/nonexistent"))?;
+        kof_node_api::config::Config::load_from(Some(source), None, Path::new("/nonexistent"))?;
         let content = std::fs::read(source).map_err(|e| HostFileError::Read {
             path: source.clone(),
             source: e,

@@ -8,8 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kof_fetcherd::api::{ApiError, Client};
-use kof_fetcherd::config::{Config, ConfigError};
+use kof_node_api::api::{ApiError, Client};
+use kof_node_api::config::{Config, ConfigError};
 use thiserror::Error;
 
 /// What to check.

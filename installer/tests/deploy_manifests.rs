@@ -241,7 +241,7 @@ fn node_config_loads_and_matches_the_mounts() {
     let file = dir.path().join("config.toml");
     std::fs::write(&file, text).unwrap();
     let config =
-        kof_fetcherd::config::Config::load_from(Some(&file), None, Path::new("/nonexistent"))
+        kof_node_api::config::Config::load_from(Some(&file), None, Path::new("/nonexistent"))
             .unwrap_or_else(|e| panic!("the ConfigMap's config.toml: {e}"));
     assert_eq!(config.floxhub_url, "https://api.flox.dev/git");
     assert_eq!(

@@ -144,7 +144,7 @@ fn probe_reports_a_running_daemon_and_a_dead_one() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let status = kof_fetcherd::api::Client::connect(&d.socket())
+    let status = kof_node_api::api::Client::connect(&d.socket())
         .unwrap()
         .status()
         .unwrap();

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use kof_fetcherd::envref::EnvRef;
+use kof_node_api::envref::EnvRef;
 use thiserror::Error;
 
 /// `owner/name` or `owner/name:N`: the environment; required for kof to act.

@@ -26,7 +26,7 @@ pub enum ShimError {
     MissingArg(&'static str),
     /// The kof configuration could not be loaded.
     #[error("{0}")]
-    Config(#[from] kof_fetcherd::config::ConfigError),
+    Config(#[from] kof_node_api::config::ConfigError),
     /// The bundle's spec is unreadable.
     #[error("{0}")]
     Spec(#[from] SpecError),
@@ -49,7 +49,7 @@ pub enum ShimError {
         env: String,
         /// The cause.
         #[source]
-        source: kof_fetcherd::api::ApiError,
+        source: kof_node_api::api::ApiError,
     },
     /// kof-fetcherd could not release a lease.
     #[error("releasing lease {lease}: {source}")]
@@ -58,11 +58,11 @@ pub enum ShimError {
         lease: String,
         /// The cause.
         #[source]
-        source: kof_fetcherd::api::ApiError,
+        source: kof_node_api::api::ApiError,
     },
     /// The container's command could not be activated.
     #[error("{0}")]
-    Activate(#[from] kof_fetcherd::activate::ActivateError),
+    Activate(#[from] kof_node_api::activate::ActivateError),
     /// The container's directory or mounts failed.
     #[error("environment {env}: {source}")]
     Container {

@@ -17,9 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kof_fetcherd::activate::activate;
-use kof_fetcherd::api::{Client, Prepared};
-use kof_fetcherd::config::Config;
+use kof_node_api::activate::activate;
+use kof_node_api::api::{Client, Prepared};
+use kof_node_api::config::Config;
 use tracing::{info, warn};
 
 use crate::annotations::{decide, Decision, EnvironmentRequest, PlainReason};
@@ -365,8 +365,8 @@ mod tests {
         assert_eq!(lease_id("k8s.io", "abc"), "k8s.io.abc");
         let long = lease_id("k8s.io", &"a".repeat(200));
         assert!(long.len() <= 128 && long.starts_with("c-"), "{long}");
-        kof_fetcherd::daemon::leases::check_lease_id(&long).unwrap();
-        kof_fetcherd::daemon::leases::check_lease_id(&lease_id("default", "t-1_2")).unwrap();
+        kof_node_api::lease::check_lease_id(&long).unwrap();
+        kof_node_api::lease::check_lease_id(&lease_id("default", "t-1_2")).unwrap();
     }
 
     #[test]

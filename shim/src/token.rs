@@ -4,7 +4,7 @@
 //! `/var/run/secrets/flox.dev`, file `floxhub-token`. The shim finds that mount's host source in
 //! the container's spec (the directory, or the file itself when mounted with `subPath`) and
 //! reads the token there, for this container's resolution only. The token is never logged: it
-//! travels as [`kof_fetcherd::api::SecretToken`], whose `Debug` hides it.
+//! travels as [`kof_node_api::api::SecretToken`], whose `Debug` hides it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kof_fetcherd::api::Client;
+use kof_node_api::api::Client;
 
 use crate::support::*;
 

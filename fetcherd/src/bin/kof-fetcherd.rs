@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use kof_fetcherd::config::Config;
+use kof_node_api::config::Config;
 
 #[derive(Parser)]
 #[command(

@@ -1,7 +1,7 @@
 //! The control socket of the FUSE server (`<run dir>/fuse.sock`, mode 0600): how the daemon
 //! adds and removes views, lists them after a restart, and reads the FUSE operation
 //! statistics. Same framing as the API (one JSON object per line each way, see
-//! [`crate::api`]); requests:
+//! [`kof_node_api::api`]); requests:
 //!
 //! - `{"op":"ping"}` → `{"pid":P,"mount_dir":"...","views":["lease",...]}`
 //! - `{"op":"add_view","name":"lease","root":<tree>,"tree":"<digest>"?}` → `{"ok":true}` (the
@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::wire::WireEntry;
-use crate::api::{ApiError, Client, FuseServerInfo};
-use crate::config::Config;
+use kof_node_api::api::{ApiError, Client, FuseServerInfo};
+use kof_node_api::config::Config;
 
 /// Where the FUSE server's files are: beside the API socket.
 #[derive(Debug, Clone)]

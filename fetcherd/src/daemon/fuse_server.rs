@@ -29,8 +29,8 @@ use kof_fuse::{ContentSource, Entry, MountOptions, Mounted};
 
 use super::control::{ControlRequest, RunPaths, WireOpStat, WireOpStats};
 use super::wire::{tree_digest, Decoder};
-use crate::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
-use crate::config::Config;
+use kof_node_api::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
+use kof_node_api::config::Config;
 
 /// Longest control request line (a view's tree can be large).
 const MAX_CONTROL_LINE: u64 = 1 << 30;
@@ -229,7 +229,7 @@ impl DaemonEnsure {
     }
 }
 
-impl crate::lazy::Ensure for DaemonEnsure {
+impl kof_lazy::Ensure for DaemonEnsure {
     fn ensure(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()> {
         self.ensure_range(store_path, start, end)
     }
@@ -244,8 +244,8 @@ fn content_source(
         path: config.store_dir.clone(),
         message: e.to_string(),
     })?;
-    Ok(Arc::new(crate::lazy::LazyContent {
-        local: crate::lazy::LocalReader::new(Arc::new(store)),
+    Ok(Arc::new(kof_lazy::LazyContent {
+        local: kof_lazy::LocalReader::new(Arc::new(store)),
         ensure,
     }))
 }

@@ -9,43 +9,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Longest lease id.
-pub const MAX_LEASE_LEN: usize = 128;
-
-/// Why a lease id is refused.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("lease id {id:?} is invalid: {reason} (1 to 128 characters of A-Z a-z 0-9 . _ -, not starting with .)")]
-pub struct BadLeaseId {
-    /// The id as given (cut to a readable length).
-    pub id: String,
-    /// What is wrong.
-    pub reason: &'static str,
-}
-
-/// Checks a lease id: it names a file and a view directory, so it is kept to a safe alphabet.
-pub fn check_lease_id(id: &str) -> Result<(), BadLeaseId> {
-    let bad = |reason| BadLeaseId {
-        id: id.chars().take(160).collect(),
-        reason,
-    };
-    if id.is_empty() {
-        return Err(bad("empty"));
-    }
-    if id.len() > MAX_LEASE_LEN {
-        return Err(bad("too long"));
-    }
-    if id.starts_with('.') {
-        return Err(bad("starts with ."));
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-    {
-        return Err(bad("has a character outside the allowed set"));
-    }
-    Ok(())
-}
-
 /// What the daemon remembers of a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -60,7 +23,7 @@ pub struct LeaseRecord {
     /// Whether the request named the generation.
     pub pinned: bool,
     /// The activation (holds `FLOX_ENV`).
-    pub activation: crate::api::Activation,
+    pub activation: kof_node_api::api::Activation,
     /// Whether this lease set the gc root (and so its release may remove it).
     pub root_set_by_lease: bool,
     /// Unix time it was prepared.
@@ -200,16 +163,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lease_ids_are_checked() {
-        for ok in ["c1", "pod-abc_1.2", &"x".repeat(128)] {
-            assert_eq!(check_lease_id(ok), Ok(()), "{ok}");
-        }
-        for bad in ["", ".hidden", "a/b", "..", "a b", "é", &"x".repeat(129)] {
-            assert!(check_lease_id(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn leases_round_trip_and_leftovers_are_cleaned() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = LeaseDir::open(&tmp.path().join("leases")).unwrap();
@@ -219,7 +172,7 @@ mod tests {
             name: "hello".into(),
             generation: 2,
             pinned: false,
-            activation: crate::api::Activation {
+            activation: kof_node_api::api::Activation {
                 env: "kof/hello:2".into(),
                 flox_env: "/nix/store/abc-flox-env-hello".into(),
                 description: "hello".into(),

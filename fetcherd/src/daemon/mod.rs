@@ -1,4 +1,4 @@
-//! `kof-fetcherd`, the node daemon: owns the store, serves the local API ([`crate::api`]),
+//! `kof-fetcherd`, the node daemon: owns the store, serves the local API ([`kof_node_api::api`]),
 //! prepares and releases environment views for containers, fetches on demand and ahead, and
 //! exports metrics.
 //!

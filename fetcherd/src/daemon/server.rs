@@ -14,21 +14,22 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
 use super::control::{ensure_fuse_server, ControlClient, RunPaths};
-use super::leases::{check_lease_id, LeaseDir, LeaseRecord};
+use super::leases::{LeaseDir, LeaseRecord};
 use super::wire::{tree_digest, WireEntry};
-use crate::api::{
-    error_line, Activation, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases,
-    Prefetched, Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
-};
-use crate::closure::{Closure, ClosureEntry};
-use crate::config::{Config, Prefetch};
-use crate::envref::EnvRef;
-use crate::fetcher::Fetcher;
-use crate::floxhub::{read_token_file, FloxHubClient, Token};
-use crate::lazy::{Cause, LazyStore, StartedEntries};
 use crate::metrics::{DaemonMetrics, Exposition};
-use crate::resolve::{ResolvedEnvironment, Resolver};
-use crate::view::{build_view, ViewInput};
+use kof_floxhub::client::{read_token_file, FloxHubClient, Token};
+use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
+use kof_lazy::view::{build_view, ViewInput};
+use kof_lazy::{Cause, LazyStore, StartedEntries};
+use kof_node_api::api::{
+    error_line, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases, Prefetched,
+    Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
+};
+use kof_node_api::config::{Config, Prefetch};
+use kof_node_api::envref::EnvRef;
+use kof_node_api::lease::check_lease_id;
+use kof_substituter::closure::{Closure, ClosureEntry};
+use kof_substituter::fetcher::Fetcher;
 
 /// How long the daemon waits for a FUSE server it started to answer.
 const FUSE_SERVER_START: Duration = Duration::from_secs(30);
@@ -83,7 +84,7 @@ struct BuiltView {
     lockfile: String,
     /// The closure it was built from, every member stored.
     closure: Vec<StorePath>,
-    view: crate::view::View,
+    view: kof_lazy::view::View,
     /// [`tree_digest`] of the view's root.
     tree: String,
 }
@@ -111,6 +112,18 @@ struct Daemon {
     /// Views built for the latest generations leased (at most [`BUILT_VIEWS`]), and a use
     /// counter.
     built: std::sync::Mutex<(BuiltViews, u64)>,
+}
+
+/// The store's totals as the API reports them.
+fn store_totals(s: kof_store::Stats) -> StoreTotals {
+    StoreTotals {
+        store_paths: s.store_paths,
+        logical_bytes: s.logical_bytes,
+        stored_bytes: s.stored_bytes,
+        unique_bytes: s.unique_bytes,
+        objects: s.objects,
+        environments: s.environments,
+    }
 }
 
 fn now_secs() -> i64 {
@@ -163,7 +176,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let lazy = LazyStore::new(
         Arc::new(fetcher.clone()),
         store.clone(),
-        config.lazy_options(),
+        kof_lazy::LazyOptions::from_config(&config),
     );
     let lease_dir = LeaseDir::open(&config.store_dir.join("leases"))
         .map_err(|e| setup("opening the lease directory")(e.to_string()))?;
@@ -540,14 +553,7 @@ impl Daemon {
             .await
             .map_err(|f| fail(f.kind, format!("environment {label_g}: {}", f.message)))?;
         let view = &built.view;
-        let activation = Activation {
-            env: label_g.clone(),
-            flox_env: view.flox_env(),
-            description: resolved.name.clone(),
-            vars: resolved.vars.clone(),
-            hook: resolved.hook.clone(),
-            bash: view.bash.clone(),
-        };
+        let activation = view.activation(&resolved);
         let rec = LeaseRecord {
             lease: lease.to_string(),
             owner: resolved.owner.clone(),
@@ -698,7 +704,7 @@ impl Daemon {
         resolved: &ResolvedEnvironment,
         closure: &Closure,
         listings: StartedEntries,
-    ) -> Result<crate::view::View, Failure> {
+    ) -> Result<kof_lazy::view::View, Failure> {
         let entries = self
             .lazy
             .entries(closure, listings)
@@ -714,7 +720,7 @@ impl Daemon {
     /// [`RECORD_WINDOW`] or until the lease is released) and saved as the profile.
     fn learned_profile(self: &Arc<Self>, rec: &LeaseRecord, closure: &Closure) {
         let key = rec.env_name();
-        match crate::lazy::Profile::load(&self.config.store_dir, &key) {
+        match kof_lazy::Profile::load(&self.config.store_dir, &key) {
             Ok(Some(profile)) => {
                 let n = profile.ranges.len();
                 let task = self.lazy.prefetch_profile(profile);
@@ -929,11 +935,11 @@ impl Daemon {
     async fn status(self: &Arc<Self>) -> Result<Status, Failure> {
         let d = self.clone();
         blocking("status", move || {
-            let store: StoreTotals = d
-                .store
-                .stats()
-                .map_err(|e| fail(ErrorKind::Store, format!("store totals: {e}")))?
-                .into();
+            let store = store_totals(
+                d.store
+                    .stats()
+                    .map_err(|e| fail(ErrorKind::Store, format!("store totals: {e}")))?,
+            );
             let c = d.lazy.counters();
             Ok(Status {
                 pid: std::process::id(),

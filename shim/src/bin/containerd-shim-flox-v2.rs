@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kof_fetcherd::config::Config;
+use kof_node_api::config::Config;
 use kof_shim::args::{Action, ShimArgs};
 use kof_shim::lifecycle;
 use kof_shim::ShimError;

@@ -11,10 +11,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kof_fetcherd::api::{Client, LeaseInfo};
 use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
 use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
 use kof_harness::containerd::{mounts_under, Containerd, ContainerdOptions};
+use kof_node_api::api::{Client, LeaseInfo};
 use tempfile::TempDir;
 
 /// The shared fixtures (built once; the builder locks and stamps its directory).
