@@ -61,6 +61,7 @@ mod engine;
 mod local;
 pub mod profile;
 mod tree;
+pub mod prepare;
 pub mod view;
 
 use std::fmt;

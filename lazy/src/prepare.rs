@@ -1,0 +1,1 @@
+//! The one prepare pipeline (being written by the lead: resolve → closure → view → lease).
