@@ -6,30 +6,14 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
-use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
+use kof_fixtures::build::Manifest;
 use kof_node_api::api::{ApiError, Client, ErrorKind};
-use tempfile::TempDir;
-
-/// The shared fixtures (built once; the builder locks and stamps its directory).
-fn fixtures() -> &'static (PathBuf, Manifest) {
-    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = std::env::var_os("KOF_FIXTURES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
-            });
-        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
-            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
-        (dir, manifest)
-    })
-}
+use kof_testkit::fixtures;
 
 fn manifest() -> &'static Manifest {
     &fixtures().1
@@ -98,16 +82,7 @@ fn is_mounted(dir: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(d.as_str()))
 }
 
-/// A node: fixture server, store, run directory (sockets), mount point, config, daemon.
-struct Node {
-    tmp: TempDir,
-    /// The node's own fixture server (its counters are this node's).
-    server: ServerHandle,
-    config: PathBuf,
-    daemon: Option<Child>,
-    daemons_started: usize,
-}
-
+/// A node of these tests: the shared scaffold with this package's own `kof-fetcherd`.
 struct NodeOptions {
     flavour: &'static str,
     bandwidth: Option<u64>,
@@ -126,127 +101,35 @@ impl Default for NodeOptions {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+struct Node(kof_testkit::Node);
+
+impl std::ops::Deref for Node {
+    type Target = kof_testkit::Node;
+    fn deref(&self) -> &kof_testkit::Node {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut kof_testkit::Node {
+        &mut self.0
+    }
 }
 
 impl Node {
     fn new(opts: NodeOptions) -> Node {
-        let tmp = tempfile::Builder::new()
-            .prefix("kof-fetcherd-test")
-            .tempdir()
-            .unwrap();
-        let mut cfg = ServeConfig::new(&fixtures().0);
-        cfg.bandwidth = opts.bandwidth;
-        let server = serve::start_in_background(cfg);
-        let config = tmp.path().join("config.toml");
-        let mut text = format!(
-            "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\n\
-             store_dir = \"{}\"\nsocket = \"{}\"\nmount_dir = \"{}\"\nprefetch = \"{}\"\n\
-             read_timeout_secs = 10\n",
-            server.git_base(),
-            server.cache_url(opts.flavour),
-            manifest().public_key,
-            tmp.path().join("store").display(),
-            tmp.path().join("run/fetcherd.sock").display(),
-            tmp.path().join("mnt").display(),
-            opts.prefetch,
-        );
-        if let Some(p) = opts.metrics_port {
-            text.push_str(&format!("metrics_addr = \"127.0.0.1:{p}\"\n"));
-        }
-        std::fs::write(&config, text).unwrap();
-        let mut node = Node {
-            tmp,
-            server,
-            config,
-            daemon: None,
-            daemons_started: 0,
-        };
-        node.start_daemon();
-        node
+        Node(kof_testkit::Node::new(kof_testkit::NodeOptions {
+            flavour: opts.flavour,
+            bandwidth: opts.bandwidth,
+            prefetch: Some(opts.prefetch),
+            metrics_port: opts.metrics_port,
+            fetcherd: Some(env!("CARGO_BIN_EXE_kof-fetcherd").into()),
+            prefix: "kof-fetcherd-test",
+            ..kof_testkit::NodeOptions::default()
+        }))
     }
 
-    fn socket(&self) -> PathBuf {
-        self.tmp.path().join("run/fetcherd.sock")
-    }
-
-    fn mount_dir(&self) -> PathBuf {
-        self.tmp.path().join("mnt")
-    }
-
-    fn control(&self) -> PathBuf {
-        self.tmp.path().join("run/fuse.sock")
-    }
-
-    /// Starts the daemon and waits until it answers `status`.
-    fn start_daemon(&mut self) {
-        self.daemons_started += 1;
-        let log = std::fs::File::create(
-            self.tmp
-                .path()
-                .join(format!("daemon-{}.log", self.daemons_started)),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
-            .arg("--config")
-            .arg(&self.config)
-            .env("KOF_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Ok(s) = Client::connect(&self.socket()).and_then(|mut c| c.status()) {
-                if s.fuse_server.is_some() {
-                    return;
-                }
-            }
-            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited with {st}: {}", self.logs());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "the daemon did not come up: {}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket()).unwrap()
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.tmp.path()).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.ends_with(".log") {
-                out.push_str(&format!("--- {name}\n"));
-                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-            }
-        }
-        let fuse_log = self.tmp.path().join("run/fuse-server.log");
-        out.push_str("--- fuse-server.log\n");
-        out.push_str(&std::fs::read_to_string(fuse_log).unwrap_or_default());
-        out
-    }
-
+    /// The FUSE server's pid, from its control socket.
     fn fuse_pid(&self) -> Option<u32> {
         kof_fetcherd::daemon::control::ControlClient::connect(&self.control())
             .and_then(|mut c| c.ping())
@@ -255,37 +138,12 @@ impl Node {
     }
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill_daemon();
-        // Stop the FUSE server (it unmounts), then make sure: kill it and detach the mount.
-        let pid = self.fuse_pid();
-        let _ = Command::new(env!("CARGO_BIN_EXE_kof-fetcherd"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("stop-fuse-server")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if let Some(pid) = pid {
-            let start = Instant::now();
-            while Path::new(&format!("/proc/{pid}")).exists()
-                && start.elapsed() < Duration::from_secs(10)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            // SAFETY: a plain kill(2) of the FUSE server this node started (it may be gone).
-            unsafe {
-                libc::kill(pid as i32, libc::SIGKILL);
-            }
-        }
-        if is_mounted(&self.mount_dir()) {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.mount_dir())
-                .status();
-        }
-    }
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn metrics(port: u16) -> String {

@@ -1,0 +1,33 @@
+//! The small fixture set, built once.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
+
+/// The shared fixtures and their manifest: `$KOF_FIXTURES_DIR`, else
+/// `<workspace>/target/kof-fixtures/small`, built once per process (the builder keeps a stamp
+/// and a lock, so concurrent test binaries share one build, and a built set is reused).
+pub fn fixtures() -> &'static (PathBuf, Manifest) {
+    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = std::env::var_os("KOF_FIXTURES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
+            });
+        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
+            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
+        (dir, manifest)
+    })
+}
+
+/// The fixtures directory (see [`fixtures()`]).
+pub fn fixtures_dir() -> &'static Path {
+    &fixtures().0
+}
+
+/// The fixtures manifest (see [`fixtures()`]).
+pub fn manifest() -> &'static Manifest {
+    &fixtures().1
+}

@@ -1,0 +1,47 @@
+//! The scaffold kof's tests and benchmarks share, so that each piece exists once.
+//!
+//! It owns:
+//! - [`nix_dump`]: the reference NAR of a path, by the real `nix-store --dump`;
+//! - [`busybox_rootfs`]: a container root holding the static busybox;
+//! - with the `node` feature: [`fixtures()`] (the small fixture set, built once per machine),
+//!   [`fetcherd_bin`] (the `kof-fetcherd` binary of this build), [`Node`] (a fixture server,
+//!   a store, a configuration and, on demand, a running [`Daemon`] whose logs it keeps), and
+//!   [`CacheServer`] (plain binary-cache directories served by `kof_fixtures::serve`, with
+//!   per-path request counts).
+//!
+//! It is for tests and benchmarks only: it panics where a test should fail (but
+//! [`Daemon::start`], which benchmarks use, returns its errors), and it never runs on a node.
+//! It holds no assertions of its own: what a test checks stays in the test.
+//!
+//! The Nix and rootfs helpers need no feature, so that the tests of `kof-nar` and `kof-store`
+//! (below `kof-fixtures`) use them without building the fixture server.
+
+#![deny(missing_docs)]
+
+mod nix;
+mod rootfs;
+
+#[cfg(feature = "node")]
+mod bins;
+#[cfg(feature = "node")]
+mod caches;
+#[cfg(feature = "node")]
+mod daemon;
+#[cfg(feature = "node")]
+mod fixtures;
+#[cfg(feature = "node")]
+mod node;
+
+pub use nix::{nix_dump, DumpTarget};
+pub use rootfs::busybox_rootfs;
+
+#[cfg(feature = "node")]
+pub use bins::fetcherd_bin;
+#[cfg(feature = "node")]
+pub use caches::CacheServer;
+#[cfg(feature = "node")]
+pub use daemon::{Daemon, DaemonError, DaemonSpec};
+#[cfg(feature = "node")]
+pub use fixtures::{fixtures, fixtures_dir, manifest};
+#[cfg(feature = "node")]
+pub use node::{Node, NodeOptions};
