@@ -1,0 +1,448 @@
+//! Range fetch: claiming a path's missing chunks, GETting them into the partial file (each
+//! chunk single-flight, adjacent ones coalesced), marking them filled, and ingesting the
+//! complete partial file into the store.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tokio::task::JoinHandle;
+
+use super::{spawn_err, Chunk, LazyStore, Mode, PathState, Phase};
+use crate::{Cause, LazyError};
+
+/// Why a range fetch did not fill its chunks.
+pub(super) enum RunError {
+    /// The cache ignores `Range`: the path now uses the stream path.
+    Unsupported,
+    Failed(LazyError, bool),
+    /// A prefetch GET stopped at a chunk boundary because demand work started: its chunks not
+    /// filled are missing again, for a later prefetch (or the demand) to fetch.
+    Yielded,
+}
+
+impl LazyStore {
+    /// Range path: claims the missing chunks of `start..end` and fetches them (demand: all at
+    /// once, in parallel; prefetch: a window at a time, each under a prefetch slot, when
+    /// demand is quiet), then waits for chunks others are fetching. `readahead`: NAR bytes
+    /// whose missing chunks are also claimed (after the read's own) and fetched in the
+    /// background, in parallel GETs, not waited for.
+    pub(super) async fn ensure_range(
+        &self,
+        st: &Arc<PathState>,
+        start: u64,
+        end: u64,
+        cause: Cause,
+        mut readahead: Option<(u64, u64)>,
+    ) -> Result<(), RunError> {
+        let chunk = self.opts.range_chunk;
+        let (c0, c1) = ((start / chunk) as usize, end.div_ceil(chunk) as usize);
+        let limit = |bytes: u64| ((bytes / chunk) as usize).max(1);
+        let max_run = limit(match cause {
+            Cause::Prefetch => self.opts.max_prefetch_request,
+            _ => self.opts.max_demand_request,
+        });
+        let mut failures = 0u32;
+        let mut fetched_any = false;
+        loop {
+            let mut rx = st.changed.subscribe();
+            let mut permit = match cause {
+                Cause::Prefetch => Some({
+                    let _queued = self.counters.queued();
+                    self.demand_quiet().await;
+                    let p = self
+                        .prefetch_slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("never closed");
+                    // Demand may have come while this waited for a slot.
+                    self.demand_quiet().await;
+                    p
+                }),
+                _ => None,
+            };
+            let runs = {
+                let mut g = st.lock();
+                if let Some(r) = PathState::settled(&g) {
+                    return r.map_err(|e| RunError::Failed(e, false));
+                }
+                if g.mode != Mode::Range {
+                    return Err(RunError::Unsupported);
+                }
+                if g.chunks[c0..c1].iter().all(|c| *c == Chunk::Filled) {
+                    if !fetched_any {
+                        self.counters.local_hit();
+                    }
+                    return Ok(());
+                }
+                // Prefetch claims one window per slot; demand everything missing.
+                let claim_limit = if permit.is_some() {
+                    max_run
+                } else {
+                    usize::MAX
+                };
+                let runs = claim(&mut g.chunks, c0, c1, max_run, claim_limit);
+                if !runs.is_empty() {
+                    st.file(&mut g).map_err(|e| RunError::Failed(e, false))?;
+                }
+                drop(g);
+                if let Some((a, b)) = readahead.take().filter(|_| permit.is_none()) {
+                    let (a, b) = ((a / chunk) as usize, b.div_ceil(chunk) as usize);
+                    self.spawn_readahead(st, a, b, c1, limit(self.opts.readahead_request));
+                }
+                runs
+            };
+            if runs.is_empty() {
+                drop(permit);
+                // Others are fetching what is missing.
+                let _ = rx.changed().await;
+                continue;
+            }
+            fetched_any = true;
+            // Fetches run as tasks, so that a caller going away (a timed-out ensure) never
+            // leaves chunks claimed with no one fetching them.
+            let results: Vec<Result<(), RunError>> = if let Some(permit) = permit.take() {
+                let me = self.arc();
+                let st2 = st.clone();
+                let task = tokio::spawn(async move {
+                    let _slot = permit;
+                    let mut out = Vec::new();
+                    let mut yielded = false;
+                    for (a, b) in runs {
+                        if yielded {
+                            // Claimed, not fetched: missing again.
+                            me.release(&st2, a, b);
+                            continue;
+                        }
+                        let r = me.fetch_run(st2.clone(), a, b, cause).await;
+                        yielded = matches!(r, Err(RunError::Yielded));
+                        out.push(r);
+                    }
+                    out
+                });
+                task.await
+                    .unwrap_or_else(|e| vec![Err(RunError::Failed(spawn_err(st.path(), e), false))])
+            } else {
+                let tasks: Vec<JoinHandle<Result<(), RunError>>> = runs
+                    .into_iter()
+                    .map(|(a, b)| {
+                        let me = self.arc();
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            let _slot = me.demand_slots.acquire().await.expect("never closed");
+                            me.fetch_run(st, a, b, cause).await
+                        })
+                    })
+                    .collect();
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(
+                        t.await.unwrap_or_else(|e| {
+                            Err(RunError::Failed(spawn_err(st.path(), e), false))
+                        }),
+                    );
+                }
+                out
+            };
+            drop(permit);
+            for r in results {
+                match r {
+                    // Prefetch gave the link to demand: wait for quiet and claim again.
+                    Ok(()) | Err(RunError::Yielded) => {}
+                    Err(RunError::Unsupported) => return Err(RunError::Unsupported),
+                    Err(RunError::Failed(e, transient)) => {
+                        failures += 1;
+                        if !transient || failures >= self.opts.range_attempts.max(1) {
+                            return Err(RunError::Failed(e, transient));
+                        }
+                        let delay = kof_substituter::cache::RetryPolicy::default().delay(failures);
+                        tracing::warn!(path = %st.path(), error = %e, ?delay, "range fetch failed, retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// GETs chunks `a..b` (claimed by the caller) into the partial file, marking each chunk
+    /// filled as soon as its last byte is written. On failure, the chunks not filled are
+    /// released for another attempt.
+    pub(super) async fn fetch_run(
+        &self,
+        st: Arc<PathState>,
+        a: usize,
+        b: usize,
+        cause: Cause,
+    ) -> Result<(), RunError> {
+        let chunk = self.opts.range_chunk;
+        let start = a as u64 * chunk;
+        let end = (b as u64 * chunk).min(st.nar_size());
+        let mut next = a; // first chunk not yet marked filled
+        let result = self
+            .fetch_run_inner(&st, start, end, cause, &mut next)
+            .await;
+        if result.is_err() {
+            self.release(&st, next, b);
+        }
+        result
+    }
+
+    /// Makes claimed chunks of `a..b` not filled missing again, and wakes their waiters.
+    pub(super) fn release(&self, st: &Arc<PathState>, a: usize, b: usize) {
+        let mut g = st.lock();
+        for c in &mut g.chunks[a..b] {
+            if *c == Chunk::InFlight {
+                *c = Chunk::Missing;
+            }
+        }
+        drop(g);
+        st.bump();
+    }
+
+    async fn fetch_run_inner(
+        &self,
+        st: &Arc<PathState>,
+        start: u64,
+        end: u64,
+        cause: Cause,
+        next: &mut usize,
+    ) -> Result<(), RunError> {
+        let chunk = self.opts.range_chunk;
+        let path = st.path().clone();
+        let info = &st.sub.info;
+        let cache = &st.sub.cache;
+        let _in_flight = self.counters.request(cause);
+        let t0 = Instant::now();
+        tracing::debug!(%path, start, end, %cause, "range GET");
+        let stream = match cache.nar_range(info, start, end).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::warn!(cache = cache.url(), %path,
+                    "cache ignores Range (200): streaming whole NARs from it");
+                self.range_ok
+                    .lock()
+                    .expect("range map poisoned")
+                    .insert(cache.url().to_string(), false);
+                st.lock().mode = Mode::Stream;
+                st.bump();
+                return Err(RunError::Unsupported);
+            }
+            Err(source) => {
+                let transient = source.is_transient();
+                return Err(RunError::Failed(
+                    LazyError::Range {
+                        path,
+                        start,
+                        end,
+                        source: Box::new(source),
+                    },
+                    transient,
+                ));
+            }
+        };
+        self.range_ok
+            .lock()
+            .expect("range map poisoned")
+            .entry(cache.url().to_string())
+            .or_insert(true);
+        let file = st.lock().file.clone();
+        let Some(file) = file else {
+            return Err(RunError::Failed(
+                LazyError::Aborted {
+                    path,
+                    reason: "the partial file was removed during a fetch".into(),
+                },
+                false,
+            ));
+        };
+        let mut pos = start;
+        let mut stream = stream;
+        let short = |got: u64| LazyError::RangeLength {
+            path: path.clone(),
+            url: cache.nar_url(info),
+            start,
+            end,
+            got,
+        };
+        while let Some(item) = stream.next().await {
+            let bytes = item.map_err(|source| {
+                let transient = source.is_transient();
+                RunError::Failed(
+                    LazyError::Range {
+                        path: path.clone(),
+                        start,
+                        end,
+                        source: Box::new(source),
+                    },
+                    transient,
+                )
+            })?;
+            if pos + bytes.len() as u64 > end {
+                return Err(RunError::Failed(
+                    short(pos - start + bytes.len() as u64),
+                    false,
+                ));
+            }
+            // A page-cache write of one body chunk: short enough to do on the runtime thread.
+            file.write_all_at(&bytes, pos).map_err(|source| {
+                RunError::Failed(
+                    LazyError::Partial {
+                        path: path.clone(),
+                        file: st.partial.clone(),
+                        source,
+                    },
+                    false,
+                )
+            })?;
+            pos += bytes.len() as u64;
+            self.counters.bytes(cause, bytes.len() as u64);
+            let done_to = if pos == st.nar_size() {
+                st.lock().chunks.len()
+            } else {
+                (pos / chunk) as usize
+            };
+            if done_to > *next {
+                self.fill(st, *next, done_to);
+                *next = done_to;
+                // Prefetch stays below demand: a demand read started while this GET streamed
+                // shares the link with it, so stop at this chunk boundary (the connection is
+                // dropped; the rest is fetched again later).
+                if cause == Cause::Prefetch
+                    && pos != end
+                    && self.demand_active.load(Ordering::SeqCst) > 0
+                {
+                    self.counters.prefetch_yield();
+                    tracing::debug!(%path, at = pos, end, "prefetch GET yields to demand");
+                    return Err(RunError::Yielded);
+                }
+            }
+        }
+        if pos != end {
+            return Err(RunError::Failed(short(pos - start), true));
+        }
+        self.counters.latency(t0.elapsed());
+        Ok(())
+    }
+
+    /// Marks chunks `a..b` filled; when that completes the path, starts its ingest.
+    fn fill(&self, st: &Arc<PathState>, a: usize, b: usize) {
+        let complete = {
+            let mut g = st.lock();
+            let g = &mut *g;
+            for c in &mut g.chunks[a..b] {
+                if *c != Chunk::Filled {
+                    *c = Chunk::Filled;
+                    g.filled += 1;
+                }
+            }
+            let complete = g.filled == g.chunks.len() && matches!(g.phase, Phase::Fetching);
+            if complete {
+                g.phase = Phase::Completing;
+            }
+            complete
+        };
+        st.bump();
+        if complete {
+            let me = self.arc();
+            let st = st.clone();
+            tokio::spawn(async move { me.complete(st).await });
+        }
+    }
+
+    /// Ingests a complete partial file: the store verifies NarHash and NarSize and commits, or
+    /// refuses and nothing is stored. Either way the partial file goes.
+    async fn complete(&self, st: Arc<PathState>) {
+        let store = self.store.clone();
+        let info = st.sub.info.clone();
+        let source = st.sub.cache.url().to_string();
+        let partial = st.partial.clone();
+        let path = st.path().clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let f = File::open(&partial)?;
+            let mut r = BufReader::with_capacity(1 << 20, f);
+            Ok::<_, std::io::Error>(store.ingest_nar(&info, &source, &mut r))
+        })
+        .await;
+        let failure = match result {
+            Ok(Ok(Ok(stats))) => {
+                tracing::info!(%path, nar_bytes = stats.nar_bytes, "range-fetched path verified and stored");
+                self.counters.completed();
+                self.mark_stored(&st);
+                return;
+            }
+            Ok(Ok(Err(source))) => LazyError::Refused {
+                path: path.clone(),
+                source: Box::new(source),
+            },
+            Ok(Err(source)) => LazyError::Partial {
+                path: path.clone(),
+                file: st.partial.clone(),
+                source,
+            },
+            Err(e) => spawn_err(&path, e),
+        };
+        tracing::error!(%path, error = %failure, "range-fetched NAR refused; the path stays unstored and its reads fail");
+        self.counters.refused();
+        {
+            let mut g = st.lock();
+            g.phase = Phase::Failed(Arc::new(failure));
+            st.remove_partial(&mut g);
+        }
+        st.bump();
+    }
+}
+
+/// Claims the missing chunks of `c0..c1` (marks them in flight), at most `limit` of them, as
+/// runs of adjacent chunks no longer than `max_run`.
+pub(super) fn claim(
+    chunks: &mut [Chunk],
+    c0: usize,
+    c1: usize,
+    max_run: usize,
+    limit: usize,
+) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut claimed = 0;
+    for (i, c) in chunks.iter_mut().enumerate().take(c1).skip(c0) {
+        if claimed >= limit {
+            break;
+        }
+        if *c != Chunk::Missing {
+            continue;
+        }
+        *c = Chunk::InFlight;
+        claimed += 1;
+        if let Some((a, b)) = runs.last_mut() {
+            if *b == i && i - *a < max_run {
+                *b = i + 1;
+                continue;
+            }
+        }
+        runs.push((i, i + 1));
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_coalesce_adjacent_missing_chunks() {
+        use Chunk::*;
+        let mut c = vec![
+            Missing, Missing, Filled, Missing, InFlight, Missing, Missing, Missing,
+        ];
+        let runs = claim(&mut c, 0, 8, 2, usize::MAX);
+        assert_eq!(runs, vec![(0, 2), (3, 4), (5, 7), (7, 8)]);
+        assert!(c.iter().all(|x| *x != Missing));
+        let mut c = vec![Missing; 10];
+        assert_eq!(claim(&mut c, 2, 10, 4, 3), vec![(2, 5)]);
+        assert_eq!(c.iter().filter(|x| **x == InFlight).count(), 3);
+    }
+}
