@@ -623,7 +623,7 @@ impl LazyStore {
                     match self.ensure_range(&st, start, end, cause, readahead).await {
                         // (ensure_range retries a yielded prefetch itself.)
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
-                        Err(RunError::Failed(e, _)) => return Err(e),
+                        Err(RunError::Failed { error, .. }) => return Err(error),
                         Ok(()) => return Ok(()),
                     }
                 }

@@ -19,10 +19,27 @@ use crate::{Cause, LazyError};
 pub(super) enum RunError {
     /// The cache ignores `Range`: the path now uses the stream path.
     Unsupported,
-    Failed(LazyError, bool),
+    /// The fetch failed; `transient` failures (a timeout, a 5xx, a connection reset) are
+    /// tried again, up to [`crate::LazyOptions::range_attempts`].
+    Failed {
+        /// What failed.
+        error: LazyError,
+        /// Whether another attempt may succeed.
+        transient: bool,
+    },
     /// A prefetch GET stopped at a chunk boundary because demand work started: its chunks not
     /// filled are missing again, for a later prefetch (or the demand) to fetch.
     Yielded,
+}
+
+impl RunError {
+    /// A failure another attempt would not mend.
+    pub(super) fn permanent(error: LazyError) -> RunError {
+        RunError::Failed {
+            error,
+            transient: false,
+        }
+    }
 }
 
 impl LazyStore {
@@ -69,7 +86,7 @@ impl LazyStore {
             let runs = {
                 let mut g = st.lock();
                 if let Some(r) = PathState::settled(&g) {
-                    return r.map_err(|e| RunError::Failed(e, false));
+                    return r.map_err(RunError::permanent);
                 }
                 if g.mode != Mode::Range {
                     return Err(RunError::Unsupported);
@@ -88,7 +105,7 @@ impl LazyStore {
                 };
                 let runs = claim(&mut g.chunks, c0, c1, max_run, claim_limit);
                 if !runs.is_empty() {
-                    st.file(&mut g).map_err(|e| RunError::Failed(e, false))?;
+                    st.file(&mut g).map_err(RunError::permanent)?;
                 }
                 drop(g);
                 if let Some((a, b)) = readahead.take().filter(|_| permit.is_none()) {
@@ -126,7 +143,7 @@ impl LazyStore {
                     out
                 });
                 task.await
-                    .unwrap_or_else(|e| vec![Err(RunError::Failed(spawn_err(st.path(), e), false))])
+                    .unwrap_or_else(|e| vec![Err(RunError::permanent(spawn_err(st.path(), e)))])
             } else {
                 let tasks: Vec<JoinHandle<Result<(), RunError>>> = runs
                     .into_iter()
@@ -142,9 +159,8 @@ impl LazyStore {
                 let mut out = Vec::new();
                 for t in tasks {
                     out.push(
-                        t.await.unwrap_or_else(|e| {
-                            Err(RunError::Failed(spawn_err(st.path(), e), false))
-                        }),
+                        t.await
+                            .unwrap_or_else(|e| Err(RunError::permanent(spawn_err(st.path(), e)))),
                     );
                 }
                 out
@@ -155,10 +171,16 @@ impl LazyStore {
                     // Prefetch gave the link to demand: wait for quiet and claim again.
                     Ok(()) | Err(RunError::Yielded) => {}
                     Err(RunError::Unsupported) => return Err(RunError::Unsupported),
-                    Err(RunError::Failed(e, transient)) => {
+                    Err(RunError::Failed {
+                        error: e,
+                        transient,
+                    }) => {
                         failures += 1;
                         if !transient || failures >= self.opts.range_attempts.max(1) {
-                            return Err(RunError::Failed(e, transient));
+                            return Err(RunError::Failed {
+                                error: e,
+                                transient,
+                            });
                         }
                         let delay = kof_substituter::cache::RetryPolicy::default().delay(failures);
                         tracing::warn!(path = %st.path(), error = %e, ?delay, "range fetch failed, retrying");
@@ -234,15 +256,15 @@ impl LazyStore {
             }
             Err(source) => {
                 let transient = source.is_transient();
-                return Err(RunError::Failed(
-                    LazyError::Range {
+                return Err(RunError::Failed {
+                    error: LazyError::Range {
                         path,
                         start,
                         end,
                         source: Box::new(source),
                     },
                     transient,
-                ));
+                });
             }
         };
         self.range_ok
@@ -252,13 +274,10 @@ impl LazyStore {
             .or_insert(true);
         let file = st.lock().file.clone();
         let Some(file) = file else {
-            return Err(RunError::Failed(
-                LazyError::Aborted {
-                    path,
-                    reason: "the partial file was removed during a fetch".into(),
-                },
-                false,
-            ));
+            return Err(RunError::permanent(LazyError::Aborted {
+                path,
+                reason: "the partial file was removed during a fetch".into(),
+            }));
         };
         let mut pos = start;
         let mut stream = stream;
@@ -272,32 +291,26 @@ impl LazyStore {
         while let Some(item) = stream.next().await {
             let bytes = item.map_err(|source| {
                 let transient = source.is_transient();
-                RunError::Failed(
-                    LazyError::Range {
+                RunError::Failed {
+                    error: LazyError::Range {
                         path: path.clone(),
                         start,
                         end,
                         source: Box::new(source),
                     },
                     transient,
-                )
+                }
             })?;
             if pos + bytes.len() as u64 > end {
-                return Err(RunError::Failed(
-                    short(pos - start + bytes.len() as u64),
-                    false,
-                ));
+                return Err(RunError::permanent(short(pos - start + bytes.len() as u64)));
             }
             // A page-cache write of one body chunk: short enough to do on the runtime thread.
             file.write_all_at(&bytes, pos).map_err(|source| {
-                RunError::Failed(
-                    LazyError::Partial {
-                        path: path.clone(),
-                        file: st.partial.clone(),
-                        source,
-                    },
-                    false,
-                )
+                RunError::permanent(LazyError::Partial {
+                    path: path.clone(),
+                    file: st.partial.clone(),
+                    source,
+                })
             })?;
             pos += bytes.len() as u64;
             self.counters.bytes(cause, bytes.len() as u64);
@@ -323,7 +336,10 @@ impl LazyStore {
             }
         }
         if pos != end {
-            return Err(RunError::Failed(short(pos - start), true));
+            return Err(RunError::Failed {
+                error: short(pos - start),
+                transient: true,
+            });
         }
         self.counters.latency(t0.elapsed());
         Ok(())

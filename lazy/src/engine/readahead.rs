@@ -148,7 +148,7 @@ impl LazyStore {
                 };
                 for (x, y) in runs {
                     let _slot = me.demand_slots.acquire().await.expect("never closed");
-                    if let Err(RunError::Failed(e, _)) =
+                    if let Err(RunError::Failed { error: e, .. }) =
                         me.fetch_run(st.clone(), x, y, Cause::Demand).await
                     {
                         tracing::debug!(error = %e, "readahead failed; its chunks stay missing");

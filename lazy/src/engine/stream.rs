@@ -193,7 +193,7 @@ impl LazyStore {
                 Mode::Range => {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
-                        Err(RunError::Failed(e, _)) => return Err(e),
+                        Err(RunError::Failed { error, .. }) => return Err(error),
                         Ok(()) => {}
                     }
                     // Every chunk is there: wait for the ingest.
