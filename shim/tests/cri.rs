@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{busybox_rootfs, fixtures, Node, NodeOptions};
+use common::{Node, NodeOptions};
 use kof_harness::containerd::{CRI_NAMESPACE, DEFAULT_SANDBOX_IMAGE};
 use kof_harness::cri::{ContainerSpec, CriClient, Mount, PodSpec};
 use kof_harness::cri_log::{read_cri_log, wait_for_line, LogLine};
 use kof_harness::images::{self, ImageConfig};
+use kof_testkit::{busybox_rootfs, fixtures};
 
 const ENV: &str = "flox.dev/environment";
 const EMPTY_IMAGE: &str = "docker.io/flox/empty:1.0.0";

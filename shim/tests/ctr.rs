@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{busybox_rootfs, empty_rootfs, text, Node, NodeOptions};
+use common::{empty_rootfs, text, Node, NodeOptions};
+use kof_testkit::busybox_rootfs;
 
 const ENV: &str = "flox.dev/environment";
 

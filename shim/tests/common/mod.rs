@@ -7,48 +7,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
-use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
 use kof_harness::containerd::{mounts_under, Containerd, ContainerdOptions};
-use kof_node_api::api::{Client, LeaseInfo};
-use tempfile::TempDir;
-
-/// The shared fixtures (built once; the builder locks and stamps its directory).
-pub fn fixtures() -> &'static (PathBuf, Manifest) {
-    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = std::env::var_os("KOF_FIXTURES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
-            });
-        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
-            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
-        (dir, manifest)
-    })
-}
-
-/// `kof-fetcherd`, built next to this test's binary (built first if it is not there).
-pub fn fetcherd_bin() -> PathBuf {
-    static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().unwrap().parent().unwrap().join("kof-fetcherd");
-        if !bin.exists() {
-            let st = Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "kof-fetcherd", "--bin", "kof-fetcherd"])
-                .status()
-                .unwrap();
-            assert!(st.success(), "building kof-fetcherd failed");
-        }
-        bin
-    })
-    .clone()
-}
+use kof_node_api::api::LeaseInfo;
 
 /// The shim under test.
 pub fn shim_bin() -> PathBuf {
@@ -72,76 +34,43 @@ impl Default for NodeOptions {
     }
 }
 
-/// See the module doc.
+/// See the module doc. The daemon, its fixture server and directory are the shared
+/// [`kof_testkit::Node`]'s (reached through `Deref`).
 pub struct Node {
     /// The containerd namespace of this node's `ctr` containers: unique, because runc keeps
     /// the state of a runtime without options (the `flox` runtime as `ctr` runs it) under
     /// `/run/containerd/runc/<namespace>`, shared by every containerd on the machine.
     pub ns: String,
     pub containerd: Option<Containerd>,
-    pub server: ServerHandle,
-    pub config: PathBuf,
-    daemon: Option<Child>,
-    daemons_started: usize,
-    tmp: TempDir,
+    node: kof_testkit::Node,
+}
+
+impl std::ops::Deref for Node {
+    type Target = kof_testkit::Node;
+    fn deref(&self) -> &kof_testkit::Node {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut kof_testkit::Node {
+        &mut self.node
+    }
 }
 
 impl Node {
-    /// Starts the fixture server, the daemon and containerd.
+    /// Starts the fixture server (over a copy of the fixtures whose floxmeta repositories
+    /// tests change), the daemon and containerd.
     pub fn new(opts: NodeOptions) -> Node {
-        let tmp = tempfile::Builder::new()
-            .prefix("kof-shim-test")
-            .tempdir()
-            .unwrap();
-        let (src, manifest) = fixtures();
-        // A copy of the fixtures: everything linked but the floxmeta repositories, which tests
-        // change.
-        let fx = tmp.path().join("fixtures");
-        std::fs::create_dir(&fx).unwrap();
-        for e in std::fs::read_dir(src).unwrap().flatten() {
-            let name = e.file_name();
-            if name == "floxmeta" {
-                let st = Command::new("cp")
-                    .arg("-a")
-                    .arg(e.path())
-                    .arg(fx.join("floxmeta"))
-                    .status()
-                    .unwrap();
-                assert!(st.success());
-            } else {
-                std::os::unix::fs::symlink(e.path(), fx.join(&name)).unwrap();
-            }
-        }
-        let server = serve::start_in_background(ServeConfig::new(&fx));
-        let config = tmp.path().join("kof.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\n\
-                 store_dir = \"{}\"\nsocket = \"{}\"\nmount_dir = \"{}\"\nprefetch = \"{}\"\n\
-                 read_timeout_secs = 10\ndownload_attempts = 2\n",
-                server.git_base(),
-                server.cache_url("zstd"),
-                manifest.public_key,
-                tmp.path().join("store").display(),
-                tmp.path().join("run/fetcherd.sock").display(),
-                tmp.path().join("mnt").display(),
-                opts.prefetch,
-            ),
-        )
-        .unwrap();
+        let node = kof_testkit::Node::new(kof_testkit::NodeOptions {
+            prefetch: Some(opts.prefetch),
+            download_attempts: Some(2),
+            own_floxmeta: true,
+            prefix: "kof-shim-test",
+            ..kof_testkit::NodeOptions::default()
+        });
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut node = Node {
-            ns: format!("kof-test-{}-{n}", std::process::id()),
-            containerd: None,
-            server,
-            config,
-            daemon: None,
-            daemons_started: 0,
-            tmp,
-        };
-        node.start_daemon();
         let ctrd = Containerd::start(ContainerdOptions {
             flox_shim: Some(shim_bin()),
             // containerd 1.6's CRI ignores `runtime_path` (it would run the plain runc shim):
@@ -152,24 +81,15 @@ impl Node {
             ..ContainerdOptions::default()
         })
         .unwrap_or_else(|e| panic!("starting containerd: {e}"));
-        node.containerd = Some(ctrd);
-        node
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.tmp.path()
+        Node {
+            ns: format!("kof-test-{}-{n}", std::process::id()),
+            containerd: Some(ctrd),
+            node,
+        }
     }
 
     pub fn ctrd(&self) -> &Containerd {
         self.containerd.as_ref().unwrap()
-    }
-
-    pub fn socket(&self) -> PathBuf {
-        self.tmp.path().join("run/fetcherd.sock")
-    }
-
-    pub fn mount_dir(&self) -> PathBuf {
-        self.tmp.path().join("mnt")
     }
 
     /// The shim's `containers_dir` (the default, under the store).
@@ -179,61 +99,10 @@ impl Node {
 
     /// The fixture copy's floxmeta repository of `owner`.
     pub fn floxmeta(&self, owner: &str) -> PathBuf {
-        self.tmp
-            .path()
-            .join("fixtures/floxmeta")
+        self.fixtures_dir()
+            .join("floxmeta")
             .join(owner)
             .join("floxmeta.git")
-    }
-
-    /// Starts the daemon and waits until it answers with its FUSE server up.
-    pub fn start_daemon(&mut self) {
-        self.daemons_started += 1;
-        let log = std::fs::File::create(
-            self.tmp
-                .path()
-                .join(format!("daemon-{}.log", self.daemons_started)),
-        )
-        .unwrap();
-        let child = Command::new(fetcherd_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .env("KOF_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Ok(s) = Client::connect(&self.socket()).and_then(|mut c| c.status()) {
-                if s.fuse_server.is_some() {
-                    return;
-                }
-            }
-            if let Some(st) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited with {st}: {}", self.logs());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "the daemon did not come up: {}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Kills the daemon (its detached FUSE server keeps serving).
-    pub fn kill_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn client(&self) -> Client {
-        Client::connect(&self.socket()).unwrap()
     }
 
     pub fn leases(&self) -> Vec<LeaseInfo> {
@@ -242,24 +111,11 @@ impl Node {
 
     /// The daemon, FUSE server, shim and containerd logs.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.tmp.path()).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.ends_with(".log") {
-                out.push_str(&format!("--- {name}\n"));
-                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-            }
-        }
-        for (name, path) in [
-            (
-                "fuse-server.log",
-                self.tmp.path().join("run/fuse-server.log"),
-            ),
-            ("shim.log", self.containers_dir().join("shim.log")),
-        ] {
-            out.push_str(&format!("--- {name}\n"));
-            out.push_str(&std::fs::read_to_string(path).unwrap_or_default());
-        }
+        let mut out = self.node.logs();
+        out.push_str("--- shim.log\n");
+        out.push_str(
+            &std::fs::read_to_string(self.containers_dir().join("shim.log")).unwrap_or_default(),
+        );
         if let Some(c) = &self.containerd {
             out.push_str("--- containerd\n");
             out.push_str(&c.log());
@@ -383,21 +239,7 @@ impl Drop for Node {
         }
         // runc's state directory for this namespace (see `ns`), empty by now.
         let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&self.ns));
-        self.kill_daemon();
-        let _ = Command::new(fetcherd_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("stop-fuse-server")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !mounts_under(&self.mount_dir()).is_empty() {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.mount_dir())
-                .stderr(Stdio::null())
-                .status();
-        }
+        // Then the shared node's drop: the daemon, its FUSE server and mount, the server.
     }
 }
 
@@ -406,17 +248,6 @@ pub fn empty_rootfs(dir: &Path) -> PathBuf {
     let r = dir.join("empty-rootfs");
     std::fs::create_dir_all(&r).unwrap();
     std::fs::write(r.join(".flox-empty"), "").unwrap();
-    r
-}
-
-/// A real image's root: static busybox as `/bin/busybox` and `/bin/sh`, and a marker file.
-pub fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let r = dir.join("busybox-rootfs");
-    std::fs::create_dir_all(r.join("bin")).unwrap();
-    std::fs::create_dir_all(r.join("etc")).unwrap();
-    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", r.join("bin/sh")).unwrap();
-    std::fs::write(r.join("etc/image-marker"), "from the image\n").unwrap();
     r
 }
 
