@@ -12,15 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use kof_floxhub::client::{read_token_file, FloxHubClient};
-use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
+use kof_floxhub::client::read_token_file;
 use kof_fuse::{Entry, MountOptions, Mounted};
-use kof_lazy::view::{build_view, View, ViewInput};
-use kof_lazy::{LazyContent, LazyStore, LocalReader, Profile, StartedEntries};
+use kof_lazy::prepare::{Lease, PrepareError, PreparedEnvironment, Preparer, Root};
+use kof_lazy::{LazyContent, LazyStore, LocalReader};
 use kof_node_api::activate::activate;
-use kof_node_api::config::Prefetch;
 use kof_node_api::envref::EnvRef;
-use kof_substituter::fetcher::Fetcher;
 use tempfile::TempDir;
 
 use crate::context::Context;
@@ -93,18 +90,6 @@ pub fn prepare_view(
     })
 }
 
-fn resolver(ctx: &Context) -> Result<(Resolver, Option<kof_floxhub::client::Token>)> {
-    let cfg = &ctx.config;
-    let client = FloxHubClient::new(&cfg.floxhub_url, cfg.store_dir.join("floxmeta"))
-        .with_context(|| format!("FloxHub at {}", cfg.floxhub_url))?;
-    let token = cfg
-        .floxhub_token_file
-        .as_deref()
-        .map(|p| read_token_file(p).with_context(|| format!("FloxHub token file {}", p.display())))
-        .transpose()?;
-    Ok((Resolver::new(client, cfg.system.clone()), token))
-}
-
 /// Everything up to the command's exit status; the caller exits with it. Through the node
 /// daemon when it answers on the configured socket and owns this store (fetches shared, one
 /// store writer), else alone.
@@ -172,15 +157,12 @@ fn run_through_daemon(
     Ok(status)
 }
 
-/// The view served by a FUSE mount of this process ([`prepare_view`]).
+/// The view served by a FUSE mount of this process ([`prepare_view`]), prepared by the same
+/// pipeline as the daemon's ([`Preparer::prepare_environment`]). What the run fetched stays:
+/// completed paths are in the store, and the engine keeps the fetched ranges of partial NARs
+/// for the next run.
 fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     let store = Arc::new(ctx.open_store()?);
-    let (resolver, token) = resolver(ctx)?;
-    // A pinned generation this store recorded resolves without FloxHub.
-    let resolver = resolver.with_store(store.clone());
-    let fetcher = Arc::new(
-        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?,
-    );
     let scratch = tempfile::Builder::new()
         .prefix("kof-run-")
         .tempdir()
@@ -189,64 +171,23 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let (env, closure, view, lazy) = rt.block_on(async {
-        let env: ResolvedEnvironment = {
-            let r = r.clone();
-            let r2 = r.clone();
-            tokio::task::spawn_blocking(move || resolver.resolve(&r2, token.as_ref()))
-                .await
-                .context("resolver task")?
-                .with_context(|| format!("resolving {r}"))?
-        };
-        let lazy = LazyStore::new(
-            fetcher.clone(),
-            store.clone(),
-            kof_lazy::LazyOptions::from_config(&ctx.config),
-        );
-        // Each path's listing is asked for as soon as its narinfo is accepted, while the
-        // walk of the references goes on.
-        let mut listings = StartedEntries::new();
-        let closure = fetcher
-            .resolve_with(&env.roots, |sub| lazy.start_entry(sub, &mut listings))
-            .await
-            .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
-        let paths = lazy
-            .entries(&closure, listings)
-            .await
-            .with_context(|| format!("describing the closure of {}", env.env_ref()))?;
-        let view: View = build_view(&ViewInput::new(&env, paths))
-            .with_context(|| format!("building the view of {}", env.env_ref()))?;
-        anyhow::Ok((env, closure, view, lazy))
-    })?;
-    store
-        .put_environment(&env.to_record(closure.paths()))
-        .with_context(|| format!("recording {}", env.env_ref()))?;
-    let activation = activate(&view.activation(&env).input("/root", None), cmd)
-        .with_context(|| format!("activating {}", env.env_ref()))?;
-
     let _guard = rt.enter();
-    let name = format!("{}-{}-{}", env.owner, env.name, std::process::id());
-    let prepared = prepare_view(&lazy, &name, view.root.clone(), scratch.path())?;
-    // The learned profile, as the daemon does: a saved one is fetched first; without one,
-    // this start's demand reads are recorded and saved as the profile.
-    let key = format!("{}/{}", env.owner, env.name);
-    let (profile_task, recording) = match Profile::load(&ctx.config.store_dir, &key) {
-        Ok(Some(profile)) => (Some(lazy.prefetch_profile(profile)), false),
-        Ok(None) => {
-            lazy.start_recording_only(&key, Some(closure.paths()));
-            (None, true)
-        }
-        Err(e) => {
-            tracing::warn!(env = %key, error = %e, "learned profile unusable; ignored");
-            (None, false)
-        }
+    let prep = Preparer::from_config(&ctx.config, store).map_err(report)?;
+    let lease = format!("{}-{}", r.name, std::process::id());
+    let mut mount = InProcessLease {
+        lazy: prep.lazy().clone(),
+        name: lease.clone(),
+        scratch: scratch.path().to_path_buf(),
+        view: None,
     };
-    let prefetch = match ctx.config.prefetch {
-        Prefetch::Closure => Some(lazy.prefetch(closure)),
-        Prefetch::None => None,
-    };
-    tracing::info!(env = %env.env_ref(), view = %prepared.root.display(),
-        flox_env = %view.flox_env(), "running in the view");
+    let (env, background) = rt
+        .block_on(prep.prepare_environment(r, None, Root::None, &mut mount, &lease))
+        .map_err(report)?;
+    let prepared = mount.view.take().expect("a published lease has its view");
+    let activation = activate(&env.activation.input("/root", None), cmd)
+        .with_context(|| format!("activating {}", env.label()))?;
+    tracing::info!(env = %env.label(), view = %prepared.root.display(),
+        flox_env = %env.activation.flox_env, "running in the view");
     let spec = SandboxSpec {
         lower: prepared.root.clone(),
         scratch: scratch.path().join("sandbox"),
@@ -255,22 +196,10 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
         resolv_conf: true,
     };
     let status = sandbox::run(&spec);
-    if recording {
-        match lazy.stop_recording(&key) {
-            Some(p) if !p.ranges.is_empty() => match p.save(&ctx.config.store_dir) {
-                Ok(file) => tracing::info!(env = %key, ranges = p.ranges.len(),
-                    file = %file.display(), "learned profile saved"),
-                Err(e) => tracing::warn!(env = %key, error = %e, "saving the learned profile"),
-            },
-            _ => {}
-        }
+    if background.recording {
+        prep.finish_recording(&env.key(), Some(&lease));
     }
-    if let Some(p) = prefetch {
-        p.abort();
-    }
-    if let Some(p) = profile_task {
-        p.abort();
-    }
+    background.abort();
     let closed = prepared.close();
     drop(_guard);
     rt.shutdown_background();
@@ -278,4 +207,35 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     closed?;
     drop(scratch);
     Ok(status)
+}
+
+/// A pipeline error as the command's error: the whole chain, which names the environment.
+fn report(e: PrepareError) -> anyhow::Error {
+    anyhow::anyhow!(kof_node_api::report::chain(&e))
+}
+
+/// `kof-store run`'s lease step: the view mounted by this process ([`prepare_view`]).
+struct InProcessLease {
+    lazy: Arc<LazyStore>,
+    name: String,
+    scratch: PathBuf,
+    view: Option<PreparedView>,
+}
+
+impl Lease for InProcessLease {
+    async fn publish(&mut self, p: &PreparedEnvironment) -> Result<(), PrepareError> {
+        let view = prepare_view(
+            &self.lazy,
+            &self.name,
+            p.built.view.root.clone(),
+            &self.scratch,
+        )
+        .map_err(|e| PrepareError::Lease {
+            env: p.label(),
+            what: "mounting the view".into(),
+            source: e.into(),
+        })?;
+        self.view = Some(view);
+        Ok(())
+    }
 }

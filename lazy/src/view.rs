@@ -707,6 +707,54 @@ pub fn build_view(input: &ViewInput) -> Result<View, ViewError> {
     })
 }
 
+/// The content digest of a tree: BLAKE3 over an unambiguous encoding of every node (kind,
+/// length-prefixed names and targets, file references, inline bytes, executable bits), as
+/// 64 hex digits. Equal trees have equal digests; any difference (a name, an offset, a bit)
+/// gives another.
+pub fn tree_digest(e: &Entry) -> String {
+    fn bytes(h: &mut blake3::Hasher, b: &[u8]) {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    fn walk(h: &mut blake3::Hasher, e: &Entry) {
+        match e {
+            Entry::Directory(m) => {
+                h.update(b"d");
+                h.update(&(m.len() as u64).to_le_bytes());
+                for (k, v) in m {
+                    bytes(h, k.as_bytes());
+                    walk(h, v);
+                }
+            }
+            Entry::Regular {
+                executable,
+                content: Content::Store(f),
+            } => {
+                h.update(if *executable { b"F" } else { b"f" });
+                bytes(h, f.store_path.as_bytes());
+                bytes(h, f.path.as_bytes());
+                h.update(&f.nar_offset.to_le_bytes());
+                h.update(&f.size.to_le_bytes());
+            }
+            Entry::Regular {
+                executable,
+                content: Content::Inline(d),
+            } => {
+                h.update(if *executable { b"I" } else { b"i" });
+                bytes(h, d);
+            }
+            Entry::Symlink(t) => {
+                h.update(b"l");
+                bytes(h, t.as_bytes());
+            }
+        }
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"kof-view-tree-1\0");
+    walk(&mut h, e);
+    h.finalize().to_hex().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

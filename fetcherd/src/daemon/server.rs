@@ -6,21 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kof_floxhub::client::Token;
+use kof_floxhub::resolve::ResolvedEnvironment;
+use kof_lazy::prepare::{BuiltView, Lease, PrepareError, PreparedEnvironment, Preparer, Root};
+use kof_lazy::{Cause, StartedEntries};
 use kof_nar::StorePath;
-use kof_store::{EnvironmentRecord, Store};
-use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tracing::{error, info, warn};
-
-use super::control::{ensure_fuse_server, ControlClient, RunPaths};
-use super::leases::{LeaseDir, LeaseRecord};
-use super::wire::{tree_digest, WireEntry};
-use crate::metrics::{DaemonMetrics, Exposition};
-use kof_floxhub::client::{read_token_file, FloxHubClient, Token};
-use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
-use kof_lazy::view::{build_view, ViewInput};
-use kof_lazy::{Cause, LazyStore, StartedEntries};
 use kof_node_api::api::{
     error_line, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases, Prefetched,
     Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
@@ -28,38 +18,82 @@ use kof_node_api::api::{
 use kof_node_api::config::{Config, Prefetch};
 use kof_node_api::envref::EnvRef;
 use kof_node_api::lease::check_lease_id;
-use kof_substituter::closure::{Closure, ClosureEntry};
-use kof_substituter::fetcher::Fetcher;
+use kof_node_api::report::chain;
+use kof_store::{EnvironmentRecord, Store};
+use parking_lot::Mutex;
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{error, info, warn};
+
+use super::control::{ensure_fuse_server, ControlClient, RunPaths};
+use super::leases::{LeaseDir, LeaseRecord};
+use super::wire::WireEntry;
+use crate::metrics::{DaemonMetrics, Exposition};
 
 /// How long the daemon waits for a FUSE server it started to answer.
 const FUSE_SERVER_START: Duration = Duration::from_secs(30);
 /// How often the daemon checks that the FUSE server is alive.
 const FUSE_SERVER_WATCH: Duration = Duration::from_secs(2);
-/// Views of environment generations kept for their next lease.
-const BUILT_VIEWS: usize = 16;
 /// How long the reads of an environment's first start are recorded for its learned profile
 /// (or until its lease is released, if sooner).
 const RECORD_WINDOW: Duration = Duration::from_secs(30);
 
-/// Why the daemon could not start or stopped with an error.
+/// Why the daemon could not start or stopped with an error. Each names the step and the thing;
+/// the cause is the source.
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    /// A setup step failed (names the step and the thing).
-    #[error("{what}: {message}")]
-    Setup {
-        /// The step.
+    /// A system call of the start-up failed.
+    #[error("{what}")]
+    Io {
+        /// The step and the thing (`binding /run/kof/fetcherd.sock`).
         what: String,
         /// The cause.
-        message: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("opening store {}", dir.display())]
+    Store {
+        /// `store_dir`.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<kof_store::StoreError>,
+    },
+    /// The prepare pipeline could not be set up (FloxHub, its token, the fetcher).
+    #[error(transparent)]
+    Pipeline(#[from] PrepareError),
+    /// The lease directory could not be opened or read.
+    #[error("{what}")]
+    Leases {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: super::leases::LeaseStoreError,
+    },
+    /// The FUSE server could not be started.
+    #[error("starting the FUSE server")]
+    FuseServer(#[source] super::control::SpawnError),
+    /// A start-up task stopped without a result.
+    #[error("{what}: task failed")]
+    Task {
+        /// The task.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio::task::JoinError,
     },
     /// Another daemon answers on the socket.
     #[error("another kof-fetcherd is running on {0}")]
     AlreadyRunning(PathBuf),
 }
 
-fn setup(what: impl Into<String>) -> impl FnOnce(String) -> DaemonError {
+/// The [`DaemonError::Io`] of a step.
+fn io_step(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     let what = what.into();
-    move |message| DaemonError::Setup { what, message }
+    move |source| DaemonError::Io { what, source }
 }
 
 /// A failed request: what the client gets.
@@ -76,42 +110,48 @@ fn fail(kind: ErrorKind, message: impl Into<String>) -> Failure {
     }
 }
 
-/// A view built for an environment generation, kept so that the next lease of that generation
-/// skips building it, and the FUSE server, which keeps the decoded tree under the same digest,
-/// serves it without the tree crossing the control socket again.
-struct BuiltView {
-    /// The lockfile it was built from.
-    lockfile: String,
-    /// The closure it was built from, every member stored.
-    closure: Vec<StorePath>,
-    view: kof_lazy::view::View,
-    /// [`tree_digest`] of the view's root.
-    tree: String,
+/// The failure a client gets for a pipeline error: its kind, and the whole chain as the
+/// message (which names the environment).
+fn prepare_failure(e: PrepareError) -> Failure {
+    let kind = match &e {
+        PrepareError::Resolve { .. } => ErrorKind::Resolve,
+        PrepareError::Closure { .. } => ErrorKind::Closure,
+        PrepareError::Record { .. } => ErrorKind::Store,
+        PrepareError::Describe { .. } | PrepareError::View { .. } => ErrorKind::View,
+        PrepareError::Lease { .. } => ErrorKind::Fuse,
+        PrepareError::FloxHub { .. }
+        | PrepareError::TokenFile { .. }
+        | PrepareError::Fetcher(_)
+        | PrepareError::Task { .. } => ErrorKind::Internal,
+    };
+    let message = match &e {
+        // A resolution error names the environment already, most of the time: say it once.
+        PrepareError::Resolve { env, source } => {
+            let cause = chain(source);
+            let name = env.split(':').next().unwrap_or(env);
+            if cause.contains(name) {
+                cause
+            } else {
+                format!("environment {name}: {cause}")
+            }
+        }
+        _ => chain(&e),
+    };
+    fail(kind, message)
 }
-
-/// Generation (`owner`, `name`, `generation`) → its built view and when it was last used.
-type BuiltViews = HashMap<(String, String, u64), (Arc<BuiltView>, u64)>;
 
 /// The daemon's state, shared by the connection tasks.
 struct Daemon {
     config: Config,
-    store: Arc<Store>,
-    fetcher: Fetcher,
-    resolver: Arc<Resolver>,
-    token: Option<Arc<Token>>,
-    lazy: Arc<LazyStore>,
+    /// The one prepare pipeline (store, resolver, fetcher, lazy engine, built views).
+    prep: Arc<Preparer>,
     lease_dir: LeaseDir,
     /// The leases, and a lock per lease id that serialises its prepare and release.
-    leases: std::sync::Mutex<BTreeMap<String, LeaseRecord>>,
-    lease_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    leases: Mutex<BTreeMap<String, LeaseRecord>>,
+    lease_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     paths: RunPaths,
     metrics: DaemonMetrics,
     started: Instant,
-    /// Profile recordings under way: environment key (`owner/name`) → the lease recording.
-    recordings: std::sync::Mutex<HashMap<String, String>>,
-    /// Views built for the latest generations leased (at most [`BUILT_VIEWS`]), and a use
-    /// counter.
-    built: std::sync::Mutex<(BuiltViews, u64)>,
 }
 
 /// The store's totals as the API reports them.
@@ -138,7 +178,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| setup("starting the async runtime")(e.to_string()))?;
+        .map_err(io_step("starting the async runtime"))?;
     rt.block_on(run_async(config))
 }
 
@@ -146,58 +186,45 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let paths = RunPaths::of(&config);
     paths
         .create_dir()
-        .map_err(|e| setup(format!("creating {}", paths.dir.display()))(e.to_string()))?;
+        .map_err(io_step(format!("creating {}", paths.dir.display())))?;
     // The API socket first: a second daemon must fail before touching anything.
     if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
         return Err(DaemonError::AlreadyRunning(config.socket.clone()));
     }
     let _ = std::fs::remove_file(&config.socket);
     let listener = UnixListener::bind(&config.socket)
-        .map_err(|e| setup(format!("binding {}", config.socket.display()))(e.to_string()))?;
+        .map_err(io_step(format!("binding {}", config.socket.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| setup(format!("chmod {}", config.socket.display()))(e.to_string()))?;
+            .map_err(io_step(format!("chmod {}", config.socket.display())))?;
     }
 
-    let store = Arc::new(Store::open(&config.store_dir).map_err(|e| {
-        setup(format!("opening store {}", config.store_dir.display()))(e.to_string())
-    })?);
-    let fetcher = Fetcher::from_config(&config, store.clone())
-        .map_err(|e| setup("setting up the fetcher")(e.to_string()))?;
-    let floxhub = FloxHubClient::new(&config.floxhub_url, config.store_dir.join("floxmeta"))
-        .map_err(|e| setup(format!("FloxHub at {}", config.floxhub_url))(e.to_string()))?;
-    let token = config
-        .floxhub_token_file
-        .as_deref()
-        .map(|p| read_token_file(p).map(Arc::new))
-        .transpose()
-        .map_err(|e| setup("reading the FloxHub token file")(e.to_string()))?;
-    let lazy = LazyStore::new(
-        Arc::new(fetcher.clone()),
-        store.clone(),
-        kof_lazy::LazyOptions::from_config(&config),
+    let store = Arc::new(
+        Store::open(&config.store_dir).map_err(|source| DaemonError::Store {
+            dir: config.store_dir.clone(),
+            source: Box::new(source),
+        })?,
     );
-    let lease_dir = LeaseDir::open(&config.store_dir.join("leases"))
-        .map_err(|e| setup("opening the lease directory")(e.to_string()))?;
-    let records = lease_dir
-        .load_all()
-        .map_err(|e| setup("reading leases")(e.to_string()))?;
+    let prep = Arc::new(Preparer::from_config(&config, store)?);
+    let lease_dir =
+        LeaseDir::open(&config.store_dir.join("leases")).map_err(|source| DaemonError::Leases {
+            what: "opening the lease directory",
+            source,
+        })?;
+    let records = lease_dir.load_all().map_err(|source| DaemonError::Leases {
+        what: "reading leases",
+        source,
+    })?;
     let daemon = Arc::new(Daemon {
-        resolver: Arc::new(Resolver::new(floxhub, config.system.clone()).with_store(store.clone())),
         config,
-        store,
-        fetcher,
-        token,
-        lazy,
+        prep,
         lease_dir,
-        leases: std::sync::Mutex::new(records.into_iter().map(|r| (r.lease.clone(), r)).collect()),
-        lease_locks: std::sync::Mutex::new(HashMap::new()),
+        leases: Mutex::new(records.into_iter().map(|r| (r.lease.clone(), r)).collect()),
+        lease_locks: Mutex::new(HashMap::new()),
         paths,
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
-        recordings: std::sync::Mutex::new(HashMap::new()),
-        built: std::sync::Mutex::new((HashMap::new(), 0)),
     });
 
     // Serve at once: a FUSE server waiting on `ensure` since the last daemon died gets its
@@ -207,7 +234,10 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let d = daemon.clone();
     tokio::task::spawn_blocking(move || d.adopt_fuse_server())
         .await
-        .map_err(|e| setup("adopting the FUSE server")(e.to_string()))??;
+        .map_err(|source| DaemonError::Task {
+            what: "adopting the FUSE server",
+            source,
+        })??;
     daemon.clone().restart_prefetch();
     tokio::spawn(daemon.clone().watch_fuse_server());
 
@@ -216,7 +246,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || d.render_metrics());
         let (bound, _task) = crate::metrics::serve(&addr, render)
             .await
-            .map_err(|e| setup(format!("metrics endpoint on {addr}"))(e.to_string()))?;
+            .map_err(io_step(format!("metrics endpoint on {addr}")))?;
         info!(addr = %bound, "metrics at /metrics");
     }
     info!(
@@ -226,7 +256,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| setup("installing the SIGTERM handler")(e.to_string()))?;
+        .map_err(io_step("installing the SIGTERM handler"))?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping (the FUSE server and its views stay)"),
         _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping (the FUSE server and its views stay)"),
@@ -361,7 +391,6 @@ impl Daemon {
     fn lease_lock(&self, lease: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.lease_locks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .entry(lease.to_string())
             .or_default()
             .clone()
@@ -385,18 +414,13 @@ impl Daemon {
     }
 
     fn lease_infos(&self) -> Vec<LeaseInfo> {
-        let leases: Vec<LeaseRecord> = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let leases: Vec<LeaseRecord> = self.leases.lock().values().cloned().collect();
         leases
             .iter()
             .map(|r| {
                 let n = self
-                    .store
+                    .prep
+                    .store()
                     .get_environment(&r.owner, &r.name, r.generation)
                     .ok()
                     .flatten()
@@ -420,35 +444,14 @@ impl Daemon {
         }
     }
 
+    /// The token a request brings, else the node's.
     fn token_for(&self, token: Option<&str>) -> Result<Option<Arc<Token>>, Failure> {
         match token {
             Some(t) => Token::new(t)
                 .map(|t| Some(Arc::new(t)))
-                .map_err(|e| fail(ErrorKind::BadToken, e.to_string())),
-            None => Ok(self.token.clone()),
+                .map_err(|e| fail(ErrorKind::BadToken, chain(&e))),
+            None => Ok(self.prep.node_token()),
         }
-    }
-
-    async fn resolve(
-        &self,
-        r: &EnvRef,
-        token: Option<Arc<Token>>,
-    ) -> Result<ResolvedEnvironment, Failure> {
-        let resolver = self.resolver.clone();
-        let r2 = r.clone();
-        let env = r.env_name();
-        blocking("resolving", move || {
-            resolver.resolve(&r2, token.as_deref()).map_err(|e| {
-                let msg = e.to_string();
-                let msg = if msg.contains(&env) {
-                    msg
-                } else {
-                    format!("environment {env}: {msg}")
-                };
-                fail(ErrorKind::Resolve, msg)
-            })
-        })
-        .await
     }
 
     async fn prepare(
@@ -457,18 +460,13 @@ impl Daemon {
         lease: &str,
         token: Option<&str>,
     ) -> Result<Prepared, Failure> {
-        check_lease_id(lease).map_err(|e| fail(ErrorKind::BadLease, e.to_string()))?;
-        let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, e.to_string()))?;
+        check_lease_id(lease).map_err(|e| fail(ErrorKind::BadLease, chain(&e)))?;
+        let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
         let token = self.token_for(token)?;
         let lock = self.lease_lock(lease);
         let _held = lock.lock().await;
 
-        let existing = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(lease)
-            .cloned();
+        let existing = self.leases.lock().get(lease).cloned();
         if let Some(rec) = existing {
             let same = rec.owner == r.owner
                 && rec.name == r.name
@@ -498,107 +496,39 @@ impl Daemon {
             return Ok(self.prepared_of(&rec, &record));
         }
 
-        let label = r.to_string();
-        let resolved = self.resolve(&r, token).await?;
-        let label_g = format!("{}:{}", resolved.env_ref().env_name(), resolved.generation);
-        // Metadata only: narinfos of paths not stored, stored metadata of the others. Each
-        // path's listing is asked for as soon as its narinfo is accepted, while the walk of the
-        // references goes on (for a 200-path closure, a round of listings less).
-        let mut listings = StartedEntries::new();
-        let closure = self
-            .fetcher
-            .resolve_with(&resolved.roots, |sub| {
-                self.lazy.start_entry(sub, &mut listings)
-            })
-            .await
-            .map_err(|e| {
-                fail(
-                    ErrorKind::Closure,
-                    format!("environment {label_g}: computing the closure: {e}"),
-                )
-            })?;
-        let record = resolved.to_record(closure.paths());
-        let pinned_before = {
-            let store = self.store.clone();
-            let record = record.clone();
-            let (owner, name, generation) = (
-                resolved.owner.clone(),
-                resolved.name.clone(),
-                resolved.generation,
-            );
-            let label_g = label_g.clone();
-            blocking("recording", move || {
-                let pinned_before = store
-                    .roots()
-                    .map_err(|e| {
-                        fail(
-                            ErrorKind::Store,
-                            format!("{label_g}: reading gc roots: {e}"),
-                        )
-                    })?
-                    .iter()
-                    .any(|k| {
-                        k.owner == owner && k.name == name && k.generation == generation && k.pinned
-                    });
-                store
-                    .put_environment(&record)
-                    .and_then(|()| store.set_root(&owner, &name, generation, true))
-                    .map_err(|e| fail(ErrorKind::Store, format!("{label_g}: recording it: {e}")))?;
-                Ok(pinned_before)
-            })
-            .await?
+        let mut publish = DaemonLease {
+            daemon: self,
+            lease,
+            record: None,
         };
-        let built = self
-            .view_of(&resolved, &closure, listings)
+        let (prepared, background) = self
+            .prep
+            .prepare_environment(&r, token, Root::Lease, &mut publish, lease)
             .await
-            .map_err(|f| fail(f.kind, format!("environment {label_g}: {}", f.message)))?;
-        let view = &built.view;
-        let activation = view.activation(&resolved);
-        let rec = LeaseRecord {
-            lease: lease.to_string(),
-            owner: resolved.owner.clone(),
-            name: resolved.name.clone(),
-            generation: resolved.generation,
-            pinned: resolved.pinned,
-            activation,
-            root_set_by_lease: !pinned_before,
-            created_at: now_secs(),
-        };
-        // The lease is durable before its view appears: a crash in between leaves a lease
-        // whose view the next daemon builds, never a view nobody knows.
-        let dir = self.lease_dir.clone();
-        let rec2 = rec.clone();
-        blocking("writing the lease", move || {
-            dir.put(&rec2)
-                .map_err(|e| fail(ErrorKind::Store, format!("lease {}: {e}", rec2.lease)))
-        })
-        .await?;
-        let added = self.add_view(lease, built).await;
-        if let Err(f) = added {
-            let _ = self.lease_dir.remove(lease);
-            if !pinned_before {
-                let _ = self
-                    .store
-                    .remove_root(&rec.owner, &rec.name, rec.generation);
-            }
-            return Err(f);
+            .map_err(prepare_failure)?;
+        let rec = publish
+            .record
+            .take()
+            .expect("a published lease has its record");
+        info!(lease, env = %r, generation = rec.generation,
+            paths = prepared.record.closure.len(), "prepared");
+        if background.recording {
+            self.prep
+                .finish_recording_after(prepared.key(), RECORD_WINDOW);
         }
-        self.leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(lease.to_string(), rec.clone());
-        info!(lease, env = %label, generation = rec.generation, paths = record.closure.len(), "prepared");
-        self.learned_profile(&rec, &closure);
-        if self.config.prefetch == Prefetch::Closure {
-            self.prefetch_closure(closure);
-        }
-        Ok(self.prepared_of(&rec, &record))
+        Ok(self.prepared_of(&rec, &prepared.record))
     }
 
     fn env_record(&self, rec: &LeaseRecord) -> Result<EnvironmentRecord, Failure> {
-        self.store
+        self.prep
+            .store()
             .get_environment(&rec.owner, &rec.name, rec.generation)
-            .map_err(|e| fail(ErrorKind::Store, format!("lease {}: {e}", rec.lease)))?
+            .map_err(|e| {
+                fail(
+                    ErrorKind::Store,
+                    format!("lease {}: {}", rec.lease, chain(&e)),
+                )
+            })?
             .ok_or_else(|| {
                 fail(
                     ErrorKind::Store,
@@ -612,212 +542,39 @@ impl Daemon {
             })
     }
 
-    /// The view of an environment generation: the one built for an earlier lease when it was
-    /// built from the same lockfile and the same closure, every member stored (a stored path's
-    /// tree never changes; a path still to fetch is described afresh, its listing registered
-    /// with the engine); else built now (and kept when every member is stored).
-    async fn view_of(
-        &self,
-        resolved: &ResolvedEnvironment,
-        closure: &Closure,
-        listings: StartedEntries,
-    ) -> Result<Arc<BuiltView>, Failure> {
-        let all_stored = closure
-            .entries
-            .iter()
-            .all(|e| matches!(e, ClosureEntry::Stored(_)));
-        let key = (
-            resolved.owner.clone(),
-            resolved.name.clone(),
-            resolved.generation,
-        );
-        let paths = closure.paths();
-        if all_stored {
-            let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-            let (views, clock) = &mut *built;
-            *clock += 1;
-            if let Some((b, used)) = views.get_mut(&key) {
-                if b.lockfile == resolved.lockfile_text && b.closure == paths {
-                    *used = *clock;
-                    return Ok(b.clone());
-                }
-            }
-        }
-        let view = self.build(resolved, closure, listings).await?;
-        let root = view.root.clone();
-        let tree = blocking("naming the tree", move || Ok(tree_digest(&root))).await?;
-        let b = Arc::new(BuiltView {
-            lockfile: resolved.lockfile_text.clone(),
-            closure: paths,
-            view,
-            tree,
-        });
-        if all_stored {
-            let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-            let (views, clock) = &mut *built;
-            *clock += 1;
-            views.insert(key, (b.clone(), *clock));
-            if views.len() > BUILT_VIEWS {
-                if let Some(oldest) = views
-                    .iter()
-                    .min_by_key(|(_, (_, used))| *used)
-                    .map(|(k, _)| k.clone())
-                {
-                    views.remove(&oldest);
-                }
-            }
-        }
-        Ok(b)
-    }
-
     /// Serves `built` as view `name` on the FUSE server (replacing a view of that name): by
     /// digest when the server keeps that tree, else the whole tree (kept there under its
     /// digest); a FUSE server older than digests gets the tree alone.
-    async fn add_view(&self, name: &str, built: Arc<BuiltView>) -> Result<(), Failure> {
+    async fn add_view(&self, name: &str, built: Arc<BuiltView>) -> Result<(), ApiError> {
         let control = self.paths.control.clone();
         let name = name.to_string();
-        blocking("adding the view", move || {
-            let add = || {
-                let mut c = ControlClient::connect(&control)?;
-                match c.add_cached_view(&name, &built.tree) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => c.add_view(
-                        &name,
-                        WireEntry::from_entry(&built.view.root),
-                        Some(&built.tree),
-                    ),
-                    Err(ApiError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
-                        c.add_view(&name, WireEntry::from_entry(&built.view.root), None)
-                    }
-                    Err(e) => Err(e),
+        tokio::task::spawn_blocking(move || {
+            let mut c = ControlClient::connect(&control)?;
+            match c.add_cached_view(&name, &built.tree) {
+                Ok(true) => Ok(()),
+                Ok(false) => c.add_view(
+                    &name,
+                    WireEntry::from_entry(&built.view.root),
+                    Some(&built.tree),
+                ),
+                Err(ApiError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
+                    c.add_view(&name, WireEntry::from_entry(&built.view.root), None)
                 }
-            };
-            add().map_err(|e| fail(ErrorKind::Fuse, format!("adding view {name}: {e}")))
+                Err(e) => Err(e),
+            }
         })
         .await
-    }
-
-    /// The view of an environment: every closure member's tree (metadata only; those
-    /// `listings` has under way taken from there), then the root file system.
-    async fn build(
-        &self,
-        resolved: &ResolvedEnvironment,
-        closure: &Closure,
-        listings: StartedEntries,
-    ) -> Result<kof_lazy::view::View, Failure> {
-        let entries = self
-            .lazy
-            .entries(closure, listings)
-            .await
-            .map_err(|e| fail(ErrorKind::View, format!("describing the closure: {e}")))?;
-        let input = ViewInput::new(resolved, entries);
-        build_view(&input).map_err(|e| fail(ErrorKind::View, e.to_string()))
-    }
-
-    /// The learned profile of a lease's environment: when one is saved (this node recorded it,
-    /// or it was imported), its ranges are fetched now, in parallel, ahead of the closure
-    /// prefetch; otherwise the demand reads of this first start are recorded (for
-    /// [`RECORD_WINDOW`] or until the lease is released) and saved as the profile.
-    fn learned_profile(self: &Arc<Self>, rec: &LeaseRecord, closure: &Closure) {
-        let key = rec.env_name();
-        match kof_lazy::Profile::load(&self.config.store_dir, &key) {
-            Ok(Some(profile)) => {
-                let n = profile.ranges.len();
-                let task = self.lazy.prefetch_profile(profile);
-                let key2 = key.clone();
-                tokio::spawn(async move {
-                    match task.await {
-                        Ok(failures) if failures.is_empty() => {
-                            info!(env = %key2, ranges = n, "learned profile fetched")
-                        }
-                        Ok(failures) => {
-                            warn!(env = %key2, ranges = n, first_failure = %failures[0], "learned profile fetched in part")
-                        }
-                        Err(e) => warn!(env = %key2, error = %e, "learned profile task failed"),
-                    }
-                });
-            }
-            Ok(None) => {
-                {
-                    let mut recs = self.recordings.lock().unwrap_or_else(|p| p.into_inner());
-                    if recs.contains_key(&key) {
-                        return;
-                    }
-                    recs.insert(key.clone(), rec.lease.clone());
-                }
-                self.lazy.start_recording_only(&key, Some(closure.paths()));
-                info!(env = %key, lease = %rec.lease, "recording the first start's reads");
-                let d = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(RECORD_WINDOW).await;
-                    d.finish_recording(&key, None);
-                });
-            }
-            Err(e) => warn!(env = %key, error = %e, "learned profile unusable; ignored"),
-        }
-    }
-
-    /// Ends the recording of `key` (only if `lease` started it, when given) and saves what it
-    /// saw.
-    fn finish_recording(&self, key: &str, lease: Option<&str>) {
-        {
-            let mut recs = self.recordings.lock().unwrap_or_else(|p| p.into_inner());
-            match recs.get(key) {
-                Some(l) if lease.is_none_or(|x| x == l) => {
-                    recs.remove(key);
-                }
-                _ => return,
-            }
-        }
-        let Some(profile) = self.lazy.stop_recording(key) else {
-            return;
-        };
-        if profile.ranges.is_empty() {
-            info!(env = %key, "the first start read nothing missing; no profile saved");
-            return;
-        }
-        match profile.save(&self.config.store_dir) {
-            Ok(path) => {
-                info!(env = %key, ranges = profile.ranges.len(), file = %path.display(), "learned profile saved")
-            }
-            Err(e) => warn!(env = %key, error = %e, "saving the learned profile"),
-        }
-    }
-
-    /// Fetches the rest of a closure in the background, below demand reads.
-    fn prefetch_closure(&self, closure: Closure) {
-        let n = closure.entries.len();
-        let task = self.lazy.prefetch(closure);
-        tokio::spawn(async move {
-            match task.await {
-                Ok(report) if report.failures.is_empty() => {
-                    info!(
-                        paths = n,
-                        fetched = report.stored,
-                        "background prefetch done"
-                    )
-                }
-                Ok(report) => warn!(
-                    paths = n,
-                    fetched = report.stored,
-                    first_failure = %report.failures[0],
-                    "background prefetch incomplete"
-                ),
-                Err(e) => warn!(paths = n, error = %e, "background prefetch task failed"),
-            }
-        });
+        .map_err(|e| ApiError::Io {
+            path: self.paths.control.clone(),
+            source: std::io::Error::other(e),
+        })?
     }
 
     async fn release(self: &Arc<Self>, lease: &str) -> Result<Released, Failure> {
-        check_lease_id(lease).map_err(|e| fail(ErrorKind::BadLease, e.to_string()))?;
+        check_lease_id(lease).map_err(|e| fail(ErrorKind::BadLease, chain(&e)))?;
         let lock = self.lease_lock(lease);
         let _held = lock.lock().await;
-        let rec = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(lease)
-            .cloned();
+        let rec = self.leases.lock().get(lease).cloned();
         let Some(rec) = rec else {
             return Ok(Released {
                 lease: lease.to_string(),
@@ -829,27 +586,27 @@ impl Daemon {
         blocking("removing the view", move || {
             ControlClient::connect(&control)
                 .and_then(|mut c| c.remove_view(&name))
-                .map_err(|e| fail(ErrorKind::Fuse, format!("removing view {name}: {e}")))
+                .map_err(|e| {
+                    fail(
+                        ErrorKind::Fuse,
+                        format!("removing view {name}: {}", chain(&e)),
+                    )
+                })
         })
         .await?;
         self.lease_dir
             .remove(lease)
-            .map_err(|e| fail(ErrorKind::Store, format!("lease {lease}: {e}")))?;
+            .map_err(|e| fail(ErrorKind::Store, format!("lease {lease}: {}", chain(&e))))?;
         let still_held = {
-            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let mut leases = self.leases.lock();
             leases.remove(lease);
             leases.values().any(|o| {
                 o.owner == rec.owner && o.name == rec.name && o.generation == rec.generation
             })
         };
-        self.finish_recording(&rec.env_name(), Some(lease));
+        self.prep.finish_recording(&rec.env_name(), Some(lease));
         if rec.root_set_by_lease && !still_held {
-            if let Err(e) = self
-                .store
-                .remove_root(&rec.owner, &rec.name, rec.generation)
-            {
-                warn!(lease, error = %e, "removing the gc root of a released lease");
-            }
+            self.prep.unroot(&rec.owner, &rec.name, rec.generation);
         }
         info!(lease, env = %rec.env_name(), generation = rec.generation, "released");
         Ok(Released {
@@ -859,38 +616,41 @@ impl Daemon {
     }
 
     async fn prefetch(&self, env: &str, token: Option<&str>) -> Result<Prefetched, Failure> {
-        let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, e.to_string()))?;
+        let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
         let token = self.token_for(token)?;
-        let resolved = self.resolve(&r, token).await?;
+        let resolved = self
+            .prep
+            .resolve(&r, token)
+            .await
+            .map_err(prepare_failure)?;
         let label = format!("{}:{}", resolved.env_ref().env_name(), resolved.generation);
         // Record and root first, so a gc never drops what is being fetched.
-        let closure = self.fetcher.resolve(&resolved.roots).await.map_err(|e| {
-            fail(
-                ErrorKind::Closure,
-                format!("environment {label}: computing the closure: {e}"),
-            )
-        })?;
-        self.store
-            .put_environment(&resolved.to_record(closure.paths()))
-            .and_then(|()| {
-                self.store.set_root(
-                    &resolved.owner,
-                    &resolved.name,
-                    resolved.generation,
-                    resolved.pinned,
-                )
-            })
-            .map_err(|e| {
-                fail(
-                    ErrorKind::Store,
-                    format!("environment {label}: recording it: {e}"),
-                )
+        let closure = self
+            .prep
+            .fetcher()
+            .resolve(&resolved.roots)
+            .await
+            .map_err(|source| {
+                prepare_failure(PrepareError::Closure {
+                    env: label.clone(),
+                    source: Box::new(source),
+                })
             })?;
+        self.prep
+            .record(&resolved, &closure, Root::Keep)
+            .await
+            .map_err(prepare_failure)?;
         let summary = self
-            .fetcher
+            .prep
+            .fetcher()
             .fetch_closure(&resolved.roots, None)
             .await
-            .map_err(|e| fail(ErrorKind::Fetch, format!("environment {label}: {e}")))?;
+            .map_err(|e| {
+                fail(
+                    ErrorKind::Fetch,
+                    format!("environment {label}: {}", chain(&e)),
+                )
+            })?;
         Ok(Prefetched {
             env: resolved.env_ref().env_name(),
             generation: resolved.generation,
@@ -915,14 +675,19 @@ impl Daemon {
             .ensure_in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = Instant::now();
-        let r = self.lazy.ensure(&path, start, end, Cause::Demand).await;
+        let r = self
+            .prep
+            .lazy()
+            .ensure(&path, start, end, Cause::Demand)
+            .await;
         self.metrics.ensure_latency.observe(t.elapsed());
         self.metrics
             .ensure_in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         r.map_err(|e| {
-            error!(store_path, start, end, error = %e, "demand read failed");
-            fail(ErrorKind::Fetch, e.to_string())
+            let message = chain(&e);
+            error!(store_path, start, end, error = %message, "demand read failed");
+            fail(ErrorKind::Fetch, message)
         })
     }
 
@@ -936,11 +701,12 @@ impl Daemon {
         let d = self.clone();
         blocking("status", move || {
             let store = store_totals(
-                d.store
+                d.prep
+                    .store()
                     .stats()
-                    .map_err(|e| fail(ErrorKind::Store, format!("store totals: {e}")))?,
+                    .map_err(|e| fail(ErrorKind::Store, format!("store totals: {}", chain(&e))))?,
             );
-            let c = d.lazy.counters();
+            let c = d.prep.lazy().counters();
             Ok(Status {
                 pid: std::process::id(),
                 store_dir: d.config.store_dir.clone(),
@@ -958,19 +724,13 @@ impl Daemon {
     /// Finds or starts the FUSE server and makes its views match the leases.
     fn adopt_fuse_server(&self) -> Result<(), DaemonError> {
         let info = ensure_fuse_server(&self.config, &self.paths, FUSE_SERVER_START)
-            .map_err(|e| setup("starting the FUSE server")(e.to_string()))?;
+            .map_err(DaemonError::FuseServer)?;
         self.reconcile(&info);
         Ok(())
     }
 
     fn reconcile(&self, info: &FuseServerInfo) {
-        let leases: Vec<LeaseRecord> = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let leases: Vec<LeaseRecord> = self.leases.lock().values().cloned().collect();
         let handle = tokio::runtime::Handle::current();
         for rec in &leases {
             if info.views.contains(&rec.lease) {
@@ -981,11 +741,7 @@ impl Daemon {
             // again; rebuilding twice would replace a view a reader is already walking.
             let lock = self.lease_lock(&rec.lease);
             let _held = handle.block_on(lock.lock());
-            let still_leased = self
-                .leases
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&rec.lease);
+            let still_leased = self.leases.lock().contains_key(&rec.lease);
             if !still_leased
                 || self
                     .fuse_info()
@@ -1006,12 +762,7 @@ impl Daemon {
                 // look again.
                 let lock = self.lease_lock(v);
                 let _held = handle.block_on(lock.lock());
-                if self
-                    .leases
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains_key(v)
-                {
+                if self.leases.lock().contains_key(v) {
                     continue;
                 }
                 info!(view = %v, "removing a view without a lease");
@@ -1029,17 +780,29 @@ impl Daemon {
         let record = self.env_record(rec)?;
         // The view needs the lockfile's installed paths and priorities, which the record holds.
         let resolved = ResolvedEnvironment::from_record(&record, rec.pinned)
-            .map_err(|e| fail(ErrorKind::Store, format!("recorded {e}")))?;
-        let closure = self.fetcher.resolve(&record.roots).await.map_err(|e| {
-            fail(
-                ErrorKind::Closure,
-                format!("lease {}: computing the closure: {e}", rec.lease),
-            )
-        })?;
+            .map_err(|e| fail(ErrorKind::Store, format!("recorded {}", chain(&e))))?;
+        let closure = self
+            .prep
+            .fetcher()
+            .resolve(&record.roots)
+            .await
+            .map_err(|e| {
+                fail(
+                    ErrorKind::Closure,
+                    format!("lease {}: computing the closure: {}", rec.lease, chain(&e)),
+                )
+            })?;
         let built = self
+            .prep
             .view_of(&resolved, &closure, StartedEntries::new())
-            .await?;
-        self.add_view(&rec.lease, built).await
+            .await
+            .map_err(prepare_failure)?;
+        self.add_view(&rec.lease, built).await.map_err(|e| {
+            fail(
+                ErrorKind::Fuse,
+                format!("adding view {}: {}", rec.lease, chain(&e)),
+            )
+        })
     }
 
     /// Background prefetch of every leased closure again (after a restart).
@@ -1047,21 +810,19 @@ impl Daemon {
         if self.config.prefetch != Prefetch::Closure {
             return;
         }
-        let leases: Vec<LeaseRecord> = self
-            .leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let leases: Vec<LeaseRecord> = self.leases.lock().values().cloned().collect();
         tokio::spawn(async move {
             for rec in leases {
                 let Ok(record) = self.env_record(&rec) else {
                     continue;
                 };
-                match self.fetcher.resolve(&record.roots).await {
-                    Ok(closure) => self.prefetch_closure(closure),
-                    Err(e) => warn!(lease = %rec.lease, error = %e, "no prefetch after restart"),
+                match self.prep.fetcher().resolve(&record.roots).await {
+                    Ok(closure) => {
+                        self.prep.prefetch_closure(closure);
+                    }
+                    Err(e) => {
+                        warn!(lease = %rec.lease, error = %chain(&e), "no prefetch after restart")
+                    }
                 }
             }
         });
@@ -1091,7 +852,7 @@ impl Daemon {
     fn render_metrics(&self) -> String {
         let mut out = Exposition::default();
         self.metrics.encode(&mut out);
-        let c = self.lazy.counters();
+        let c = self.prep.lazy().counters();
         out.header(
             "kof_fetch_bytes_total",
             "counter",
@@ -1162,10 +923,10 @@ impl Daemon {
                 sum: c.fetch_latency.sum,
             },
         );
-        let leases = self.leases.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let leases = self.leases.lock().len();
         out.header("kof_leases", "gauge", "Leases (prepared views).");
         out.sample("kof_leases", &[], leases as f64);
-        if let Ok(s) = self.store.stats() {
+        if let Ok(s) = self.prep.store().stats() {
             out.header("kof_store_paths", "gauge", "Store paths in the store.");
             out.sample("kof_store_paths", &[], s.store_paths as f64);
             out.header("kof_store_bytes", "gauge", "Bytes of objects on disk.");
@@ -1207,5 +968,53 @@ impl Daemon {
             }
         }
         out.finish()
+    }
+}
+
+/// The daemon's lease step of the prepare pipeline: the lease record is written (durably)
+/// before its view appears on the FUSE server, so a crash in between leaves a lease whose view
+/// the next daemon builds, never a view nobody knows.
+struct DaemonLease<'a> {
+    daemon: &'a Daemon,
+    lease: &'a str,
+    /// The record written, once published.
+    record: Option<LeaseRecord>,
+}
+
+impl Lease for DaemonLease<'_> {
+    async fn publish(&mut self, p: &PreparedEnvironment) -> Result<(), PrepareError> {
+        let d = self.daemon;
+        let lease_error =
+            |what: String, source: Box<dyn std::error::Error + Send + Sync>| PrepareError::Lease {
+                env: p.label(),
+                what,
+                source,
+            };
+        let rec = LeaseRecord {
+            lease: self.lease.to_string(),
+            owner: p.resolved.owner.clone(),
+            name: p.resolved.name.clone(),
+            generation: p.resolved.generation,
+            pinned: p.resolved.pinned,
+            activation: p.activation.clone(),
+            root_set_by_lease: p.root_set,
+            created_at: now_secs(),
+        };
+        let dir = d.lease_dir.clone();
+        let rec2 = rec.clone();
+        tokio::task::spawn_blocking(move || dir.put(&rec2))
+            .await
+            .map_err(|e| lease_error(format!("lease {}", self.lease), Box::new(e)))?
+            .map_err(|e| lease_error(format!("lease {}", self.lease), Box::new(e)))?;
+        if let Err(e) = d.add_view(self.lease, p.built.clone()).await {
+            let _ = d.lease_dir.remove(self.lease);
+            return Err(lease_error(
+                format!("adding view {}", self.lease),
+                Box::new(e),
+            ));
+        }
+        d.leases.lock().insert(self.lease.to_string(), rec.clone());
+        self.record = Some(rec);
+        Ok(())
     }
 }
