@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use futures_util::future::{BoxFuture, Shared};
@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use kof_fuse::{Content, Entry};
 use kof_nar::{Compression, StorePath};
 use kof_store::Store;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -95,8 +96,8 @@ impl PathState {
         self.sub.info.nar_size
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PathInner> {
-        self.inner.lock().expect("path state poisoned")
+    fn lock(&self) -> MutexGuard<'_, PathInner> {
+        self.inner.lock()
     }
 
     fn bump(&self) {
@@ -188,8 +189,9 @@ impl PathState {
 ///    system calls on the partial file (open, `set_len`, remove) and while spawning a task,
 ///    never while waiting for a permit or another mutex.
 ///
-/// No mutex guard is held across `.await` (the guards are not `Send`, so a spawned future
-/// holding one would not compile). The [`crate::LocalReader`]'s two mutexes (stored files,
+/// The mutexes are `parking_lot`'s (no poisoning: a panic under a lock leaves plain data
+/// behind, never a poisoned lock for every later caller). No guard is held across `.await`
+/// (the guards are not `Send`, so a spawned future holding one would not compile). The [`crate::LocalReader`]'s two mutexes (stored files,
 /// raw-copy writers) are leaves of their own and never taken by the engine.
 pub struct LazyStore {
     me: Weak<LazyStore>,
@@ -316,17 +318,12 @@ impl LazyStore {
 
     /// Whether `cache` is known to honour `Range` (`None`: not asked yet).
     pub fn cache_honours_range(&self, cache_url: &str) -> Option<bool> {
-        self.range_ok
-            .lock()
-            .expect("range map poisoned")
-            .get(cache_url)
-            .copied()
+        self.range_ok.lock().get(cache_url).copied()
     }
 
     fn register(&self, sub: &Arc<Substitute>) {
         self.subs
             .lock()
-            .expect("subs poisoned")
             .entry(sub.info.store_path.clone())
             .or_insert_with(|| sub.clone());
     }
@@ -349,21 +346,18 @@ impl LazyStore {
     }
 
     async fn is_stored(&self, path: &StorePath) -> Result<bool, LazyError> {
-        if self.stored.lock().expect("stored poisoned").contains(path) {
+        if self.stored.lock().contains(path) {
             return Ok(true);
         }
         let found = self.on_store(path, |store, p| store.has_path(p)).await?;
         if found {
-            self.stored
-                .lock()
-                .expect("stored poisoned")
-                .insert(path.clone());
+            self.stored.lock().insert(path.clone());
         }
         Ok(found)
     }
 
     async fn substitute(&self, path: &StorePath) -> Result<Arc<Substitute>, LazyError> {
-        if let Some(s) = self.subs.lock().expect("subs poisoned").get(path) {
+        if let Some(s) = self.subs.lock().get(path) {
             return Ok(s.clone());
         }
         match self.fetcher.substituters().lookup(path).await {
@@ -381,14 +375,14 @@ impl LazyStore {
 
     /// The fetch state of `path`, or `None` when it is stored.
     async fn state(&self, path: &StorePath) -> Result<Option<Arc<PathState>>, LazyError> {
-        if let Some(st) = self.paths.lock().expect("paths poisoned").get(path) {
+        if let Some(st) = self.paths.lock().get(path) {
             return Ok(Some(st.clone()));
         }
         if self.is_stored(path).await? {
             return Ok(None);
         }
         let sub = self.substitute(path).await?;
-        let mut paths = self.paths.lock().expect("paths poisoned");
+        let mut paths = self.paths.lock();
         let st = paths.entry(path.clone()).or_insert_with(|| {
             let ranged = self.opts.range_reads
                 && sub.info.compression == Compression::None
@@ -422,11 +416,8 @@ impl LazyStore {
             st.remove_partial(&mut g);
         }
         st.bump();
-        self.stored
-            .lock()
-            .expect("stored poisoned")
-            .insert(st.path().clone());
-        self.paths.lock().expect("paths poisoned").remove(st.path());
+        self.stored.lock().insert(st.path().clone());
+        self.paths.lock().remove(st.path());
     }
 
     /// The view tree of a closure member, from metadata only when possible: the stored tree,
@@ -434,7 +425,7 @@ impl LazyStore {
     /// fetched whole now. Memoised.
     pub async fn entry(&self, e: &ClosureEntry) -> Result<Arc<Entry>, LazyError> {
         let path = e.path().clone();
-        if let Some(entry) = self.entries.lock().expect("entries poisoned").get(&path) {
+        if let Some(entry) = self.entries.lock().get(&path) {
             return Ok(entry.clone());
         }
         let entry = match e {
@@ -445,10 +436,7 @@ impl LazyStore {
                         let mut files = Vec::new();
                         file_extents(&entry, &mut files);
                         files.sort_unstable();
-                        self.files
-                            .lock()
-                            .expect("files poisoned")
-                            .insert(path.clone(), Arc::new(files));
+                        self.files.lock().insert(path.clone(), Arc::new(files));
                         entry
                     }
                     None => {
@@ -462,10 +450,7 @@ impl LazyStore {
             _ => self.stored_entry(&path).await?,
         };
         let entry = Arc::new(entry);
-        self.entries
-            .lock()
-            .expect("entries poisoned")
-            .insert(path, entry.clone());
+        self.entries.lock().insert(path, entry.clone());
         Ok(entry)
     }
 

@@ -20,11 +20,12 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kof_fuse::{ContentSource, FileRef};
 use kof_nar::StorePath;
 use kof_store::{Codec, Digest, FileContent, NodeKind, Store};
+use parking_lot::Mutex;
 
 use super::Ensure;
 
@@ -99,11 +100,7 @@ impl LocalReader {
 
     /// The files of `file`'s path if it is known to be stored.
     fn cached_files(&self, file: &FileRef) -> Option<FileMap> {
-        self.stored
-            .lock()
-            .expect("stored map poisoned")
-            .get(&file.store_path)
-            .cloned()
+        self.stored.lock().get(&file.store_path).cloned()
     }
 
     /// The files of `path` if it is stored.
@@ -125,7 +122,6 @@ impl LocalReader {
         let map = Arc::new(map);
         self.stored
             .lock()
-            .expect("stored map poisoned")
             .insert(file.store_path.clone(), map.clone());
         Ok(Some(map))
     }
@@ -276,7 +272,7 @@ impl LocalReader {
             }
         }
         {
-            let mut w = self.raw.lock().expect("raw writers poisoned");
+            let mut w = self.raw.lock();
             if w.failed.contains(&content.digest)
                 || w.running.contains(&content.digest)
                 || w.running.len() >= RAW_CACHE_WRITERS
@@ -291,7 +287,7 @@ impl LocalReader {
             .name("kof-raw-copy".into())
             .spawn(move || {
                 let res = write_raw_copy(&store, &content, &dest);
-                let mut w = raw.lock().expect("raw writers poisoned");
+                let mut w = raw.lock();
                 w.running.remove(&content.digest);
                 match res {
                     Ok(()) => tracing::debug!(file = %what, raw = %dest.display(),
@@ -305,11 +301,7 @@ impl LocalReader {
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "starting a raw copy writer");
-            self.raw
-                .lock()
-                .expect("raw writers poisoned")
-                .running
-                .remove(&content.digest);
+            self.raw.lock().running.remove(&content.digest);
         }
         None
     }

@@ -28,7 +28,7 @@ pub(super) struct DemandActivity(Arc<LazyStore>);
 
 impl Drop for DemandActivity {
     fn drop(&mut self) {
-        *self.0.demand_ended.lock().expect("demand clock poisoned") = Instant::now();
+        *self.0.demand_ended.lock() = Instant::now();
         self.0.demand_active.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -52,11 +52,7 @@ impl LazyStore {
             let wait = if self.demand_active.load(Ordering::SeqCst) > 0 {
                 quiet
             } else {
-                let since = self
-                    .demand_ended
-                    .lock()
-                    .expect("demand clock poisoned")
-                    .elapsed();
+                let since = self.demand_ended.lock().elapsed();
                 if since >= quiet {
                     return;
                 }
@@ -72,7 +68,7 @@ impl LazyStore {
     pub fn prefetch(&self, closure: Closure) -> JoinHandle<PrefetchReport> {
         // A prefetch starts as a program does (a view was just prepared): its first reads come
         // within the quiet time, ahead of the prefetch.
-        *self.demand_ended.lock().expect("demand clock poisoned") = Instant::now();
+        *self.demand_ended.lock() = Instant::now();
         let me = self.arc();
         tokio::spawn(async move {
             let mut tasks = Vec::new();

@@ -246,10 +246,7 @@ impl LazyStore {
             Ok(None) => {
                 tracing::warn!(cache = cache.url(), %path,
                     "cache ignores Range (200): streaming whole NARs from it");
-                self.range_ok
-                    .lock()
-                    .expect("range map poisoned")
-                    .insert(cache.url().to_string(), false);
+                self.range_ok.lock().insert(cache.url().to_string(), false);
                 st.lock().mode = Mode::Stream;
                 st.bump();
                 return Err(RunError::Unsupported);
@@ -269,7 +266,6 @@ impl LazyStore {
         };
         self.range_ok
             .lock()
-            .expect("range map poisoned")
             .entry(cache.url().to_string())
             .or_insert(true);
         let file = st.lock().file.clone();

@@ -48,12 +48,7 @@ impl LazyStore {
         if max == 0 || self.cache_honours_range(st.sub.cache.url()) != Some(true) {
             return None;
         }
-        let files = self
-            .files
-            .lock()
-            .expect("files poisoned")
-            .get(path)?
-            .clone();
+        let files = self.files.lock().get(path)?.clone();
         let i = files
             .partition_point(|(off, _)| *off <= start)
             .checked_sub(1)?;
@@ -68,12 +63,7 @@ impl LazyStore {
         if off >= start && file_end <= end {
             return None;
         }
-        if !self
-            .read_ahead
-            .lock()
-            .expect("read_ahead poisoned")
-            .insert((path.clone(), off))
-        {
+        if !self.read_ahead.lock().insert((path.clone(), off)) {
             return None;
         }
         Some((off, file_end))
@@ -96,7 +86,7 @@ impl LazyStore {
         if min == 0 {
             return None;
         }
-        let mut windows = self.windows.lock().expect("windows poisoned");
+        let mut windows = self.windows.lock();
         let key = (path.clone(), off);
         let w = next_window(windows.get(&key).copied(), start, end, min, max.max(min));
         windows.insert(key, w);

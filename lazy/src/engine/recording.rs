@@ -24,7 +24,7 @@ impl LazyStore {
     /// Like [`LazyStore::start_recording`], recording only ranges of `paths` (an environment's
     /// closure), so concurrent environments do not mix.
     pub fn start_recording_only(&self, key: &str, paths: Option<Vec<StorePath>>) {
-        self.recordings.lock().expect("recordings poisoned").insert(
+        self.recordings.lock().insert(
             key.to_string(),
             Recording {
                 only: paths.map(|p| p.into_iter().collect()),
@@ -35,16 +35,12 @@ impl LazyStore {
 
     /// Stops the recording of `key` and gives its profile (`None` if none was on).
     pub fn stop_recording(&self, key: &str) -> Option<Profile> {
-        let rec = self
-            .recordings
-            .lock()
-            .expect("recordings poisoned")
-            .remove(key)?;
+        let rec = self.recordings.lock().remove(key)?;
         Some(Profile::from_ranges(key, rec.ranges))
     }
 
     pub(super) fn record(&self, path: &StorePath, start: u64, end: u64) {
-        let mut recs = self.recordings.lock().expect("recordings poisoned");
+        let mut recs = self.recordings.lock();
         for rec in recs.values_mut() {
             if rec.only.as_ref().is_none_or(|o| o.contains(path)) {
                 rec.ranges.push((path.clone(), start, end));
