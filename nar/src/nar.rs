@@ -46,7 +46,7 @@ impl Default for Limits {
 #[derive(Debug, Error)]
 pub enum NarError {
     /// Reading the underlying stream failed (including the stream ending early).
-    #[error("reading NAR: {0}")]
+    #[error("reading NAR")]
     Io(#[from] io::Error),
     /// The stream ended inside the archive.
     #[error("NAR truncated at byte {0}")]

@@ -84,7 +84,7 @@ pub enum NarInfoError {
         reason: String,
     },
     /// `StorePath` or a reference is not a valid store path.
-    #[error("narinfo field {field}: {source}")]
+    #[error("narinfo field {field}")]
     BadPath {
         /// the key
         field: &'static str,
@@ -92,7 +92,7 @@ pub enum NarInfoError {
         source: StorePathError,
     },
     /// A hash field is malformed.
-    #[error("narinfo field {field}: {source}")]
+    #[error("narinfo field {field}")]
     BadHash {
         /// the key
         field: &'static str,
@@ -100,7 +100,7 @@ pub enum NarInfoError {
         source: HashError,
     },
     /// A `Sig:` is malformed.
-    #[error("narinfo field Sig: {0}")]
+    #[error("narinfo field Sig")]
     BadSig(#[from] SignatureError),
     /// The URL would leave the cache (absolute, `..`, a scheme).
     #[error("narinfo URL {0:?} is not a relative path inside the cache")]

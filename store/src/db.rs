@@ -19,9 +19,9 @@
 //!   error). The row goes in the same transaction that makes the path visible.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use rusqlite::Connection;
 
 use crate::error::StoreError;
@@ -179,13 +179,13 @@ impl Pool {
     }
 
     /// Held for the duration of a write transaction (see `writer`).
-    pub(crate) fn write_guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn write_guard(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.writer.lock()
     }
 
     /// A connection, returned to the pool when dropped.
     pub(crate) fn get(&self) -> Result<PooledConn<'_>, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let idle = self.idle.lock().pop();
         let conn = match idle {
             Some(c) => c,
             None => connect(&self.path)?,
@@ -221,7 +221,7 @@ impl Drop for PooledConn<'_> {
         if let Some(c) = self.conn.take() {
             // A connection left inside a transaction (an error path) is not reused.
             if c.is_autocommit() {
-                let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = self.pool.idle.lock();
                 if idle.len() < 8 {
                     idle.push(c);
                 }

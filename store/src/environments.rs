@@ -31,8 +31,10 @@ fn paths_from_json(s: &str) -> Result<Vec<StorePath>, StoreError> {
     let v: Vec<String> = serde_json::from_str(s)?;
     v.iter()
         .map(|p| {
-            StorePath::from_base_name(p).map_err(|e| {
-                StoreError::CorruptMetadata(format!("environment store path {p:?}: {e}"))
+            StorePath::from_base_name(p).map_err(|source| StoreError::CorruptStorePath {
+                what: "environment store path",
+                value: p.clone(),
+                source,
             })
         })
         .collect()

@@ -11,7 +11,7 @@ use crate::objects::Digest;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file or directory of the store (or an export target) could not be read or written.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op} {}", path.display())]
     Io {
         /// what was being done
         op: &'static str,
@@ -21,7 +21,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The store's lock file could not be opened or locked.
-    #[error("locking {}: {source}", path.display())]
+    #[error("locking {}", path.display())]
     Lock {
         /// the lock file
         path: PathBuf,
@@ -39,7 +39,7 @@ pub enum StoreError {
     #[error("the object writer stopped")]
     WriterStopped,
     /// The SQLite metadata database failed.
-    #[error("store database: {0}")]
+    #[error("store database")]
     Db(#[from] rusqlite::Error),
     /// The database was written by a newer kof with a schema this one does not know.
     #[error("store database schema version {found} is newer than supported {supported}")]
@@ -53,7 +53,7 @@ pub enum StoreError {
     #[error("corrupt store metadata: {0}")]
     CorruptMetadata(String),
     /// The NAR stream of `path` could not be read or is malformed.
-    #[error("NAR of {path}: {source}")]
+    #[error("NAR of {path}")]
     Nar {
         /// the store path being ingested
         path: StorePath,
@@ -104,8 +104,34 @@ pub enum StoreError {
         generation: u64,
     },
     /// An object's file is missing or unreadable.
-    #[error("object {digest}: {source}")]
+    #[error("object {digest}")]
     ObjectUnreadable {
+        /// the object
+        digest: Digest,
+        /// the cause
+        source: std::io::Error,
+    },
+    /// A database row names a store path that does not parse (hand-edited or corrupt).
+    #[error("corrupt store metadata: {what} {value:?}")]
+    CorruptStorePath {
+        /// which row or column held it
+        what: &'static str,
+        /// the text found
+        value: String,
+        /// why it is not a store path
+        source: kof_nar::store_path::StorePathError,
+    },
+    /// A chunked file's chunks could not be read back and reassembled.
+    #[error("corrupt store metadata: chunked file {digest} does not reassemble")]
+    ChunkedFile {
+        /// the file's content digest
+        digest: Digest,
+        /// the cause
+        source: std::io::Error,
+    },
+    /// An object's stored bytes could not be decoded back (a damaged or truncated file).
+    #[error("object {digest} is corrupt")]
+    ObjectUndecodable {
         /// the object
         digest: Digest,
         /// the cause
@@ -133,7 +159,7 @@ pub enum StoreError {
     #[error("export target {} already exists", .0.display())]
     ExportTargetExists(PathBuf),
     /// An environment record could not be (de)serialised.
-    #[error("environment record JSON: {0}")]
+    #[error("environment record JSON")]
     Json(#[from] serde_json::Error),
 }
 

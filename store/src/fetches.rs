@@ -90,8 +90,13 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (path, state, source, error, attempts, updated_at) = row?;
-            let store_path = StorePath::from_base_name(&path)
-                .map_err(|e| StoreError::CorruptMetadata(format!("fetches row {path:?}: {e}")))?;
+            let store_path = StorePath::from_base_name(&path).map_err(|source| {
+                StoreError::CorruptStorePath {
+                    what: "fetches row",
+                    value: path.clone(),
+                    source,
+                }
+            })?;
             let state = match state.as_str() {
                 "fetching" => FetchStateKind::Fetching,
                 _ => FetchStateKind::Failed,

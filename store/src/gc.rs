@@ -40,7 +40,7 @@ impl Store {
     /// Deletes every stored path outside the closure (following stored References) of the
     /// rooted environments' roots and closures, then every object no remaining path uses.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
-        let _excl = self.gc_guard.write().unwrap_or_else(|p| p.into_inner());
+        let _excl = self.gc_guard.write();
         if !self.lock.try_exclusive()? {
             return Err(StoreError::Busy {
                 dir: self.dir.clone(),

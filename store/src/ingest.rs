@@ -8,12 +8,12 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Condvar, Mutex};
 
 use fastcdc::v2020::StreamCDC;
 use kof_nar::hash::HashingReader;
 use kof_nar::nar::{self, NarError, NarVisitor};
 use kof_nar::{NarInfo, StorePath};
+use parking_lot::{Condvar, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{debug, warn};
 
@@ -277,9 +277,9 @@ pub(crate) struct InFlightGuard<'a> {
 
 impl InFlight {
     pub(crate) fn claim(&self, path: &StorePath) -> InFlightGuard<'_> {
-        let mut paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paths = self.paths.lock();
         while paths.contains(path) {
-            paths = self.done.wait(paths).unwrap_or_else(|p| p.into_inner());
+            self.done.wait(&mut paths);
         }
         paths.insert(path.clone());
         InFlightGuard {
@@ -291,7 +291,7 @@ impl InFlight {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        let mut paths = self.set.paths.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paths = self.set.paths.lock();
         paths.remove(&self.path);
         self.set.done.notify_all();
     }
@@ -352,7 +352,7 @@ impl Store {
         nar: &mut dyn Read,
     ) -> Result<IngestStats, StoreError> {
         let path = &info.store_path;
-        let _gc = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _gc = self.gc_guard.read();
         let _claim = self.inflight.claim(path);
         let mut hashing = HashingReader::new(nar);
 

@@ -16,15 +16,40 @@
 //! - **Exact reproduction**: [`Store::dump_nar`] hashes to the narinfo's NarHash and
 //!   [`Store::export`] writes the tree `nix-store --restore` makes.
 //!
-//! On disk, a store directory holds `db.sqlite` (see [`db`] for the schema), `objects/<2 hex>/
-//! <64 hex>` object files (see [`objects`]), `tmp/` (scratch space, emptied under the
-//! exclusive lock), and `lock`. An object being written is a `.tmp-*` file in its fan-out
-//! directory until it is renamed into place.
+//! This crate never fetches, never resolves an environment and never mounts anything; it keeps
+//! no state outside its directory.
+//!
+//! # Layout of a store directory
+//!
+//! `store_dir` (configuration key `store_dir`, default `/var/lib/kof`) is shared by several
+//! crates. This crate owns the first four entries; the others are kept beside them by the
+//! crate named, and this crate never reads or removes them (gc included).
+//!
+//! | entry | written by | holds |
+//! |---|---|---|
+//! | `db.sqlite`, `db.sqlite-wal`, `db.sqlite-shm` | this crate ([`db`]) | SQLite metadata in WAL mode: store paths, trees, objects, chunks, environments, gc roots, fetch states |
+//! | `objects/<2 hex>/<64 hex>` | this crate ([`objects`]) | object files by BLAKE3 digest, raw or zstd; an object being written is a `.tmp-*` file in its fan-out directory until it is renamed into place (gc sweeps stale ones) |
+//! | `tmp/` | this crate | scratch space, emptied under the exclusive lock (at open when it can be had, and by gc) |
+//! | `lock` | this crate ([`lock`]) | the store lock: a shared `flock` per open [`Store`], exclusive for gc |
+//! | `partial/<hash part>.nar` | `kof-lazy` (the demand engine) | sparse partial NARs of store paths being fetched on demand, with the engine's records of which ranges are present; removed when the path is ingested |
+//! | `raw/<2 hex>/<64 hex>` | `kof-lazy` | raw copies (mode 0444, BLAKE3-checked) of files of 16 KiB or more stored compressed or in chunks, by content digest, for FUSE passthrough; derived data, deletable at any time |
+//! | `profiles/<owner>/<name>.json` | `kof-lazy` (`kof-store profile import` writes them too) | learned prefetch profiles: which files an environment reads first |
+//! | `leases/<lease>.json` | `kof-fetcherd` | one record per lease, written atomically, so a restarted daemon serves its views again |
+//! | `floxmeta/<owner>.git`, `floxmeta/<owner>.lock` | `kof-floxhub` | bare git mirrors of FloxHub's floxmeta repositories, one per owner, and the lock file around each mirror's fetches |
+//! | `containers/<namespace>/<id>/` | `kof-shim` | each container's overlay (upper, work, root) and record; the default of `containers_dir`, used only when the configuration names `store_dir` and not `containers_dir` |
+//!
+//! `mnt/` also sits there by default without belonging to the store: it is the daemon's
+//! `mount_dir` (`/var/lib/kof/mnt`), where the FUSE server mounts the views. The daemon's run
+//! directory (the API socket, the FUSE server's `fuse.sock`, `fuse.lock` and
+//! `fuse-server.log`) is the API socket's directory, `/run/kof` by default, not under
+//! `store_dir`.
 //!
 //! Concurrency: a `Store` is `Send + Sync`; ingests of different paths run in parallel, a
 //! second ingest of the same path waits for the first. Every open `Store` holds a shared lock
 //! on `lock`; [`Store::gc`] needs it exclusively and fails with [`StoreError::Busy`] while any
 //! other `Store` (in this or another process) is open (see [`lock`]).
+
+#![deny(missing_docs)]
 
 pub mod db;
 mod dump;
@@ -40,9 +65,9 @@ mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
 
 use kof_nar::{NixHash, StorePath};
+use parking_lot::RwLock;
 use rusqlite::{OptionalExtension, Row};
 
 pub use environments::RootRecord;

@@ -91,13 +91,13 @@ impl Store {
         for obj in &objects {
             report.objects_checked += 1;
             let outcome = self.objects.reader(obj).and_then(|mut r| {
-                hash_stream(&mut r).map_err(|e| StoreError::ObjectCorrupt {
+                hash_stream(&mut r).map_err(|source| StoreError::ObjectUndecodable {
                     digest: obj.digest,
-                    reason: e.to_string(),
+                    source,
                 })
             });
             let reason = match outcome {
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(kof_node_api::report::chain(&e)),
                 Ok((d, n)) if n != obj.size => {
                     Some(format!("{n} bytes, expected {} (hash {d})", obj.size))
                 }
@@ -144,11 +144,11 @@ impl Store {
             let outcome = pieces(&conn, &content, 0, size).and_then(|_| {
                 let mut r = self.open_file(&content)?;
                 hash_stream(&mut r).map_err(|e| {
-                    crate::tree::unwrap_io(e, |e| StoreError::CorruptMetadata(e.to_string()))
+                    crate::tree::unwrap_io(e, |source| StoreError::ChunkedFile { digest, source })
                 })
             });
             let reason = match outcome {
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(kof_node_api::report::chain(&e)),
                 Ok((_, n)) if n != size => Some(format!("{n} bytes, expected {size}")),
                 Ok((d, _)) if d != digest => Some(format!("chunks reassemble to {d}")),
                 Ok(_) => None,
@@ -196,8 +196,11 @@ fn paths_of(
     for r in rows {
         let p = r?;
         out.push(
-            StorePath::from_base_name(&p)
-                .map_err(|e| StoreError::CorruptMetadata(format!("stored path {p:?}: {e}")))?,
+            StorePath::from_base_name(&p).map_err(|source| StoreError::CorruptStorePath {
+                what: "stored path",
+                value: p.clone(),
+                source,
+            })?,
         );
     }
     Ok(out)

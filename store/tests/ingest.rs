@@ -270,7 +270,10 @@ fn interrupted_stream_then_fresh_ingest_succeeds() {
     };
     match store.ingest_nar(&info, "c", &mut r) {
         Err(StoreError::Nar { source, .. }) => {
-            assert!(source.to_string().contains("peer went away"), "{source}")
+            assert!(
+                kof_node_api::report::chain(&source).contains("peer went away"),
+                "{source}"
+            )
         }
         other => panic!("{other:?}"),
     }
