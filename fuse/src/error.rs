@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
     /// The mount point cannot be inspected (missing, no permission, ...).
-    #[error("mount point {path}: {source}")]
+    #[error("mount point {path}")]
     MountPoint {
         /// The mount point as given.
         path: PathBuf,
@@ -28,7 +28,7 @@ pub enum FuseError {
         path: PathBuf,
     },
     /// The kernel refused the mount, or the FUSE handshake failed.
-    #[error("mounting the FUSE view at {path}: {source}")]
+    #[error("mounting the FUSE view at {path}")]
     Mount {
         /// The mount point.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum FuseError {
         source: io::Error,
     },
     /// The thread driving the FUSE session could not be started.
-    #[error("starting the FUSE session thread for {path}: {source}")]
+    #[error("starting the FUSE session thread for {path}")]
     SpawnSession {
         /// The mount point.
         path: PathBuf,
@@ -70,7 +70,7 @@ pub enum FuseError {
         mountpoint: PathBuf,
     },
     /// Neither a normal nor a lazy (`MNT_DETACH`) unmount succeeded.
-    #[error("unmounting {path}: {source}")]
+    #[error("unmounting {path}")]
     Unmount {
         /// The mount point.
         path: PathBuf,
@@ -78,7 +78,7 @@ pub enum FuseError {
         source: io::Error,
     },
     /// The FUSE session ended with an error.
-    #[error("FUSE session on {path} failed: {source}")]
+    #[error("FUSE session on {path} failed")]
     Session {
         /// The mount point.
         path: PathBuf,

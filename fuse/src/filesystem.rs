@@ -187,10 +187,12 @@ impl Shared {
 
     fn backing_refused(&self, file: &FileRef, error: &std::io::Error) {
         if self.backing_refusal_warned.swap(true, Ordering::Relaxed) {
-            tracing::debug!(store_path = %file.store_path, path = %file.path, %error,
+            tracing::debug!(store_path = %file.store_path, path = %file.path,
+                error = %kof_node_api::report::chain(error),
                 "kernel refused a passthrough backing file; reading through FUSE");
         } else {
-            tracing::warn!(store_path = %file.store_path, path = %file.path, %error,
+            tracing::warn!(store_path = %file.store_path, path = %file.path,
+                error = %kof_node_api::report::chain(error),
                 "kernel refused a passthrough backing file; reading through FUSE \
                  (further refusals are logged at debug level)");
         }
@@ -221,7 +223,7 @@ impl Shared {
                 Ok(bytes) => buf.extend_from_slice(&bytes),
                 Err(error) => {
                     tracing::error!(store_path = %file.store_path, path = %file.path,
-                        offset = at, len, %error,
+                        offset = at, len, error = %kof_node_api::report::chain(&error),
                         "reading a store file failed; the reader gets EIO");
                     return Err(Errno::EIO);
                 }

@@ -6,6 +6,10 @@
 //! contents are never held here: a read asks the [`ContentSource`], which serves the bytes from
 //! the node store, or fetches them on demand.
 //!
+//! It never fetches, never writes a file, and knows nothing of leases, FloxHub or binary
+//! caches: which views exist is the caller's decision (the FUSE server of `kof-fetcherd`), and
+//! where bytes come from is the [`ContentSource`]'s.
+//!
 //! The tree model ([`Entry`], [`Content`], [`FileRef`]) is what the fetcher daemon builds; the
 //! file system ([`mount`], [`Mounted`]) is what the kernel talks to.
 //!
@@ -20,6 +24,8 @@
 //! Modules: `tree` (the inode table and its inode scheme), `filesystem` (the FUSE operations,
 //! caching and passthrough), `mount` (mounting, views, unmounting), `stats` (operation latency),
 //! `error`.
+
+#![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;

@@ -183,7 +183,7 @@ impl Mounted {
             // Nothing cached under that name.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(error) => tracing::warn!(mountpoint = %self.mountpoint.display(), view = name,
-                %error, "invalidating a view's root entry failed; it is right within a second"),
+                error = %kof_node_api::report::chain(&error), "invalidating a view's root entry failed; it is right within a second"),
             Ok(()) => {}
         }
     }
@@ -272,7 +272,8 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Err(error) = self.unmount_inner() {
-            tracing::error!(mountpoint = %self.mountpoint.display(), %error,
+            tracing::error!(mountpoint = %self.mountpoint.display(),
+                error = %kof_node_api::report::chain(&error),
                 "unmounting the kof FUSE view on drop failed");
         }
     }
