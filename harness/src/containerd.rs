@@ -39,26 +39,54 @@ const MAX_SOCKET_PATH: usize = 100;
 /// Why containerd could not be started or driven.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
-    #[error("creating containerd's temporary directory: {0}")]
+    /// The temporary directory could not be created.
+    #[error("creating containerd's temporary directory")]
     TempDir(#[source] io::Error),
+    /// The socket path would not fit a unix socket address.
     #[error("socket path {0} is too long for a unix socket; set TMPDIR to a shorter directory")]
     SocketPathTooLong(PathBuf),
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-    #[error("running {program}: {source}")]
-    Spawn { program: String, source: io::Error },
+    /// A file (config, link) could not be written.
+    #[error("writing {path}")]
+    Write {
+        /// the file
+        path: PathBuf,
+        /// the cause
+        source: io::Error,
+    },
+    /// A program could not be started.
+    #[error("running {program}")]
+    Spawn {
+        /// the program
+        program: String,
+        /// the cause
+        source: io::Error,
+    },
+    /// containerd exited while starting.
     #[error("containerd exited ({status}) before answering on its socket; log tail:\n{log_tail}")]
-    Exited { status: String, log_tail: String },
-    #[error("containerd did not answer on {socket} within {timeout:?}; log tail:\n{log_tail}")]
-    StartTimeout {
-        socket: PathBuf,
-        timeout: Duration,
+    Exited {
+        /// its exit status
+        status: String,
+        /// the end of its log
         log_tail: String,
     },
+    /// containerd did not answer in time.
+    #[error("containerd did not answer on {socket} within {timeout:?}; log tail:\n{log_tail}")]
+    StartTimeout {
+        /// its socket
+        socket: PathBuf,
+        /// how long it was given
+        timeout: Duration,
+        /// the end of its log
+        log_tail: String,
+    },
+    /// `ctr images import` failed.
     #[error("`ctr images import {archive}` failed ({status}): {stderr}")]
     Import {
+        /// the image archive
         archive: PathBuf,
+        /// ctr's exit status
         status: String,
+        /// ctr's stderr
         stderr: String,
     },
 }

@@ -29,23 +29,33 @@ const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// Why a CRI call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
-    #[error("building the CRI client's tokio runtime: {0}")]
+    /// The client's runtime could not be built.
+    #[error("building the CRI client's tokio runtime")]
     Runtime(#[source] std::io::Error),
-    #[error("connecting to CRI at {socket}: {source}")]
+    /// The CRI socket could not be reached.
+    #[error("connecting to CRI at {socket}")]
     Connect {
+        /// the socket
         socket: PathBuf,
+        /// the cause
         #[source]
         source: tonic::transport::Error,
     },
+    /// containerd answered a call with an error. Its status is containerd's answer, not a
+    /// cause below this layer: the code and message are this error's text.
     #[error("CRI {method} failed ({code:?}): {message}", code = .status.code(), message = .status.message())]
     Call {
+        /// the CRI method
         method: &'static str,
-        #[source]
+        /// containerd's answer
         status: Box<tonic::Status>,
     },
+    /// An answer lacked a field the call needs.
     #[error("CRI {method} answered without {field}")]
     MissingField {
+        /// the CRI method
         method: &'static str,
+        /// the missing field
         field: &'static str,
     },
 }
@@ -71,10 +81,15 @@ impl CriError {
 /// A pod sandbox as the tests need it; always on the host network, never with a hostname.
 #[derive(Debug, Clone, Default)]
 pub struct PodSpec {
+    /// The pod's name.
     pub name: String,
+    /// Its Kubernetes namespace.
     pub namespace: String,
+    /// Its uid (unique per pod).
     pub uid: String,
+    /// Pod annotations.
     pub annotations: HashMap<String, String>,
+    /// Pod labels.
     pub labels: HashMap<String, String>,
     /// CRI runtime handler: `"flox"`, or `""` for the default (`runc`).
     pub runtime_handler: String,
@@ -144,22 +159,32 @@ fn host_network_namespaces() -> api::NamespaceOption {
 /// A bind mount into a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
+    /// The host's file or directory.
     pub host_path: PathBuf,
+    /// Where it appears in the container.
     pub container_path: String,
+    /// Mounted read-only.
     pub readonly: bool,
 }
 
 /// A container as the tests need it.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerSpec {
+    /// The container's name in its pod.
     pub name: String,
     /// Image reference as a pod spec has it (`flox/empty:1.0.0`); CRI normalizes it.
     pub image: String,
+    /// The command (replaces the image's entrypoint when not empty).
     pub command: Vec<String>,
+    /// Its arguments (replace the image's cmd when not empty).
     pub args: Vec<String>,
+    /// The working directory; empty: the image's.
     pub working_dir: String,
+    /// Environment variables.
     pub envs: Vec<(String, String)>,
+    /// Container annotations.
     pub annotations: HashMap<String, String>,
+    /// Bind mounts.
     pub mounts: Vec<Mount>,
     /// Relative to the pod's `log_directory`; empty: no log.
     pub log_path: String,
@@ -229,8 +254,11 @@ impl ContainerSpec {
 /// What `ExecSync` returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecResult {
+    /// What the command wrote to stdout.
     pub stdout: Vec<u8>,
+    /// What it wrote to stderr.
     pub stderr: Vec<u8>,
+    /// Its exit code.
     pub exit_code: i32,
 }
 

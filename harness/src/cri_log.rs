@@ -11,21 +11,32 @@ use std::time::{Duration, Instant};
 /// Why a CRI log could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CriLogError {
-    #[error("reading CRI log {path}: {source}")]
+    /// The log file could not be read.
+    #[error("reading CRI log {path}")]
     Read {
+        /// the log file
         path: PathBuf,
+        /// the cause
         source: std::io::Error,
     },
+    /// A record is not in the CRI log format.
     #[error("CRI log line {line_no} is malformed ({reason}): {text:?}")]
     Malformed {
+        /// its 1-based line number
         line_no: usize,
+        /// what is wrong
         reason: &'static str,
+        /// the record
         text: String,
     },
+    /// No line matched before the deadline.
     #[error("no matching line in CRI log {path} within {timeout:?}; it holds {} lines: {lines:?}", lines.len())]
     Timeout {
+        /// the log file
         path: PathBuf,
+        /// how long it was watched
         timeout: Duration,
+        /// the lines it held
         lines: Vec<LogLine>,
     },
 }
@@ -33,7 +44,9 @@ pub enum CriLogError {
 /// Which output stream a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
+    /// The container's stdout.
     Stdout,
+    /// The container's stderr.
     Stderr,
 }
 
@@ -42,6 +55,7 @@ pub enum Stream {
 pub struct LogLine {
     /// The time of the line's first record, as written (RFC 3339 with nanoseconds).
     pub timestamp: String,
+    /// Its stream.
     pub stream: Stream,
     /// The text without its newline; partial records joined.
     pub line: String,

@@ -30,23 +30,48 @@ pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 /// Why an image archive could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The image name is not one containerd accepts.
     #[error("invalid image name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
-    #[error("reading {path}: {source}")]
-    ReadSource { path: PathBuf, source: io::Error },
+    InvalidName {
+        /// the name
+        name: String,
+        /// what is wrong with it
+        reason: &'static str,
+    },
+    /// A file to put in the image could not be read.
+    #[error("reading {path}")]
+    ReadSource {
+        /// the file
+        path: PathBuf,
+        /// the cause
+        source: io::Error,
+    },
+    /// The pause binary is not a static executable.
     #[error("{path} is not a statically linked executable usable as the pause binary")]
-    NotABinary { path: PathBuf },
-    #[error("writing image archive {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    NotABinary {
+        /// the file
+        path: PathBuf,
+    },
+    /// The archive could not be written.
+    #[error("writing image archive {path}")]
+    Write {
+        /// the archive
+        path: PathBuf,
+        /// the cause
+        source: io::Error,
+    },
 }
 
 /// The parts of an OCI image config a test image needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageConfig {
+    /// The entrypoint.
     pub entrypoint: Vec<String>,
+    /// The command (the entrypoint's arguments).
     pub cmd: Vec<String>,
     /// `KEY=value` entries.
     pub env: Vec<String>,
+    /// The working directory, if any.
     pub working_dir: Option<String>,
 }
 

@@ -4,6 +4,10 @@
 //! client driving containerd's CRI plugin the way kubelet does ([`cri`]) and a reader for the
 //! CRI log files containers write ([`cri_log`]).
 //!
+//! It is test support only, never a dependency of a node binary, and it never touches the
+//! machine's own containerd: every state, root and socket directory is under its own temporary
+//! directory.
+//!
 //! Everything needs root, `containerd`, `ctr` and `runc` on `PATH` (Debian `containerd`, `runc`)
 //! and, for the pause image, a static busybox (Debian `busybox-static`).
 //!
@@ -41,6 +45,8 @@
 //!   task's shim connection closes, `-id <id> -bundle <bundle> delete` ("cleaning up dead
 //!   shim") — on clean stops too: after StopContainer (the container's task is deleted on exit)
 //!   and after StopPodSandbox. `ctr run --rm` likewise ends with a `delete`.
+
+#![deny(missing_docs)]
 
 pub mod containerd;
 pub mod cri;
