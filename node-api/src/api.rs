@@ -371,7 +371,7 @@ pub struct Hello {
 #[derive(Debug, Error)]
 pub enum ApiError {
     /// The daemon's socket could not be reached (not running, no permission...).
-    #[error("cannot connect to kof-fetcherd at {path}: {source}")]
+    #[error("cannot connect to kof-fetcherd at {path}")]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -380,7 +380,7 @@ pub enum ApiError {
         source: std::io::Error,
     },
     /// Sending the request or reading the answer failed.
-    #[error("talking to kof-fetcherd at {path}: {source}")]
+    #[error("talking to kof-fetcherd at {path}")]
     Io {
         /// The socket.
         path: PathBuf,
@@ -414,7 +414,21 @@ pub enum ApiError {
         /// The request.
         op: &'static str,
         /// What is wrong with it.
-        reason: String,
+        reason: &'static str,
+        /// The decoding error, if one found it.
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    /// The request could not be encoded as JSON.
+    #[error("encoding the {op} request for kof-fetcherd at {path}")]
+    Encode {
+        /// The socket.
+        path: PathBuf,
+        /// The request.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
     },
     /// The daemon refused or failed the request.
     #[error("kof-fetcherd: {}", .0.message)]
@@ -559,7 +573,8 @@ impl Client {
             return Err(ApiError::BadResponse {
                 path: self.path.clone(),
                 op: "ensure",
-                reason: "\"ok\" is false".into(),
+                reason: "\"ok\" is false",
+                source: None,
             });
         }
         Ok(())
@@ -577,10 +592,10 @@ impl Client {
         op: &'static str,
         req: &Q,
     ) -> Result<T, ApiError> {
-        let mut line = serde_json::to_vec(req).map_err(|e| ApiError::BadResponse {
+        let mut line = serde_json::to_vec(req).map_err(|source| ApiError::Encode {
             path: self.path.clone(),
             op,
-            reason: format!("cannot encode the request: {e}"),
+            source,
         })?;
         line.push(b'\n');
         let io = |source| ApiError::Io {
@@ -613,7 +628,7 @@ impl Client {
         }
         if answer.last() != Some(&b'\n') {
             let reason = if answer.len() > MAX_RESPONSE_LINE {
-                "the answer is too long".to_string()
+                "the answer is too long"
             } else {
                 // The daemon went away in the middle of its answer.
                 return Err(ApiError::Closed {
@@ -625,14 +640,16 @@ impl Client {
                 path: self.path.clone(),
                 op,
                 reason,
+                source: None,
             });
         }
-        parse_answer(&answer, op).map_err(|e| match e {
+        parse_answer(&answer).map_err(|e| match e {
             AnswerError::Remote(r) => ApiError::Remote(r),
-            AnswerError::Bad(reason) => ApiError::BadResponse {
+            AnswerError::Bad(reason, source) => ApiError::BadResponse {
                 path: self.path.clone(),
                 op,
                 reason,
+                source: Some(source),
             },
         })
     }
@@ -660,7 +677,7 @@ impl Client {
 
 enum AnswerError {
     Remote(RemoteError),
-    Bad(String),
+    Bad(&'static str, serde_json::Error),
 }
 
 #[derive(Deserialize)]
@@ -668,15 +685,16 @@ struct ErrorAnswer {
     error: RemoteError,
 }
 
-fn parse_answer<T: serde::de::DeserializeOwned>(line: &[u8], op: &str) -> Result<T, AnswerError> {
+fn parse_answer<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, AnswerError> {
     let v: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| AnswerError::Bad(format!("not JSON: {e}")))?;
+        serde_json::from_slice(line).map_err(|e| AnswerError::Bad("not JSON", e))?;
     if v.get("error").is_some() {
-        let e: ErrorAnswer = serde_json::from_value(v)
-            .map_err(|e| AnswerError::Bad(format!("malformed error object: {e}")))?;
+        let e: ErrorAnswer =
+            serde_json::from_value(v).map_err(|e| AnswerError::Bad("malformed error object", e))?;
         return Err(AnswerError::Remote(e.error));
     }
-    serde_json::from_value(v).map_err(|e| AnswerError::Bad(format!("not a {op} answer: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| AnswerError::Bad("its fields are not the expected ones", e))
 }
 
 /// The error line for a failure (what the daemon sends).
@@ -739,7 +757,7 @@ mod tests {
     #[test]
     fn error_answers_become_remote_errors() {
         let line = error_line(ErrorKind::Resolve, "environment kof/nope: not found");
-        match parse_answer::<Released>(&line, "release") {
+        match parse_answer::<Released>(&line) {
             Err(AnswerError::Remote(e)) => {
                 assert_eq!(e.kind, ErrorKind::Resolve);
                 assert_eq!(e.message, "environment kof/nope: not found");
@@ -747,8 +765,8 @@ mod tests {
             _ => panic!("expected a remote error"),
         }
         assert!(matches!(
-            parse_answer::<Released>(b"{\"lease\":1}\n", "release"),
-            Err(AnswerError::Bad(_))
+            parse_answer::<Released>(b"{\"lease\":1}\n"),
+            Err(AnswerError::Bad(..))
         ));
     }
 }

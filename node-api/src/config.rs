@@ -27,7 +27,7 @@ pub enum ConfigError {
         path: PathBuf,
     },
     /// The file exists but could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -35,7 +35,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -43,7 +43,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     /// A `trusted_public_keys` entry is not `name:base64(32 bytes)`.
-    #[error("invalid config file {path}: trusted_public_keys entry {key:?}: {source}")]
+    #[error("invalid config file {path}: trusted_public_keys entry {key:?}")]
     BadPublicKey {
         /// The file.
         path: PathBuf,

@@ -72,7 +72,7 @@ pub enum EnvRefError {
         input: String,
     },
     /// The owner part is invalid.
-    #[error("invalid environment reference {input:?}: bad owner: {problem}")]
+    #[error("invalid environment reference {input:?}: bad owner")]
     Owner {
         /// The reference as given.
         input: String,
@@ -81,7 +81,7 @@ pub enum EnvRefError {
         problem: NameProblem,
     },
     /// The name part is invalid.
-    #[error("invalid environment reference {input:?}: bad environment name: {problem}")]
+    #[error("invalid environment reference {input:?}: bad environment name")]
     Name {
         /// The reference as given.
         input: String,
@@ -90,7 +90,7 @@ pub enum EnvRefError {
         problem: NameProblem,
     },
     /// The generation part is invalid.
-    #[error("invalid environment reference {input:?}: bad generation: {problem}")]
+    #[error("invalid environment reference {input:?}: bad generation")]
     Generation {
         /// The reference as given.
         input: String,

@@ -83,7 +83,7 @@ fn unknown_key_is_refused_naming_file_and_key() {
     let p = write(dir.path(), "c.toml", "substituter = [\"https://x\"]\n");
     let err = Config::load_from(Some(&p), None, Path::new("/nonexistent")).unwrap_err();
     assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
-    let msg = err.to_string();
+    let msg = kof_node_api::report::chain(&err);
     assert!(msg.contains(&p.display().to_string()), "{msg}");
     assert!(msg.contains("substituter"), "{msg}");
 }
@@ -128,7 +128,10 @@ fn bad_values_are_refused() {
     let p = write(dir.path(), "t.toml", "require_sigs = \"yes\"\n");
     let err = Config::load_from(Some(&p), None, Path::new("/x")).unwrap_err();
     assert!(matches!(&err, ConfigError::Parse { .. }), "{err:?}");
-    assert!(err.to_string().contains("require_sigs"), "{err}");
+    assert!(
+        kof_node_api::report::chain(&err).contains("require_sigs"),
+        "{err}"
+    );
     let p = write(dir.path(), "d.toml", "demand_timeout_secs = 0\n");
     let err = Config::load_from(Some(&p), None, Path::new("/x")).unwrap_err();
     assert!(
