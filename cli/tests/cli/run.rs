@@ -1,13 +1,10 @@
 //! `kof-store run`: commands run inside an environment's lazy view (real FUSE, overlay, mount
 //! and pid namespaces), activated as `flox activate -- CMD`, leaving nothing mounted.
 
-use std::io::{BufRead as _, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::io::BufRead as _;
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
-
-use kof_node_api::api::Client;
 
 use crate::support::*;
 
@@ -234,7 +231,7 @@ fn the_command_inherits_no_descriptor_of_the_run() {
     // Alone (the sandbox's keeper is a fresh process, its spec passed on a pipe).
     assert_eq!(command_descriptors(&node, None), want);
     // Through the daemon (the keeper is a fork of kof-store, which talked to the daemon).
-    let daemon = Daemon::start(&node);
+    let daemon = node.spawn_daemon();
     assert_eq!(command_descriptors(&node, Some(&daemon.mount_dir)), want);
     assert_eq!(daemon.client().leases().unwrap().len(), 0);
 }
@@ -266,7 +263,7 @@ fn the_command_starts_with_sigpipe_at_its_default() {
     let (out, err) = ok(&node, &["kof/python", "--", "sh", "-c", "yes | head -n 2"]);
     assert_eq!(out, "y\ny\n");
     assert!(!err.contains("Broken pipe"), "{err}");
-    let daemon = Daemon::start(&node);
+    let daemon = node.spawn_daemon();
     let mount = Some(daemon.mount_dir.as_path());
     assert_eq!(ignored_signals(&node, mount) & sigpipe, 0);
     let (out, err) = ok_but(
@@ -283,7 +280,7 @@ fn the_command_starts_with_sigpipe_at_its_default() {
 #[test]
 fn a_terminated_run_through_the_daemon_takes_its_sandbox_down_and_releases_its_lease() {
     let node = Node::new();
-    let daemon = Daemon::start(&node);
+    let daemon = node.spawn_daemon();
     terminate_a_run(&node, Some(&daemon.mount_dir));
     assert_eq!(daemon.client().leases().unwrap().len(), 0);
     assert_eq!(
@@ -379,130 +376,10 @@ fn a_pinned_generation_runs_its_own_packages() {
     );
 }
 
-/// The `kof-fetcherd` binary, built into the same target directory as `kof-store` (a test of
-/// `kof-cli` does not get the binaries of other packages).
-fn fetcherd_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let store_bin = Path::new(env!("CARGO_BIN_EXE_kof-store"));
-        let profile_dir = store_bin.parent().unwrap();
-        let target_dir = profile_dir.parent().unwrap();
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-q", "-p", "kof-fetcherd", "--bin", "kof-fetcherd"])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().unwrap() == "release" {
-            c.arg("--release");
-        }
-        let out = run_bounded(c, Duration::from_secs(1200));
-        assert!(
-            out.status.success(),
-            "building kof-fetcherd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir.join("kof-fetcherd")
-    })
-    .clone()
-}
-
-/// A `kof-fetcherd` serving a node, stopped (with its FUSE server and mount) when dropped.
-struct Daemon {
-    child: Child,
-    config: PathBuf,
-    socket: PathBuf,
-    mount_dir: PathBuf,
-}
-
-impl Daemon {
-    fn start(node: &Node) -> Daemon {
-        let socket = node.tmp.path().join("run/fetcherd.sock");
-        let mount_dir = node.tmp.path().join("mnt");
-        let mut cfg = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&node.config)
-            .unwrap();
-        writeln!(
-            cfg,
-            "socket = \"{}\"\nmount_dir = \"{}\"",
-            socket.display(),
-            mount_dir.display()
-        )
-        .unwrap();
-        let log = std::fs::File::create(node.tmp.path().join("daemon.log")).unwrap();
-        let child = Command::new(fetcherd_bin())
-            .arg("--config")
-            .arg(&node.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child,
-            config: node.config.clone(),
-            socket,
-            mount_dir,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(s) = Client::connect(&d.socket).and_then(|mut c| c.status()) {
-                if s.fuse_server.is_some() {
-                    return d;
-                }
-            }
-            if let Some(st) = d.child.try_wait().unwrap() {
-                panic!(
-                    "kof-fetcherd exited with {st}: {}",
-                    std::fs::read_to_string(node.tmp.path().join("daemon.log")).unwrap()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(120),
-                "kof-fetcherd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new(fetcherd_bin())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("stop-fuse-server")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let mounted = || {
-            std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap()
-                .contains(self.mount_dir.to_str().unwrap())
-        };
-        let start = Instant::now();
-        while mounted() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if mounted() {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mount_dir)
-                .status();
-        }
-    }
-}
-
 #[test]
 fn runs_through_the_daemon_when_it_answers() {
     let node = Node::new();
-    let daemon = Daemon::start(&node);
+    let daemon = node.spawn_daemon();
     let tmp = node.tmp.path().join("run-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let mut c = node.cmd(&[

@@ -1,40 +1,11 @@
 //! The test node: a fixture server, a store directory and a configuration, and helpers to run
 //! `kof-store` against them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
-use kof_fixtures::serve::{self, ServeConfig, ServerHandle};
-use tempfile::TempDir;
-
-/// The shared fixtures: `$KOF_FIXTURES_DIR`, else `target/kof-fixtures/small`, built once (the
-/// builder keeps a stamp and a lock, so concurrent test binaries share one build).
-pub fn fixtures() -> &'static (PathBuf, Manifest) {
-    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = std::env::var_os("KOF_FIXTURES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
-            });
-        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
-            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
-        (dir, manifest)
-    })
-}
-
-/// The fixtures manifest.
-pub fn manifest() -> &'static Manifest {
-    &fixtures().1
-}
-
-/// The fixtures directory.
-pub fn fixtures_dir() -> &'static Path {
-    &fixtures().0
-}
+pub use kof_testkit::{fixtures_dir, manifest};
 
 /// The closure of generation `generation` (or the live one) of `owner/name`, per the manifest.
 pub fn closure_of(env: &str, generation: Option<u32>) -> Vec<String> {
@@ -61,11 +32,16 @@ pub fn nar_size(path: &str) -> u64 {
     manifest().store_paths[path].nar_size
 }
 
-/// A node: its own fixture server (so counters and faults are its own), store and config.
-pub struct Node {
-    pub tmp: TempDir,
-    pub server: ServerHandle,
-    pub config: PathBuf,
+/// A node: its own fixture server (so counters and faults are its own), store and config;
+/// the shared [`kof_testkit::Node`] (reached through `Deref`), without a daemon until a test
+/// starts one.
+pub struct Node(kof_testkit::Node);
+
+impl std::ops::Deref for Node {
+    type Target = kof_testkit::Node;
+    fn deref(&self) -> &kof_testkit::Node {
+        &self.0
+    }
 }
 
 /// How a node's configuration differs from the default test one.
@@ -93,35 +69,18 @@ impl Node {
     }
 
     pub fn with(opts: NodeOptions) -> Node {
-        let tmp = tempfile::Builder::new()
-            .prefix("kof-cli-test")
-            .tempdir()
-            .unwrap();
-        let mut cfg = ServeConfig::new(fixtures_dir());
-        cfg.latency = opts.latency;
-        let server = serve::start_in_background(cfg);
-        let config = tmp.path().join("config.toml");
-        let mut text = format!(
-            "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nstore_dir = \"{}\"\nread_timeout_secs = 3\ndownload_attempts = 3\n",
-            server.git_base(),
-            server.cache_url(opts.flavour),
-            manifest().public_key,
-            tmp.path().join("store").display(),
-        );
-        if let Some(t) = &opts.token_file {
-            text.push_str(&format!("floxhub_token_file = \"{}\"\n", t.display()));
-        }
-        text.push_str(&opts.extra_config);
-        std::fs::write(&config, text).unwrap();
-        Node {
-            tmp,
-            server,
-            config,
-        }
-    }
-
-    pub fn store_dir(&self) -> PathBuf {
-        self.tmp.path().join("store")
+        Node(kof_testkit::Node::new(kof_testkit::NodeOptions {
+            flavour: opts.flavour,
+            latency: opts.latency,
+            prefetch: None,
+            read_timeout_secs: 3,
+            download_attempts: Some(3),
+            token_file: opts.token_file,
+            extra_config: opts.extra_config,
+            start_daemon: false,
+            prefix: "kof-cli-test",
+            ..kof_testkit::NodeOptions::default()
+        }))
     }
 
     /// A `kof-store` command for this node.
