@@ -1,6 +1,7 @@
 //! [`LazyStore`]: per-path fetch state (chunks for the range path, a high-water mark for the
 //! stream path), single-flight fetches, demand and prefetch slots, completion into the store.
 
+use kof_node_api::report::chain;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -131,7 +132,7 @@ impl PathState {
         g.file = None;
         if let Err(e) = std::fs::remove_file(&self.partial) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.path(), file = %self.partial.display(), error = %e,
+                tracing::warn!(path = %self.path(), file = %self.partial.display(), error = %chain(&e),
                     "removing the partial file");
             }
         }
@@ -244,9 +245,9 @@ pub type StartedEntries = BTreeMap<StorePath, JoinHandle<Result<Arc<Entry>, Lazy
 const ENTRIES_IN_FLIGHT: usize = 32;
 
 fn spawn_err(path: &StorePath, e: tokio::task::JoinError) -> LazyError {
-    LazyError::Aborted {
+    LazyError::Task {
         path: path.clone(),
-        reason: e.to_string(),
+        source: e,
     }
 }
 
@@ -262,7 +263,7 @@ impl LazyStore {
             }
         }
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "creating the partial directory");
+            tracing::warn!(dir = %dir.display(), error = %chain(&e), "creating the partial directory");
         }
         let opts = LazyOptions {
             range_chunk: opts.range_chunk.max(4096),
@@ -497,7 +498,7 @@ impl LazyStore {
             Ok(Some(l)) => l,
             Ok(None) => return Ok(None),
             Err(e @ kof_substituter::cache::CacheError::Listing { .. }) => {
-                tracing::warn!(%path, error = %e, "unparsable listing ignored");
+                tracing::warn!(%path, error = %chain(&e), "unparsable listing ignored");
                 return Ok(None);
             }
             Err(source) => {
@@ -551,7 +552,7 @@ impl LazyStore {
             Ok(()) => {}
             Err(e) => {
                 self.counters.failure();
-                tracing::warn!(%path, start, end, %cause, error = %e, "ensure failed");
+                tracing::warn!(%path, start, end, %cause, error = %chain(e), "ensure failed");
             }
         }
         result
@@ -625,7 +626,7 @@ impl Ensure for LazyStore {
                 std::io::ErrorKind::InvalidInput,
                 LazyError::BadName {
                     name: store_path.to_string(),
-                    reason: e.to_string(),
+                    source: e,
                 },
             )
         })?;

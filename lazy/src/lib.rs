@@ -59,9 +59,9 @@
 mod counters;
 mod engine;
 mod local;
+pub mod prepare;
 pub mod profile;
 mod tree;
-pub mod prepare;
 pub mod view;
 
 use std::fmt;
@@ -201,7 +201,7 @@ pub enum LazyError {
         path: StorePath,
     },
     /// Looking the path up failed.
-    #[error("looking up {path}: {source}")]
+    #[error("looking up {path}")]
     Lookup {
         /// The path.
         path: StorePath,
@@ -235,7 +235,7 @@ pub enum LazyError {
         nar_size: u64,
     },
     /// A range GET failed.
-    #[error("{path}: fetching NAR bytes {start}..{end}: {source}")]
+    #[error("{path}: fetching NAR bytes {start}..{end}")]
     Range {
         /// The path.
         path: StorePath,
@@ -264,7 +264,7 @@ pub enum LazyError {
     #[error(transparent)]
     Fetch(Arc<PathError>),
     /// The fetched bytes did not verify (NarHash, NarSize or NAR format): the path is refused.
-    #[error("{path}: fetched NAR refused, nothing stored: {source}")]
+    #[error("{path}: fetched NAR refused, nothing stored")]
     Refused {
         /// The path.
         path: StorePath,
@@ -272,7 +272,7 @@ pub enum LazyError {
         source: Box<StoreError>,
     },
     /// Writing or reading the partial file failed.
-    #[error("{path}: partial file {}: {source}", file.display())]
+    #[error("{path}: partial file {}", file.display())]
     Partial {
         /// The path.
         path: StorePath,
@@ -282,7 +282,7 @@ pub enum LazyError {
         source: std::io::Error,
     },
     /// The store failed.
-    #[error("{path}: store: {source}")]
+    #[error("{path}: store")]
     Store {
         /// The path.
         path: StorePath,
@@ -290,7 +290,7 @@ pub enum LazyError {
         source: Box<StoreError>,
     },
     /// Fetching the `.ls` listing failed.
-    #[error("{path}: fetching its listing: {source}")]
+    #[error("{path}: fetching its listing")]
     Listing {
         /// The path.
         path: StorePath,
@@ -306,20 +306,27 @@ pub enum LazyError {
         reason: String,
     },
     /// The base name is not a valid store path.
-    #[error("invalid store path name {name:?}: {reason}")]
+    #[error("invalid store path name {name:?}")]
     BadName {
         /// The name.
         name: String,
         /// Why.
-        reason: String,
+        source: kof_nar::store_path::StorePathError,
     },
-    /// A task of the engine stopped without a result.
-    #[error("{path}: {reason}")]
-    Aborted {
+    /// A task of the engine stopped without a result (it panicked or was cancelled).
+    #[error("{path}: a task of the engine stopped without a result")]
+    Task {
         /// The path.
         path: StorePath,
-        /// What happened.
-        reason: String,
+        /// The cause.
+        source: tokio::task::JoinError,
+    },
+    /// A range fetch found its path's partial file gone (the path was committed or refused
+    /// meanwhile).
+    #[error("{path}: the partial file was removed during a fetch")]
+    PartialGone {
+        /// The path.
+        path: StorePath,
     },
     /// The same failure, shared by every waiter.
     #[error(transparent)]

@@ -14,6 +14,7 @@
 //! gc does not look at it, and the whole directory may be deleted at any time (copies of
 //! paths gc removed stay until then).
 
+use kof_node_api::report::chain;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -93,7 +94,7 @@ impl LocalReader {
         StorePath::from_base_name(&file.store_path).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{:?}: {e}", file.store_path),
+                format!("{:?}: {}", file.store_path, chain(&e)),
             )
         })
     }
@@ -193,7 +194,7 @@ impl LocalReader {
         tracing::trace!(store_path = %file.store_path, file = %file.path, offset, len, "read of a path not stored");
         if let Err(e) = ensure.ensure(&file.store_path, start, end) {
             tracing::warn!(store_path = %file.store_path, file = %file.path, offset, len,
-                error = %e, "read failed: bytes not available");
+                error = %chain(&e), "read failed: bytes not available");
             return Err(e);
         }
         // Opened after `ensure` returned, so the bytes are in the file opened.
@@ -259,7 +260,7 @@ impl LocalReader {
                         "raw copy has the wrong size: removing it");
                     drop(f);
                     if let Err(e) = fs::remove_file(&dest) {
-                        tracing::warn!(raw = %dest.display(), error = %e, "removing a raw copy");
+                        tracing::warn!(raw = %dest.display(), error = %chain(&e), "removing a raw copy");
                         return None;
                     }
                 }
@@ -267,7 +268,7 @@ impl LocalReader {
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                tracing::debug!(raw = %dest.display(), error = %e, "opening a raw copy");
+                tracing::debug!(raw = %dest.display(), error = %chain(&e), "opening a raw copy");
                 return None;
             }
         }
@@ -293,14 +294,14 @@ impl LocalReader {
                     Ok(()) => tracing::debug!(file = %what, raw = %dest.display(),
                         size = content.size, "raw copy written"),
                     Err(e) => {
-                        tracing::warn!(file = %what, raw = %dest.display(), error = %e,
+                        tracing::warn!(file = %what, raw = %dest.display(), error = %chain(&e),
                             "raw copy not written: the file is read through FUSE");
                         w.failed.insert(content.digest);
                     }
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "starting a raw copy writer");
+            tracing::warn!(error = %chain(&e), "starting a raw copy writer");
             self.raw.lock().running.remove(&content.digest);
         }
         None

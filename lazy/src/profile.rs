@@ -26,7 +26,7 @@ pub const MAX_OFFSET: u64 = 1 << 40;
 #[derive(Debug, Error)]
 pub enum ProfileError {
     /// Reading or writing the file failed.
-    #[error("profile {}: {source}", path.display())]
+    #[error("profile {}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -40,7 +40,7 @@ pub enum ProfileError {
         path: PathBuf,
     },
     /// The JSON does not parse.
-    #[error("profile {what}: {source}")]
+    #[error("profile {what}")]
     Json {
         /// The file (or `"input"`).
         what: String,
@@ -54,6 +54,16 @@ pub enum ProfileError {
         key: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A range names something that is not a store path's base name.
+    #[error("profile {key:?}: store path {store_path:?}")]
+    BadStorePath {
+        /// Its key, as given.
+        key: String,
+        /// The name in the range.
+        store_path: String,
+        /// Why it is not a store path.
+        source: kof_nar::store_path::StorePathError,
     },
     /// No profile is saved for the key.
     #[error("no profile saved for {0}")]
@@ -164,8 +174,13 @@ impl Profile {
             return Err(bad(format!("more than {MAX_RANGES} ranges")));
         }
         for r in &self.ranges {
-            StorePath::from_base_name(&r.store_path)
-                .map_err(|e| bad(format!("store path {:?}: {e}", r.store_path)))?;
+            StorePath::from_base_name(&r.store_path).map_err(|source| {
+                ProfileError::BadStorePath {
+                    key: self.key.clone(),
+                    store_path: r.store_path.clone(),
+                    source,
+                }
+            })?;
             if r.start >= r.end || r.end > MAX_OFFSET {
                 return Err(bad(format!(
                     "range {}..{} of {} is empty or beyond {MAX_OFFSET}",

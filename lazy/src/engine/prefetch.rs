@@ -1,6 +1,7 @@
 //! Prefetch below demand: a closure's paths and a learned profile's ranges, fetched when demand
 //! is quiet ([`LazyStore::demand_quiet`]), under prefetch slots.
 
+use kof_node_api::report::chain;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,10 +93,10 @@ impl LazyStore {
                 match t.await {
                     Ok((_, Ok(()))) => report.stored += 1,
                     Ok((path, Err(e))) => {
-                        tracing::warn!(%path, error = %e, "prefetch failed");
-                        report.failures.push(e.to_string());
+                        tracing::warn!(%path, error = %chain(&e), "prefetch failed");
+                        report.failures.push(chain(&e));
                     }
-                    Err(e) => report.failures.push(e.to_string()),
+                    Err(e) => report.failures.push(chain(&e)),
                 }
             }
             tracing::info!(
@@ -115,7 +116,7 @@ impl LazyStore {
         tokio::spawn(async move {
             let ranges = match profile.store_ranges() {
                 Ok(r) => r,
-                Err(e) => return vec![e.to_string()],
+                Err(e) => return vec![chain(&e)],
             };
             let tasks: Vec<_> = ranges
                 .into_iter()
@@ -128,8 +129,8 @@ impl LazyStore {
             for t in tasks {
                 match t.await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => failures.push(e.to_string()),
-                    Err(e) => failures.push(e.to_string()),
+                    Ok(Err(e)) => failures.push(chain(&e)),
+                    Err(e) => failures.push(chain(&e)),
                 }
             }
             failures

@@ -2,6 +2,7 @@
 //! chunk single-flight, adjacent ones coalesced), marking them filled, and ingesting the
 //! complete partial file into the store.
 
+use kof_node_api::report::chain;
 use std::fs::File;
 use std::io::BufReader;
 use std::os::unix::fs::FileExt;
@@ -183,7 +184,7 @@ impl LazyStore {
                             });
                         }
                         let delay = kof_substituter::cache::RetryPolicy::default().delay(failures);
-                        tracing::warn!(path = %st.path(), error = %e, ?delay, "range fetch failed, retrying");
+                        tracing::warn!(path = %st.path(), error = %chain(&e), ?delay, "range fetch failed, retrying");
                         tokio::time::sleep(delay).await;
                     }
                 }
@@ -270,10 +271,7 @@ impl LazyStore {
             .or_insert(true);
         let file = st.lock().file.clone();
         let Some(file) = file else {
-            return Err(RunError::permanent(LazyError::Aborted {
-                path,
-                reason: "the partial file was removed during a fetch".into(),
-            }));
+            return Err(RunError::permanent(LazyError::PartialGone { path }));
         };
         let mut pos = start;
         let mut stream = stream;
@@ -398,7 +396,7 @@ impl LazyStore {
             },
             Err(e) => spawn_err(&path, e),
         };
-        tracing::error!(%path, error = %failure, "range-fetched NAR refused; the path stays unstored and its reads fail");
+        tracing::error!(%path, error = %chain(&failure), "range-fetched NAR refused; the path stays unstored and its reads fail");
         self.counters.refused();
         {
             let mut g = st.lock();

@@ -1,6 +1,7 @@
 //! Readahead: a demand read of a small file also fetches the rest of the file; of a large file,
 //! a growing window after the read. In the background, under readahead slots.
 
+use kof_node_api::report::chain;
 use std::sync::Arc;
 
 use kof_nar::StorePath;
@@ -130,7 +131,7 @@ impl LazyStore {
                             for &(x, y) in &runs {
                                 me.release(&st, x, y);
                             }
-                            tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                            tracing::debug!(error = %chain(&e), "readahead failed; its chunks stay missing");
                             return;
                         }
                     }
@@ -141,7 +142,7 @@ impl LazyStore {
                     if let Err(RunError::Failed { error: e, .. }) =
                         me.fetch_run(st.clone(), x, y, Cause::Demand).await
                     {
-                        tracing::debug!(error = %e, "readahead failed; its chunks stay missing");
+                        tracing::debug!(error = %chain(&e), "readahead failed; its chunks stay missing");
                     }
                 }
             });

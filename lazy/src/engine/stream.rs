@@ -2,6 +2,7 @@
 //! its NAR bytes teed into the partial file under a high-water mark; and whole-path fetches
 //! ([`LazyStore::fetch_whole`]) on either path.
 
+use kof_node_api::report::chain;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -138,7 +139,7 @@ impl LazyStore {
 
     /// A failed stream: its bytes are dropped and the next ensure starts another.
     fn stream_failed(&self, st: &PathState, e: LazyError) -> Arc<LazyError> {
-        tracing::warn!(path = %st.path(), error = %e, "streamed fetch failed");
+        tracing::warn!(path = %st.path(), error = %chain(&e), "streamed fetch failed");
         let mut g = st.lock();
         g.stream = None;
         g.hwm = 0;
