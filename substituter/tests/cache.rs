@@ -102,13 +102,13 @@ async fn server_errors_are_retried_then_reported() {
     let fx = fixture();
     let server = Server::start(&fx.dir).await;
     let rel = format!("zstd/{}.narinfo", fx.dep.hash_part());
-    server.fault(&rel, Fault::Status { status: 503, n: 3 });
+    server.fault(&rel, FaultKind::Status503, 3);
     let c = cache(&server.url("zstd"));
     assert!(bounded(c.narinfo(&fx.dep)).await.unwrap().is_some());
     assert_eq!(server.count(&rel), 4);
     // A 4xx other than 404 is an error at once; 5xx after all attempts.
     let rel = format!("zstd/{}.narinfo", fx.lib.hash_part());
-    server.fault(&rel, Fault::Status { status: 403, n: 1 });
+    server.fault(&rel, FaultKind::Status403, 1);
     let err = bounded(c.narinfo(&fx.lib)).await.unwrap_err();
     assert!(
         matches!(&err, CacheError::Status { status: 403, .. }),
@@ -116,13 +116,7 @@ async fn server_errors_are_retried_then_reported() {
     );
     assert_eq!(server.count(&rel), 1);
     let rel = format!("zstd/{}.narinfo", fx.app.hash_part());
-    server.fault(
-        &rel,
-        Fault::Status {
-            status: 500,
-            n: 100,
-        },
-    );
+    server.fault(&rel, FaultKind::Status500, 100);
     let err = bounded(c.narinfo(&fx.app)).await.unwrap_err();
     assert!(
         matches!(&err, CacheError::Status { status: 500, .. }),

@@ -470,14 +470,12 @@ async fn transient_failures_are_retried() {
     let server = Server::start(&fx.dir).await;
     let (_, dep_url) = nar_file(&fx.dir.join("zstd"), &fx.dep);
     let (_, lib_url) = nar_file(&fx.dir.join("zstd"), &fx.lib);
-    server.fault(&format!("zstd/{dep_url}"), Fault::Truncate { n: 2 });
-    server.fault(
-        &format!("zstd/{lib_url}"),
-        Fault::Status { status: 503, n: 2 },
-    );
+    server.fault(&format!("zstd/{dep_url}"), FaultKind::Truncate, 2);
+    server.fault(&format!("zstd/{lib_url}"), FaultKind::Status503, 2);
     server.fault(
         &format!("zstd/{}.narinfo", fx.app.hash_part()),
-        Fault::Status { status: 500, n: 1 },
+        FaultKind::Status500,
+        1,
     );
     let (_d, store) = temp_store();
     let f = fetcher(&store, &[server.url("zstd")], &[&fx.trusted_key], true);
@@ -495,13 +493,7 @@ async fn transient_failures_are_retried() {
 
     // Persistent server errors give up after the configured attempts, naming path and URL.
     let (_d2, store2) = temp_store();
-    server.fault(
-        &format!("zstd/{dep_url}"),
-        Fault::Status {
-            status: 502,
-            n: 100,
-        },
-    );
+    server.fault(&format!("zstd/{dep_url}"), FaultKind::Status502, 100);
     let f = fetcher(&store2, &[server.url("zstd")], &[&fx.trusted_key], true);
     let before = server.count(&format!("zstd/{dep_url}"));
     let err = bounded(f.fetch_closure(std::slice::from_ref(&fx.dep), None))
@@ -669,7 +661,7 @@ async fn a_stalled_download_times_out_and_is_retried() {
     let server = Server::start(&fx.dir).await;
     let (_, dep_url) = nar_file(&fx.dir.join("xz"), &fx.dep);
     let rel = format!("xz/{dep_url}");
-    server.fault(&rel, Fault::Stall { n: 1 });
+    server.fault(&rel, FaultKind::Stall, 1);
     let client = http_client(&HttpOptions {
         connect_timeout: std::time::Duration::from_secs(5),
         read_timeout: std::time::Duration::from_millis(500),
@@ -774,10 +766,10 @@ async fn nar_url_escaping_the_cache_is_refused() {
 async fn downloads_at_once_are_bounded() {
     let fx = fixture();
     let server = Server::start(&fx.dir).await;
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    // Every NAR body is held until released.
     for p in nix_closure(&fx.app) {
         let (_, url) = nar_file(&fx.dir.join("zstd"), &p);
-        server.fault(&format!("zstd/{url}"), Fault::Gate { gate: gate.clone() });
+        server.fault(&format!("zstd/{url}"), FaultKind::Hold, 0);
     }
     let (_d, store) = temp_store();
     let subs = substituters(&[server.url("zstd")], &[&fx.trusted_key], true);
@@ -797,9 +789,9 @@ async fn downloads_at_once_are_bounded() {
     // The third download waits for a slot. (A pause can only miss a violation, never invent one.)
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(nar_requests(), 2, "more than 2 downloads at once");
-    gate.add_permits(1);
+    server.release(1);
     wait_for(3).await;
-    gate.add_permits(2);
+    server.release(2);
     let s = bounded(task).await.unwrap().unwrap();
     assert_eq!(s.paths_fetched, 3);
     assert_eq!(nar_requests(), 3);

@@ -1,27 +1,23 @@
 //! Shared by the fetch tests: store paths built by the real Nix, binary caches written by the
 //! real `nix copy` (several compressions, signed with keys made by `nix-store
-//! --generate-binary-cache-key`), and a real HTTP server over loopback that serves a directory,
-//! counts requests per URL path and can inject faults.
+//! --generate-binary-cache-key`), served over loopback by `kof_fixtures::serve` (through
+//! [`Server`], kof-testkit's [`CacheServer`](kof_testkit::CacheServer): requests counted per
+//! URL path, faults injected on demand).
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::Frame;
-use hyper::{Request, Response};
+pub use kof_fixtures::serve::FaultKind;
 use kof_nar::{PublicKey, StorePath};
 use kof_store::Store;
 use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
+pub use kof_testkit::{nix_dump, CacheServer as Server};
 
 /// Everything built once per test binary.
 pub struct Fixture {
@@ -233,17 +229,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// `nix-store --dump` of a path: the reference NAR.
-pub fn nix_dump(path: &StorePath) -> Vec<u8> {
-    let out = Command::new("nix-store")
-        .arg("--dump")
-        .arg(path.to_absolute())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    out.stdout
-}
-
 /// `nix-store -qR`: the reference closure, sorted.
 pub fn nix_closure(path: &StorePath) -> Vec<StorePath> {
     let out = run(Command::new("nix-store").arg("-qR").arg(path.to_absolute()));
@@ -262,185 +247,6 @@ pub fn nar_file(cache_dir: &Path, path: &StorePath) -> (PathBuf, String) {
         .unwrap()
         .to_string();
     (cache_dir.join(&url), url)
-}
-
-/// A fault injected for one URL path.
-#[derive(Clone, Debug)]
-pub enum Fault {
-    /// Answer this status for the next `n` requests.
-    Status { status: u16, n: usize },
-    /// Send the headers (with the full Content-Length) and half the body, then break the
-    /// connection, for the next `n` requests.
-    Truncate { n: usize },
-    /// Send the headers and half the body, then send nothing more (the connection stays
-    /// open), for the next `n` requests.
-    Stall { n: usize },
-    /// Send the body only once a permit of `gate` is available (taken for good), for every
-    /// request.
-    Gate { gate: Arc<tokio::sync::Semaphore> },
-}
-
-/// A loopback HTTP server over a directory.
-pub struct Server {
-    /// Its address.
-    pub addr: SocketAddr,
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    faults: Arc<Mutex<HashMap<String, Fault>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-type Body = BoxBody<Bytes, std::io::Error>;
-
-impl Server {
-    /// Serves `root` on 127.0.0.1 (an ephemeral port) on the current runtime.
-    pub async fn start(root: &Path) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let faults: Arc<Mutex<HashMap<String, Fault>>> = Arc::default();
-        let root = root.to_path_buf();
-        let (c, f) = (counts.clone(), faults.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (root, c, f) = (root.clone(), c.clone(), f.clone());
-                tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let (root, c, f) = (root.clone(), c.clone(), f.clone());
-                            async move { Ok::<_, Infallible>(serve(&root, &c, &f, req)) }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Server {
-            addr,
-            counts,
-            faults,
-            task,
-        }
-    }
-
-    /// The URL of `rel` under the served directory.
-    pub fn url(&self, rel: &str) -> String {
-        format!("http://{}/{rel}", self.addr)
-    }
-
-    /// Requests seen for URL path `/rel`.
-    pub fn count(&self, rel: &str) -> usize {
-        let key = format!("/{rel}");
-        self.counts.lock().unwrap().get(&key).copied().unwrap_or(0)
-    }
-
-    /// Requests seen whose URL path contains `part`.
-    pub fn count_matching(&self, part: &str) -> usize {
-        self.counts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| k.contains(part))
-            .map(|(_, v)| v)
-            .sum()
-    }
-
-    /// All request paths and counts.
-    pub fn counts(&self) -> HashMap<String, usize> {
-        self.counts.lock().unwrap().clone()
-    }
-
-    /// Injects a fault for URL path `/rel`.
-    pub fn fault(&self, rel: &str, fault: Fault) {
-        self.faults.lock().unwrap().insert(format!("/{rel}"), fault);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn full(status: u16, body: Vec<u8>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .body(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
-        .unwrap()
-}
-
-fn serve(
-    root: &Path,
-    counts: &Mutex<HashMap<String, usize>>,
-    faults: &Mutex<HashMap<String, Fault>>,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    *counts.lock().unwrap().entry(path.clone()).or_default() += 1;
-    if path.split('/').any(|c| c == "..") {
-        return full(400, b"bad path".to_vec());
-    }
-    let fault = {
-        let mut faults = faults.lock().unwrap();
-        match faults.get_mut(&path) {
-            Some(Fault::Status { n, .. } | Fault::Truncate { n } | Fault::Stall { n })
-                if *n > 0 =>
-            {
-                *n -= 1;
-                faults.get(&path).cloned()
-            }
-            Some(Fault::Gate { .. }) => faults.get(&path).cloned(),
-            _ => None,
-        }
-    };
-    if let Some(Fault::Status { status, .. }) = fault {
-        return full(status, b"injected".to_vec());
-    }
-    let file = root.join(path.trim_start_matches('/'));
-    let data = match std::fs::read(&file) {
-        Ok(d) if file.is_file() => d,
-        _ => return full(404, b"not found".to_vec()),
-    };
-    if let Some(Fault::Truncate { .. }) = fault {
-        let len = data.len();
-        let half = Bytes::from(data[..len / 2].to_vec());
-        let frames = futures_util::stream::iter(vec![
-            Ok(Frame::data(half)),
-            Err(std::io::Error::other("injected connection break")),
-        ]);
-        return Response::builder()
-            .status(200)
-            .header("content-length", len.to_string())
-            .body(StreamBody::new(frames).boxed())
-            .unwrap();
-    }
-    if let Some(Fault::Stall { .. }) = fault {
-        let len = data.len();
-        let half = Bytes::from(data[..len / 2].to_vec());
-        let first = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Frame::data(half))]);
-        let frames = futures_util::StreamExt::chain(first, futures_util::stream::pending());
-        return Response::builder()
-            .status(200)
-            .header("content-length", len.to_string())
-            .body(StreamBody::new(frames).boxed())
-            .unwrap();
-    }
-    if let Some(Fault::Gate { gate }) = fault {
-        let len = data.len();
-        let body = futures_util::stream::once(async move {
-            gate.acquire().await.expect("gate open").forget();
-            Ok::<_, std::io::Error>(Frame::data(Bytes::from(data)))
-        });
-        return Response::builder()
-            .status(200)
-            .header("content-length", len.to_string())
-            .body(StreamBody::new(body).boxed())
-            .unwrap();
-    }
-    full(200, data)
 }
 
 /// A store in a fresh temp dir.
