@@ -15,73 +15,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// Latency buckets (seconds) of the daemon's histograms.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
-];
-
-/// A histogram of durations, lock-free.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// Per bucket (not cumulative), plus one for `+Inf`.
-    counts: Vec<AtomicU64>,
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    /// An empty histogram over `bounds` (seconds, increasing).
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = self
-            .bounds
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(self.bounds.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-    }
-
-    /// A snapshot with cumulative buckets.
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut acc = 0;
-        let mut buckets = Vec::with_capacity(self.bounds.len());
-        for (i, b) in self.bounds.iter().enumerate() {
-            acc += self.counts[i].load(Ordering::Relaxed);
-            buckets.push((*b, acc));
-        }
-        acc += self.counts[self.bounds.len()].load(Ordering::Relaxed);
-        HistogramSnapshot {
-            buckets,
-            count: acc,
-            sum: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-        }
-    }
-}
-
-/// A histogram's values: cumulative counts per upper bound (seconds), Prometheus-style.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct HistogramSnapshot {
-    /// `(le, observations <= le)`, increasing; `+Inf` is `count`.
-    pub buckets: Vec<(f64, u64)>,
-    /// Observations.
-    pub count: u64,
-    /// Sum of the observations, seconds.
-    pub sum: f64,
-}
+/// The one histogram type of kof (`kof-metrics`), which the exposition writes.
+pub use kof_metrics::{Histogram, HistogramSnapshot};
 
 /// The requests the API serves, for the per-op counters.
 pub const OPS: &[&str] = &[
@@ -106,9 +41,9 @@ impl Default for DaemonMetrics {
         DaemonMetrics {
             requests: OPS.iter().map(|_| AtomicU64::new(0)).collect(),
             errors: OPS.iter().map(|_| AtomicU64::new(0)).collect(),
-            ensure_latency: Histogram::new(LATENCY_BUCKETS),
+            ensure_latency: Histogram::new(),
             ensure_in_flight: AtomicI64::new(0),
-            prepare_latency: Histogram::new(LATENCY_BUCKETS),
+            prepare_latency: Histogram::new(),
         }
     }
 }
@@ -322,13 +257,15 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_and_counted() {
-        let h = Histogram::new(&[0.01, 0.1, 1.0]);
+        let h = Histogram::new();
         h.observe(Duration::from_millis(5));
         h.observe(Duration::from_millis(50));
         h.observe(Duration::from_millis(50));
         h.observe(Duration::from_secs(5));
         let s = h.snapshot();
-        assert_eq!(s.buckets, vec![(0.01, 1), (0.1, 3), (1.0, 3)]);
+        // The one set of buckets (kof-metrics'): the counts at three of its bounds.
+        let at = |le: f64| s.buckets.iter().find(|(b, _)| *b == le).unwrap().1;
+        assert_eq!([at(0.01), at(0.1), at(1.0)], [1, 3, 3]);
         assert_eq!(s.count, 4);
         assert!((s.sum - 5.105).abs() < 1e-9, "{}", s.sum);
         let mut e = Exposition::default();

@@ -1,15 +1,11 @@
-//! Latency statistics of FUSE operations: per operation a count, a sum and a Prometheus-style
-//! cumulative histogram, recorded lock-free by the worker threads and snapshot for `/metrics`.
+//! Latency statistics of FUSE operations: per operation one [`kof_metrics::Histogram`] (a
+//! count, a sum and cumulative buckets over [`kof_metrics::LATENCY_BUCKETS`], the buckets of
+//! every kof histogram), recorded lock-free by the worker threads and snapshot for `/metrics`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// Upper bounds (seconds) of the latency histogram buckets, before the final `+Inf` one.
-const BOUNDS: [f64; 20] = [
-    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
-];
+use kof_metrics::{Histogram, HistogramSnapshot};
 
 /// A snapshot of the operation statistics of one mount.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -18,16 +14,9 @@ pub struct OpStats {
     pub ops: BTreeMap<&'static str, OpStat>,
 }
 
-/// The statistics of one operation.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct OpStat {
-    /// How many were answered.
-    pub count: u64,
-    /// Their total latency.
-    pub sum_seconds: f64,
-    /// `(le, cumulative count)` pairs, ascending; the last one is `(f64::INFINITY, count)`.
-    pub buckets: Vec<(f64, u64)>,
-}
+/// The statistics of one operation: its latency histogram's value (`count`, `sum` in seconds,
+/// and cumulative `buckets` without `+Inf`, whose count is `count`).
+pub type OpStat = HistogramSnapshot;
 
 /// The operations measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,24 +51,17 @@ impl Op {
     }
 }
 
-#[derive(Default)]
-struct Counters {
-    sum_nanos: AtomicU64,
-    /// Per bucket (not cumulative); the last is `+Inf`.
-    buckets: [AtomicU64; BOUNDS.len() + 1],
-}
-
-/// The live counters, shared by the worker threads.
+/// The live histograms, shared by the worker threads.
 #[derive(Default)]
 pub(crate) struct OpRecorder {
-    ops: [Counters; Op::ALL.len()],
+    ops: [Histogram; Op::ALL.len()],
 }
 
 impl OpRecorder {
     /// Starts timing one operation; the time is recorded when the guard drops.
     pub(crate) fn start(&self, op: Op) -> OpTimer<'_> {
         OpTimer {
-            counters: &self.ops[op as usize],
+            histogram: &self.ops[op as usize],
             started: Instant::now(),
         }
     }
@@ -87,28 +69,7 @@ impl OpRecorder {
     pub(crate) fn snapshot(&self) -> OpStats {
         let ops = Op::ALL
             .iter()
-            .map(|&op| {
-                let c = &self.ops[op as usize];
-                let mut cumulative = 0;
-                let buckets = BOUNDS
-                    .iter()
-                    .copied()
-                    .chain(std::iter::once(f64::INFINITY))
-                    .zip(&c.buckets)
-                    .map(|(le, n)| {
-                        cumulative += n.load(Ordering::Relaxed);
-                        (le, cumulative)
-                    })
-                    .collect();
-                let stat = OpStat {
-                    // The +Inf bucket is the count, so the snapshot is self-consistent even while
-                    // workers record.
-                    count: cumulative,
-                    sum_seconds: c.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-                    buckets,
-                };
-                (op.name(), stat)
-            })
+            .map(|&op| (op.name(), self.ops[op as usize].snapshot()))
             .collect();
         OpStats { ops }
     }
@@ -116,33 +77,23 @@ impl OpRecorder {
 
 /// Records the elapsed time of one operation when dropped.
 pub(crate) struct OpTimer<'a> {
-    counters: &'a Counters,
+    histogram: &'a Histogram,
     started: Instant,
 }
 
 impl Drop for OpTimer<'_> {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
-        let seconds = elapsed.as_secs_f64();
-        let bucket = BOUNDS
-            .iter()
-            .position(|&le| seconds <= le)
-            .unwrap_or(BOUNDS.len());
-        let c = self.counters;
-        c.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        c.sum_nanos.fetch_add(
-            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.histogram.observe(self.started.elapsed());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kof_metrics::LATENCY_BUCKETS;
 
     #[test]
-    fn snapshot_is_cumulative_and_ends_with_inf() {
+    fn snapshot_is_cumulative_and_counts_every_operation() {
         let rec = OpRecorder::default();
         for _ in 0..3 {
             drop(rec.start(Op::Read));
@@ -150,8 +101,8 @@ mod tests {
         let stats = rec.snapshot();
         let read = &stats.ops["read"];
         assert_eq!(read.count, 3);
-        assert_eq!(read.buckets.len(), BOUNDS.len() + 1);
-        assert_eq!(*read.buckets.last().unwrap(), (f64::INFINITY, 3));
+        assert_eq!(read.buckets.len(), LATENCY_BUCKETS.len());
+        assert_eq!(*read.buckets.last().unwrap(), (60.0, 3));
         assert!(read
             .buckets
             .windows(2)

@@ -1,17 +1,14 @@
 //! The lazy engine's counters, for `/metrics`: bytes and requests by [`Cause`], local hits,
-//! fetches in flight, paths completed or refused, and a fetch latency histogram.
+//! fetches in flight, paths completed or refused, and a fetch latency histogram (kof-metrics'
+//! one [`Histogram`], so its buckets are every other histogram's).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use kof_metrics::{Histogram, HistogramSnapshot};
 use serde::{Deserialize, Serialize};
 
 use super::Cause;
-
-/// Upper bounds (seconds) of the fetch latency buckets, before `+Inf`.
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
 
 /// One value per [`Cause`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,17 +37,6 @@ impl ByCause {
     }
 }
 
-/// A latency histogram: cumulative counts per upper bound (seconds), Prometheus-style.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct LatencyHistogram {
-    /// `(le, observations <= le)`, increasing; `+Inf` is `count`.
-    pub buckets: Vec<(f64, u64)>,
-    /// Observations.
-    pub count: u64,
-    /// Their sum, seconds.
-    pub sum: f64,
-}
-
 /// A snapshot of the engine's counters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LazyCounters {
@@ -74,7 +60,7 @@ pub struct LazyCounters {
     #[serde(default)]
     pub prefetch_yields: u64,
     /// Duration of each fetch (range GET from request to last byte; streamed path to commit).
-    pub fetch_latency: LatencyHistogram,
+    pub fetch_latency: HistogramSnapshot,
 }
 
 /// The live counters.
@@ -89,8 +75,7 @@ pub(crate) struct Counters {
     refused: AtomicU64,
     failures: AtomicU64,
     yields: AtomicU64,
-    latency: Vec<AtomicU64>,
-    latency_sum_nanos: AtomicU64,
+    latency: Histogram,
 }
 
 fn slot(cause: Cause) -> usize {
@@ -113,10 +98,7 @@ impl Default for Counters {
             refused: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             yields: AtomicU64::new(0),
-            latency: (0..=LATENCY_BUCKETS.len())
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            latency_sum_nanos: AtomicU64::new(0),
+            latency: Histogram::new(),
         }
     }
 }
@@ -177,14 +159,7 @@ impl Counters {
     }
 
     pub(crate) fn latency(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.latency[i].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_nanos
-            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.latency.observe(d);
     }
 
     pub(crate) fn snapshot(&self) -> LazyCounters {
@@ -193,13 +168,6 @@ impl Counters {
             prefetch: a[1].load(Ordering::Relaxed),
             profile: a[2].load(Ordering::Relaxed),
         };
-        let mut acc = 0;
-        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len());
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            acc += self.latency[i].load(Ordering::Relaxed);
-            buckets.push((*b, acc));
-        }
-        acc += self.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
         LazyCounters {
             bytes_fetched: by(&self.bytes),
             requests: by(&self.requests),
@@ -210,11 +178,7 @@ impl Counters {
             paths_refused: self.refused.load(Ordering::Relaxed),
             ensure_failures: self.failures.load(Ordering::Relaxed),
             prefetch_yields: self.yields.load(Ordering::Relaxed),
-            fetch_latency: LatencyHistogram {
-                buckets,
-                count: acc,
-                sum: self.latency_sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            },
+            fetch_latency: self.latency.snapshot(),
         }
     }
 }

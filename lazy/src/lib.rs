@@ -77,7 +77,7 @@ use kof_substituter::cache::CacheError;
 use kof_substituter::fetcher::PathError;
 use kof_substituter::substituters::SubstituteError;
 
-pub use counters::{ByCause, LatencyHistogram, LazyCounters, LATENCY_BUCKETS};
+pub use counters::{ByCause, LazyCounters};
 pub use engine::{LazyStore, PrefetchReport, StartedEntries};
 pub use local::{partial_file, LazyContent, LocalReader};
 pub use profile::{export_profile, import_profile, Profile, ProfileError, ProfileRange};

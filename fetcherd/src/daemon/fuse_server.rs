@@ -481,7 +481,7 @@ fn handle(
                         k.to_string(),
                         WireOpStat {
                             count: v.count,
-                            sum_seconds: v.sum_seconds,
+                            sum_seconds: v.sum,
                             buckets: v
                                 .buckets
                                 .iter()
