@@ -4,10 +4,9 @@
 //! and zero-padded), so each test states exactly which rule it breaks.
 
 use std::io::Read;
-use std::path::Path;
-use std::process::Command;
 
 use kof_nar::nar::{self, Limits, NarError, NarVisitor, NarWriter, Restorer};
+use kof_testkit::nix_dump;
 
 /// Serialises tokens the way NAR does.
 fn tokens(ts: &[&[u8]]) -> Vec<u8> {
@@ -268,20 +267,6 @@ fn restoring_never_writes_outside_the_target() {
     )
     .unwrap_err();
     assert!(matches!(e, NarError::BadName { .. }));
-}
-
-fn nix_dump(p: &Path) -> Vec<u8> {
-    let out = Command::new("nix-store")
-        .arg("--dump")
-        .arg(p)
-        .output()
-        .expect("nix-store");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 #[test]

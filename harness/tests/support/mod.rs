@@ -2,7 +2,7 @@
 //! images imported into CRI's namespace.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kof_harness::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE};
 use kof_harness::images::{self, ImageConfig};
@@ -10,16 +10,8 @@ use kof_harness::images::{self, ImageConfig};
 pub const BUSYBOX_IMAGE: &str = "kof/busybox:1";
 pub const EMPTY_IMAGE: &str = "flox/empty:1.0.0";
 
-/// A rootfs holding only the static busybox and applet links for the commands the tests use.
-pub fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("busybox-rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(images::DEFAULT_BUSYBOX, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "sleep", "ls", "true"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    root
-}
+/// A rootfs holding the static busybox and applet links for the commands the tests use.
+pub use kof_testkit::busybox_rootfs;
 
 /// Writes the pause, empty and busybox images and imports them for CRI.
 pub fn import_test_images(ctrd: &Containerd, work: &Path) {

@@ -9,21 +9,8 @@ use std::process::Command;
 use kof_nar::{Compression, NarInfo, NixHash, StorePath};
 use rand::{RngCore, SeedableRng};
 
-/// `nix-store --dump` of `path`, by the real Nix.
-pub fn nix_dump(path: &Path) -> Vec<u8> {
-    let out = Command::new("nix-store")
-        .arg("--dump")
-        .arg(path)
-        .output()
-        .expect("running nix-store --dump");
-    assert!(
-        out.status.success(),
-        "nix-store --dump {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
+/// `nix-store --dump` of a path, by the real Nix.
+pub use kof_testkit::nix_dump;
 
 /// `nix hash path` of `path`, by the real Nix.
 pub fn nix_hash_path(path: &Path) -> NixHash {
