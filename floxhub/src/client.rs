@@ -54,7 +54,7 @@ impl std::fmt::Debug for Token {
 #[derive(Debug, Error)]
 pub enum TokenError {
     /// The token file could not be read.
-    #[error("cannot read FloxHub token file {path}: {source}")]
+    #[error("cannot read FloxHub token file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -212,7 +212,7 @@ pub enum FloxHubError {
         detail: String,
     },
     /// The local mirror or its lock could not be used.
-    #[error("environment {env}: local mirror {path}: {source}")]
+    #[error("environment {env}: local mirror {path}")]
     Mirror {
         /// `owner/name`.
         env: String,
@@ -223,7 +223,7 @@ pub enum FloxHubError {
         source: io::Error,
     },
     /// The `git` program could not be run.
-    #[error("environment {env}: cannot run {git}: {source}")]
+    #[error("environment {env}: cannot run {git}")]
     Spawn {
         /// `owner/name`.
         env: String,

@@ -129,7 +129,7 @@ pub enum GenerationsError {
     #[error("metadata.json is {0} bytes, more than the {MAX_METADATA_BYTES} accepted")]
     TooLarge(usize),
     /// Not JSON, or not of the expected shape.
-    #[error("metadata.json is malformed: {0}")]
+    #[error("metadata.json is malformed")]
     Json(#[source] serde_json::Error),
     /// `version` is missing or neither 1 nor 2.
     #[error("metadata.json has unsupported version {0}")]

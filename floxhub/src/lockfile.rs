@@ -32,14 +32,14 @@ pub enum LockfileError {
     #[error("manifest.lock is {0} bytes, more than the {MAX_LOCKFILE_BYTES} accepted")]
     TooLarge(usize),
     /// Not JSON or not an object of the expected shape.
-    #[error("manifest.lock is malformed: {0}")]
+    #[error("manifest.lock is malformed")]
     Json(#[source] serde_json::Error),
     /// `lockfile-version` is missing or not 1.
     #[error("manifest.lock has unsupported lockfile-version {0}")]
     UnsupportedVersion(String),
     /// The `manifest` section is not of the expected shape.
-    #[error("manifest.lock: bad manifest: {0}")]
-    Manifest(String),
+    #[error("manifest.lock: bad manifest")]
+    Manifest(#[source] ShapeProblem),
     /// The manifest uses the old `hook.script`, which Flox no longer accepts.
     #[error("manifest.lock: the manifest uses the old [hook] script, which Flox no longer supports (use on-activate)")]
     HookScript,
@@ -47,17 +47,18 @@ pub enum LockfileError {
     #[error("manifest.lock: packages: {0}")]
     Packages(String),
     /// A package entry is not of the expected shape.
-    #[error("manifest.lock: package #{index} ({install_id}): {cause}")]
+    #[error("manifest.lock: package #{index} ({install_id})")]
     Package {
         /// Position in `packages`.
         index: usize,
         /// Its install id (or `?`).
         install_id: String,
         /// What is wrong.
-        cause: String,
+        #[source]
+        cause: ShapeProblem,
     },
     /// An output is not a valid store path.
-    #[error("manifest.lock: package {install_id} ({system}): output {output:?}: {source}")]
+    #[error("manifest.lock: package {install_id} ({system}): output {output:?}")]
     BadStorePath {
         /// The package's install id.
         install_id: String,
@@ -79,6 +80,23 @@ pub enum LockfileError {
         /// The output name.
         output: String,
     },
+}
+
+/// What is wrong with the manifest or a package entry of a lockfile.
+#[derive(Debug, Error)]
+pub enum ShapeProblem {
+    /// It does not decode as the expected shape (a field missing or of the wrong type).
+    #[error(transparent)]
+    Json(serde_json::Error),
+    /// It decodes but a value is refused.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<&str> for ShapeProblem {
+    fn from(s: &str) -> Self {
+        ShapeProblem::Invalid(s.to_string())
+    }
 }
 
 /// The `hook` section.
@@ -313,7 +331,7 @@ impl Lockfile {
             None => return Err(LockfileError::Manifest("missing".into())),
         };
         let m: RawManifest = serde_json::from_value(raw.clone())
-            .map_err(|e| LockfileError::Manifest(e.to_string()))?;
+            .map_err(|e| LockfileError::Manifest(ShapeProblem::Json(e)))?;
         let hook = match m.hook {
             Some(RawHook {
                 script: Some(_), ..
@@ -345,9 +363,14 @@ impl Lockfile {
         let fail = |cause: String| LockfileError::Package {
             index,
             install_id: named.clone(),
-            cause,
+            cause: ShapeProblem::Invalid(cause),
         };
-        let p: RawPackage = serde_json::from_value(v.clone()).map_err(|e| fail(e.to_string()))?;
+        let p: RawPackage =
+            serde_json::from_value(v.clone()).map_err(|e| LockfileError::Package {
+                index,
+                install_id: named.clone(),
+                cause: ShapeProblem::Json(e),
+            })?;
         check_ident("install_id", &p.install_id).map_err(fail)?;
         check_ident("system", &p.system).map_err(fail)?;
         if p.outputs.is_empty() {
@@ -564,7 +587,7 @@ mod tests {
         assert!(
             matches!(&e, LockfileError::BadStorePath { install_id, output, .. } if install_id == "evil" && output == "out")
         );
-        let msg = e.to_string();
+        let msg = kof_node_api::report::chain(&e);
         assert!(
             msg.contains("evil") && msg.contains("\"out\"") && msg.contains("/etc/passwd"),
             "{msg}"

@@ -12,10 +12,11 @@
 //! The live generation (no pin) is always asked of FloxHub: it moves.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kof_nar::StorePath;
 use kof_store::{EnvironmentRecord, Store};
+use parking_lot::Mutex;
 use thiserror::Error;
 
 use crate::client::{FloxHubClient, FloxHubError, Token};
@@ -30,7 +31,7 @@ pub enum ResolveError {
     #[error(transparent)]
     FloxHub(#[from] FloxHubError),
     /// `metadata.json` was refused.
-    #[error("environment {env}: {source}")]
+    #[error("environment {env}")]
     Metadata {
         /// `owner/name`.
         env: String,
@@ -59,7 +60,7 @@ pub enum ResolveError {
         generation: u64,
     },
     /// The generation's `manifest.lock` was refused.
-    #[error("environment {env}: generation {generation}: {source}")]
+    #[error("environment {env}: generation {generation}")]
     Lockfile {
         /// `owner/name`.
         env: String,
@@ -270,13 +271,13 @@ impl Resolver {
             r.generation,
             fetched.commit.clone(),
         );
-        if let Some(hit) = self.by_commit.lock().expect("resolution cache").get(&key) {
+        if let Some(hit) = self.by_commit.lock().get(&key) {
             tracing::debug!(env = %env, generation = hit.generation, commit = %fetched.commit,
                 "resolved from the same commit as before");
             return Ok(hit.clone());
         }
         let resolved = self.resolve_commit(r, &fetched.commit)?;
-        let mut cache = self.by_commit.lock().expect("resolution cache");
+        let mut cache = self.by_commit.lock();
         if cache.len() >= RESOLUTIONS_KEPT {
             cache.clear();
         }

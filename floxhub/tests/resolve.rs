@@ -458,7 +458,10 @@ fn broken_environments_are_refused_with_their_name() {
         matches!(&err, ResolveError::Lockfile { env, generation: 1, .. } if env == "alice/evil"),
         "{err:?}"
     );
-    assert!(err.to_string().contains("/etc/passwd"), "{err}");
+    assert!(
+        kof_node_api::report::chain(&err).contains("/etc/passwd"),
+        "{err}"
+    );
 
     let err = r.resolve(&env("alice/future"), None).unwrap_err();
     assert!(
