@@ -32,6 +32,9 @@ fn for_path(path: &Option<StorePath>) -> String {
     }
 }
 
+/// Why a URL does not parse (`url::ParseError`, as reqwest uses it).
+pub type UrlParseError = <reqwest::Url as std::str::FromStr>::Err;
+
 /// Why a request to a cache failed. Every variant names the URL, and the store path when the
 /// request was about one.
 #[derive(Debug, Error)]
@@ -43,9 +46,12 @@ pub enum CacheError {
         url: String,
         /// Why.
         reason: String,
+        /// The parse error, when the URL does not parse.
+        #[source]
+        source: Option<UrlParseError>,
     },
     /// Connecting, sending, or reading the body failed (includes timeouts and truncated bodies).
-    #[error("GET {url}{}: {source}", for_path(.path))]
+    #[error("GET {url}{}", for_path(.path))]
     Transport {
         /// The URL requested.
         url: String,
@@ -75,7 +81,7 @@ pub enum CacheError {
         limit: usize,
     },
     /// Reading a `file://` cache failed.
-    #[error("reading {url}{}: {source}", for_path(.path))]
+    #[error("reading {url}{}", for_path(.path))]
     File {
         /// The URL.
         url: String,
@@ -93,7 +99,7 @@ pub enum CacheError {
         path: Option<StorePath>,
     },
     /// The narinfo does not parse.
-    #[error("invalid narinfo {url} (for {path}): {source}")]
+    #[error("invalid narinfo {url} (for {path})")]
     NarInfo {
         /// The URL.
         url: String,
@@ -113,7 +119,7 @@ pub enum CacheError {
         got: StorePath,
     },
     /// The `.ls` listing does not parse.
-    #[error("invalid NAR listing {url} (for {path}): {source}")]
+    #[error("invalid NAR listing {url} (for {path})")]
     Listing {
         /// The URL.
         url: String,
@@ -268,6 +274,7 @@ impl BinaryCache {
         let bad = |reason: &str| CacheError::BadUrl {
             url: url.to_string(),
             reason: reason.to_string(),
+            source: None,
         };
         let trimmed = url.trim_end_matches('/');
         let location = if let Some(dir) = trimmed.strip_prefix("file://") {
@@ -278,7 +285,11 @@ impl BinaryCache {
             Location::File(PathBuf::from(dir))
         } else if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
             let parsed =
-                reqwest::Url::parse(&format!("{trimmed}/")).map_err(|e| bad(&e.to_string()))?;
+                reqwest::Url::parse(&format!("{trimmed}/")).map_err(|e| CacheError::BadUrl {
+                    url: url.to_string(),
+                    reason: "it does not parse".into(),
+                    source: Some(e),
+                })?;
             if parsed.query().is_some() || parsed.fragment().is_some() {
                 return Err(bad("query strings and fragments are not supported"));
             }
@@ -561,15 +572,18 @@ impl BinaryCache {
         rel: &str,
         path: Option<&StorePath>,
     ) -> Result<reqwest::Url, CacheError> {
-        let bad = |reason: String| CacheError::BadUrl {
+        let bad = |reason: String, source| CacheError::BadUrl {
             url: format!("{}{}", self.url_of(rel), for_path(&path.cloned())),
             reason,
+            source,
         };
-        let full = base.join(rel).map_err(|e| bad(e.to_string()))?;
+        let full = base
+            .join(rel)
+            .map_err(|e| bad("it does not parse".into(), Some(e)))?;
         // The narinfo's URL is checked to be a plain relative path, but URL parsing also
         // resolves percent-encoded dot segments: make sure the result stays under the cache.
         if !full.as_str().starts_with(base.as_str()) {
-            return Err(bad("resolves outside the cache".into()));
+            return Err(bad("resolves outside the cache".into(), None));
         }
         Ok(full)
     }
@@ -592,7 +606,7 @@ impl BinaryCache {
                 Err(e) if e.is_transient() && n < attempts => {
                     let delay = self.retry.delay(n);
                     tracing::warn!(%url, path = ?path.map(|p| p.to_string()), attempt = n,
-                        ?delay, error = %e, "transient cache error, retrying");
+                        ?delay, error = %kof_node_api::report::chain(&e), "transient cache error, retrying");
                     tokio::time::sleep(delay).await;
                     n += 1;
                 }
@@ -748,6 +762,7 @@ mod tests {
         let bad = CacheError::BadUrl {
             url: "x".into(),
             reason: "y".into(),
+            source: None,
         };
         assert!(!bad.is_transient());
     }

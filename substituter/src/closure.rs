@@ -30,7 +30,7 @@ pub enum ClosureError {
         referenced_by: Option<StorePath>,
     },
     /// Looking the path up failed or its narinfo was refused.
-    #[error("looking up {path}: {source}")]
+    #[error("looking up {path}")]
     Lookup {
         /// The path.
         path: StorePath,
@@ -38,7 +38,7 @@ pub enum ClosureError {
         source: SubstituteError,
     },
     /// Reading the store's metadata failed.
-    #[error("reading store metadata of {path}: {source}")]
+    #[error("reading store metadata of {path}")]
     Store {
         /// The path.
         path: StorePath,
@@ -46,7 +46,7 @@ pub enum ClosureError {
         source: StoreError,
     },
     /// A blocking store task panicked or was cancelled.
-    #[error("store task for {path} failed: {source}")]
+    #[error("store task for {path} failed")]
     Join {
         /// The path.
         path: StorePath,

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
@@ -31,6 +31,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use kof_nar::hash::HashingReader;
 use kof_nar::{Compression, NixHash, StorePath};
 use kof_store::{IngestStats, Store, StoreError};
+use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -44,7 +45,7 @@ use kof_node_api::config::Config;
 #[derive(Debug, Error)]
 pub enum PathError {
     /// Opening the NAR download failed.
-    #[error("fetching {path}: {source}")]
+    #[error("fetching {path}")]
     Open {
         /// The path.
         path: StorePath,
@@ -52,7 +53,7 @@ pub enum PathError {
         source: CacheError,
     },
     /// The download broke off (reset, timeout, truncated body, server error).
-    #[error("downloading {path}: {source}")]
+    #[error("downloading {path}")]
     Download {
         /// The path.
         path: StorePath,
@@ -97,7 +98,7 @@ pub enum PathError {
         got: NixHash,
     },
     /// The NAR file does not decompress.
-    #[error("{path}: decompressing {url} ({compression}): {source}")]
+    #[error("{path}: decompressing {url} ({compression})")]
     Decompress {
         /// The path.
         path: StorePath,
@@ -141,7 +142,7 @@ pub enum PathError {
         expected: u64,
     },
     /// The store refused the NAR (malformed, NarHash mismatch) or could not write it.
-    #[error("{path}: ingesting {url}: {source}")]
+    #[error("{path}: ingesting {url}")]
     Ingest {
         /// The path.
         path: StorePath,
@@ -151,7 +152,7 @@ pub enum PathError {
         source: StoreError,
     },
     /// Asking the store whether the path is present failed.
-    #[error("{path}: checking the store: {source}")]
+    #[error("{path}: checking the store")]
     Store {
         /// The path.
         path: StorePath,
@@ -159,7 +160,7 @@ pub enum PathError {
         source: StoreError,
     },
     /// Looking for another cache after a failure failed.
-    #[error("{path}: looking for another source: {source}")]
+    #[error("{path}: looking for another source")]
     Lookup {
         /// The path.
         path: StorePath,
@@ -176,6 +177,9 @@ pub enum PathError {
         url: String,
         /// What happened.
         reason: String,
+        /// The task's failure (a panic or a cancellation), when a task ended without a result.
+        #[source]
+        source: Option<tokio::task::JoinError>,
     },
 }
 
@@ -213,13 +217,12 @@ impl PathError {
 }
 
 /// Why a fetch failed.
-#[derive(Debug, Error)]
+#[derive(Debug)]
 pub enum FetchError {
     /// The closure could not be computed.
-    #[error(transparent)]
-    Closure(#[from] ClosureError),
-    /// Some paths could not be fetched (the others were).
-    #[error("{} of {total} store paths failed to fetch; first: {}", failures.len(), failures[0])]
+    Closure(ClosureError),
+    /// Some paths could not be fetched (the others were). Its cause (`source()`) is the first
+    /// failure.
     Paths {
         /// Paths in the closure.
         total: usize,
@@ -228,11 +231,42 @@ pub enum FetchError {
     },
 }
 
+impl From<ClosureError> for FetchError {
+    fn from(e: ClosureError) -> Self {
+        FetchError::Closure(e)
+    }
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            // Transparent: the closure error is this error.
+            FetchError::Closure(e) => e.fmt(f),
+            FetchError::Paths { total, failures } => write!(
+                f,
+                "{} of {total} store paths failed to fetch; first",
+                failures.len()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FetchError::Closure(e) => e.source(),
+            FetchError::Paths { failures, .. } => failures
+                .first()
+                .map(|e| &**e as &(dyn std::error::Error + 'static)),
+        }
+    }
+}
+
 /// Why a [`Fetcher`] could not be built from a config.
 #[derive(Debug, Error)]
 pub enum SetupError {
     /// The HTTP client could not be built.
-    #[error("building the HTTP client: {0}")]
+    #[error("building the HTTP client")]
     Client(#[source] reqwest::Error),
     /// A substituter URL is unusable.
     #[error(transparent)]
@@ -621,7 +655,7 @@ impl Inner {
         let path = sub.info.store_path.clone();
         // The lock is held until the new entry is in the map, so the task's own removal (which
         // takes the lock) cannot run before the insertion.
-        let mut map = self.in_flight.lock().expect("in-flight map poisoned");
+        let mut map = self.in_flight.lock();
         if let Some(f) = map.get(&path) {
             return f.clone();
         }
@@ -630,10 +664,7 @@ impl Inner {
         let url = sub.cache.nar_url(&sub.info);
         let handle = tokio::spawn(async move {
             let result = me.fetch_one(sub, events, None).await.map_err(Arc::new);
-            me.in_flight
-                .lock()
-                .expect("in-flight map poisoned")
-                .remove(&task_path);
+            me.in_flight.lock().remove(&task_path);
             result
         });
         let err_path = path.clone();
@@ -642,7 +673,8 @@ impl Inner {
                 Err(Arc::new(PathError::Aborted {
                     path: err_path,
                     url,
-                    reason: e.to_string(),
+                    reason: "its task ended without a result".into(),
+                    source: Some(e),
                 }))
             })
         }
@@ -681,7 +713,9 @@ impl Inner {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || f(&store)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "recording fetch state"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %kof_node_api::report::chain(&e), "recording fetch state")
+            }
             Err(e) => tracing::warn!(error = %e, "recording fetch state"),
         }
     }
@@ -721,7 +755,8 @@ impl Inner {
             };
             if error.is_transient() && attempt < attempts {
                 let delay = self.opts.retry.delay(attempt);
-                tracing::warn!(%error, attempt, ?delay, "transient failure, retrying");
+                tracing::warn!(error = %kof_node_api::report::chain(&error), attempt, ?delay,
+                    "transient failure, retrying");
                 tokio::time::sleep(delay).await;
                 attempt += 1;
                 continue;
@@ -729,13 +764,14 @@ impl Inner {
             // This cache will not do: is there another?
             match self.subs.lookup_from(&path, sub.cache_index + 1).await {
                 Ok(Some(next)) => {
-                    tracing::warn!(%error, next = next.cache.url(), "trying the next cache");
+                    tracing::warn!(error = %kof_node_api::report::chain(&error),
+                        next = next.cache.url(), "trying the next cache");
                     sub = next;
                     attempt = 1;
                 }
                 Ok(None) => return Err(error),
                 Err(e) => {
-                    tracing::warn!(error = %e, "no other cache");
+                    tracing::warn!(error = %kof_node_api::report::chain(&e), "no other cache");
                     return Err(error);
                 }
             }
@@ -750,7 +786,8 @@ impl Inner {
             .map_err(|e| PathError::Aborted {
                 path: path.clone(),
                 url: String::new(),
-                reason: e.to_string(),
+                reason: "its task ended without a result".into(),
+                source: Some(e),
             })?
             .map_err(|source| PathError::Store {
                 path: path.clone(),
@@ -808,7 +845,8 @@ impl Inner {
         let ingested = ingested.map_err(|e| PathError::Aborted {
             path: path.clone(),
             url: url.clone(),
-            reason: e.to_string(),
+            reason: "its task ended without a result".into(),
+            source: Some(e),
         })?;
         // The first cause a reader layer recorded explains any failure better than the store's
         // wrapping of the io::Error it was handed.
@@ -825,6 +863,7 @@ impl Inner {
                 path,
                 url,
                 reason: "the NAR pipeline could not be set up".into(),
+                source: None,
             }),
         }
     }
@@ -897,17 +936,17 @@ impl Ctx {
     /// caller.
     fn fail(&self, cause: PathError) -> std::io::Error {
         let msg = cause.to_string();
-        let mut slot = self.cause.lock().expect("cause slot poisoned");
+        let mut slot = self.cause.lock();
         slot.get_or_insert(cause);
         std::io::Error::other(msg)
     }
 
     fn has_cause(&self) -> bool {
-        self.cause.lock().expect("cause slot poisoned").is_some()
+        self.cause.lock().is_some()
     }
 
     fn take_cause(&self) -> Option<PathError> {
-        self.cause.lock().expect("cause slot poisoned").take()
+        self.cause.lock().take()
     }
 }
 
@@ -989,6 +1028,7 @@ impl Read for ChannelReader {
                         path: self.ctx.path.clone(),
                         url: self.ctx.url.clone(),
                         reason: "the download task stopped without finishing".into(),
+                        source: None,
                     }))
                 }
             }

@@ -8,10 +8,11 @@
 //! request. Errors are not memoised, so a later lookup tries again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kof_nar::signature::{check_narinfo, SigCheck};
 use kof_nar::{NarInfo, PublicKey, StorePath};
+use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::OnceCell;
 
@@ -110,7 +111,7 @@ impl Substituters {
         path: &StorePath,
     ) -> Result<Option<Arc<Substitute>>, SubstituteError> {
         let cell = {
-            let mut memo = self.memo.lock().expect("substituter memo poisoned");
+            let mut memo = self.memo.lock();
             memo.entry(path.clone()).or_default().clone()
         };
         cell.get_or_try_init(|| self.lookup_from(path, 0))
@@ -121,7 +122,7 @@ impl Substituters {
     /// Forgets every memoised answer (a long-running daemon calls this so that paths pushed to
     /// a cache later, or narinfos changed there, are seen). Lookups in flight finish normally.
     pub fn clear_memo(&self) {
-        self.memo.lock().expect("substituter memo poisoned").clear();
+        self.memo.lock().clear();
     }
 
     /// Like [`Substituters::lookup`] but only in caches from index `first` on, and not
@@ -139,7 +140,7 @@ impl Substituters {
                 .get_or_try_init(|| cache.cache_info())
                 .await
             {
-                tracing::warn!(cache = cache.url(), error = %e, "unusable cache");
+                tracing::warn!(cache = cache.url(), error = %kof_node_api::report::chain(&e), "unusable cache");
                 refusal.get_or_insert(e.into());
                 continue;
             }
@@ -147,7 +148,7 @@ impl Substituters {
                 Ok(Some(info)) => info,
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(cache = cache.url(), %path, error = %e, "narinfo lookup failed");
+                    tracing::warn!(cache = cache.url(), %path, error = %kof_node_api::report::chain(&e), "narinfo lookup failed");
                     refusal.get_or_insert(e.into());
                     continue;
                 }
@@ -162,7 +163,7 @@ impl Substituters {
                     })))
                 }
                 Err(e) => {
-                    tracing::warn!(cache = cache.url(), %path, error = %e, "narinfo refused");
+                    tracing::warn!(cache = cache.url(), %path, error = %kof_node_api::report::chain(&e), "narinfo refused");
                     refusal.get_or_insert(e);
                 }
             }

@@ -204,7 +204,7 @@ async fn refuses_unsigned_untrusted_and_badly_signed_caches() {
             }
             _ => panic!("{cache}: wrong refusal {source:?}"),
         }
-        let msg = err.to_string();
+        let msg = kof_node_api::report::chain(&err);
         assert!(
             msg.contains(&fx.app.to_string()) && msg.contains(&url),
             "{msg}"
@@ -502,7 +502,7 @@ async fn transient_failures_are_retried() {
     let FetchError::Paths { failures, .. } = &err else {
         panic!("{err:?}")
     };
-    let msg = failures[0].to_string();
+    let msg = kof_node_api::report::chain(&*failures[0]);
     assert!(
         msg.contains(&fx.dep.to_string()) && msg.contains(&dep_url) && msg.contains("502"),
         "{msg}"
