@@ -2,15 +2,11 @@
 //! Debian binaries made into store paths, caches in every compression), counting what the
 //! server sent. No timing is asserted: laziness is proven in bytes and requests.
 
-#[path = "../../substituter/tests/fetch_support/mod.rs"]
-mod fetch_support;
-
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
 use kof_fixtures::serve::{self, Fault, FaultKind, ServeConfig, ServerHandle};
 use kof_fuse::{Content, ContentSource, Entry, FileRef};
 use kof_lazy::{Cause, Ensure, LazyContent, LazyOptions, LazyStore, LocalReader, Profile};
@@ -20,27 +16,8 @@ use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy}
 use kof_substituter::closure::{Closure, ClosureEntry};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
+use kof_testkit::{fixtures, manifest, CacheServer};
 use tempfile::TempDir;
-
-/// The shared fixtures: `$KOF_FIXTURES_DIR`, else `target/kof-fixtures/small` (built once; the
-/// builder's stamp and lock make concurrent test binaries share one build).
-fn fixtures() -> &'static (PathBuf, Manifest) {
-    static F: OnceLock<(PathBuf, Manifest)> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = std::env::var_os("KOF_FIXTURES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
-            });
-        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small))
-            .unwrap_or_else(|e| panic!("building fixtures in {}: {e}", dir.display()));
-        (dir, manifest)
-    })
-}
-
-fn manifest() -> &'static Manifest {
-    &fixtures().1
-}
 
 /// The fixture store path of package `pname` (its first variant).
 fn path_of(pname: &str) -> StorePath {
@@ -707,7 +684,7 @@ async fn prefetch_yields_the_link_to_demand_reads() {
 async fn a_cache_ignoring_range_is_streamed_instead() {
     // A plain HTTP server that answers every GET with the whole file (200), over the fixtures'
     // uncompressed cache.
-    let server = fetch_support::Server::start(&fixtures().0.join("caches/none")).await;
+    let server = CacheServer::start_one_ignoring_ranges(&fixtures().0.join("caches/none")).await;
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
     let url = server.url("");
@@ -789,7 +766,7 @@ async fn a_hostile_listing_is_not_used() {
         serde_json::to_vec(&listing).unwrap(),
     )
     .unwrap();
-    let server = fetch_support::Server::start(dir.path()).await;
+    let server = CacheServer::start_one(dir.path()).await;
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
     let (engine, resolver) = engine_at(&server.url(""), store.clone());

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kof_fuse::{Content, Entry};
@@ -511,7 +510,6 @@ fn an_installed_path_without_a_tree_is_an_error() {
 
 mod real {
     use super::*;
-    use kof_fixtures::build::{self, BuildOptions, FixtureSet};
     use kof_fixtures::serve::{self, ServeConfig};
     use kof_floxhub::client::FloxHubClient;
     use kof_floxhub::resolve::Resolver;
@@ -519,14 +517,6 @@ mod real {
     use kof_node_api::envref::EnvRef;
     use kof_store::{NodeKind, Store};
     use kof_substituter::fetcher::Fetcher;
-
-    fn fixtures_dir() -> PathBuf {
-        std::env::var_os("KOF_FIXTURES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kof-fixtures/small")
-            })
-    }
 
     /// A stored path's tree as a view entry (every file's bytes found by its NAR offset).
     fn entry_of(store: &Store, p: &StorePath) -> Arc<Entry> {
@@ -585,9 +575,8 @@ mod real {
 
     #[test]
     fn view_of_kof_python_from_a_real_store() {
-        let dir = fixtures_dir();
-        let manifest = build::build(&BuildOptions::new(&dir, FixtureSet::Small)).unwrap();
-        let server = serve::start_in_background(ServeConfig::new(&dir));
+        let (dir, manifest) = kof_testkit::fixtures();
+        let server = serve::start_in_background(ServeConfig::new(dir));
         let tmp = tempfile::tempdir().unwrap();
         let text = format!(
             "floxhub_url = \"{}\"\nsubstituters = [\"{}\"]\ntrusted_public_keys = [\"{}\"]\nstore_dir = \"{}\"\n",
