@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use kof_node_api::config::Config;
+use kof_node_api::report::chain;
 
 #[derive(Parser)]
 #[command(
@@ -41,25 +42,33 @@ fn main() {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("kof-fetcherd: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => fail(&chain(&e)),
     };
     let result = match cli.command {
-        None => kof_fetcherd::daemon::run(config).map_err(|e| e.to_string()),
+        None => kof_fetcherd::daemon::run(config).map_err(|e| chain(&e)),
         Some(Sub::FuseServer) => kof_fetcherd::daemon::fuse_server::run(&config)
             .map(|_| ())
-            .map_err(|e| e.to_string()),
+            .map_err(|e| chain(&e)),
         Some(Sub::StopFuseServer) => {
             let control = kof_fetcherd::daemon::control::RunPaths::of(&config).control;
             kof_fetcherd::daemon::control::ControlClient::connect(&control)
                 .and_then(|mut c| c.shutdown())
-                .map_err(|e| format!("stopping the FUSE server at {}: {e}", control.display()))
+                .map_err(|e| {
+                    format!(
+                        "stopping the FUSE server at {}: {}",
+                        control.display(),
+                        chain(&e)
+                    )
+                })
         }
     };
-    if let Err(e) = result {
-        eprintln!("kof-fetcherd: {}", e.replace('\n', " "));
-        std::process::exit(1);
+    if let Err(line) = result {
+        fail(&line);
     }
+}
+
+/// Prints the one failure line (the error chain, outermost first) and exits non-zero.
+fn fail(line: &str) -> ! {
+    eprintln!("kof-fetcherd: {}", line.replace('\n', " "));
+    std::process::exit(1);
 }

@@ -232,7 +232,7 @@ impl ControlClient {
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     /// The run directory or the log could not be prepared.
-    #[error("preparing {path} for the FUSE server: {source}")]
+    #[error("preparing {path} for the FUSE server")]
     Setup {
         /// What.
         path: PathBuf,
@@ -241,7 +241,7 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// The process could not be started.
-    #[error("starting the FUSE server ({exe}): {source}")]
+    #[error("starting the FUSE server ({exe})")]
     Spawn {
         /// The executable.
         exe: PathBuf,
@@ -250,9 +250,7 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// It started but never answered on its control socket.
-    #[error(
-        "the FUSE server did not answer on {control} within {waited:?} (see its log {log}): {last}"
-    )]
+    #[error("the FUSE server did not answer on {control} within {waited:?} (see its log {log})")]
     NoAnswer {
         /// The control socket.
         control: PathBuf,
@@ -260,8 +258,9 @@ pub enum SpawnError {
         log: PathBuf,
         /// How long we waited.
         waited: Duration,
-        /// The last error.
-        last: String,
+        /// The last attempt's error (`None`: no attempt was made); boxed, as it is large.
+        #[source]
+        last: Option<Box<ApiError>>,
     },
 }
 
@@ -327,11 +326,11 @@ pub fn ensure_fuse_server(
         let _ = child.wait();
     });
     let start = Instant::now();
-    let mut last = String::from("no attempt");
+    let mut last = None;
     while start.elapsed() < wait {
         match ControlClient::connect(&paths.control).and_then(|mut c| c.ping()) {
             Ok(info) => return Ok(info),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = Some(Box::new(e)),
         }
         std::thread::sleep(Duration::from_millis(50));
     }

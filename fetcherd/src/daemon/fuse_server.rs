@@ -19,13 +19,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kof_fuse::{ContentSource, Entry, MountOptions, Mounted};
+use parking_lot::Mutex;
 
 use super::control::{ControlRequest, RunPaths, WireOpStat, WireOpStats};
 use super::wire::{tree_digest, Decoder};
@@ -125,7 +125,7 @@ impl TreeCache {
 #[derive(Debug, thiserror::Error)]
 pub enum FuseServerError {
     /// A file or socket of the run directory could not be set up.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What was being done.
         action: &'static str,
@@ -136,12 +136,13 @@ pub enum FuseServerError {
         source: std::io::Error,
     },
     /// The content source (the store, read-only) could not be opened.
-    #[error("opening the store at {path} for reading: {message}")]
+    #[error("opening the store at {path} for reading")]
     Store {
         /// The store directory.
         path: PathBuf,
         /// Why.
-        message: String,
+        #[source]
+        source: Box<kof_store::StoreError>,
     },
     /// Mounting failed.
     #[error(transparent)]
@@ -155,6 +156,22 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> F
         path,
         source,
     }
+}
+
+/// A range the daemon refused or failed to make readable (what a FUSE read of it logs and
+/// fails with, as the cause of its `EIO`).
+#[derive(Debug, thiserror::Error)]
+#[error("{store_path} bytes {start}..{end}")]
+pub struct EnsureFailed {
+    /// The store path's base name.
+    pub store_path: String,
+    /// First NAR byte asked for.
+    pub start: u64,
+    /// End (exclusive).
+    pub end: u64,
+    /// The daemon's answer or the failure to get one.
+    #[source]
+    pub source: ApiError,
 }
 
 /// `ensure` through the daemon's API socket, with reconnects while the daemon is away.
@@ -190,7 +207,7 @@ impl DaemonEnsure {
                 tracing::error!("{msg}");
                 return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, msg));
             }
-            let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let pooled = self.idle.lock().pop();
             let client = match pooled {
                 Some(c) => Ok(c),
                 None => Client::connect(&self.socket),
@@ -204,25 +221,31 @@ impl DaemonEnsure {
                     if waited_for_daemon {
                         tracing::info!(store_path, "the daemon is back; read resumed");
                     }
-                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+                    self.idle.lock().push(c);
                     return Ok(());
                 }
                 Err(e) if e.is_unavailable() => {
                     if !waited_for_daemon {
-                        tracing::warn!(store_path, error = %e, "daemon away; retrying the read until the bound");
+                        tracing::warn!(store_path, error = %kof_node_api::report::chain(&e),
+                            "daemon away; retrying the read until the bound");
                         waited_for_daemon = true;
                     }
                     std::thread::sleep(delay.min(left));
                     delay = (delay * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => {
-                    let msg = format!("{store_path} bytes {start}..{end}: {e}");
-                    tracing::error!("{msg}");
                     let kind = match e {
                         ApiError::Timeout { .. } => std::io::ErrorKind::TimedOut,
                         _ => std::io::ErrorKind::Other,
                     };
-                    return Err(std::io::Error::new(kind, msg));
+                    let e = EnsureFailed {
+                        store_path: store_path.to_string(),
+                        start,
+                        end,
+                        source: e,
+                    };
+                    tracing::error!("{}", kof_node_api::report::chain(&e));
+                    return Err(std::io::Error::new(kind, e));
                 }
             }
         }
@@ -242,7 +265,7 @@ fn content_source(
 ) -> Result<Arc<dyn ContentSource>, FuseServerError> {
     let store = kof_store::Store::open(&config.store_dir).map_err(|e| FuseServerError::Store {
         path: config.store_dir.clone(),
-        message: e.to_string(),
+        source: Box::new(e),
     })?;
     Ok(Arc::new(kof_lazy::LazyContent {
         local: kof_lazy::LocalReader::new(Arc::new(store)),
@@ -272,10 +295,13 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
         .write(true)
         .open(&paths.lock)
         .map_err(io_err("opening", &paths.lock))?;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!(lock = %paths.lock.display(), "another FUSE server is running");
-        return Ok(false);
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(lock = %paths.lock.display(), "another FUSE server is running");
+            return Ok(false);
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking", &paths.lock)(e)),
     }
     // Block the stop signals in every thread; one thread waits for them.
     let mut stop = nix::sys::signal::SigSet::empty();
@@ -332,7 +358,7 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
     let why = done_rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "FUSE server stopping");
     let _ = std::fs::remove_file(&paths.control);
-    let taken = mounted.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let taken = mounted.lock().take();
     if let Some(m) = taken {
         m.unmount()?;
     }
@@ -362,7 +388,10 @@ fn serve_control(
         }
         let (answer, shutdown) = match serde_json::from_slice::<ControlRequest>(&line) {
             Err(e) => (
-                error_line(ErrorKind::BadRequest, format!("bad control request: {e}")),
+                error_line(
+                    ErrorKind::BadRequest,
+                    format!("bad control request: {}", kof_node_api::report::chain(&e)),
+                ),
                 false,
             ),
             Ok(req) => {
@@ -398,7 +427,7 @@ fn handle(
     trees: &Mutex<TreeCache>,
     mount_dir: &Path,
 ) -> Vec<u8> {
-    let guard = mounted.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = mounted.lock();
     let Some(m) = guard.as_ref() else {
         return error_line(ErrorKind::Fuse, "the FUSE view is being unmounted");
     };
@@ -427,7 +456,7 @@ fn handle(
             // Replacing: the new tree takes the place of the old one.
             match replace_view(m, &name, root.clone()) {
                 Ok(()) => {
-                    let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut t = trees.lock();
                     if let Some(d) = &tree {
                         t.insert(d, root);
                     }
@@ -436,16 +465,13 @@ fn handle(
                     json_line(&serde_json::json!({"ok": true}))
                 }
                 Err(e) => {
-                    trees
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .view_removed(&name);
-                    error_line(ErrorKind::Fuse, e.to_string())
+                    trees.lock().view_removed(&name);
+                    error_line(ErrorKind::Fuse, kof_node_api::report::chain(&e))
                 }
             }
         }
         ControlRequest::AddCachedView { name, tree } => {
-            let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = trees.lock();
             let Some(root) = t.get(&tree) else {
                 tracing::info!(view = %name, %tree, "tree not kept; the daemon sends it");
                 return json_line(&serde_json::json!({"added": false}));
@@ -458,16 +484,13 @@ fn handle(
                 }
                 Err(e) => {
                     t.view_removed(&name);
-                    error_line(ErrorKind::Fuse, e.to_string())
+                    error_line(ErrorKind::Fuse, kof_node_api::report::chain(&e))
                 }
             }
         }
         ControlRequest::RemoveView { name } => {
             let removed = m.remove_view(&name);
-            trees
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .view_removed(&name);
+            trees.lock().view_removed(&name);
             tracing::info!(view = %name, removed, "view removed");
             json_line(&serde_json::json!({ "removed": removed }))
         }

@@ -41,7 +41,7 @@ impl LeaseRecord {
 #[derive(Debug, Error)]
 pub enum LeaseStoreError {
     /// An I/O operation failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What was being done.
         action: &'static str,
@@ -52,7 +52,7 @@ pub enum LeaseStoreError {
         source: std::io::Error,
     },
     /// A lease file is not a lease.
-    #[error("lease file {path} is malformed: {source}")]
+    #[error("lease file {path} is malformed")]
     Malformed {
         /// The file.
         path: PathBuf,
