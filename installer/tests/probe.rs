@@ -5,28 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `kof-fetcherd` binary, built into this test's target directory (a package's tests get
-/// only their own package's binaries).
-fn fetcherd_bin() -> PathBuf {
-    let own = Path::new(env!("CARGO_BIN_EXE_kof-node-install"));
-    let profile_dir = own.parent().unwrap();
-    let target_dir = profile_dir.parent().unwrap();
-    let mut c = Command::new(env!("CARGO"));
-    c.args(["build", "-q", "-p", "kof-fetcherd", "--bin", "kof-fetcherd"])
-        .arg("--target-dir")
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.file_name().unwrap() == "release" {
-        c.arg("--release");
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "building kof-fetcherd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    profile_dir.join("kof-fetcherd")
-}
+use kof_testkit::fetcherd_bin;
 
 struct Daemon {
     tmp: tempfile::TempDir,
