@@ -218,87 +218,32 @@ pub fn download_bytes(dir: &Path, flavour: &str, paths: &[String]) -> Result<u64
     Ok(total)
 }
 
-/// A node's running `kof-fetcherd` (the binary beside `kof-store`), stopped by [`Daemon::stop`]
-/// (or, less cleanly, on drop).
-pub struct Daemon {
-    child: Option<std::process::Child>,
-    exe: PathBuf,
-    config: PathBuf,
-}
+/// A node's running `kof-fetcherd` (the binary beside `kof-store`): kof-testkit's daemon,
+/// stopped by [`Daemon::stop`] (or, less cleanly, on drop).
+pub struct Daemon(kof_testkit::Daemon);
 
 impl Daemon {
     /// Starts it with the node's config and waits (up to 30 s) until it answers with its FUSE
     /// server up, so that no timed run pays for starting them.
     pub fn start(node: &KofNode, kof_store: &Path) -> Result<Daemon> {
-        let exe = kof_store
+        let bin = kof_store
             .parent()
             .context("locating kof-fetcherd")?
             .join("kof-fetcherd");
-        let log = std::fs::File::create(node.dir.path().join("fetcherd.log"))?;
-        let child = Command::new(&exe)
-            .env("KOF_CONFIG", &node.config)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let mut d = Daemon {
-            child: Some(child),
-            exe,
+        let spec = kof_testkit::DaemonSpec {
+            bin,
             config: node.config.clone(),
+            socket: node.socket(),
+            mount_dir: node.dir.path().join("mnt"),
+            log: node.dir.path().join("fetcherd.log"),
+            log_level: None,
+            timeout: Duration::from_secs(30),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let up = kof_node_api::api::Client::connect(&node.socket())
-                .and_then(|mut c| c.status())
-                .is_ok_and(|s| s.fuse_server.is_some());
-            if up {
-                return Ok(d);
-            }
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!(
-                    "kof-fetcherd exited ({status}); see {}",
-                    node.dir.path().join("fetcherd.log").display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "kof-fetcherd did not answer with its FUSE server up on {} in 30 s",
-                    node.socket().display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        Ok(Daemon(kof_testkit::Daemon::start(&spec)?))
     }
 
     /// SIGTERM, wait, then `kof-fetcherd stop-fuse-server` (unmounts every view).
-    pub fn stop(mut self) -> Result<()> {
-        self.shutdown()
-    }
-
-    fn shutdown(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait()?;
-        let out = Command::new(&self.exe)
-            .arg("stop-fuse-server")
-            .env("KOF_CONFIG", &self.config)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "kof-fetcherd stop-fuse-server: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.shutdown();
+    pub fn stop(self) -> Result<()> {
+        Ok(self.0.stop()?)
     }
 }
