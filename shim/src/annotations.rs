@@ -35,12 +35,13 @@ pub const CRI_IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AnnotationError {
     /// The environment reference is malformed.
-    #[error("annotation {ENVIRONMENT}={value:?}: {reason}")]
+    #[error("annotation {ENVIRONMENT}={value:?}")]
     Environment {
         /// The value.
         value: String,
         /// Why it is refused.
-        reason: String,
+        #[source]
+        source: kof_node_api::envref::EnvRefError,
     },
     /// A boolean annotation is neither `true` nor `false`.
     #[error("annotation {name}={value:?}: expected \"true\" or \"false\"")]
@@ -128,9 +129,9 @@ pub fn decide(annotations: &BTreeMap<String, String>) -> Result<Decision, Annota
         return Ok(Decision::Plain(PlainReason::Skipped));
     }
     let environment = env.trim().to_string();
-    EnvRef::parse(&environment).map_err(|e| AnnotationError::Environment {
+    EnvRef::parse(&environment).map_err(|source| AnnotationError::Environment {
         value: env.clone(),
-        reason: e.to_string(),
+        source,
     })?;
     match annotations.get(ACTIVATE_MODE).map(|v| v.trim()) {
         None | Some("") | Some("run") => {}

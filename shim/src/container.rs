@@ -12,7 +12,6 @@
 //! done already.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -35,7 +34,7 @@ pub enum ContainerError {
         value: String,
     },
     /// A file system operation failed.
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}")]
     Io {
         /// The path.
         path: PathBuf,
@@ -52,7 +51,7 @@ pub enum ContainerError {
         path: PathBuf,
     },
     /// Mounting failed.
-    #[error("mounting {what} at {path}: {source}")]
+    #[error("mounting {what} at {path}")]
     Mount {
         /// What was mounted.
         what: &'static str,
@@ -63,7 +62,7 @@ pub enum ContainerError {
         source: nix::errno::Errno,
     },
     /// Unmounting failed.
-    #[error("unmounting {path}: {source}")]
+    #[error("unmounting {path}")]
     Unmount {
         /// The mount point.
         path: PathBuf,
@@ -221,12 +220,8 @@ impl ContainerDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Self::io(&self.dir, "opening the container's directory")(e)),
         };
-        // SAFETY: flock on a file descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Self::io(&self.dir, "locking the container's directory")(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        file.lock()
+            .map_err(Self::io(&self.dir, "locking the container's directory"))?;
         Ok(Some(DirLock { _file: file }))
     }
 

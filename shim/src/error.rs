@@ -25,16 +25,16 @@ pub enum ShimError {
     #[error("missing -{0} on the shim's command line")]
     MissingArg(&'static str),
     /// The kof configuration could not be loaded.
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] kof_node_api::config::ConfigError),
     /// The bundle's spec is unreadable.
-    #[error("{0}")]
+    #[error(transparent)]
     Spec(#[from] SpecError),
     /// A `flox.dev/*` annotation is malformed.
-    #[error("{0}")]
+    #[error(transparent)]
     Annotation(#[from] AnnotationError),
     /// The token could not be read.
-    #[error("environment {env}: {source}")]
+    #[error("environment {env}")]
     Token {
         /// The environment.
         env: String,
@@ -43,7 +43,7 @@ pub enum ShimError {
         source: TokenError,
     },
     /// kof-fetcherd could not prepare the environment.
-    #[error("environment {env}: {source}")]
+    #[error("environment {env}")]
     Prepare {
         /// The environment.
         env: String,
@@ -52,7 +52,7 @@ pub enum ShimError {
         source: kof_node_api::api::ApiError,
     },
     /// kof-fetcherd could not release a lease.
-    #[error("releasing lease {lease}: {source}")]
+    #[error("releasing lease {lease}")]
     Release {
         /// The lease.
         lease: String,
@@ -61,10 +61,10 @@ pub enum ShimError {
         source: kof_node_api::api::ApiError,
     },
     /// The container's command could not be activated.
-    #[error("{0}")]
+    #[error(transparent)]
     Activate(#[from] kof_node_api::activate::ActivateError),
     /// The container's directory or mounts failed.
-    #[error("environment {env}: {source}")]
+    #[error("environment {env}")]
     Container {
         /// The environment (or the container, for a cleanup).
         env: String,
@@ -73,6 +73,6 @@ pub enum ShimError {
         source: ContainerError,
     },
     /// Cleaning up a container's directory failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Cleanup(#[from] ContainerError),
 }

@@ -17,6 +17,11 @@
 //! - [`token`]: a private environment's token, from the pod's secret mount;
 //! - [`lifecycle`]: `start`, `delete`, and the sweep of containers whose `delete` never came.
 //!
+//! It owns each container's directory under `containers_dir` (its overlay and record) and
+//! nothing else: it never fetches, never reads or writes the store, never talks to FloxHub or a
+//! cache, and never mounts a view itself; environments are prepared and released by
+//! kof-fetcherd through its API ([`kof_node_api::api::Client`]).
+//!
 //! kof-fetcherd is found through the kof config (`KOF_CONFIG`, else `/etc/kof/config.toml`; key
 //! `socket`), whose `containers_dir` holds the containers' roots.
 //!
@@ -25,6 +30,8 @@
 //! for the container, so they run in the container's root (the environment's view) with the
 //! container's original variables, not activated; `flox.dev/skip-containers-exec` is accepted
 //! and changes nothing.
+
+#![deny(missing_docs)]
 
 pub mod annotations;
 pub mod args;

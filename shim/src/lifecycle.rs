@@ -20,6 +20,7 @@ use std::time::Duration;
 use kof_node_api::activate::activate;
 use kof_node_api::api::{Client, Prepared};
 use kof_node_api::config::Config;
+use kof_node_api::report::chain;
 use tracing::{info, warn};
 
 use crate::annotations::{decide, Decision, EnvironmentRequest, PlainReason};
@@ -162,9 +163,9 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
             Ok(s)
         }
         Err(e) => {
-            warn!(namespace, id, error = %e, "container start failed; undoing");
+            warn!(namespace, id, error = %chain(&e), "container start failed; undoing");
             if let Err(c) = cleanup(cfg, &cdir) {
-                warn!(namespace, id, error = %c, "cleanup after a failed start");
+                warn!(namespace, id, error = %chain(&c), "cleanup after a failed start");
             }
             Err(e)
         }
@@ -264,7 +265,7 @@ fn cleanup(cfg: &Config, cdir: &ContainerDir) -> Result<bool, ShimError> {
     let record = match cdir.record() {
         Ok(r) => r,
         Err(e) => {
-            warn!(dir = %cdir.path().display(), error = %e, "unreadable container record; removing the directory");
+            warn!(dir = %cdir.path().display(), error = %chain(&e), "unreadable container record; removing the directory");
             None
         }
     };
@@ -285,7 +286,7 @@ fn cleanup(cfg: &Config, cdir: &ContainerDir) -> Result<bool, ShimError> {
         match released {
             Ok(r) => info!(lease = %rec.lease, released = r.released, "lease released"),
             Err(e) => {
-                warn!(lease = %rec.lease, error = %e, "lease not released; a later sweep retries");
+                warn!(lease = %rec.lease, error = %chain(&e), "lease not released; a later sweep retries");
                 return Err(e);
             }
         }
@@ -336,7 +337,9 @@ pub fn sweep(cfg: &Config) -> Vec<PathBuf> {
             }
             match cleanup(cfg, &cdir) {
                 Ok(_) => cleaned.push(path),
-                Err(e) => warn!(dir = %path.display(), error = %e, "sweep could not clean up"),
+                Err(e) => {
+                    warn!(dir = %path.display(), error = %chain(&e), "sweep could not clean up")
+                }
             }
         }
     }

@@ -22,13 +22,22 @@ const MAX_SPEC_BYTES: u64 = 16 << 20;
 #[derive(Debug, Error)]
 pub enum SpecError {
     /// Reading or writing the file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The file is not JSON.
+    #[error("{path}: not an OCI runtime spec")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
     },
     /// The file is not an OCI runtime spec.
     #[error("{path}: not an OCI runtime spec: {reason}")]
@@ -79,9 +88,9 @@ impl Spec {
                 reason: format!("larger than {MAX_SPEC_BYTES} bytes"),
             });
         }
-        let value: Value = serde_json::from_slice(&text).map_err(|e| SpecError::Malformed {
+        let value: Value = serde_json::from_slice(&text).map_err(|source| SpecError::Json {
             path: path.clone(),
-            reason: e.to_string(),
+            source,
         })?;
         let Value::Object(value) = value else {
             return Err(SpecError::Malformed {

@@ -24,7 +24,7 @@ const MAX_TOKEN_BYTES: u64 = 64 << 10;
 #[derive(Debug, Error)]
 pub enum TokenError {
     /// Reading the file failed.
-    #[error("reading the FloxHub token {path} (the secret mounted at {SECRET_DIR}): {source}")]
+    #[error("reading the FloxHub token {path} (the secret mounted at {SECRET_DIR})")]
     Read {
         /// The host file.
         path: PathBuf,

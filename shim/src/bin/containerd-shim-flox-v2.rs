@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kof_node_api::config::Config;
+use kof_node_api::report::chain;
 use kof_shim::args::{Action, ShimArgs};
 use kof_shim::lifecycle;
 use kof_shim::ShimError;
@@ -68,7 +69,7 @@ fn act(args: &ShimArgs) -> Result<(), ShimError> {
             // The container is gone either way: a cleanup that fails is retried by a later
             // sweep, and must not keep the runc shim from cleaning up its part.
             if let Err(e) = lifecycle::delete(&cfg, namespace, id) {
-                tracing::warn!(namespace, id, error = %e, "cleanup at delete failed");
+                tracing::warn!(namespace, id, error = %chain(&e), "cleanup at delete failed");
             }
         }
         Action::Other => {}
@@ -81,7 +82,7 @@ fn main() {
     let args = ShimArgs::parse(&argv);
     if let Err(e) = act(&args) {
         // No newline: containerd appends ": exit status 1" to what the shim printed.
-        eprint!("containerd-shim-flox-v2: {e}");
+        eprint!("containerd-shim-flox-v2: {}", chain(&e).replace('\n', " "));
         std::process::exit(1);
     }
     let shim = runc_shim();
