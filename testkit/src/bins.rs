@@ -25,9 +25,7 @@ pub fn fetcherd_bin() -> PathBuf {
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             c.arg("--release");
         }
-        let out = c
-            .output()
-            .unwrap_or_else(|e| panic!("running {c:?}: {e}"));
+        let out = c.output().unwrap_or_else(|e| panic!("running {c:?}: {e}"));
         assert!(
             out.status.success(),
             "building kof-fetcherd: {}",

@@ -202,7 +202,10 @@ impl Daemon {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
         child.wait().map_err(DaemonError::Wait)?;
-        let out = self.stop_fuse_server_command().output().map_err(DaemonError::Wait)?;
+        let out = self
+            .stop_fuse_server_command()
+            .output()
+            .map_err(DaemonError::Wait)?;
         if !out.status.success() {
             return Err(DaemonError::StopFuseServer {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -307,8 +310,10 @@ impl FuseServerLeft {
 
 /// Whether process `pid` exists and runs `kof-fetcherd` (a pid may have been reused).
 fn is_fetcherd(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.windows(b"kof-fetcherd".len()).any(|w| w == b"kof-fetcherd"))
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        c.windows(b"kof-fetcherd".len())
+            .any(|w| w == b"kof-fetcherd")
+    })
 }
 
 /// Whether `dir` is a mount point of this process's mount namespace.
@@ -319,4 +324,3 @@ pub(crate) fn is_mounted(dir: &Path) -> bool {
         .lines()
         .any(|l| l.split_whitespace().nth(1) == Some(d.as_ref()))
 }
-

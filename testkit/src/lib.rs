@@ -40,7 +40,7 @@ pub use bins::fetcherd_bin;
 #[cfg(feature = "node")]
 pub use caches::CacheServer;
 #[cfg(feature = "node")]
-pub use daemon::{Daemon, DaemonError, DaemonSpec};
+pub use daemon::{Daemon, DaemonError, DaemonSpec, FuseServerLeft};
 #[cfg(feature = "node")]
 pub use fixtures::{fixtures, fixtures_dir, manifest};
 #[cfg(feature = "node")]
