@@ -58,7 +58,7 @@ pub const DEFAULT_RUNTIME_PATH: &str = "/usr/local/bin/containerd-shim-flox-v2";
 #[derive(Debug, Error)]
 pub enum ContainerdConfigError {
     /// The file is not TOML.
-    #[error("{path}: not valid TOML: {}", one_line(.source))]
+    #[error("{path}: not valid TOML")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -89,13 +89,6 @@ pub enum ContainerdConfigError {
         /// The file.
         path: PathBuf,
     },
-}
-
-fn one_line(e: &toml_edit::TomlError) -> String {
-    e.to_string()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A containerd config file format version.

@@ -18,7 +18,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum HostFileError {
     /// Reading a file failed.
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: cannot read")]
     Read {
         /// The file.
         path: PathBuf,
@@ -26,7 +26,7 @@ pub enum HostFileError {
         source: io::Error,
     },
     /// Creating the directory that holds a file failed.
-    #[error("{path}: cannot create directory: {source}")]
+    #[error("{path}: cannot create directory")]
     CreateDir {
         /// The directory.
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum HostFileError {
         source: io::Error,
     },
     /// Writing (or renaming into place) a file failed.
-    #[error("{path}: cannot write: {source}")]
+    #[error("{path}: cannot write")]
     Write {
         /// The file.
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum HostFileError {
         source: io::Error,
     },
     /// Writing the backup of a file failed.
-    #[error("{path}: cannot back up to {backup}: {source}")]
+    #[error("{path}: cannot back up to {backup}")]
     Backup {
         /// The file.
         path: PathBuf,

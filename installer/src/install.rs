@@ -34,7 +34,7 @@ use crate::host_files::{self, HostFileError, Written};
 #[derive(Debug, Error)]
 pub enum InstallError {
     /// A binary to install is missing or unreadable.
-    #[error("{path}: cannot read the binary to install: {source}")]
+    #[error("{path}: cannot read the binary to install")]
     Source {
         /// The file.
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum InstallError {
         source: std::io::Error,
     },
     /// The node config to install is not one `kof-fetcherd` accepts.
-    #[error("{0}")]
+    #[error(transparent)]
     NodeConfig(Box<kof_node_api::config::ConfigError>),
     /// Reading or writing a host file failed.
     #[error(transparent)]
@@ -57,7 +57,7 @@ pub enum InstallError {
         path: PathBuf,
     },
     /// The restart command could not be started.
-    #[error("restarting containerd: cannot run {command}: {source}")]
+    #[error("restarting containerd: cannot run {command}")]
     RestartSpawn {
         /// The command line.
         command: String,
@@ -617,7 +617,10 @@ pub fn import_warnings(
                     config.path().display()
                 )),
                 Ok(_) => {}
-                Err(e) => warnings.push(format!("imported file: {e}")),
+                Err(e) => warnings.push(format!(
+                    "imported file: {}",
+                    crate::one_line(&e)
+                )),
             }
         }
     }

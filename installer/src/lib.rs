@@ -7,10 +7,16 @@
 //! documents it, and restarts containerd only when that config changed. A second run on an
 //! installed node changes no byte and restarts nothing.
 //!
+//! It owns those host files and nothing else: it never starts or stops kof-fetcherd, never
+//! touches the store, and acts on containerd only by editing its config and restarting it (the
+//! probe only asks the daemon's API).
+//!
 //! - [`containerd_config`]: containerd's config, versions 1 to 3, edited with `toml_edit`.
 //! - [`host_files`]: writing host files only when different, atomically, with backups.
 //! - [`install`]: the steps, reported one [`install::Action`] at a time.
 //! - [`probe`]: the DaemonSet's liveness and readiness checks of `kof-fetcherd`.
+
+#![deny(missing_docs)]
 
 pub mod containerd_config;
 pub mod host_files;
@@ -22,3 +28,13 @@ pub use containerd_config::{
 };
 pub use host_files::{HostFileError, Written};
 pub use install::{install, Action, ContainerdVersion, InstallError, Options, Summary};
+
+/// An error as the one line `kof-node-install` prints: the error and its causes
+/// ([`kof_node_api::report::chain`]), every run of whitespace (a TOML error's multi-line
+/// snippet) made one space.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    kof_node_api::report::chain(err)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kof_node_install::containerd_config::DEFAULT_RUNTIME_PATH;
 use kof_node_install::install::{install, Action, ContainerdVersion, InstallError, Options};
+use kof_node_install::one_line;
 use kof_node_install::probe::{probe, Check};
 
 const DEFAULT_RESTART: &str =
@@ -114,10 +115,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!(
-                    "kof-node-install probe: {}",
-                    e.to_string().replace('\n', " ")
-                );
+                eprintln!("kof-node-install probe: {}", one_line(&e));
                 ExitCode::FAILURE
             }
         };
@@ -125,7 +123,7 @@ fn main() -> ExitCode {
     let containerd_version = match containerd_version(&cli) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("kof-node-install: {e}");
+            eprintln!("kof-node-install: {}", one_line(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -148,7 +146,7 @@ fn main() -> ExitCode {
     match install(&opts, &mut print) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kof-node-install: {}", e.to_string().replace('\n', " "));
+            eprintln!("kof-node-install: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
