@@ -3,7 +3,7 @@
 
 use kof_node_api::report::chain;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Weak};
@@ -27,6 +27,7 @@ use kof_substituter::closure::{Closure, ClosureEntry};
 use kof_substituter::fetcher::Fetcher;
 use kof_substituter::substituters::Substitute;
 
+mod partial;
 mod prefetch;
 mod range;
 mod readahead;
@@ -115,27 +116,17 @@ impl PathState {
             file: self.partial.clone(),
             source,
         };
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.partial)
-            .map_err(err)?;
+        let f = partial::open_shared(&self.partial).map_err(err)?;
         f.set_len(self.nar_size()).map_err(err)?;
         let f = Arc::new(f);
         g.file = Some(f.clone());
         Ok(f)
     }
 
+    /// Removes the partial file (and its record), unless another engine has it open.
     fn remove_partial(&self, g: &mut PathInner) {
-        g.file = None;
-        if let Err(e) = std::fs::remove_file(&self.partial) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.path(), file = %self.partial.display(), error = %chain(&e),
-                    "removing the partial file");
-            }
-        }
+        let file = g.file.take();
+        partial::remove_unless_shared(file.as_deref(), &self.partial);
     }
 
     /// Terminal phases as a result.
@@ -153,12 +144,14 @@ impl PathState {
 /// Its verbs live in files of their own under `engine/`: `range.rs` (range fetch: claim,
 /// GET, fill, ingest), `stream.rs` (streamed whole-path fetch, and
 /// [`LazyStore::fetch_whole`]), `readahead.rs`, `prefetch.rs` (closures, profiles, and the
-/// demand clock prefetch waits on) and `recording.rs`; `engine.rs` holds the state, the path states, metadata ([`LazyStore::entry`])
+/// demand clock prefetch waits on), `recording.rs`, and `partial.rs` (partial files across
+/// processes: their locks, records and [`LazyStore::save_partials`]); `engine.rs` holds the state, the path states, metadata ([`LazyStore::entry`])
 /// and [`LazyStore::ensure`].
 ///
 /// # Locks
 ///
-/// Ten mutexes of the engine, one per path state, and three semaphores:
+/// Ten mutexes of the engine, one per path state, three semaphores, and a file lock per
+/// partial file:
 ///
 /// | lock | guards |
 /// |---|---|
@@ -176,6 +169,7 @@ impl PathState {
 /// | `demand_slots` (semaphore) | demand fetches at once (range GETs, demand streams, readahead GETs) |
 /// | `prefetch_slots` (semaphore) | prefetch fetches at once |
 /// | `readahead_slots` (semaphore) | readahead pieces at once |
+/// | partial file `flock` (per file) | shared: this engine has the file open; exclusive: it may remove or adopt it |
 ///
 /// The order, from the outside in:
 ///
@@ -183,17 +177,21 @@ impl PathState {
 ///    and while any mutex is taken. The only nesting of permits is `readahead_slots` →
 ///    `demand_slots` (a readahead piece holds its readahead slot while it waits for a demand
 ///    slot per GET); a holder of a demand or prefetch slot never waits for another slot.
-/// 2. `paths` → `range_ok`: `state` holds `paths` while it creates a path's state, which
-///    asks whether its cache honours `Range`. No other mutex is ever taken under `paths`.
-/// 3. Every other mutex, `PathState::inner` included, is a leaf: taken alone and released
-///    before any other lock is taken. `PathState::inner` may be held across blocking file
-///    system calls on the partial file (open, `set_len`, remove) and while spawning a task,
-///    never while waiting for a permit or another mutex.
+/// 2. Every mutex, `PathState::inner` included, is a leaf: taken alone and released before
+///    any other lock is taken (no mutex is ever taken under another). `PathState::inner` may
+///    be held across blocking file system calls on the partial file (open, `set_len`,
+///    remove) and while spawning a task, never while waiting for a permit or another mutex.
+/// 3. Partial files' `flock`s (see `engine/partial.rs`): a shared lock is taken when the
+///    engine opens a partial file (under `PathState::inner`; it may wait, but only for another
+///    engine's exclusive lock, which is held for a removal or an adoption and never across
+///    network I/O), and kept until the file is closed; exclusive locks are only tried, never
+///    waited for.
 ///
 /// The mutexes are `parking_lot`'s (no poisoning: a panic under a lock leaves plain data
 /// behind, never a poisoned lock for every later caller). No guard is held across `.await`
-/// (the guards are not `Send`, so a spawned future holding one would not compile). The [`crate::LocalReader`]'s two mutexes (stored files,
-/// raw-copy writers) are leaves of their own and never taken by the engine.
+/// (the guards are not `Send`, so a spawned future holding one would not compile). The
+/// [`crate::LocalReader`]'s two mutexes (stored files, raw-copy writers) are leaves of their
+/// own and never taken by the engine.
 pub struct LazyStore {
     me: Weak<LazyStore>,
     fetcher: Arc<Fetcher>,
@@ -253,18 +251,15 @@ fn spawn_err(path: &StorePath, e: tokio::task::JoinError) -> LazyError {
 
 impl LazyStore {
     /// An engine fetching with `fetcher` into `store`. Must be called within a tokio runtime
-    /// (its handle serves [`LazyStore::ensure_blocking`]). Partial files left by an earlier
-    /// process are removed: which of their bytes were present is not known.
+    /// (its handle serves [`LazyStore::ensure_blocking`]). Partial files an earlier process
+    /// left are removed, unless another engine still has them open or a record beside them
+    /// lets this engine resume them (see [`LazyStore::save_partials`]).
     pub fn new(fetcher: Arc<Fetcher>, store: Arc<Store>, opts: LazyOptions) -> Arc<LazyStore> {
         let dir = store.dir().join("partial");
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %chain(&e), "creating the partial directory");
         }
+        partial::sweep(&dir);
         let opts = LazyOptions {
             range_chunk: opts.range_chunk.max(4096),
             ..opts
@@ -383,30 +378,61 @@ impl LazyStore {
             return Ok(None);
         }
         let sub = self.substitute(path).await?;
-        let mut paths = self.paths.lock();
-        let st = paths.entry(path.clone()).or_insert_with(|| {
-            let ranged = self.opts.range_reads
-                && sub.info.compression == Compression::None
-                && self.cache_honours_range(sub.cache.url()) != Some(false);
-            let n = sub.info.nar_size.div_ceil(self.opts.range_chunk) as usize;
-            Arc::new(PathState {
-                partial: partial_file(self.store.dir(), path),
-                inner: Mutex::new(PathInner {
-                    mode: if ranged { Mode::Range } else { Mode::Stream },
-                    chunks: vec![Chunk::Missing; n],
-                    filled: 0,
-                    hwm: 0,
-                    stream: None,
-                    phase: Phase::Fetching,
-                    file: None,
-                }),
-                changed: watch::channel(()).0,
-                demanded: AtomicBool::new(false),
-                demand: Notify::new(),
-                sub: sub.clone(),
+        let ranged = self.opts.range_reads
+            && sub.info.compression == Compression::None
+            && self.cache_honours_range(sub.cache.url()) != Some(false);
+        let n = sub.info.nar_size.div_ceil(self.opts.range_chunk) as usize;
+        let partial = partial_file(self.store.dir(), path);
+        // A partial file an earlier engine recorded (file I/O: under no lock).
+        let adopted = if ranged && !self.paths.lock().contains_key(path) {
+            partial::adopt(&partial, &sub, self.opts.range_chunk, n)
+        } else {
+            None
+        };
+        let mut complete = false;
+        let st = self
+            .paths
+            .lock()
+            .entry(path.clone())
+            .or_insert_with(|| {
+                let (chunks, file) = match adopted {
+                    Some((f, chunks)) => (chunks, Some(Arc::new(f))),
+                    None => (vec![Chunk::Missing; n], None),
+                };
+                let filled = chunks.iter().filter(|c| **c == Chunk::Filled).count();
+                if file.is_some() {
+                    tracing::info!(%path, chunks = filled, of = n,
+                        "resuming the partial NAR an earlier run recorded");
+                }
+                complete = n > 0 && filled == n;
+                Arc::new(PathState {
+                    partial,
+                    inner: Mutex::new(PathInner {
+                        mode: if ranged { Mode::Range } else { Mode::Stream },
+                        chunks,
+                        filled,
+                        hwm: 0,
+                        stream: None,
+                        phase: if complete {
+                            Phase::Completing
+                        } else {
+                            Phase::Fetching
+                        },
+                        file,
+                    }),
+                    changed: watch::channel(()).0,
+                    demanded: AtomicBool::new(false),
+                    demand: Notify::new(),
+                    sub: sub.clone(),
+                })
             })
-        });
-        Ok(Some(st.clone()))
+            .clone();
+        if complete {
+            // Every chunk was recorded: ingest it now (verified like any other).
+            let (me, st) = (self.arc(), st.clone());
+            tokio::spawn(async move { me.complete(st).await });
+        }
+        Ok(Some(st))
     }
 
     /// Marks `st` stored: removes its partial file, wakes its waiters, forgets its state.

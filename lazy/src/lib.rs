@@ -32,7 +32,8 @@
 //!     also written to the partial file; readers wait only until the stream passes *their*
 //!     bytes (a high-water mark), not for the whole NAR.
 //!
-//!   When the path is committed the partial file is removed.
+//!   When the path is committed the partial file is removed (unless another engine on the
+//!   same store still has it open).
 //! - Demand has priority: demand fetches take slots of their own; prefetch
 //!   ([`LazyStore::prefetch`]) takes prefetch slots, and a prefetch stream still queued for a
 //!   slot switches to a demand slot as soon as a reader waits for it. Prefetch uses the same
@@ -40,10 +41,19 @@
 //! - Learned profiles ([`profile`]): the ranges demand reads asked for while a recording is on,
 //!   saved per environment and fetched first, in parallel, on the next cold start.
 //!
-//! Partial files are known only to the engine that wrote them: a new engine removes those an
-//! earlier process left (which of their bytes were fetched is not known). A [`LocalReader`] in
-//! another process opens the partial file afresh for each read after its `ensure`, so it never
-//! keeps a removed file's stale descriptor.
+//! Partial files outlive their process when they can be trusted: at a clean exit,
+//! [`LazyStore::save_partials`] syncs each range-path partial file and records beside it
+//! (`<hashpart>.json`) which chunks it holds, for which NarHash, NarSize and chunk size. A new
+//! engine resumes a partial file whose record matches the narinfo it resolves now (a read of
+//! its recorded chunks fetches nothing) and removes the others: those without a record (a
+//! killed process; which of their bytes were fetched is not known), those whose record does
+//! not match, and stream-path partials (a compressed stream cannot resume at an offset).
+//! Resumed bytes are verified like any other: the path enters the store only through the
+//! ingest's NarHash and NarSize check. Several engines may share one store (two `kof-store
+//! run` at once): an engine holds a shared lock on each partial file it has open and removes
+//! one only under an exclusive lock, so never while another engine uses it (the rule is in
+//! `engine/partial.rs`). A [`LocalReader`] in another process opens the partial file afresh
+//! for each read after its `ensure`, so it never keeps a removed file's stale descriptor.
 //!
 //! A demand read of bytes a prefetch GET is already fetching waits for that GET (at most
 //! [`LazyOptions::max_prefetch_request`] bytes) rather than fetching them twice.

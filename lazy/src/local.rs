@@ -220,7 +220,7 @@ impl LocalReader {
 
     /// A file holding exactly `file`'s bytes, opened, for FUSE passthrough: its object file
     /// when it is stored as one raw object, else its materialized raw copy once written (see
-    /// the module doc). `None` for a path not stored, a file under [`RAW_CACHE_MIN`] that is
+    /// the module doc). `None` for a path not stored, a file under `RAW_CACHE_MIN` (16 KiB) that is
     /// not one raw object, or while its copy is being written (the first call starts that).
     pub fn backing_file(&self, file: &FileRef) -> Option<File> {
         let path = Self::store_path(file).ok()?;

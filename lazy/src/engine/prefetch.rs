@@ -64,7 +64,7 @@ impl LazyStore {
     }
 
     /// Fetches every member of `closure` not stored, in the background, below demand: at most
-    /// [`LazyOptions::prefetch_concurrency`] fetches at once, through the same single-flight
+    /// [`crate::LazyOptions::prefetch_concurrency`] fetches at once, through the same single-flight
     /// state as demand reads (so a path being prefetched serves them too).
     pub fn prefetch(&self, closure: Closure) -> JoinHandle<PrefetchReport> {
         // A prefetch starts as a program does (a view was just prepared): its first reads come

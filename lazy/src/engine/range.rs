@@ -366,7 +366,7 @@ impl LazyStore {
 
     /// Ingests a complete partial file: the store verifies NarHash and NarSize and commits, or
     /// refuses and nothing is stored. Either way the partial file goes.
-    async fn complete(&self, st: Arc<PathState>) {
+    pub(super) async fn complete(&self, st: Arc<PathState>) {
         let store = self.store.clone();
         let info = st.sub.info.clone();
         let source = st.sub.cache.url().to_string();
