@@ -201,6 +201,10 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     }
     background.abort();
     let closed = prepared.close();
+    // What was fetched stays for the next run: completed paths are stored already; the
+    // fetched chunks of partial NARs are recorded now that nothing reads them.
+    let kept = prep.lazy().save_partials();
+    tracing::debug!(partial_nars = kept, "fetched ranges kept for the next run");
     drop(_guard);
     rt.shutdown_background();
     let status = status?;

@@ -12,4 +12,5 @@ mod floxhub;
 mod interop;
 mod prefetch;
 mod run;
+mod run_keeps;
 mod store;

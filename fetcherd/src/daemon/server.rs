@@ -263,6 +263,13 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     }
     accept.abort();
     let _ = std::fs::remove_file(&daemon.config.socket);
+    // The next daemon resumes the partial NARs this one fetched into (the FUSE server and its
+    // views stay; their reads of missing bytes wait for it).
+    let d = daemon.clone();
+    match tokio::task::spawn_blocking(move || d.prep.lazy().save_partials()).await {
+        Ok(n) => info!(partial_nars = n, "fetched ranges kept for the next daemon"),
+        Err(e) => warn!(error = %e, "keeping the fetched ranges of partial NARs"),
+    }
     Ok(())
 }
 
