@@ -144,6 +144,9 @@ pub enum StoreError {
         digest: Digest,
         /// what is wrong
         reason: String,
+        /// The decoder's error, when one found it.
+        #[source]
+        source: Option<std::io::Error>,
     },
     /// A read past the end of a file.
     #[error("read of {len} bytes at offset {offset} past the end of a {size}-byte file")]

@@ -139,10 +139,13 @@ impl Store {
 
         let mut removed = Vec::with_capacity(dead.len());
         for p in dead {
-            removed.push(
-                StorePath::from_base_name(&p)
-                    .map_err(|e| StoreError::CorruptMetadata(format!("stored path {p:?}: {e}")))?,
-            );
+            removed.push(StorePath::from_base_name(&p).map_err(|source| {
+                StoreError::CorruptStorePath {
+                    what: "stored path",
+                    value: p.clone(),
+                    source,
+                }
+            })?);
         }
         removed.sort();
         report.paths_removed = removed;

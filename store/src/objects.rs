@@ -263,6 +263,7 @@ impl Objects {
         let corrupt = |reason: String| StoreError::ObjectCorrupt {
             digest: obj.digest,
             reason,
+            source: None,
         };
         let f = self.open_file(&obj.digest)?;
         match obj.codec {
@@ -301,7 +302,11 @@ impl Objects {
                     )?;
                     if k >= first {
                         let frame = zstd::bulk::decompress(&comp[pos..pos + len], FRAME_SIZE)
-                            .map_err(|e| corrupt(format!("frame {k}: {e}")))?;
+                            .map_err(|e| StoreError::ObjectCorrupt {
+                                digest: obj.digest,
+                                reason: format!("frame {k}"),
+                                source: Some(e),
+                            })?;
                         let f_start = k * FRAME_SIZE;
                         let from = start.max(f_start);
                         let to = end.min(f_start + frame.len());

@@ -185,6 +185,7 @@ impl Read for FileReader<'_> {
                     return Err(io::Error::other(StoreError::ObjectCorrupt {
                         digest: obj.digest,
                         reason: format!("longer than its size {}", obj.size),
+                        source: None,
                     }));
                 }
                 self.current = None;
@@ -195,6 +196,7 @@ impl Read for FileReader<'_> {
                 return Err(io::Error::other(StoreError::ObjectCorrupt {
                     digest: obj.digest,
                     reason: format!("ends after {done} of {} bytes", obj.size),
+                    source: None,
                 }));
             }
             *done += n as u64;
@@ -204,9 +206,9 @@ impl Read for FileReader<'_> {
 }
 
 fn corrupt(obj: &ObjectInfo, e: io::Error) -> io::Error {
-    io::Error::other(StoreError::ObjectCorrupt {
+    io::Error::other(StoreError::ObjectUndecodable {
         digest: obj.digest,
-        reason: e.to_string(),
+        source: e,
     })
 }
 
