@@ -27,7 +27,8 @@ pub fn connect(ctx: &Context) -> Option<Client> {
     let store_dir = match store_dir {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!(socket = %socket.display(), error = %e, "kof-fetcherd answers but not to hello or status; working alone");
+            tracing::warn!(socket = %socket.display(), error = %kof_node_api::report::chain(&e),
+                "kof-fetcherd answers but not to hello or status; working alone");
             return None;
         }
     };

@@ -3,7 +3,12 @@
 //! Glue only: it parses flags, loads the node configuration, opens the store, and calls
 //! `kof-fetcherd` (FloxHub resolution, binary-cache fetching) and `kof-store` (the store). Its
 //! output is a contract other tools rely on: `--json` shapes are stable, every failure is one
-//! line on stderr naming what failed and why, with a non-zero exit.
+//! line on stderr naming what failed and why (the error chain, [`kof_node_api::report::chain`]),
+//! with a non-zero exit.
+//!
+//! It owns no data format and no state of its own: what it reads and writes is the store's,
+//! the daemon's API or the libraries' (FloxHub mirror, profiles). It never edits the store's
+//! files directly, and never keeps a process behind except the sandbox of `run`.
 
 mod commands;
 mod context;
@@ -137,14 +142,7 @@ fn main() {
     }
     if let Err(e) = commands::run(cli) {
         // One line: what failed and why (the error chain, outermost first).
-        let mut line = e.to_string();
-        for cause in e.chain().skip(1) {
-            let c = cause.to_string();
-            if !line.contains(&c) {
-                line.push_str(": ");
-                line.push_str(&c);
-            }
-        }
+        let line = kof_node_api::report::chain(e.as_ref());
         eprintln!("kof-store: {}", line.replace('\n', " "));
         std::process::exit(1);
     }

@@ -315,7 +315,7 @@ fn wait_exit(pid: Pid) -> Result<i32> {
 }
 
 fn mount_err(what: &str, target: &Path, e: nix::errno::Errno) -> anyhow::Error {
-    anyhow::anyhow!("mounting {what} at {}: {e}", target.display())
+    anyhow::Error::new(e).context(format!("mounting {what} at {}", target.display()))
 }
 
 /// Pid 1: mounts, pivots, starts the command, reaps.
