@@ -338,8 +338,9 @@ impl Preparer {
             })
     }
 
-    /// Records `resolved` with `closure` in the store and, with [`Root::Pin`], makes the
-    /// generation a gc root. Returns the record and whether the root was set by this call.
+    /// Records `resolved` with `closure` in the store and keeps the generation from gc as
+    /// `root` says. Returns the record and whether a [`Root::Lease`] root was set by this call
+    /// (it was not one before).
     pub async fn record(
         &self,
         resolved: &ResolvedEnvironment,
