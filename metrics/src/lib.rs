@@ -90,7 +90,9 @@ pub struct HistogramSnapshot {
     pub buckets: Vec<(f64, u64)>,
     /// Observations.
     pub count: u64,
-    /// Their sum, seconds.
+    /// Their sum, seconds. (`sum_seconds` is how a FUSE server of an earlier release names it
+    /// on its control socket: the FUSE server outlives daemon upgrades.)
+    #[serde(alias = "sum_seconds")]
     pub sum: f64,
 }
 
@@ -113,5 +115,13 @@ mod tests {
         assert_eq!(at(0.005), 2);
         assert_eq!(at(60.0), 2, "120 s is only in +Inf");
         assert!((s.sum - 120.003_005).abs() < 1e-6, "{}", s.sum);
+    }
+
+    #[test]
+    fn a_snapshot_of_an_earlier_fuse_server_still_reads() {
+        let old = r#"{"count":2,"sum_seconds":0.5,"buckets":[[0.001,1],[60.0,2]]}"#;
+        let s: HistogramSnapshot = serde_json::from_str(old).unwrap();
+        assert_eq!((s.count, s.sum), (2, 0.5));
+        assert_eq!(s.buckets, vec![(0.001, 1), (60.0, 2)]);
     }
 }

@@ -119,22 +119,11 @@ impl ControlRequest {
     }
 }
 
-/// One operation's statistics (a [`kof_fuse::OpStat`] on the wire).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct WireOpStat {
-    /// Operations answered.
-    pub count: u64,
-    /// Their total latency, seconds.
-    pub sum_seconds: f64,
-    /// `(le, cumulative count)`, ascending, without `+Inf`.
-    pub buckets: Vec<(f64, u64)>,
-}
-
 /// The answer to `op_stats`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WireOpStats {
-    /// By operation name.
-    pub ops: BTreeMap<String, WireOpStat>,
+    /// By operation name: its latency histogram (a [`kof_fuse::OpStat`]).
+    pub ops: BTreeMap<String, kof_metrics::HistogramSnapshot>,
 }
 
 #[derive(Deserialize)]

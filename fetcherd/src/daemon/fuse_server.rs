@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use kof_fuse::{ContentSource, Entry, MountOptions, Mounted};
 use parking_lot::Mutex;
 
-use super::control::{ControlRequest, RunPaths, WireOpStat, WireOpStats};
+use super::control::{ControlRequest, RunPaths, WireOpStats};
 use super::wire::{tree_digest, Decoder};
 use kof_node_api::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
 use kof_node_api::config::Config;
@@ -495,25 +495,11 @@ fn handle(
             json_line(&serde_json::json!({ "removed": removed }))
         }
         ControlRequest::OpStats => {
-            let stats = m.op_stats();
-            let ops = stats
+            let ops = m
+                .op_stats()
                 .ops
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        WireOpStat {
-                            count: v.count,
-                            sum_seconds: v.sum,
-                            buckets: v
-                                .buckets
-                                .iter()
-                                .filter(|(le, _)| le.is_finite())
-                                .copied()
-                                .collect(),
-                        },
-                    )
-                })
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
                 .collect();
             json_line(&WireOpStats { ops })
         }

@@ -924,11 +924,7 @@ impl Daemon {
             "kof_fetch_seconds",
             "Duration of NAR fetches (range GET to last byte; streamed path to commit).",
             &[],
-            &crate::metrics::HistogramSnapshot {
-                buckets: c.fetch_latency.buckets.clone(),
-                count: c.fetch_latency.count,
-                sum: c.fetch_latency.sum,
-            },
+            &c.fetch_latency,
         );
         let leases = self.leases.lock().len();
         out.header("kof_leases", "gauge", "Leases (prepared views).");
@@ -963,15 +959,7 @@ impl Daemon {
                 "Latency of FUSE operations answered by the view, by operation.",
             );
             for (op, s) in &ops.ops {
-                out.histogram_samples(
-                    "kof_fuse_op_seconds",
-                    &[("op", op)],
-                    &crate::metrics::HistogramSnapshot {
-                        buckets: s.buckets.clone(),
-                        count: s.count,
-                        sum: s.sum_seconds,
-                    },
-                );
+                out.histogram_samples("kof_fuse_op_seconds", &[("op", op)], s);
             }
         }
         out.finish()
