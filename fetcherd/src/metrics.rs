@@ -213,7 +213,7 @@ pub async fn serve(
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    tracing::warn!(error = %kof_node_api::report::chain(&e), "metrics endpoint: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -243,7 +243,7 @@ pub async fn serve(
                     .serve_connection(io, service)
                     .await
                 {
-                    tracing::debug!(error = %e, "metrics connection ended");
+                    tracing::debug!(error = %kof_node_api::report::chain(&e), "metrics connection ended");
                 }
             });
         }

@@ -549,7 +549,9 @@ impl Preparer {
                         warn!(env = %key, ranges = n, first_failure = %failures[0],
                             "learned profile fetched in part")
                     }
-                    Err(e) => warn!(env = %key, error = %e, "learned profile task failed"),
+                    Err(e) => {
+                        warn!(env = %key, error = %kof_node_api::report::chain(&e), "learned profile task failed")
+                    }
                 });
             }
             Ok(None) => {
@@ -587,7 +589,9 @@ impl Preparer {
             }
             Ok(report) => warn!(paths = n, fetched = report.stored,
                 first_failure = %report.failures[0], "background prefetch incomplete"),
-            Err(e) => warn!(paths = n, error = %e, "background prefetch task failed"),
+            Err(e) => {
+                warn!(paths = n, error = %kof_node_api::report::chain(&e), "background prefetch task failed")
+            }
         });
         abort
     }

@@ -441,7 +441,10 @@ fn handle(
             let root = match Decoder::default().entry(&root) {
                 Ok(r) => r,
                 Err(e) => {
-                    return error_line(ErrorKind::BadRequest, format!("view {name}: {e}"));
+                    return error_line(
+                        ErrorKind::BadRequest,
+                        format!("view {name}: {}", kof_node_api::report::chain(&e)),
+                    );
                 }
             };
             if let Some(d) = &tree {

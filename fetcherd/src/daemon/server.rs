@@ -268,7 +268,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     let d = daemon.clone();
     match tokio::task::spawn_blocking(move || d.prep.lazy().save_partials()).await {
         Ok(n) => info!(partial_nars = n, "fetched ranges kept for the next daemon"),
-        Err(e) => warn!(error = %e, "keeping the fetched ranges of partial NARs"),
+        Err(e) => warn!(error = %chain(&e), "keeping the fetched ranges of partial NARs"),
     }
     Ok(())
 }
@@ -280,7 +280,7 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: UnixListener) {
                 tokio::spawn(serve_connection(daemon.clone(), stream));
             }
             Err(e) => {
-                warn!(error = %e, "API socket: accept failed");
+                warn!(error = %chain(&e), "API socket: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -318,7 +318,10 @@ async fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
         let answer = match serde_json::from_slice::<Request>(&line) {
             Err(e) => {
                 daemon.metrics.request("invalid", true);
-                error_line(ErrorKind::BadRequest, format!("invalid request: {e}"))
+                error_line(
+                    ErrorKind::BadRequest,
+                    format!("invalid request: {}", chain(&e)),
+                )
             }
             Ok(req) => {
                 let op = req.op();
@@ -347,16 +350,19 @@ async fn serve_connection(daemon: Arc<Daemon>, stream: UnixStream) {
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<Vec<u8>, Failure> {
-    serde_json::to_vec(v).map_err(|e| fail(ErrorKind::Internal, format!("encoding: {e}")))
+    serde_json::to_vec(v).map_err(|e| fail(ErrorKind::Internal, format!("encoding: {}", chain(&e))))
 }
 
 async fn blocking<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> Result<T, Failure> + Send + 'static,
 ) -> Result<T, Failure> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| fail(ErrorKind::Internal, format!("{what}: task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        fail(
+            ErrorKind::Internal,
+            format!("{what}: task failed: {}", chain(&e)),
+        )
+    })?
 }
 
 impl Daemon {
@@ -675,7 +681,7 @@ impl Daemon {
         let path = StorePath::from_base_name(store_path).map_err(|e| {
             fail(
                 ErrorKind::BadRequest,
-                format!("invalid store path {store_path:?}: {e}"),
+                format!("invalid store path {store_path:?}: {}", chain(&e)),
             )
         })?;
         self.metrics
@@ -776,7 +782,7 @@ impl Daemon {
                 if let Err(e) =
                     ControlClient::connect(&self.paths.control).and_then(|mut c| c.remove_view(v))
                 {
-                    warn!(view = %v, error = %e, "removing a view without a lease");
+                    warn!(view = %v, error = %chain(&e), "removing a view without a lease");
                 }
             }
         }
@@ -850,8 +856,8 @@ impl Daemon {
             let d = self.clone();
             match tokio::task::spawn_blocking(move || d.adopt_fuse_server()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => error!(error = %e, "restarting the FUSE server"),
-                Err(e) => error!(error = %e, "restarting the FUSE server"),
+                Ok(Err(e)) => error!(error = %chain(&e), "restarting the FUSE server"),
+                Err(e) => error!(error = %chain(&e), "restarting the FUSE server"),
             }
         }
     }

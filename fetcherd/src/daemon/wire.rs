@@ -46,13 +46,17 @@ impl WireName {
         }
     }
 
-    fn to_os(&self) -> Result<OsString, String> {
+    fn to_os(&self) -> Result<OsString, WireError> {
         match self {
             WireName::Text(t) => Ok(OsString::from(t)),
-            WireName::Bytes { b64 } => B64
-                .decode(b64)
-                .map(OsString::from_vec)
-                .map_err(|e| format!("name {b64:?} is not base64: {e}")),
+            WireName::Bytes { b64 } => {
+                B64.decode(b64)
+                    .map(OsString::from_vec)
+                    .map_err(|source| WireError::NotBase64 {
+                        what: format!("name {b64:?}"),
+                        source,
+                    })
+            }
         }
     }
 }
@@ -126,6 +130,26 @@ impl WireEntry {
     }
 }
 
+/// Why a tree received on the wire is refused. Each names the offending name or content.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// A name or inline content is not base64.
+    #[error("{what} is not base64")]
+    NotBase64 {
+        /// Which name or content.
+        what: String,
+        /// The cause.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// A directory entry's name is empty, `.`, `..`, or holds `/` or NUL.
+    #[error("invalid file name {0:?}")]
+    InvalidName(OsString),
+    /// A directory holds the same name twice.
+    #[error("duplicate file name {0:?}")]
+    DuplicateName(OsString),
+}
+
 /// Rebuilds trees, sharing the `Arc<str>` of store path names between files.
 #[derive(Default)]
 pub struct Decoder {
@@ -134,7 +158,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// The tree of `w`; an error names what is malformed.
-    pub fn entry(&mut self, w: &WireEntry) -> Result<Arc<Entry>, String> {
+    pub fn entry(&mut self, w: &WireEntry) -> Result<Arc<Entry>, WireError> {
         Ok(Arc::new(match w {
             WireEntry::Dir { e } => {
                 let mut m = BTreeMap::new();
@@ -147,10 +171,10 @@ impl Decoder {
                         || b.contains(&b'/')
                         || b.contains(&0)
                     {
-                        return Err(format!("invalid file name {name:?}"));
+                        return Err(WireError::InvalidName(name));
                     }
                     if m.insert(name.clone(), self.entry(v)?).is_some() {
-                        return Err(format!("duplicate file name {name:?}"));
+                        return Err(WireError::DuplicateName(name));
                     }
                 }
                 Entry::Directory(m)
@@ -176,10 +200,12 @@ impl Decoder {
             }
             WireEntry::Inline { x, d } => Entry::Regular {
                 executable: *x,
-                content: Content::Inline(Arc::from(
-                    B64.decode(d)
-                        .map_err(|e| format!("inline contents are not base64: {e}"))?,
-                )),
+                content: Content::Inline(Arc::from(B64.decode(d).map_err(|source| {
+                    WireError::NotBase64 {
+                        what: "inline contents".into(),
+                        source,
+                    }
+                })?)),
             },
             WireEntry::Link { to } => Entry::Symlink(to.to_os()?),
         }))
