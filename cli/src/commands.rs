@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use kof_floxhub::client::{read_token_file, FloxHubClient, Token};
 use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
+use kof_lazy::prepare::Preparer;
 use kof_nar::StorePath;
 use kof_node_api::envref::EnvRef;
 use kof_store::Store;
@@ -176,70 +177,55 @@ fn names(envs: &[ResolvedEnvironment]) -> String {
         .join(", ")
 }
 
+/// `kof-store resolve`: through the daemon when it answers (it is the store's one writer, and
+/// the generation is recorded there), else alone through the same pipeline.
 fn resolve(ctx: &Context, reference: &str, as_json: bool) -> Result<()> {
-    let r = parse_refs(&[reference.to_string()])?;
-    let store = Arc::new(ctx.open_store()?);
-    let hub = Hub::new(ctx)?;
-    let fetcher =
-        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
-    let rt = runtime()?;
-    let (env, closure) = rt.block_on(async {
-        let env = hub.resolve_all(&r).await?.remove(0);
-        let closure = fetcher
-            .resolve(&env.roots)
-            .await
-            .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
-        anyhow::Ok((env, closure))
-    })?;
-    let paths = closure.paths();
-    let nar_size: u64 = closure.entries.iter().map(|e| e.nar_size()).sum();
-    store
-        .put_environment(&env.to_record(paths.clone()))
-        .with_context(|| format!("recording {}", env.env_ref()))?;
-    let closure_abs: Vec<String> = paths.iter().map(|p| p.to_absolute()).collect();
+    let r = EnvRef::parse(reference)?;
+    let env = match crate::daemon_client::connect(ctx) {
+        Some(mut client) => {
+            let env = client
+                .resolve(reference, None)
+                .with_context(|| format!("resolving {r} through kof-fetcherd"))?;
+            tracing::info!(env = %r, generation = env.generation, "resolved through kof-fetcherd");
+            env
+        }
+        None => {
+            let store = Arc::new(ctx.open_store()?);
+            let rt = runtime()?;
+            let _guard = rt.enter();
+            let prep = Preparer::from_config(&ctx.config, store)
+                .map_err(|e| anyhow::anyhow!(kof_node_api::report::chain(&e)))?;
+            rt.block_on(prep.describe(&r, None))
+                .map_err(|e| anyhow::anyhow!(kof_node_api::report::chain(&e)))?
+        }
+    };
     if as_json {
-        let out = json!({
-            "owner": env.owner,
-            "name": env.name,
-            "generation": env.generation,
-            "pinned": env.pinned,
-            "live_generation": env.live,
-            "newest_generation": env.newest,
-            "system": env.system,
-            "roots": env.roots.iter().map(|p| p.to_absolute()).collect::<Vec<_>>(),
-            "closure": closure_abs,
-            "closure_nar_size": nar_size,
-            "vars": env.vars,
-            "hook": env.hook,
-            "history": env.history,
-            "floxmeta_commit": env.commit,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!(
-            "{}/{} generation {}{} ({}), live {}, newest {}",
-            env.owner,
-            env.name,
-            env.generation,
-            if env.pinned { " (pinned)" } else { "" },
-            env.system,
-            env.live,
-            env.newest
-        );
-        println!(
-            "closure: {} paths, {} NAR",
-            closure_abs.len(),
-            human_bytes(nar_size)
-        );
-        for p in &closure_abs {
-            println!("  {p}");
-        }
-        for (k, v) in &env.vars {
-            println!("var {k}={v}");
-        }
-        if let Some(h) = &env.hook {
-            println!("on-activate hook: {} lines", h.lines().count());
-        }
+        println!("{}", serde_json::to_string_pretty(&env)?);
+        return Ok(());
+    }
+    println!(
+        "{}/{} generation {}{} ({}), live {}, newest {}",
+        env.owner,
+        env.name,
+        env.generation,
+        if env.pinned { " (pinned)" } else { "" },
+        env.system,
+        env.live_generation,
+        env.newest_generation
+    );
+    println!(
+        "closure: {} paths, {} NAR",
+        env.closure.len(),
+        human_bytes(env.closure_nar_size)
+    );
+    for p in &env.closure {
+        println!("  {p}");
+    }
+    for (k, v) in &env.vars {
+        println!("var {k}={v}");
+    }
+    if let Some(h) = &env.hook {
+        println!("on-activate hook: {} lines", h.lines().count());
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ pub use kof_metrics::{Histogram, HistogramSnapshot};
 
 /// The requests the API serves, for the per-op counters.
 pub const OPS: &[&str] = &[
-    "prepare", "release", "prefetch", "status", "ensure", "leases", "invalid",
+    "prepare", "release", "prefetch", "resolve", "status", "ensure", "leases", "invalid",
 ];
 
 /// Counters the daemon keeps itself.

@@ -32,7 +32,7 @@ use std::time::Duration;
 use kof_floxhub::client::{read_token_file, FloxHubClient, FloxHubError, Token, TokenError};
 use kof_floxhub::resolve::{ResolveError, ResolvedEnvironment, Resolver};
 use kof_nar::StorePath;
-use kof_node_api::api::Activation;
+use kof_node_api::api::{Activation, Resolved};
 use kof_node_api::config::{Config, Prefetch};
 use kof_node_api::envref::EnvRef;
 use kof_store::{EnvironmentRecord, Store, StoreError};
@@ -384,6 +384,42 @@ impl Preparer {
             source: Box::new(source),
         })?;
         Ok((record, root_set))
+    }
+
+    /// Resolves `r`, computes its closure from metadata (no NAR is fetched) and records the
+    /// generation (kept by nothing): what `kof-store resolve` shows, through the daemon or alone.
+    pub async fn describe(
+        &self,
+        r: &EnvRef,
+        token: Option<Arc<Token>>,
+    ) -> Result<Resolved, PrepareError> {
+        let env = self.resolve(r, token).await?;
+        let label = format!("{}:{}", env.env_ref().env_name(), env.generation);
+        let closure =
+            self.fetcher
+                .resolve(&env.roots)
+                .await
+                .map_err(|source| PrepareError::Closure {
+                    env: label,
+                    source: Box::new(source),
+                })?;
+        self.record(&env, &closure, Root::None).await?;
+        Ok(Resolved {
+            owner: env.owner.clone(),
+            name: env.name.clone(),
+            generation: env.generation,
+            pinned: env.pinned,
+            live_generation: env.live,
+            newest_generation: env.newest,
+            system: env.system.clone(),
+            roots: env.roots.iter().map(|p| p.to_absolute()).collect(),
+            closure: closure.paths().iter().map(|p| p.to_absolute()).collect(),
+            closure_nar_size: closure.entries.iter().map(|e| e.nar_size()).sum(),
+            vars: env.vars,
+            hook: env.hook,
+            history: env.history,
+            floxmeta_commit: env.commit,
+        })
     }
 
     /// Takes back the gc root a prepare set (`root_set`), as a lease ends.

@@ -16,6 +16,7 @@
 //! | `{"op":"prepare","env":"owner/name[:N]","lease":"ID","token":"..."?}` | [`Prepared`] |
 //! | `{"op":"release","lease":"ID"}` | [`Released`] |
 //! | `{"op":"prefetch","env":"owner/name[:N]","token":"..."?}` | [`Prefetched`] |
+//! | `{"op":"resolve","env":"owner/name[:N]","token":"..."?}` | [`Resolved`] |
 //! | `{"op":"status"}` | [`Status`] |
 //! | `{"op":"hello"}` | [`Hello`] |
 //! | `{"op":"ensure","store_path":"<hash>-<name>","start":S,"end":E}` | `{"ok":true}` |
@@ -35,6 +36,9 @@
 //! - `prefetch` fetches the environment's whole closure into the store now (shared with any
 //!   fetch already under way) and records the environment as kept, as `kof-store prefetch`
 //!   does.
+//! - `resolve` resolves the environment and computes its closure from metadata (no NAR is
+//!   fetched), records the generation in the store (kept by nothing: a gc may drop it), and
+//!   answers what `kof-store resolve` shows.
 //! - `ensure` makes the NAR byte range `[start, end)` of a store path readable from the
 //!   store (or its partial NAR); it returns when the bytes are there. The FUSE server uses
 //!   it.
@@ -61,6 +65,10 @@
 //!                    "objects":N,"environments":N},
 //!           "in_flight_fetches":N,"demand_bytes":N,"prefetch_bytes":N,
 //!           "fuse_server":{"pid":P,"mount_dir":"/var/lib/kof/mnt","views":["c1"]}|null}
+//! resolve  {"owner":"kof","name":"hello","generation":2,"pinned":false,"live_generation":2,
+//!           "newest_generation":3,"system":"x86_64-linux","roots":["/nix/store/..."],
+//!           "closure":["/nix/store/...",...],"closure_nar_size":N,"vars":{"K":"V"},
+//!           "hook":"..."|null,"history":[...],"floxmeta_commit":"<sha>"}
 //! hello    {"pid":P,"store_dir":"/var/lib/kof"}
 //! ensure   {"ok":true}
 //! leases   {"leases":[<lease>...]}
@@ -129,6 +137,14 @@ pub enum Request {
     },
     /// Fetch an environment's closure now.
     Prefetch {
+        /// `owner/name` or `owner/name:N`.
+        env: String,
+        /// FloxHub token for a private environment.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<SecretToken>,
+    },
+    /// Resolve an environment and describe its closure (no NAR is fetched).
+    Resolve {
         /// `owner/name` or `owner/name:N`.
         env: String,
         /// FloxHub token for a private environment.
@@ -337,6 +353,40 @@ pub struct StoreTotals {
     pub environments: u64,
 }
 
+/// The answer to `resolve`: an environment generation and its closure, as `kof-store resolve`
+/// shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    /// FloxHub owner.
+    pub owner: String,
+    /// Environment name.
+    pub name: String,
+    /// The generation resolved (the pinned one, or the live one).
+    pub generation: u64,
+    /// Whether the reference pinned it.
+    pub pinned: bool,
+    /// The live generation (the last history entry's `current_generation`).
+    pub live_generation: u64,
+    /// The newest generation.
+    pub newest_generation: u64,
+    /// The node's system the roots are for.
+    pub system: String,
+    /// The store paths the lockfile installs for that system (absolute).
+    pub roots: Vec<String>,
+    /// Every path of their closure, sorted (absolute).
+    pub closure: Vec<String>,
+    /// The sum of the closure's NarSize.
+    pub closure_nar_size: u64,
+    /// `[vars]`.
+    pub vars: BTreeMap<String, String>,
+    /// The `on-activate` hook.
+    pub hook: Option<String>,
+    /// FloxHub's history entries, as `metadata.json` has them: the audit trail.
+    pub history: serde_json::Value,
+    /// The floxmeta commit read (empty when a recorded pin was answered from the store).
+    pub floxmeta_commit: String,
+}
+
 /// The answer to `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -461,6 +511,7 @@ impl Request {
             Request::Prepare { .. } => "prepare",
             Request::Release { .. } => "release",
             Request::Prefetch { .. } => "prefetch",
+            Request::Resolve { .. } => "resolve",
             Request::Status => "status",
             Request::Hello => "hello",
             Request::Ensure { .. } => "ensure",
@@ -542,6 +593,14 @@ impl Client {
     /// Fetches `env`'s closure now.
     pub fn prefetch(&mut self, env: &str, token: Option<&str>) -> Result<Prefetched, ApiError> {
         self.call(&Request::Prefetch {
+            env: env.to_string(),
+            token: token.map(|t| SecretToken(t.to_string())),
+        })
+    }
+
+    /// Resolves `env` and describes its closure (no NAR is fetched).
+    pub fn resolve(&mut self, env: &str, token: Option<&str>) -> Result<Resolved, ApiError> {
+        self.call(&Request::Resolve {
             env: env.to_string(),
             token: token.map(|t| SecretToken(t.to_string())),
         })

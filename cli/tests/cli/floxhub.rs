@@ -115,3 +115,38 @@ fn floxhub_down_fails_promptly_naming_the_environment() {
     assert!(e.contains("kof/hello"), "{e}");
     assert!(e.contains(&port.to_string()), "{e}");
 }
+
+#[test]
+fn resolve_goes_through_the_daemon_when_it_answers() {
+    let node = Node::new();
+    let alone = resolve(&node, "kof/rollback");
+    let daemon = node.spawn_daemon();
+    let mut c = node.cmd(&["resolve", "kof/rollback", "--json"]);
+    c.env("KOF_LOG", "info");
+    let out = run_bounded(c, std::time::Duration::from_secs(120));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("resolved through kof-fetcherd"),
+        "the daemon, the store's one writer, resolved it: {err}"
+    );
+    let through: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "owner",
+        "name",
+        "generation",
+        "pinned",
+        "newest_generation",
+        "closure",
+    ] {
+        assert_eq!(through[key], alone[key], "{key}");
+    }
+    assert_eq!(
+        through["closure"].as_array().unwrap().len(),
+        closure_of("kof/rollback", Some(2)).len()
+    );
+    // A failure comes back from the daemon naming the environment.
+    let e = node.fails(&["resolve", "kof/rollback:9"]);
+    assert!(e.contains("kof/rollback") && e.contains('9'), "{e}");
+    drop(daemon);
+}

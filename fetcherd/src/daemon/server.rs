@@ -382,6 +382,17 @@ impl Daemon {
                     .prefetch(&env, token.as_ref().map(|t| t.0.as_str()))
                     .await?,
             ),
+            Request::Resolve { env, token } => {
+                let r = EnvRef::parse(&env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
+                let token = self.token_for(token.as_ref().map(|t| t.0.as_str()))?;
+                to_json(
+                    &self
+                        .prep
+                        .describe(&r, token)
+                        .await
+                        .map_err(prepare_failure)?,
+                )
+            }
             Request::Status => to_json(&self.status().await?),
             Request::Hello => to_json(&Hello {
                 pid: std::process::id(),
