@@ -2,7 +2,7 @@
 //!
 //! What it owns: the local API server (the protocol itself is `kof-node-api`'s), leases and
 //! their records on disk, the FUSE server process that serves every view of the node from one
-//! mount ([`daemon`]), and the Prometheus metrics ([`metrics`]). It puts together what the
+//! mount ([`daemon`]), and the Prometheus metrics (`metrics`). It puts together what the
 //! library crates do: `kof-floxhub` resolves, `kof-substituter` fetches and verifies,
 //! `kof-lazy` prepares views and fetches on demand, `kof-store` keeps, `kof-fuse` serves.
 //!
@@ -12,4 +12,4 @@
 #![deny(missing_docs)]
 
 pub mod daemon;
-pub mod metrics;
+mod metrics;

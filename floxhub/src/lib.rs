@@ -4,7 +4,7 @@
 //! - [`client`]: the node's bare mirror of each owner's `floxmeta` repository, driven through
 //!   the real git CLI over smart HTTP (git's pack protocol is not reimplemented), with the
 //!   FloxHub token kept out of argv, logs and the mirror's config;
-//! - [`generations`]: `metadata.json` (versions 1 and 2), the live generation and history;
+//! - `generations` (private): `metadata.json` (versions 1 and 2), the live generation and history;
 //! - [`lockfile`]: Flox's `manifest.lock` (lockfile-version 1), validated whole;
 //! - [`resolve`]: reference → generation → lockfile → the roots for the node's system, and
 //!   the record the store keeps of a resolved generation.
@@ -16,6 +16,6 @@
 #![deny(missing_docs)]
 
 pub mod client;
-pub mod generations;
+mod generations;
 pub mod lockfile;
 pub mod resolve;

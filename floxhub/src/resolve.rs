@@ -2,7 +2,7 @@
 //! `metadata.json` → the live (or pinned) generation → its `manifest.lock` → the store paths
 //! to install for the node's system.
 //!
-//! Everything read is validated ([`crate::generations`], [`crate::lockfile`]) before a
+//! Everything read is validated (`metadata.json` by the generations parser, [`crate::lockfile`]) before a
 //! [`ResolvedEnvironment`] exists; a resolution either succeeds whole or fails with an error
 //! naming the environment and the cause.
 //!

@@ -4,7 +4,7 @@
 //!
 //! What this crate owns:
 //! - the demand engine ([`LazyStore`]): partial NARs, range and stream fetches, readahead,
-//!   prefetch below demand, learned profiles ([`profile`]), and the FUSE content source that
+//!   prefetch below demand, learned profiles ([`Profile`]), and the FUSE content source that
 //!   reads stored and partial bytes ([`LazyContent`], [`LocalReader`]);
 //! - views ([`view`]): an environment generation's root file system as a `kof-fuse` tree;
 //!
@@ -38,7 +38,7 @@
 //!   ([`LazyStore::prefetch`]) takes prefetch slots, and a prefetch stream still queued for a
 //!   slot switches to a demand slot as soon as a reader waits for it. Prefetch uses the same
 //!   single-flight machinery, so a path being prefetched serves demand readers too.
-//! - Learned profiles ([`profile`]): the ranges demand reads asked for while a recording is on,
+//! - Learned profiles ([`Profile`]): the ranges demand reads asked for while a recording is on,
 //!   saved per environment and fetched first, in parallel, on the next cold start.
 //!
 //! Partial files outlive their process when they can be trusted: at a clean exit,
@@ -70,7 +70,7 @@ mod counters;
 mod engine;
 mod local;
 pub mod prepare;
-pub mod profile;
+mod profile;
 mod tree;
 pub mod view;
 
@@ -90,7 +90,10 @@ use kof_substituter::substituters::SubstituteError;
 pub use counters::{ByCause, LazyCounters};
 pub use engine::{LazyStore, PrefetchReport, StartedEntries};
 pub use local::{partial_file, LazyContent, LocalReader};
-pub use profile::{export_profile, import_profile, Profile, ProfileError, ProfileRange};
+pub use profile::{
+    export_profile, import_profile, Profile, ProfileError, ProfileRange, MAX_PROFILE_BYTES,
+    PROFILE_VERSION,
+};
 pub use tree::{entry_of_listing, entry_of_tree};
 
 /// Why bytes are fetched.

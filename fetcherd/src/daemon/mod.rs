@@ -34,7 +34,7 @@
 
 pub mod control;
 pub mod fuse_server;
-pub mod leases;
+mod leases;
 mod server;
 pub mod wire;
 
