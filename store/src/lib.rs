@@ -31,7 +31,7 @@
 //! | `objects/<2 hex>/<64 hex>` | this crate ([`objects`]) | object files by BLAKE3 digest, raw or zstd; an object being written is a `.tmp-*` file in its fan-out directory until it is renamed into place (gc sweeps stale ones) |
 //! | `tmp/` | this crate | scratch space, emptied under the exclusive lock (at open when it can be had, and by gc) |
 //! | `lock` | this crate ([`lock`]) | the store lock: a shared `flock` per open [`Store`], exclusive for gc |
-//! | `partial/<hash part>.nar` | `kof-lazy` (the demand engine) | sparse partial NARs of store paths being fetched on demand, with the engine's records of which ranges are present; removed when the path is ingested |
+//! | `partial/<hash part>.nar`, `partial/<hash part>.json` | `kof-lazy` (the demand engine) | sparse partial NARs of store paths being fetched on demand, and the record of which chunks each holds (written at a clean exit, so the next engine resumes them); removed when the path is ingested; derived data |
 //! | `raw/<2 hex>/<64 hex>` | `kof-lazy` | raw copies (mode 0444, BLAKE3-checked) of files of 16 KiB or more stored compressed or in chunks, by content digest, for FUSE passthrough; derived data, deletable at any time |
 //! | `profiles/<owner>/<name>.json` | `kof-lazy` (`kof-store profile import` writes them too) | learned prefetch profiles: which files an environment reads first |
 //! | `leases/<lease>.json` | `kof-fetcherd` | one record per lease, written atomically, so a restarted daemon serves its views again |
