@@ -30,6 +30,10 @@ pub fn run(ctx: &Context, reference: &str, cmd: &[String]) -> Result<()> {
     std::process::exit(code)
 }
 
+/// How long a run alone, once its command has exited, lets the readahead its reads started
+/// finish before it records its partial NARs and exits.
+const EXIT_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A view being served, and what to remove when done.
 pub struct PreparedView {
     /// The view's root directory.
@@ -202,7 +206,11 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     background.abort();
     let closed = prepared.close();
     // What was fetched stays for the next run: completed paths are stored already; the
-    // fetched chunks of partial NARs are recorded now that nothing reads them.
+    // readahead the command's reads started finishes (bounded), then the fetched chunks of
+    // partial NARs are recorded, now that nothing reads them.
+    if !rt.block_on(prep.lazy().settle(EXIT_SETTLE)) {
+        tracing::info!(bound = ?EXIT_SETTLE, "readahead still under way at exit: its rest is fetched by the next run");
+    }
     let kept = prep.lazy().save_partials();
     tracing::debug!(partial_nars = kept, "fetched ranges kept for the next run");
     drop(_guard);

@@ -330,6 +330,23 @@ fn filled_runs(chunks: &[Chunk]) -> Vec<(usize, usize)> {
 }
 
 impl LazyStore {
+    /// Waits, at most `bound`, until no demand work is under way: the fetches reads started,
+    /// and the readahead they spawned (the rest of a file a program began to read). A caller at
+    /// a clean exit lets them finish before [`LazyStore::save_partials`], so the next run finds
+    /// whole the files this one began to read (its reads, whose kernel readahead is not quite
+    /// the same from run to run, then hit locally) instead of fetching their rest again. It
+    /// starts nothing new. Returns whether the engine settled within `bound`.
+    pub async fn settle(&self, bound: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + bound;
+        while self.demand_active.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// Saves what this engine's range-path partial files hold, so that the next engine on
     /// this store resumes them instead of fetching their bytes again (see the [module
     /// docs](crate)): each file's data is synced, then its record written beside it.
@@ -346,7 +363,10 @@ impl LazyStore {
         for st in states {
             let (file, runs) = {
                 let g = st.lock();
-                if g.mode != Mode::Range || !matches!(g.phase, Phase::Fetching) || g.filled == 0 {
+                // A path still being ingested is recorded too: the caller may end before its
+                // ingest does (a run's runtime is shut down), and its partial file is whole.
+                let live = matches!(g.phase, Phase::Fetching | Phase::Completing);
+                if g.mode != Mode::Range || !live || g.filled == 0 {
                     continue;
                 }
                 let Some(f) = g.file.clone() else {
