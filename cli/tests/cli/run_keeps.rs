@@ -51,6 +51,16 @@ fn a_second_run_alone_of_a_pinned_generation_fetches_no_nar_byte() {
 
     assert_eq!(run_ok(&node, &python), "1\n");
     let after_second = node.server.stats();
+    eprintln!(
+        "first run: {} NAR bytes in {} NAR requests (closure {closure_bytes} bytes); second \
+         run: {} NAR bytes in {} NAR requests, {} narinfo and {} listing requests",
+        after_first.bytes_by_kind.nar,
+        after_first.requests_by_kind.nar,
+        after_second.bytes_by_kind.nar - after_first.bytes_by_kind.nar,
+        after_second.requests_by_kind.nar - after_first.requests_by_kind.nar,
+        after_second.requests_by_kind.narinfo - after_first.requests_by_kind.narinfo,
+        after_second.requests_by_kind.ls - after_first.requests_by_kind.ls,
+    );
     assert_eq!(
         after_second.bytes_by_kind.nar - after_first.bytes_by_kind.nar,
         0,
