@@ -16,19 +16,8 @@ use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy}
 use kof_substituter::closure::{Closure, ClosureEntry};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
-use kof_testkit::{fixtures, manifest, CacheServer};
+use kof_testkit::{fixtures, manifest, path_of, CacheServer};
 use tempfile::TempDir;
-
-/// The fixture store path of package `pname` (its first variant).
-fn path_of(pname: &str) -> StorePath {
-    let (p, _) = manifest()
-        .store_paths
-        .iter()
-        .filter(|(_, i)| i.pname == pname)
-        .min_by_key(|(_, i)| i.variant)
-        .unwrap_or_else(|| panic!("no fixture package {pname}"));
-    StorePath::parse(p).unwrap()
-}
 
 /// Where the fixture builder staged `path` (the reference contents).
 fn staged(path: &StorePath) -> PathBuf {

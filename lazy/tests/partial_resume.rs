@@ -15,18 +15,7 @@ use kof_store::Store;
 use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
-use kof_testkit::{fixtures, manifest};
-
-/// The fixture store path of package `pname` (its first variant).
-fn path_of(pname: &str) -> StorePath {
-    let (p, _) = manifest()
-        .store_paths
-        .iter()
-        .filter(|(_, i)| i.pname == pname)
-        .min_by_key(|(_, i)| i.variant)
-        .unwrap_or_else(|| panic!("no fixture package {pname}"));
-    StorePath::parse(p).unwrap()
-}
+use kof_testkit::{fixtures, manifest, path_of};
 
 fn nar_size(p: &StorePath) -> u64 {
     manifest().store_paths[&p.to_absolute()].nar_size

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use kof_fixtures::build::{self, BuildOptions, FixtureSet, Manifest};
+use kof_nar::StorePath;
 
 /// The shared fixtures and their manifest: `$KOF_FIXTURES_DIR`, else
 /// `<workspace>/target/kof-fixtures/small`, built once per process (the builder keeps a stamp
@@ -30,4 +31,15 @@ pub fn fixtures_dir() -> &'static Path {
 /// The fixtures manifest (see [`fixtures()`]).
 pub fn manifest() -> &'static Manifest {
     &fixtures().1
+}
+
+/// The fixture store path of package `pname` (its first variant).
+pub fn path_of(pname: &str) -> StorePath {
+    let (p, _) = manifest()
+        .store_paths
+        .iter()
+        .filter(|(_, i)| i.pname == pname)
+        .min_by_key(|(_, i)| i.variant)
+        .unwrap_or_else(|| panic!("no fixture package {pname}"));
+    StorePath::parse(p).unwrap()
 }

@@ -42,6 +42,6 @@ pub use caches::CacheServer;
 #[cfg(feature = "node")]
 pub use daemon::{Daemon, DaemonError, DaemonSpec, FuseServerLeft};
 #[cfg(feature = "node")]
-pub use fixtures::{fixtures, fixtures_dir, manifest};
+pub use fixtures::{fixtures, fixtures_dir, manifest, path_of};
 #[cfg(feature = "node")]
 pub use node::{Node, NodeOptions};
