@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use kof_floxhub::client::{read_token_file, FloxHubClient, Token};
-use kof_floxhub::resolve::{ResolvedEnvironment, Resolver};
-use kof_lazy::prepare::Preparer;
+use kof_floxhub::resolve::ResolvedEnvironment;
+use kof_lazy::prepare::{PrepareError, Preparer, Root};
 use kof_nar::StorePath;
 use kof_node_api::envref::EnvRef;
 use kof_store::Store;
-use kof_substituter::fetcher::{FetchEvent, Fetcher};
+use kof_substituter::fetcher::FetchEvent;
 use serde_json::json;
 
 use crate::context::Context;
@@ -56,55 +55,6 @@ fn parse_store_path(s: &str) -> Result<StorePath> {
     StorePath::parse(s).with_context(|| format!("store path {s:?}"))
 }
 
-/// FloxHub access built from the configuration.
-struct Hub {
-    resolver: Arc<Resolver>,
-    token: Option<Arc<Token>>,
-}
-
-impl Hub {
-    fn new(ctx: &Context) -> Result<Self> {
-        let cfg = &ctx.config;
-        let client = FloxHubClient::new(&cfg.floxhub_url, cfg.store_dir.join("floxmeta"))
-            .with_context(|| format!("FloxHub at {}", cfg.floxhub_url))?;
-        let token = cfg
-            .floxhub_token_file
-            .as_deref()
-            .map(|p| {
-                read_token_file(p)
-                    .map(Arc::new)
-                    .with_context(|| format!("FloxHub token file {}", p.display()))
-            })
-            .transpose()?;
-        Ok(Hub {
-            resolver: Arc::new(Resolver::new(client, cfg.system.clone())),
-            token,
-        })
-    }
-
-    /// Resolves every reference concurrently (each runs git).
-    async fn resolve_all(&self, refs: &[EnvRef]) -> Result<Vec<ResolvedEnvironment>> {
-        let mut tasks = Vec::new();
-        for r in refs {
-            let resolver = self.resolver.clone();
-            let token = self.token.clone();
-            let r = r.clone();
-            tasks.push(tokio::task::spawn_blocking(move || {
-                resolver.resolve(&r, token.as_deref())
-            }));
-        }
-        let mut out = Vec::new();
-        for (t, r) in tasks.into_iter().zip(refs) {
-            let env = t
-                .await
-                .context("resolver task")?
-                .with_context(|| format!("resolving {r}"))?;
-            out.push(env);
-        }
-        Ok(out)
-    }
-}
-
 fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
     let parsed = parse_refs(refs)?;
     if let Some(mut client) = crate::daemon_client::connect(ctx) {
@@ -113,12 +63,23 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
     let refs = parsed;
     let start = Instant::now();
     let store = Arc::new(ctx.open_store()?);
-    let hub = Hub::new(ctx)?;
-    let fetcher =
-        Fetcher::from_config(&ctx.config, store.clone()).context("setting up the fetcher")?;
     let rt = runtime()?;
+    let _guard = rt.enter();
+    let prep = Arc::new(Preparer::from_config(&ctx.config, store).map_err(report)?);
+    let fetcher = prep.fetcher();
     rt.block_on(async {
-        let envs = hub.resolve_all(&refs).await?;
+        // Every reference resolved concurrently (each runs git).
+        let tasks: Vec<_> = refs
+            .iter()
+            .map(|r| {
+                let (prep, r) = (prep.clone(), r.clone());
+                tokio::spawn(async move { prep.resolve(&r, None).await })
+            })
+            .collect();
+        let mut envs = Vec::new();
+        for t in tasks {
+            envs.push(t.await.context("resolver task")?.map_err(report)?);
+        }
         // One closure walk and one fetch for all environments, so shared paths are fetched once.
         let roots: BTreeSet<StorePath> = envs.iter().flat_map(|e| e.roots.clone()).collect();
         let roots: Vec<StorePath> = roots.into_iter().collect();
@@ -140,12 +101,7 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
                 .resolve(&env.roots)
                 .await
                 .with_context(|| format!("computing the closure of {}", env.env_ref()))?;
-            store
-                .put_environment(&env.to_record(own.paths()))
-                .with_context(|| format!("recording {}", env.env_ref()))?;
-            store
-                .set_root(&env.owner, &env.name, env.generation, env.pinned)
-                .with_context(|| format!("keeping {}", env.env_ref()))?;
+            prep.record(env, &own, Root::Keep).await.map_err(report)?;
             println!(
                 "{}/{} generation {} ({}): {} store paths",
                 env.owner,
@@ -168,6 +124,11 @@ fn prefetch(ctx: &Context, refs: &[String]) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// A pipeline error as the command's error: the whole chain, which names the environment.
+pub(crate) fn report(e: PrepareError) -> anyhow::Error {
+    anyhow::anyhow!(kof_node_api::report::chain(&e))
 }
 
 fn names(envs: &[ResolvedEnvironment]) -> String {
@@ -193,10 +154,8 @@ fn resolve(ctx: &Context, reference: &str, as_json: bool) -> Result<()> {
             let store = Arc::new(ctx.open_store()?);
             let rt = runtime()?;
             let _guard = rt.enter();
-            let prep = Preparer::from_config(&ctx.config, store)
-                .map_err(|e| anyhow::anyhow!(kof_node_api::report::chain(&e)))?;
-            rt.block_on(prep.describe(&r, None))
-                .map_err(|e| anyhow::anyhow!(kof_node_api::report::chain(&e)))?
+            let prep = Preparer::from_config(&ctx.config, store).map_err(report)?;
+            rt.block_on(prep.describe(&r, None)).map_err(report)?
         }
     };
     if as_json {

@@ -176,7 +176,7 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let _guard = rt.enter();
-    let prep = Preparer::from_config(&ctx.config, store).map_err(report)?;
+    let prep = Preparer::from_config(&ctx.config, store).map_err(crate::commands::report)?;
     let lease = format!("{}-{}", r.name, std::process::id());
     let mut mount = InProcessLease {
         lazy: prep.lazy().clone(),
@@ -186,7 +186,7 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     };
     let (env, background) = rt
         .block_on(prep.prepare_environment(r, None, Root::None, &mut mount, &lease))
-        .map_err(report)?;
+        .map_err(crate::commands::report)?;
     let prepared = mount.view.take().expect("a published lease has its view");
     let activation = activate(&env.activation.input("/root", None), cmd)
         .with_context(|| format!("activating {}", env.label()))?;
@@ -219,11 +219,6 @@ fn run_alone(ctx: &Context, r: &EnvRef, cmd: &[String]) -> Result<i32> {
     closed?;
     drop(scratch);
     Ok(status)
-}
-
-/// A pipeline error as the command's error: the whole chain, which names the environment.
-fn report(e: PrepareError) -> anyhow::Error {
-    anyhow::anyhow!(kof_node_api::report::chain(&e))
 }
 
 /// `kof-store run`'s lease step: the view mounted by this process ([`prepare_view`]).
