@@ -90,13 +90,44 @@ fn record_of(partial: &Path) -> PathBuf {
     partial.with_extension("json")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recorded_partial_is_resumed_by_the_next_engine() {
+/// What each test starts from: its own fixture server and store directory, python's store
+/// path, the ranges its runs ensure, and where its partial NAR lies.
+struct Case {
+    server: Arc<ServerHandle>,
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    python: StorePath,
+    ranges: Vec<(u64, u64)>,
+    partial: PathBuf,
+}
+
+fn case() -> Case {
     let server = Arc::new(serve::start_in_background(ServeConfig::new(&fixtures().0)));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let python = path_of("python3");
     let ranges = ranges(&python);
+    let partial = partial_file(&dir, &python);
+    Case {
+        server,
+        _tmp: tmp,
+        dir,
+        python,
+        ranges,
+        partial,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_partial_is_resumed_by_the_next_engine() {
+    let Case {
+        server,
+        _tmp,
+        dir,
+        python,
+        ranges,
+        partial,
+    } = case();
 
     let srv = server.clone();
     let (d, p, r) = (dir.clone(), python.clone(), ranges.clone());
@@ -106,7 +137,6 @@ async fn a_recorded_partial_is_resumed_by_the_next_engine() {
     assert_eq!(saved, 1, "one partial recorded");
     let first = server.stats();
     assert!(first.requests_by_kind.nar > 0);
-    let partial = partial_file(&dir, &python);
     assert!(partial.exists() && record_of(&partial).exists());
 
     // The next run: the same ranges are local.
@@ -136,12 +166,14 @@ async fn a_recorded_partial_is_resumed_by_the_next_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrecorded_or_mismatched_partials_are_discarded() {
-    let server = Arc::new(serve::start_in_background(ServeConfig::new(&fixtures().0)));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let python = path_of("python3");
-    let ranges = ranges(&python);
-    let partial = partial_file(&dir, &python);
+    let Case {
+        server,
+        _tmp,
+        dir,
+        python,
+        ranges,
+        partial,
+    } = case();
     let run = |opts: LazyOptions, save: bool| {
         let (srv, d, p, r) = (server.clone(), dir.clone(), python.clone(), ranges.clone());
         tokio::task::spawn_blocking(move || one_run(&srv, &d, opts, &p, &r, save))
@@ -195,12 +227,14 @@ async fn unrecorded_or_mismatched_partials_are_discarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_live_engines_keep_each_others_partials() {
-    let server = Arc::new(serve::start_in_background(ServeConfig::new(&fixtures().0)));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("store");
-    let python = path_of("python3");
-    let ranges = ranges(&python);
-    let partial = partial_file(&dir, &python);
+    let Case {
+        server,
+        _tmp,
+        dir,
+        python,
+        ranges,
+        partial,
+    } = case();
 
     let a = engine(&server, &dir, opts());
     a.ensure(&python, ranges[0].0, ranges[0].1, Cause::Demand)
