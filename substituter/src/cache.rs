@@ -1,7 +1,10 @@
 //! One Nix binary cache, spoken to over HTTP(S) or read from a local `file://` directory.
 //!
-//! [`BinaryCache`] fetches `nix-cache-info`, narinfos, `.ls` listings and (compressed) NAR
-//! streams. Everything it returns is parsed with `kof-nar` and checked for what can be checked
+//! [`BinaryCache`] fetches `nix-cache-info`, narinfos, `.ls` listings, kof index files and
+//! (compressed) NAR streams. Metadata bodies served with a `Content-Encoding` (S3-hosted caches
+//! send `br` or `zstd`) are decoded as Nix decodes them ([`crate::encoding`]), under the same
+//! size limit as plain ones; NAR bodies never are (their compression is the narinfo's). Everything
+//! it returns except index files is parsed with `kof-nar` and checked for what can be checked
 //! here (the narinfo names the path asked for, bodies stay under a size limit); signatures are
 //! [`crate::substituters`]' job and NAR contents the fetcher's and the store's. Small requests are
 //! retried with exponential backoff and jitter on transient failures (5xx, 429, connection errors,
@@ -19,8 +22,13 @@ use kof_nar::{NarInfo, StorePath};
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
 
-/// Largest narinfo, `nix-cache-info` or listing body accepted, by default.
+use crate::encoding::{self, DecodeError, Encoding};
+
+/// Largest narinfo, `nix-cache-info` or listing body accepted (as received and decoded), by
+/// default.
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 1 << 20;
+/// Largest index file (`<hashpart>.kof-index`) accepted, as received and decoded.
+pub const MAX_INDEX_BYTES: usize = 64 << 20;
 /// Size of the chunks a `file://` NAR is read in.
 const FILE_CHUNK: usize = 64 * 1024;
 
@@ -89,6 +97,17 @@ pub enum CacheError {
         path: Option<StorePath>,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// A metadata body's `Content-Encoding` is unknown, or the body does not decode in it (or
+    /// decodes to more than the limit).
+    #[error("GET {url}{}: cannot decode the body", for_path(.path))]
+    ContentEncoding {
+        /// The URL.
+        url: String,
+        /// The store path it was for.
+        path: Option<StorePath>,
+        /// Which encoding, and why.
+        source: DecodeError,
     },
     /// A metadata body is not UTF-8.
     #[error("GET {url}{}: body is not UTF-8", for_path(.path))]
@@ -326,7 +345,7 @@ impl BinaryCache {
     pub async fn cache_info(&self) -> Result<CacheInfo, CacheError> {
         let url = self.url_of("nix-cache-info");
         let body = self
-            .get_small("nix-cache-info", None)
+            .get_small("nix-cache-info", None, Metadata::Small)
             .await?
             .ok_or_else(|| CacheError::Status {
                 url: url.clone(),
@@ -377,7 +396,7 @@ impl BinaryCache {
     pub async fn narinfo(&self, path: &StorePath) -> Result<Option<NarInfo>, CacheError> {
         let rel = format!("{}.narinfo", path.hash_part());
         let url = self.url_of(&rel);
-        let Some(body) = self.get_small(&rel, Some(path)).await? else {
+        let Some(body) = self.get_small(&rel, Some(path), Metadata::Small).await? else {
             return Ok(None);
         };
         let text = String::from_utf8(body).map_err(|_| CacheError::NotUtf8 {
@@ -403,7 +422,7 @@ impl BinaryCache {
     pub async fn listing(&self, path: &StorePath) -> Result<Option<Listing>, CacheError> {
         let rel = format!("{}.ls", path.hash_part());
         let url = self.url_of(&rel);
-        let Some(body) = self.get_small(&rel, Some(path)).await? else {
+        let Some(body) = self.get_small(&rel, Some(path), Metadata::Small).await? else {
             return Ok(None);
         };
         serde_json::from_slice(&body)
@@ -413,6 +432,14 @@ impl BinaryCache {
                 path: path.clone(),
                 source,
             })
+    }
+
+    /// The raw bytes of `path`'s kof index file (`<hashpart>.kof-index`), decoded from its
+    /// `Content-Encoding`, or `None` when the cache has none (404, or 403 as S3 answers for a
+    /// missing key). At most [`MAX_INDEX_BYTES`]; nothing is parsed or checked here.
+    pub async fn index_file(&self, path: &StorePath) -> Result<Option<Vec<u8>>, CacheError> {
+        let rel = format!("{}.kof-index", path.hash_part());
+        self.get_small(&rel, Some(path), Metadata::Index).await
     }
 
     /// The full URL of `info`'s NAR file.
@@ -615,18 +642,28 @@ impl BinaryCache {
         }
     }
 
-    /// GETs a small file relative to the cache root; `None` on 404 (or a missing file).
+    /// GETs a small file relative to the cache root, decoded from its `Content-Encoding`;
+    /// `None` when it is missing (404, a missing file, and 403 for an index file).
     async fn get_small(
         &self,
         rel: &str,
         path: Option<&StorePath>,
+        kind: Metadata,
     ) -> Result<Option<Vec<u8>>, CacheError> {
         let url = self.url_of(rel);
-        let limit = self.max_metadata_bytes;
+        let limit = match kind {
+            Metadata::Small => self.max_metadata_bytes,
+            Metadata::Index => MAX_INDEX_BYTES,
+        };
         let too_large = || CacheError::TooLarge {
             url: url.clone(),
             path: path.cloned(),
             limit,
+        };
+        let decode_error = |source| CacheError::ContentEncoding {
+            url: url.clone(),
+            path: path.cloned(),
+            source,
         };
         match &self.location {
             Location::File(dir) => {
@@ -653,44 +690,103 @@ impl BinaryCache {
             }
             Location::Http(base) => {
                 let full = self.join(base, rel, path)?;
-                self.with_retries(&url, path, || async {
-                    let transport = |source| CacheError::Transport {
-                        url: url.clone(),
-                        path: path.cloned(),
-                        source,
-                    };
-                    let mut resp = self
-                        .client
-                        .get(full.clone())
-                        .send()
-                        .await
-                        .map_err(transport)?;
-                    let status = resp.status();
-                    if status == reqwest::StatusCode::NOT_FOUND {
-                        return Ok(None);
-                    }
-                    if !status.is_success() {
-                        return Err(CacheError::Status {
+                let received = self
+                    .with_retries(&url, path, || async {
+                        let transport = |source| CacheError::Transport {
                             url: url.clone(),
                             path: path.cloned(),
-                            status: status.as_u16(),
-                        });
-                    }
-                    if resp.content_length().is_some_and(|l| l > limit as u64) {
-                        return Err(too_large());
-                    }
-                    let mut body = Vec::new();
-                    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
-                        if body.len() + chunk.len() > limit {
+                            source,
+                        };
+                        let mut resp = self
+                            .client
+                            .get(full.clone())
+                            .send()
+                            .await
+                            .map_err(transport)?;
+                        let status = resp.status();
+                        if kind.is_missing(status) {
+                            return Ok(None);
+                        }
+                        if !status.is_success() {
+                            return Err(CacheError::Status {
+                                url: url.clone(),
+                                path: path.cloned(),
+                                status: status.as_u16(),
+                            });
+                        }
+                        // Known before the body is read: an unknown encoding is refused
+                        // without downloading it.
+                        let encoding = content_encoding(&resp).map_err(decode_error)?;
+                        if resp.content_length().is_some_and(|l| l > limit as u64) {
                             return Err(too_large());
                         }
-                        body.extend_from_slice(&chunk);
-                    }
-                    Ok(Some(body))
-                })
-                .await
+                        let mut body = Vec::new();
+                        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+                            if body.len() + chunk.len() > limit {
+                                return Err(too_large());
+                            }
+                            body.extend_from_slice(&chunk);
+                        }
+                        Ok(Some((encoding, body)))
+                    })
+                    .await?;
+                match received {
+                    None => Ok(None),
+                    Some((None, body)) => Ok(Some(body)),
+                    Some((Some(encoding), body)) => decode_off_runtime(encoding, body, limit)
+                        .await
+                        .map(Some)
+                        .map_err(decode_error),
+                }
             }
         }
+    }
+}
+
+/// Which kind of small file a GET is for: its size limit and what counts as missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metadata {
+    /// `nix-cache-info`, a narinfo or a listing: the cache's metadata limit; 404 is missing.
+    Small,
+    /// A kof index file: [`MAX_INDEX_BYTES`]; 404 and 403 are missing.
+    Index,
+}
+
+impl Metadata {
+    fn is_missing(self, status: reqwest::StatusCode) -> bool {
+        status == reqwest::StatusCode::NOT_FOUND
+            || (self == Metadata::Index && status == reqwest::StatusCode::FORBIDDEN)
+    }
+}
+
+/// The `Content-Encoding` of a response, as [`Encoding::from_header`] reads it. Several
+/// header lines mean several encodings applied in turn, which is refused like a list in one
+/// line.
+fn content_encoding(resp: &reqwest::Response) -> Result<Option<Encoding>, DecodeError> {
+    let values: Vec<String> = resp
+        .headers()
+        .get_all(reqwest::header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    if values.is_empty() {
+        return Ok(None);
+    }
+    Encoding::from_header(Some(&values.join(", ")))
+}
+
+/// Decodes `body` on a blocking thread (an index file may take a while), at most `limit`
+/// bytes.
+async fn decode_off_runtime(
+    encoding: Encoding,
+    body: Vec<u8>,
+    limit: usize,
+) -> Result<Vec<u8>, DecodeError> {
+    match tokio::task::spawn_blocking(move || encoding::decode_as(encoding, &body, limit)).await {
+        Ok(decoded) => decoded,
+        // The decoders do not panic on any input; if one did, the panic goes on here. (A
+        // blocking task is only cancelled when the runtime shuts down, and then so does this.)
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

@@ -17,5 +17,6 @@
 
 pub mod cache;
 pub mod closure;
+pub mod encoding;
 pub mod fetcher;
 pub mod substituters;
