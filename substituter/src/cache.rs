@@ -40,6 +40,14 @@ fn for_path(path: &Option<StorePath>) -> String {
     }
 }
 
+/// `" (decoded from br)"` when a body had a `Content-Encoding`.
+fn decoded_from(encoding: &Option<Encoding>) -> String {
+    match encoding {
+        Some(e) => format!(" (decoded from {e})"),
+        None => String::new(),
+    }
+}
+
 /// Why a URL does not parse (`url::ParseError`, as reqwest uses it).
 pub type UrlParseError = <reqwest::Url as std::str::FromStr>::Err;
 
@@ -109,13 +117,18 @@ pub enum CacheError {
         /// Which encoding, and why.
         source: DecodeError,
     },
-    /// A metadata body is not UTF-8.
-    #[error("GET {url}{}: body is not UTF-8", for_path(.path))]
+    /// A metadata body is not UTF-8 (after decoding its `Content-Encoding`, if it had one: a
+    /// flipped byte in a `br` body, which carries no checksum, can decode to anything).
+    #[error("GET {url}{}: body{} is not UTF-8", for_path(.path), decoded_from(.encoding))]
     NotUtf8 {
         /// The URL.
         url: String,
         /// The store path it was for.
         path: Option<StorePath>,
+        /// The `Content-Encoding` the body was decoded from.
+        encoding: Option<Encoding>,
+        /// Where the bytes stop being UTF-8.
+        source: std::str::Utf8Error,
     },
     /// The narinfo does not parse.
     #[error("invalid narinfo {url} (for {path})")]
@@ -344,18 +357,15 @@ impl BinaryCache {
     /// Reads and checks `nix-cache-info`.
     pub async fn cache_info(&self) -> Result<CacheInfo, CacheError> {
         let url = self.url_of("nix-cache-info");
-        let body = self
+        let text = self
             .get_small("nix-cache-info", None, Metadata::Small)
             .await?
             .ok_or_else(|| CacheError::Status {
                 url: url.clone(),
                 path: None,
                 status: 404,
-            })?;
-        let text = String::from_utf8(body).map_err(|_| CacheError::NotUtf8 {
-            url: url.clone(),
-            path: None,
-        })?;
+            })?
+            .text(&url, None)?;
         let mut store_dir = None;
         let mut want_mass_query = false;
         let mut priority = None;
@@ -399,10 +409,7 @@ impl BinaryCache {
         let Some(body) = self.get_small(&rel, Some(path), Metadata::Small).await? else {
             return Ok(None);
         };
-        let text = String::from_utf8(body).map_err(|_| CacheError::NotUtf8 {
-            url: url.clone(),
-            path: Some(path.clone()),
-        })?;
+        let text = body.text(&url, Some(path))?;
         let info = NarInfo::parse(&text).map_err(|source| CacheError::NarInfo {
             url: url.clone(),
             path: path.clone(),
@@ -425,7 +432,7 @@ impl BinaryCache {
         let Some(body) = self.get_small(&rel, Some(path), Metadata::Small).await? else {
             return Ok(None);
         };
-        serde_json::from_slice(&body)
+        serde_json::from_slice(&body.bytes)
             .map(Some)
             .map_err(|source| CacheError::Listing {
                 url,
@@ -439,7 +446,8 @@ impl BinaryCache {
     /// missing key). At most [`MAX_INDEX_BYTES`]; nothing is parsed or checked here.
     pub async fn index_file(&self, path: &StorePath) -> Result<Option<Vec<u8>>, CacheError> {
         let rel = format!("{}.kof-index", path.hash_part());
-        self.get_small(&rel, Some(path), Metadata::Index).await
+        let body = self.get_small(&rel, Some(path), Metadata::Index).await?;
+        Ok(body.map(|b| b.bytes))
     }
 
     /// The full URL of `info`'s NAR file.
@@ -649,7 +657,7 @@ impl BinaryCache {
         rel: &str,
         path: Option<&StorePath>,
         kind: Metadata,
-    ) -> Result<Option<Vec<u8>>, CacheError> {
+    ) -> Result<Option<Fetched>, CacheError> {
         let url = self.url_of(rel);
         let limit = match kind {
             Metadata::Small => self.max_metadata_bytes,
@@ -686,7 +694,10 @@ impl BinaryCache {
                 if body.len() > limit {
                     return Err(too_large());
                 }
-                Ok(Some(body))
+                Ok(Some(Fetched {
+                    bytes: body,
+                    encoding: None,
+                }))
             }
             Location::Http(base) => {
                 let full = self.join(base, rel, path)?;
@@ -732,14 +743,42 @@ impl BinaryCache {
                     .await?;
                 match received {
                     None => Ok(None),
-                    Some((None, body)) => Ok(Some(body)),
+                    Some((None, bytes)) => Ok(Some(Fetched {
+                        bytes,
+                        encoding: None,
+                    })),
                     Some((Some(encoding), body)) => decode_off_runtime(encoding, body, limit)
                         .await
-                        .map(Some)
+                        .map(|bytes| {
+                            Some(Fetched {
+                                bytes,
+                                encoding: Some(encoding),
+                            })
+                        })
                         .map_err(decode_error),
                 }
             }
         }
+    }
+}
+
+/// A small file's body, decoded.
+struct Fetched {
+    bytes: Vec<u8>,
+    /// The `Content-Encoding` it was decoded from.
+    encoding: Option<Encoding>,
+}
+
+impl Fetched {
+    /// The body as text.
+    fn text(self, url: &str, path: Option<&StorePath>) -> Result<String, CacheError> {
+        let encoding = self.encoding;
+        String::from_utf8(self.bytes).map_err(|e| CacheError::NotUtf8 {
+            url: url.to_string(),
+            path: path.cloned(),
+            encoding,
+            source: e.utf8_error(),
+        })
     }
 }
 
