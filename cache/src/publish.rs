@@ -69,7 +69,7 @@ pub enum PublishError {
     /// The narinfo is unsigned, or signed by no trusted key.
     #[error("its narinfo is not signed by a trusted key ({0})")]
     Untrusted(String),
-    /// The NAR's size is not NarSize.
+    /// The NAR's size is not NarSize (`got` is a lower bound when it is longer).
     #[error("its NAR is {got} bytes, NarSize says {expected}")]
     NarSize {
         /// NarSize.
@@ -357,9 +357,17 @@ impl Publisher {
             inner: BufWriter::with_capacity(1 << 20, file),
             sha: Sha256::new(),
             count: 0,
+            limit: info.nar_size,
+            too_long: false,
             failed: None,
         };
         let fetched = self.source.fetch_nar(info, &mut spool);
+        if spool.too_long {
+            return Err(PublishError::NarSize {
+                expected: info.nar_size,
+                got: spool.count,
+            });
+        }
         if let Some(e) = spool.failed.take() {
             return Err(PublishError::Write(file_err("writing", spool_path)(e)));
         }
@@ -437,11 +445,19 @@ struct Spool {
     inner: BufWriter<File>,
     sha: Sha256,
     count: u64,
+    /// NarSize: a NAR growing past it is cut off (a hostile source cannot fill the disk).
+    limit: u64,
+    too_long: bool,
     failed: Option<io::Error>,
 }
 
 impl Write for Spool {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.count + buf.len() as u64 > self.limit {
+            self.too_long = true;
+            self.count += buf.len() as u64;
+            return Err(io::Error::other("the NAR is longer than NarSize"));
+        }
         match self.inner.write(buf) {
             Ok(n) => {
                 self.sha.update(&buf[..n]);
