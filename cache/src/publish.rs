@@ -62,7 +62,7 @@ pub enum PublishError {
     NotInSource,
     /// The source failed.
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
     /// The narinfo does not parse.
     #[error("its narinfo does not parse")]
     NarInfo(#[source] NarInfoError),
@@ -113,7 +113,19 @@ pub enum RunError {
     Write(#[from] FileError),
     /// The source could not list or describe the paths.
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(Box<SourceError>),
+}
+
+impl From<SourceError> for PublishError {
+    fn from(e: SourceError) -> Self {
+        PublishError::Source(Box::new(e))
+    }
+}
+
+impl From<SourceError> for RunError {
+    fn from(e: SourceError) -> Self {
+        RunError::Source(Box::new(e))
+    }
 }
 
 /// A refused path.
