@@ -107,8 +107,28 @@ impl Shared {
         }
     }
 
+    /// Asks the source's gate for the store path `ino` lies in (if any), holding no lock.
+    fn gate(&self, ino: u64) -> Result<(), Errno> {
+        let Some(path) = self.tree.read().gate_of(ino) else {
+            return Ok(());
+        };
+        let r = catch_unwind(AssertUnwindSafe(|| self.source.gate(&path)));
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(store_path = %path, error = %e, "store path not shown: it did not verify");
+                Err(Errno::EIO)
+            }
+            Err(_) => {
+                tracing::error!(store_path = %path, "the content source's gate panicked");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
     /// Resolves `name` in `parent`, allocating its inode when needed. `Ok(None)`: absent.
     fn lookup(&self, parent: u64, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
+        self.gate(parent)?;
         {
             let tree = self.tree.read();
             match tree.resolve(parent, name)? {
@@ -304,6 +324,10 @@ impl Filesystem for KofFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let _timer = self.shared.stats.start(Op::Readlink);
+        if let Err(e) = self.shared.gate(ino.0) {
+            reply.error(e);
+            return;
+        }
         let tree = self.shared.tree.read();
         match tree.entry(ino.0).map(|e| &**e) {
             Ok(Entry::Symlink(target)) => reply.data(target.as_bytes()),
@@ -409,6 +433,10 @@ impl Filesystem for KofFs {
             reply.opened(FileHandle(0), FopenFlags::empty());
             return;
         }
+        if let Err(e) = self.shared.gate(ino.0) {
+            reply.error(e);
+            return;
+        }
         let tree = self.shared.tree.read();
         match tree.entry(ino.0).map(|e| &**e) {
             Ok(Entry::Directory(_)) => reply.opened(
@@ -429,6 +457,10 @@ impl Filesystem for KofFs {
         mut reply: ReplyDirectory,
     ) {
         let _timer = self.shared.stats.start(Op::Readdir);
+        if let Err(e) = self.shared.gate(ino.0) {
+            reply.error(e);
+            return;
+        }
         let result = self
             .shared
             .tree

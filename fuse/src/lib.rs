@@ -91,4 +91,12 @@ pub trait ContentSource: Send + Sync + 'static {
     fn backing_file(&self, _file: &FileRef) -> Option<std::fs::File> {
         None
     }
+
+    /// Returns once what the view shows inside store path `store_path` (a base name) may be
+    /// shown: asked before every lookup, directory read and symlink read inside a view's
+    /// `nix/store/<base>` (answers are then cached by the kernel). A source whose tree of the
+    /// path came from unverified metadata verifies the path first; an error becomes `EIO`.
+    fn gate(&self, _store_path: &str) -> std::io::Result<()> {
+        Ok(())
+    }
 }

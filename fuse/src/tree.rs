@@ -36,9 +36,23 @@ fn timestamp() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1)
 }
 
+/// Where a per-view node lies, as far as gating goes: a view's `nix/store/<base>` entries are
+/// store paths, and lookups and directory reads inside one ask the content source's gate first.
+#[derive(Clone)]
+enum Place {
+    Other,
+    /// The view's `nix` directory.
+    Nix,
+    /// The view's `nix/store` directory.
+    Store,
+    /// Inside (or the root of) this store path, by base name.
+    InPath(Arc<str>),
+}
+
 /// One inode inside a view.
 struct Node {
     entry: Arc<Entry>,
+    place: Place,
     /// The inode of the view's root directory; 0 for shared store files.
     view: u64,
     /// The parent directory (directories only; 0 for shared store files).
@@ -212,7 +226,16 @@ impl Tree {
             }
             _ => {
                 let ino = self.alloc_ino();
-                self.nodes.insert(ino, Node::new(child, view, parent));
+                let place = match (&self.nodes[&parent].place, name.to_str()) {
+                    (Place::InPath(p), _) => Place::InPath(p.clone()),
+                    (Place::Store, Some(base)) => Place::InPath(Arc::from(base)),
+                    (Place::Nix, Some("store")) => Place::Store,
+                    (Place::Other, Some("nix")) if parent == view => Place::Nix,
+                    _ => Place::Other,
+                };
+                let mut node = Node::new(child, view, parent);
+                node.place = place;
+                self.nodes.insert(ino, node);
                 self.views
                     .get_mut(&view)
                     .expect("node's view is live")
@@ -264,6 +287,15 @@ impl Tree {
                 make_attr(ino, FileType::Symlink, 0o777, target.len() as u64, 1)
             }
         })
+    }
+
+    /// The store path (base name) that directory or symlink `ino` lies in, if any: what must
+    /// pass the content source's gate before `ino` is looked into or read.
+    pub(crate) fn gate_of(&self, ino: u64) -> Option<Arc<str>> {
+        match &self.nodes.get(&ino)?.place {
+            Place::InPath(p) => Some(p.clone()),
+            _ => None,
+        }
     }
 
     /// The entry behind `ino` (not the mount root).
@@ -351,6 +383,7 @@ impl Node {
         };
         Node {
             entry,
+            place: Place::Other,
             view,
             parent,
             children: HashMap::new(),
