@@ -43,6 +43,11 @@ impl Ensure for AllLocal {
             "{store_path} bytes {start}..{end} are not local, though the whole path is stored"
         )))
     }
+
+    /// Stored paths are verified.
+    fn gate(&self, _store_path: &str) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One side's passes.
@@ -196,10 +201,10 @@ pub fn run(work: &Path, size: u64, runs: usize, cold: bool) -> Result<SeqReadRep
             .path()
             .join(if passthrough { "mnt-pt" } else { "mnt-fuse" });
         std::fs::create_dir_all(&mnt)?;
-        let source = Arc::new(LazyContent {
-            local: LocalReader::new(store.clone()),
-            ensure: Arc::new(AllLocal),
-        });
+        let source = Arc::new(LazyContent::new(
+            LocalReader::new(store.clone()),
+            Arc::new(AllLocal),
+        ));
         let m = kof_fuse::mount(
             &mnt,
             source,

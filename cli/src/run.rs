@@ -70,10 +70,10 @@ pub fn prepare_view(
         .prefix("mnt-")
         .tempdir_in(scratch)
         .context("creating the mount point")?;
-    let source = Arc::new(LazyContent {
-        local: LocalReader::new(lazy.store().clone()),
-        ensure: lazy.clone(),
-    });
+    let source = Arc::new(LazyContent::new(
+        LocalReader::new(lazy.store().clone()),
+        lazy.clone(),
+    ));
     let mount = kof_fuse::mount(
         dir.path(),
         source,

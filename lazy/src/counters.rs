@@ -52,8 +52,11 @@ pub struct LazyCounters {
     pub prefetch_queued: i64,
     /// Paths completed into the store by the engine.
     pub paths_completed: u64,
-    /// Paths refused (fetched bytes failed verification).
+    /// Paths refused (fetched bytes failed verification, or a listing lied).
     pub paths_refused: u64,
+    /// Indexes refused (bad signature, untrusted key, another NAR, malformed): their paths
+    /// were read whole instead.
+    pub indexes_refused: u64,
     /// Ensures that failed or timed out.
     pub ensure_failures: u64,
     /// Prefetch GETs stopped early to leave the link to demand reads.
@@ -73,6 +76,7 @@ pub(crate) struct Counters {
     queued: AtomicI64,
     completed: AtomicU64,
     refused: AtomicU64,
+    indexes_refused: AtomicU64,
     failures: AtomicU64,
     yields: AtomicU64,
     latency: Histogram,
@@ -96,6 +100,7 @@ impl Default for Counters {
             queued: AtomicI64::new(0),
             completed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            indexes_refused: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             yields: AtomicU64::new(0),
             latency: Histogram::new(),
@@ -150,6 +155,10 @@ impl Counters {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn index_refused(&self) {
+        self.indexes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn prefetch_yield(&self) {
         self.yields.fetch_add(1, Ordering::Relaxed);
     }
@@ -176,6 +185,7 @@ impl Counters {
             prefetch_queued: self.queued.load(Ordering::Relaxed),
             paths_completed: self.completed.load(Ordering::Relaxed),
             paths_refused: self.refused.load(Ordering::Relaxed),
+            indexes_refused: self.indexes_refused.load(Ordering::Relaxed),
             ensure_failures: self.failures.load(Ordering::Relaxed),
             prefetch_yields: self.yields.load(Ordering::Relaxed),
             fetch_latency: self.latency.snapshot(),

@@ -12,7 +12,7 @@ use std::time::Instant;
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::StreamExt;
 use kof_fuse::{Content, Entry};
-use kof_nar::{Compression, StorePath};
+use kof_nar::StorePath;
 use kof_store::Store;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::runtime::Handle;
@@ -23,6 +23,8 @@ use super::counters::Counters;
 use super::local::partial_file;
 use super::tree::{entry_of_listing, entry_of_tree};
 use super::{Cause, Ensure, LazyCounters, LazyError, LazyOptions};
+use kof_index::{Expected, VerifiedIndex};
+use kof_nar::listing::Listing;
 use kof_substituter::closure::{Closure, ClosureEntry};
 use kof_substituter::fetcher::Fetcher;
 use kof_substituter::substituters::Substitute;
@@ -46,9 +48,14 @@ enum Chunk {
     Filled,
 }
 
+/// How a path's bytes are fetched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    Range,
+    /// Its cache has a valid signed index and honours `Range`: chunks are fetched as readers
+    /// need them, each decoded and checked against the index before it is readable.
+    Indexed,
+    /// Path-level: the whole NAR streams through the fetcher's verifying pipeline into the
+    /// store; readers wait for the commit.
     Stream,
 }
 
@@ -70,8 +77,6 @@ struct PathInner {
     mode: Mode,
     chunks: Vec<Chunk>,
     filled: usize,
-    /// Stream path: NAR bytes `0..hwm` are in the partial file.
-    hwm: u64,
     stream: Option<StreamJob>,
     phase: Phase,
     file: Option<Arc<File>>,
@@ -80,6 +85,8 @@ struct PathInner {
 /// The fetch state of one path not (yet) stored.
 struct PathState {
     sub: Arc<Substitute>,
+    /// The path's verified index (the chunk table of [`Mode::Indexed`]).
+    index: Option<Arc<VerifiedIndex>>,
     partial: PathBuf,
     inner: Mutex<PathInner>,
     /// Bumped on every change of `inner` that waiters care about.
@@ -96,6 +103,26 @@ impl PathState {
 
     fn nar_size(&self) -> u64 {
         self.sub.info.nar_size
+    }
+
+    /// The index of an indexed path.
+    fn index(&self) -> &VerifiedIndex {
+        self.index
+            .as_deref()
+            .expect("only indexed paths have chunks")
+    }
+
+    /// The chunks holding NAR bytes `start..end`.
+    fn chunk_span(&self, start: u64, end: u64) -> (usize, usize) {
+        let r = self.index().index().chunks_for(start, end);
+        (r.start, r.end)
+    }
+
+    /// About how many chunks make `bytes` (at least one).
+    fn chunks_in(&self, bytes: u64) -> usize {
+        let idx = self.index().index();
+        let avg = (idx.nar_size / idx.chunks.len().max(1) as u64).max(1);
+        ((bytes / avg) as usize).max(1)
     }
 
     fn lock(&self) -> MutexGuard<'_, PathInner> {
@@ -150,7 +177,7 @@ impl PathState {
 ///
 /// # Locks
 ///
-/// Ten mutexes of the engine, one per path state, three semaphores, and a file lock per
+/// Thirteen mutexes of the engine, one per path state, three semaphores, and a file lock per
 /// partial file:
 ///
 /// | lock | guards |
@@ -160,6 +187,9 @@ impl PathState {
 /// | `entries` | memoised view trees |
 /// | `stored` | paths known to be stored |
 /// | `range_ok` | per cache URL, whether it honours `Range` |
+/// | `indexes` | each path's verified index, or that it has none usable |
+/// | `hints` | view trees taken from unsigned `.ls` listings, not yet checked against their NAR |
+/// | `lied` | paths whose listing did not match their verified NAR |
 /// | `recordings` | demand-range recordings by key |
 /// | `files` | the regular files of listed paths (for whole-file readahead) |
 /// | `read_ahead` | files whose whole-file readahead has started |
@@ -204,6 +234,14 @@ pub struct LazyStore {
     stored: Mutex<HashSet<StorePath>>,
     /// Per cache URL: whether it honours `Range` (absent: not known yet).
     range_ok: Mutex<HashMap<String, bool>>,
+    /// Per path: its verified index, or `None` when its cache has none usable. Memo of
+    /// [`LazyStore::index_of`].
+    indexes: Mutex<HashMap<StorePath, Option<Arc<VerifiedIndex>>>>,
+    /// View trees built from a cache's unsigned `.ls` listing: what the view shows of the path
+    /// until its NAR is verified, when the two are compared ([`LazyStore::check_hint`]).
+    hints: Mutex<HashMap<StorePath, Arc<Entry>>>,
+    /// Paths whose listing lied: every read of them fails with this.
+    lied: Mutex<HashMap<StorePath, Arc<LazyError>>>,
     demand_slots: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
     /// Readahead GETs in flight (FIFO: a file is read ahead in the order it was asked).
@@ -260,10 +298,6 @@ impl LazyStore {
             tracing::warn!(dir = %dir.display(), error = %chain(&e), "creating the partial directory");
         }
         partial::sweep(&dir);
-        let opts = LazyOptions {
-            range_chunk: opts.range_chunk.max(4096),
-            ..opts
-        };
         Arc::new_cyclic(|me| LazyStore {
             me: me.clone(),
             fetcher,
@@ -278,6 +312,9 @@ impl LazyStore {
             entries: Mutex::new(HashMap::new()),
             stored: Mutex::new(HashSet::new()),
             range_ok: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(HashMap::new()),
+            hints: Mutex::new(HashMap::new()),
+            lied: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             recordings: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
@@ -378,16 +415,20 @@ impl LazyStore {
             return Ok(None);
         }
         let sub = self.substitute(path).await?;
-        let ranged = self.opts.range_reads
-            && sub.info.compression == Compression::None
-            && self.cache_honours_range(sub.cache.url()) != Some(false);
-        let n = sub.info.nar_size.div_ceil(self.opts.range_chunk) as usize;
-        let partial = partial_file(self.store.dir(), path);
-        // A partial file an earlier engine recorded (file I/O: under no lock).
-        let adopted = if ranged && !self.paths.lock().contains_key(path) {
-            partial::adopt(&partial, &sub, self.opts.range_chunk, n)
+        let index = if self.opts.range_reads {
+            self.index_of(&sub).await
         } else {
             None
+        };
+        let index = index.filter(|_| self.cache_honours_range(sub.cache.url()) != Some(false));
+        let n = index.as_ref().map_or(0, |i| i.index().chunks.len());
+        let partial = partial_file(self.store.dir(), path);
+        // A partial file an earlier engine recorded (file I/O: under no lock).
+        let adopted = match &index {
+            Some(idx) if !self.paths.lock().contains_key(path) => {
+                partial::adopt(&partial, &sub, idx)
+            }
+            _ => None,
         };
         let mut complete = false;
         let st = self
@@ -408,10 +449,13 @@ impl LazyStore {
                 Arc::new(PathState {
                     partial,
                     inner: Mutex::new(PathInner {
-                        mode: if ranged { Mode::Range } else { Mode::Stream },
+                        mode: if index.is_some() {
+                            Mode::Indexed
+                        } else {
+                            Mode::Stream
+                        },
                         chunks,
                         filled,
-                        hwm: 0,
                         stream: None,
                         phase: if complete {
                             Phase::Completing
@@ -424,6 +468,7 @@ impl LazyStore {
                     demanded: AtomicBool::new(false),
                     demand: Notify::new(),
                     sub: sub.clone(),
+                    index: index.clone(),
                 })
             })
             .clone();
@@ -433,6 +478,42 @@ impl LazyStore {
             tokio::spawn(async move { me.complete(st).await });
         }
         Ok(Some(st))
+    }
+
+    /// After `st`'s cache served bytes that failed verification: nothing of them was kept,
+    /// the path's state fails with `error` (its partial file goes), and the next substituter
+    /// that has the path is tried. Returns whether there is one (the path's next state uses
+    /// it); else the path stays failed and every read of it fails with `error`.
+    async fn next_source(&self, st: &Arc<PathState>, error: LazyError) -> bool {
+        let path = st.path().clone();
+        tracing::error!(%path, cache = st.sub.cache.url(), error = %chain(&error),
+            "bytes from this cache failed verification: refused, nothing stored");
+        self.counters.refused();
+        {
+            let mut g = st.lock();
+            g.phase = Phase::Failed(Arc::new(error));
+            st.remove_partial(&mut g);
+        }
+        st.bump();
+        let next = self
+            .fetcher
+            .substituters()
+            .lookup_from(&path, st.sub.cache_index + 1)
+            .await;
+        match next {
+            Ok(Some(sub)) => {
+                tracing::warn!(%path, cache = sub.cache.url(), "trying the next substituter");
+                self.subs.lock().insert(path.clone(), sub);
+                self.indexes.lock().remove(&path);
+                self.paths.lock().remove(&path);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(%path, error = %chain(&e), "no other substituter");
+                false
+            }
+        }
     }
 
     /// Marks `st` stored: removes its partial file, wakes its waiters, forgets its state.
@@ -447,9 +528,11 @@ impl LazyStore {
         self.paths.lock().remove(st.path());
     }
 
-    /// The view tree of a closure member, from metadata only when possible: the stored tree,
-    /// else the `.ls` listing of its cache, else (no listing, or an invalid one) the path is
-    /// fetched whole now. Memoised.
+    /// The view tree of a closure member, from metadata only when possible: the stored tree;
+    /// else the tree of its cache's signed index (verified: the path is then read by chunks);
+    /// else the cache's unsigned `.ls` listing, kept as a *hint* the path's verified NAR must
+    /// match before anything of the path is served ([`LazyStore::gate`]); else (no listing, or
+    /// an invalid one) the path is fetched whole now. Memoised.
     pub async fn entry(&self, e: &ClosureEntry) -> Result<Arc<Entry>, LazyError> {
         let path = e.path().clone();
         if let Some(entry) = self.entries.lock().get(&path) {
@@ -458,17 +541,48 @@ impl LazyStore {
         let entry = match e {
             ClosureEntry::Remote(sub) if !self.is_stored(&path).await? => {
                 self.register(sub);
-                match self.listing_entry(sub).await? {
-                    Some(entry) => {
+                let index = match self.opts.range_reads {
+                    true => self.index_of(sub).await,
+                    false => None,
+                };
+                let listed = match &index {
+                    Some(idx) => {
+                        let listing = Listing {
+                            version: 1,
+                            root: idx.index().root.clone(),
+                        };
+                        match entry_of_listing(&path.base_name(), &listing, sub.info.nar_size) {
+                            Ok(entry) => Some((entry, false)),
+                            Err(reason) => {
+                                tracing::warn!(%path, cache = sub.cache.url(), %reason,
+                                    "signed index with an unusable tree: reading the path whole");
+                                self.indexes.lock().insert(path.clone(), None);
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                let listed = match listed {
+                    Some(l) => Some(l),
+                    None => self.listing_entry(sub).await?.map(|e| (e, true)),
+                };
+                match listed {
+                    Some((entry, hint)) => {
                         let mut files = Vec::new();
                         file_extents(&entry, &mut files);
                         files.sort_unstable();
                         self.files.lock().insert(path.clone(), Arc::new(files));
+                        if hint {
+                            self.hints
+                                .lock()
+                                .insert(path.clone(), Arc::new(entry.clone()));
+                        }
                         entry
                     }
                     None => {
                         tracing::info!(%path, cache = sub.cache.url(),
-                            "no usable listing: fetching the whole path for its tree");
+                            "no index and no usable listing: fetching the whole path for its tree");
                         self.ensure_stored(&path, Cause::Demand).await?;
                         self.stored_entry(&path).await?
                     }
@@ -479,6 +593,116 @@ impl LazyStore {
         let entry = Arc::new(entry);
         self.entries.lock().insert(path, entry.clone());
         Ok(entry)
+    }
+
+    /// The verified index of `sub`'s path from its cache, or `None` when the cache has none
+    /// or it does not verify (logged with the path, the cache and the cause: the path is then
+    /// read whole, never by unverified ranges). Memoised per path.
+    async fn index_of(&self, sub: &Substitute) -> Option<Arc<VerifiedIndex>> {
+        let path = &sub.info.store_path;
+        if let Some(known) = self.indexes.lock().get(path) {
+            return known.clone();
+        }
+        let found = match sub.cache.index_file(path).await {
+            Ok(Some(bytes)) => {
+                let expected = Expected {
+                    store_path: path,
+                    nar_hash: &sub.info.nar_hash,
+                    nar_size: sub.info.nar_size,
+                };
+                let keys = self.fetcher.substituters().keys();
+                match VerifiedIndex::open(&bytes, expected, keys) {
+                    Ok(v) => {
+                        tracing::debug!(%path, cache = sub.cache.url(), signer = v.signer(),
+                            chunks = v.index().chunks.len(), "signed index verified");
+                        Some(Arc::new(v))
+                    }
+                    Err(e) => {
+                        self.counters.index_refused();
+                        tracing::warn!(%path, cache = sub.cache.url(), error = %chain(&e),
+                            "index refused: the path is read whole and verified before use");
+                        None
+                    }
+                }
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(%path, cache = sub.cache.url(), error = %chain(&e),
+                    "index not fetched: the path is read whole and verified before use");
+                None
+            }
+        };
+        self.indexes
+            .lock()
+            .entry(path.clone())
+            .or_insert(found)
+            .clone()
+    }
+
+    /// Compares the view tree a `.ls` listing gave `path` with its stored (verified) tree, once
+    /// the path is stored. A listing that lied refuses the path for this engine: every later
+    /// read of it fails, naming the cause.
+    async fn check_hint(&self, path: &StorePath) -> Result<(), LazyError> {
+        if let Some(e) = self.lied.lock().get(path) {
+            return Err(LazyError::Shared(e.clone()));
+        }
+        let Some(hint) = self.hints.lock().get(path).cloned() else {
+            return Ok(());
+        };
+        let stored = self.stored_entry(path).await?;
+        if *hint == stored {
+            self.hints.lock().remove(path);
+            return Ok(());
+        }
+        let cache = self
+            .subs
+            .lock()
+            .get(path)
+            .map(|s| s.cache.url().to_string())
+            .unwrap_or_default();
+        let e = Arc::new(LazyError::ListingLied {
+            path: path.clone(),
+            cache,
+        });
+        tracing::error!(%path, error = %chain(&*e),
+            "the view built from this listing is refused; its reads fail");
+        self.counters.refused();
+        self.lied.lock().entry(path.clone()).or_insert(e.clone());
+        Err(LazyError::Shared(e))
+    }
+
+    /// Opens `path` to a view: returns once everything the view shows of it is verified. A path
+    /// whose tree came from its signed index, or from the store, is open at once; one whose tree
+    /// came from an unsigned listing is fetched whole and verified first (its NarHash, then
+    /// its tree against the listing's). The FUSE view asks this before it answers a lookup or
+    /// a directory read inside the path. Within the read bound.
+    pub async fn gate(&self, path: &StorePath) -> Result<(), LazyError> {
+        if !self.hints.lock().contains_key(path) {
+            return match self.lied.lock().get(path) {
+                Some(e) => Err(LazyError::Shared(e.clone())),
+                None => Ok(()),
+            };
+        }
+        let _active = self.demand_activity();
+        let timeout = self.opts.read_timeout;
+        match tokio::time::timeout(timeout, self.ensure_stored(path, Cause::Demand)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(LazyError::Timeout {
+                    path: path.clone(),
+                    start: 0,
+                    end: 0,
+                    cause: Cause::Demand,
+                    timeout,
+                })
+            }
+        }
+        self.check_hint(path).await
+    }
+
+    /// [`LazyStore::gate`] from a thread outside the runtime (a FUSE worker), blocking.
+    pub fn gate_blocking(&self, path: &StorePath) -> Result<(), LazyError> {
+        self.handle.block_on(self.gate(path))
     }
 
     /// Starts describing a closure member in the background (see [`LazyStore::entry`]), for
@@ -604,6 +828,8 @@ impl LazyStore {
         cause: Cause,
     ) -> Result<(), LazyError> {
         let Some(st) = self.state(path).await? else {
+            // Stored, so verified; but a view built from its listing must match it.
+            self.check_hint(path).await?;
             self.counters.local_hit();
             return Ok(());
         };
@@ -627,7 +853,7 @@ impl LazyStore {
                 g.mode
             };
             match mode {
-                Mode::Range => {
+                Mode::Indexed => {
                     let readahead = match cause {
                         Cause::Demand => self.readahead_of(&st, path, start, end),
                         _ => None,
@@ -635,11 +861,23 @@ impl LazyStore {
                     match self.ensure_range(&st, start, end, cause, readahead).await {
                         // (ensure_range retries a yielded prefetch itself.)
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
-                        Err(RunError::Failed { error, .. }) => return Err(error),
+                        Err(RunError::Failed { error, .. }) => {
+                            if let LazyError::Unverified { .. } = error {
+                                if self.next_source(&st, error).await {
+                                    continue;
+                                }
+                                let g = st.lock();
+                                return PathState::settled(&g).unwrap_or(Ok(()));
+                            }
+                            return Err(error);
+                        }
                         Ok(()) => return Ok(()),
                     }
                 }
-                Mode::Stream => return self.ensure_stream(&st, end, cause).await,
+                Mode::Stream => {
+                    self.ensure_stream(&st, cause).await?;
+                    return self.check_hint(path).await;
+                }
             }
         }
     }
@@ -658,5 +896,18 @@ impl Ensure for LazyStore {
         })?;
         self.ensure_blocking(&path, start, end, Cause::Demand)
             .map_err(std::io::Error::other)
+    }
+
+    fn gate(&self, store_path: &str) -> std::io::Result<()> {
+        let path = StorePath::from_base_name(store_path).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                LazyError::BadName {
+                    name: store_path.to_string(),
+                    source: e,
+                },
+            )
+        })?;
+        self.gate_blocking(&path).map_err(std::io::Error::other)
     }
 }

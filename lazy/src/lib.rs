@@ -13,43 +13,60 @@
 //! or keep leases (the daemon, `kof-fetcherd`, and `kof-store run` do), or let an unverified
 //! byte into the store.
 //!
+//! # The invariant
+//!
+//! **No byte reaches a reader before it was checked against a digest whose chain of trust ends
+//! in a trusted signature.** Readers are FUSE reads, passthrough raw copies, store ingest,
+//! `dump-nar` and `export`; the names, sizes, modes, symlink targets and NAR offsets a view shows
+//! are held to the same rule. No option turns it off.
+//!
 //! # The engine
 //!
-//! - [`LazyStore::entry`] gives a path's view tree from metadata only: its stored tree, else the
-//!   `.ls` listing of the cache that serves it (validated against NarSize), else, for a cache
-//!   without listings, the whole path is fetched now.
+//! - [`LazyStore::entry`] gives a path's view tree from metadata only: its stored tree; else
+//!   the tree of the path's **signed index** (`kof-index`, published beside the narinfo by
+//!   `kof-cache publish`; its signature by a `trusted_public_keys` key binds store path,
+//!   NarHash, NarSize and the index's digest); else the cache's unsigned `.ls` listing, kept as
+//!   a *hint*; else (no listing) the whole path is fetched and verified now.
 //! - [`LazyStore::ensure`] makes NAR bytes `start..end` of a path readable. Bytes not stored go
 //!   to a sparse *partial file* `<store_dir>/partial/<hashpart>.nar`, at their NAR offsets:
-//!   - **range path**: on an uncompressed cache that honours `Range` (a `206`; a `200` marks
-//!     the cache as not range-capable and switches to the stream path), aligned chunks of
-//!     [`LazyOptions::range_chunk`] covering the range are fetched, adjacent missing chunks
-//!     coalesced into one GET, each chunk single-flight, chunks in parallel. When every chunk
-//!     is present, the partial file is ingested into the store, which checks NarHash and
-//!     NarSize: on a mismatch nothing enters the store, the partial file is discarded and
-//!     every later read of the path fails with an error naming it.
-//!   - **stream path** (compressed caches, or no `Range`): one streamed fetch per path through
-//!     the fetcher's verifying pipeline ([`kof_substituter::fetcher::Fetcher::fetch_teed`]), its NAR bytes
-//!     also written to the partial file; readers wait only until the stream passes *their*
-//!     bytes (a high-water mark), not for the whole NAR.
+//!   - **indexed path** (a valid index, a cache that honours `Range`): the index's chunks
+//!     covering the range are fetched as their bytes of the NAR file (a seekable zstd NAR: one
+//!     frame per chunk), adjacent missing chunks coalesced into one GET of compressed bytes,
+//!     each chunk single-flight, GETs in parallel. Each chunk is decoded and its length and
+//!     BLAKE3 checked against the index **before** it is written to the partial file and marked
+//!     filled; a chunk that fails is refused (EIO for the read, the log names path, cache and
+//!     chunk, nothing written) and the next substituter with the path is tried. When every
+//!     chunk is present, the partial file is ingested into the store, which checks NarHash and
+//!     NarSize once more. A `200` to a range request marks the cache as not range-capable and
+//!     switches to the stream path.
+//!   - **stream path** (path-level laziness: no index, an invalid one, or no `Range`): one
+//!     streamed fetch per path, in whatever compression the cache serves, through the
+//!     fetcher's verifying pipeline ([`kof_substituter::fetcher::Fetcher::fetch_teed`]) into
+//!     the store; readers wait for the commit, so nothing of the path is served before its
+//!     NarHash matched. Paths no reader touches are never fetched.
 //!
 //!   When the path is committed the partial file is removed (unless another engine on the
 //!   same store still has it open).
+//! - **Listings are hints.** A view built from a `.ls` listing shows the path's names before
+//!   they are verified, so [`LazyStore::gate`] holds every lookup and directory read inside
+//!   the path (the FUSE view asks it) until the whole NAR is verified and stored and its tree
+//!   compared with the listing's; a listing that lied refuses the path (every read fails, the
+//!   log names the cache). Content reads of such a path wait for the same.
 //! - Demand has priority: demand fetches take slots of their own; prefetch
 //!   ([`LazyStore::prefetch`]) takes prefetch slots, and a prefetch stream still queued for a
 //!   slot switches to a demand slot as soon as a reader waits for it. Prefetch uses the same
-//!   single-flight machinery, so a path being prefetched serves demand readers too.
+//!   single-flight machinery (compressed chunks for indexed paths), so a path being
+//!   prefetched serves demand readers too.
 //! - Learned profiles ([`Profile`]): the ranges demand reads asked for while a recording is on,
 //!   saved per environment and fetched first, in parallel, on the next cold start.
 //!
 //! Partial files outlive their process when they can be trusted: at a clean exit,
-//! [`LazyStore::save_partials`] syncs each range-path partial file and records beside it
-//! (`<hashpart>.json`) which chunks it holds, for which NarHash, NarSize and chunk size. A new
-//! engine resumes a partial file whose record matches the narinfo it resolves now (a read of
-//! its recorded chunks fetches nothing) and removes the others: those without a record (a
-//! killed process; which of their bytes were fetched is not known), those whose record does
-//! not match, and stream-path partials (a compressed stream cannot resume at an offset).
-//! Resumed bytes are verified like any other: the path enters the store only through the
-//! ingest's NarHash and NarSize check. Several engines may share one store (two `kof-store
+//! [`LazyStore::save_partials`] syncs each indexed partial file and records beside it
+//! (`<hashpart>.json`) which chunks it holds, for which NarHash, NarSize and index digest. A
+//! new engine resumes a partial file whose record matches the narinfo and index it resolves
+//! now, checking each recorded chunk against the index again, and removes the others: those
+//! without a record (a killed process; which of their bytes were fetched is not known) and
+//! those whose record does not match. Several engines may share one store (two `kof-store
 //! run` at once): an engine holds a shared lock on each partial file it has open and removes
 //! one only under an exclusive lock, so never while another engine uses it (the rule is in
 //! `engine/partial.rs`). A [`LocalReader`] in another process opens the partial file afresh
@@ -57,13 +74,6 @@
 //!
 //! A demand read of bytes a prefetch GET is already fetching waits for that GET (at most
 //! [`LazyOptions::max_prefetch_request`] bytes) rather than fetching them twice.
-//!
-//! **Trust trade-off.** Bytes fetched by range, and bytes of a stream before its end, are
-//! served to readers *before* the whole NAR's hash can be checked (a NAR hash covers the whole
-//! NAR). The narinfo is signature-checked and nothing unverified ever enters the store, but a
-//! hostile cache can make a running program read wrong bytes until the path is refused.
-//! [`LazyOptions::range_reads`] `= false` turns the range path off (whole-path streams only),
-//! which narrows the window to the stream's duration.
 
 #![deny(missing_docs)]
 mod counters;
@@ -123,20 +133,23 @@ pub trait Ensure: Send + Sync {
     /// Returns once NAR bytes `start..end` of `store_path` (a base name) are readable, or fails
     /// (within the engine's read bound).
     fn ensure(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()>;
+
+    /// Returns once what a view shows inside `store_path` (a base name) is verified (see
+    /// [`LazyStore::gate`]), or fails (within the engine's read bound).
+    fn gate(&self, store_path: &str) -> std::io::Result<()>;
 }
 
 /// Tuning of the engine.
 #[derive(Debug, Clone)]
 pub struct LazyOptions {
-    /// Size of the aligned chunks the range path fetches.
-    pub range_chunk: u64,
     /// An ensure that cannot complete within this fails.
     pub read_timeout: Duration,
     /// Demand fetches (range GETs or streams) at once.
     pub demand_concurrency: usize,
     /// Prefetch fetches at once.
     pub prefetch_concurrency: usize,
-    /// Whether the range path is used at all (see the trust trade-off above).
+    /// Whether signed indexes are used for chunk reads at all; `false` reads every path whole
+    /// (path-level laziness). Either way every byte is verified before it is served.
     pub range_reads: bool,
     /// Largest demand GET when coalescing chunks.
     pub max_demand_request: u64,
@@ -186,7 +199,6 @@ impl LazyOptions {
 impl Default for LazyOptions {
     fn default() -> Self {
         LazyOptions {
-            range_chunk: 512 * 1024,
             read_timeout: Duration::from_secs(60),
             demand_concurrency: 16,
             prefetch_concurrency: 4,
@@ -340,6 +352,27 @@ pub enum LazyError {
     PartialGone {
         /// The path.
         path: StorePath,
+    },
+    /// Bytes from a cache failed the check against the path's signed index: refused, nothing
+    /// of them written or stored.
+    #[error("{path}: bytes of {url} from cache {cache} failed verification")]
+    Unverified {
+        /// The path.
+        path: StorePath,
+        /// The cache.
+        cache: String,
+        /// The NAR file's URL.
+        url: String,
+        /// What did not match.
+        source: kof_index::ChunkError,
+    },
+    /// The `.ls` listing a view was built from does not match the path's verified NAR.
+    #[error("{path}: the listing from cache {cache} does not match its verified NAR (names, types, sizes, modes, symlink targets or offsets differ)")]
+    ListingLied {
+        /// The path.
+        path: StorePath,
+        /// The cache that served the listing.
+        cache: String,
     },
     /// The same failure, shared by every waiter.
     #[error(transparent)]

@@ -379,16 +379,38 @@ fn write_raw_copy(store: &Store, content: &FileContent, dest: &Path) -> io::Resu
     res
 }
 
-/// The [`ContentSource`] of a lazy view: local reads, and an [`Ensure`] for missing bytes (the
-/// engine in process, the daemon client in the FUSE server).
+/// The [`ContentSource`] of a lazy view: local reads, and an [`Ensure`] for missing bytes and
+/// for the gate of store paths (the engine in process, the daemon client in the FUSE server).
 pub struct LazyContent {
     /// Local reads.
     pub local: LocalReader,
     /// Who fetches missing bytes.
     pub ensure: Arc<dyn Ensure>,
+    /// Store paths whose gate passed (a path once verified stays verified).
+    pub opened: Mutex<HashSet<String>>,
+}
+
+impl LazyContent {
+    /// A content source reading through `local` and fetching through `ensure`.
+    pub fn new(local: LocalReader, ensure: Arc<dyn Ensure>) -> LazyContent {
+        LazyContent {
+            local,
+            ensure,
+            opened: Mutex::new(HashSet::new()),
+        }
+    }
 }
 
 impl ContentSource for LazyContent {
+    fn gate(&self, store_path: &str) -> io::Result<()> {
+        if self.opened.lock().contains(store_path) {
+            return Ok(());
+        }
+        self.ensure.gate(store_path)?;
+        self.opened.lock().insert(store_path.to_string());
+        Ok(())
+    }
+
     fn read(&self, file: &FileRef, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         self.local.read(file, offset, size, &*self.ensure)
     }

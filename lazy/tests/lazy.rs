@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use kof_fixtures::serve::{self, Fault, FaultKind, ServeConfig, ServerHandle};
 use kof_fuse::{Content, ContentSource, Entry, FileRef};
+use kof_index::VerifiedIndex;
 use kof_lazy::{Cause, Ensure, LazyContent, LazyOptions, LazyStore, LocalReader, Profile};
 use kof_nar::{PublicKey, StorePath};
 use kof_store::Store;
@@ -85,10 +86,10 @@ impl Node {
 
     /// The view content source over this node's engine.
     fn content(&self) -> Arc<LazyContent> {
-        Arc::new(LazyContent {
-            local: LocalReader::new(self.store.clone()),
-            ensure: self.engine.clone(),
-        })
+        Arc::new(LazyContent::new(
+            LocalReader::new(self.store.clone()),
+            self.engine.clone(),
+        ))
     }
 
     fn partial_files(&self) -> Vec<PathBuf> {
@@ -188,10 +189,10 @@ async fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn range_reads_fetch_about_the_bytes_read() {
-    let node = Node::new("none", lazy_opts());
+async fn indexed_reads_fetch_only_the_verified_chunks_of_the_files_read() {
+    let node = Node::new("published", lazy_opts());
     let python = path_of("python3");
-    let closure = resolve(&node, "none", std::slice::from_ref(&python)).await;
+    let closure = resolve(&node, "published", std::slice::from_ref(&python)).await;
     node.server().reset();
     let entry = node
         .engine
@@ -199,7 +200,11 @@ async fn range_reads_fetch_about_the_bytes_read() {
         .await
         .unwrap();
     let st = node.server().stats();
-    assert_eq!(st.requests_by_kind.ls, 1, "metadata from the listing");
+    assert_eq!(
+        st.requests_by_kind.index, 1,
+        "metadata from the signed index"
+    );
+    assert_eq!(st.requests_by_kind.ls, 0, "no unsigned listing needed");
     assert_eq!(st.requests_by_kind.nar, 0, "no NAR bytes for metadata");
 
     // K files of 20-300 KB, spread over the NAR.
@@ -209,7 +214,6 @@ async fn range_reads_fetch_about_the_bytes_read() {
     assert!(all.len() >= 20, "python has many mid-sized files");
     let step = all.len() / 4;
     let picked: Vec<(String, FileRef)> = (0..4).map(|i| all[i * step].clone()).collect();
-    let read_bytes: u64 = picked.iter().map(|(_, f)| f.size).sum();
 
     let src = node.content();
     let base = staged(&python);
@@ -222,19 +226,17 @@ async fn range_reads_fetch_about_the_bytes_read() {
     })
     .await;
 
+    // Exactly the compressed chunks holding the files read (readahead takes a small file
+    // whole), each once.
+    let index = published_index(&python);
+    let ranges: Vec<(u64, u64)> = picked
+        .iter()
+        .map(|(_, f)| (f.nar_offset, f.nar_offset + f.size))
+        .collect();
+    let want = chunk_file_bytes(&index, &ranges);
     let st = node.server().stats();
     let nar_size = python_nar_size(&python);
-    let chunk = lazy_opts().range_chunk;
-    assert!(
-        st.bytes_by_kind.nar >= read_bytes,
-        "{} < {read_bytes}",
-        st.bytes_by_kind.nar
-    );
-    assert!(
-        st.bytes_by_kind.nar <= read_bytes + picked.len() as u64 * 2 * chunk,
-        "fetched {} for {read_bytes} read",
-        st.bytes_by_kind.nar
-    );
+    assert_eq!(st.bytes_by_kind.nar, want, "the chunks of the files read");
     assert!(
         st.bytes_by_kind.nar * 4 < nar_size,
         "{} of {nar_size}",
@@ -269,6 +271,37 @@ async fn range_reads_fetch_about_the_bytes_read() {
 
 fn python_nar_size(p: &StorePath) -> u64 {
     manifest().store_paths[&p.to_absolute()].nar_size
+}
+
+/// The signed index of `p` in the fixtures' published cache, verified with the fixture key.
+fn published_index(p: &StorePath) -> VerifiedIndex {
+    let dir = fixtures().0.join("caches/published");
+    let bytes = std::fs::read(dir.join(kof_index::index_file_name(p))).unwrap();
+    let m = &manifest().store_paths[&p.to_absolute()];
+    let nar_hash = kof_nar::NixHash::parse(&m.nar_hash).unwrap();
+    let key = PublicKey::parse(&manifest().public_key).unwrap();
+    VerifiedIndex::open(
+        &bytes,
+        kof_index::Expected {
+            store_path: p,
+            nar_hash: &nar_hash,
+            nar_size: m.nar_size,
+        },
+        &[key],
+    )
+    .unwrap()
+}
+
+/// NAR-file bytes of the chunks of `index` covering any of `ranges` (each chunk once).
+fn chunk_file_bytes(index: &VerifiedIndex, ranges: &[(u64, u64)]) -> u64 {
+    let mut chunks = std::collections::BTreeSet::new();
+    for &(a, b) in ranges {
+        chunks.extend(index.index().chunks_for(a, b));
+    }
+    chunks
+        .into_iter()
+        .map(|i| index.index().chunks[i].file_len)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,10 +374,11 @@ async fn no_listing_fetches_the_whole_path_for_its_tree() {
     );
     let st = node.server().stats();
     assert_eq!(
-        st.statuses.get(&404).copied(),
-        Some(1),
-        "the .ls asked and absent"
+        (st.requests_by_kind.index, st.requests_by_kind.ls),
+        (1, 1),
+        "an index, then a listing, asked"
     );
+    assert_eq!(st.statuses.get(&404).copied(), Some(2), "both absent");
     let names: Vec<OsString> = match &*entry {
         Entry::Directory(d) => d.keys().cloned().collect(),
         other => panic!("{other:?}"),
@@ -358,7 +392,7 @@ async fn a_dead_cache_fails_within_the_bound() {
         read_timeout: Duration::from_secs(3),
         ..LazyOptions::default()
     };
-    for flavour in ["none", "zstd"] {
+    for flavour in ["published", "none", "zstd"] {
         let node = Node::new(flavour, opts.clone());
         let ssl = path_of("openssl");
         let closure = resolve(&node, flavour, std::slice::from_ref(&ssl)).await;
@@ -393,51 +427,57 @@ async fn a_dead_cache_fails_within_the_bound() {
     assert!(err.to_string().contains(&gmp.to_string()), "{err}");
 }
 
+/// A flipped byte in what the cache sends is never served: an indexed path's chunk fails its
+/// digest before it is written, a path-level path its NarHash before any reader sees it. The
+/// read fails naming the path, nothing is stored, and later reads fail too (one cache only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupt_range_data_never_enters_the_store() {
-    let node = Node::new("none", lazy_opts());
-    let p = path_of("libffi");
-    let closure = resolve(&node, "none", std::slice::from_ref(&p)).await;
-    let entry = node.engine.entry(entry_of(&closure, &p)).await.unwrap();
-    node.server()
-        .add_fault(Fault::new(FaultKind::Corrupt, "/cache/none/nar/").times(1));
-    let nar_size = python_nar_size(&p);
-    // The bytes are served (the documented trust trade-off)...
-    node.engine
-        .ensure(&p, 0, nar_size, Cause::Demand)
-        .await
-        .unwrap();
-    assert_eq!(node.server().stats().faults_injected, 1);
-    // ...but completion refuses them.
-    let report = node
-        .engine
-        .prefetch(closure_only(&closure, &p))
-        .await
-        .unwrap();
-    assert_eq!(report.failures.len(), 1, "{report:?}");
-    assert!(report.failures[0].contains(&p.to_string()), "{report:?}");
-    assert!(!node.store.has_path(&p).unwrap());
-    assert!(
-        node.partial_files().is_empty(),
-        "the partial file is discarded"
-    );
-    assert_eq!(node.engine.counters().paths_refused, 1);
-    // Later reads of the path fail, naming it.
-    let err = node
-        .engine
-        .ensure(&p, 0, 10, Cause::Demand)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains(&p.to_string()), "{err}");
-    let (_, f) = files(&entry).into_iter().next().unwrap();
-    let src = node.content();
-    let r = on_thread(move || src.read(&f, 0, 10)).await;
-    assert!(r.is_err());
+async fn corrupt_data_is_never_served_nor_stored() {
+    for flavour in ["published", "none", "zstd"] {
+        let node = Node::new(flavour, lazy_opts());
+        let p = path_of("libffi");
+        let closure = resolve(&node, flavour, std::slice::from_ref(&p)).await;
+        let entry = node.engine.entry(entry_of(&closure, &p)).await.unwrap();
+        node.server().add_fault(Fault::new(
+            FaultKind::Corrupt,
+            format!("/cache/{flavour}/nar/"),
+        ));
+        let (_, f) = files(&entry)
+            .into_iter()
+            .max_by_key(|(_, f)| f.size)
+            .unwrap();
+        let src = node.content();
+        let f2 = f.clone();
+        let r = on_thread(move || src.read(&f2, 0, 4096)).await;
+        let err = r.expect_err("corrupt bytes are not served");
+        assert!(
+            kof_node_api::report::chain(&err).contains(&p.to_string()),
+            "{flavour}: {err}"
+        );
+        assert!(node.server().stats().faults_injected >= 1, "{flavour}");
+        let err = node
+            .engine
+            .ensure(&p, f.nar_offset, f.nar_offset + 10, Cause::Demand)
+            .await
+            .unwrap_err();
+        let text = kof_node_api::report::chain(&err);
+        assert!(text.contains(&p.to_string()), "{flavour}: {text}");
+        if flavour == "published" {
+            assert!(text.contains("failed verification"), "{text}");
+            assert!(text.contains("BLAKE3") || text.contains("decode"), "{text}");
+        }
+        assert!(!node.store.has_path(&p).unwrap(), "{flavour}");
+        assert!(node.partial_files().is_empty(), "{flavour}: nothing kept");
+        assert!(
+            node.engine.counters().paths_refused >= 1 || flavour != "published",
+            "{flavour}"
+        );
+        drop(err);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_completes_the_closure() {
-    for flavour in ["none", "zstd"] {
+    for flavour in ["published", "none", "zstd"] {
         let node = Node::new(flavour, lazy_opts());
         let roots = live_closure("kof/hello");
         let closure = resolve(&node, flavour, &roots).await;
@@ -499,9 +539,9 @@ async fn prefetch_completes_the_closure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_profile_is_fetched_first_on_the_next_node() {
-    let first = Node::new("none", lazy_opts());
+    let first = Node::new("published", lazy_opts());
     let python = path_of("python3");
-    let closure = resolve(&first, "none", std::slice::from_ref(&python)).await;
+    let closure = resolve(&first, "published", std::slice::from_ref(&python)).await;
     let entry = first
         .engine
         .entry(entry_of(&closure, &python))
@@ -534,8 +574,8 @@ async fn learned_profile_is_fetched_first_on_the_next_node() {
         .unwrap();
     assert_eq!(loaded, profile);
 
-    let second = Node::new("none", lazy_opts());
-    let closure2 = resolve(&second, "none", std::slice::from_ref(&python)).await;
+    let second = Node::new("published", lazy_opts());
+    let closure2 = resolve(&second, "published", std::slice::from_ref(&python)).await;
     second
         .engine
         .entry(entry_of(&closure2, &python))
@@ -545,7 +585,18 @@ async fn learned_profile_is_fetched_first_on_the_next_node() {
     let failures = second.engine.prefetch_profile(loaded).await.unwrap();
     assert!(failures.is_empty(), "{failures:?}");
     let st = second.server().stats();
-    assert!(st.bytes_by_kind.nar >= read);
+    // Exactly the compressed chunks of the recorded ranges.
+    let ranges: Vec<(u64, u64)> = profile
+        .ranges
+        .iter()
+        .filter(|r| r.store_path == python.base_name())
+        .map(|r| (r.start, r.end))
+        .collect();
+    assert!(!ranges.is_empty(), "{profile:?}");
+    assert_eq!(
+        st.bytes_by_kind.nar,
+        chunk_file_bytes(&published_index(&python), &ranges)
+    );
     assert_eq!(
         second.engine.counters().requests.profile,
         st.requests_by_kind.nar
@@ -566,7 +617,7 @@ async fn learned_profile_is_fetched_first_on_the_next_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demand_never_queues_behind_prefetch() {
-    for flavour in ["zstd", "none"] {
+    for flavour in ["zstd", "published"] {
         // Shorter than the stalled download holds its slot (the client's 10 s read timeout,
         // twice), so a demand read queued behind it would fail.
         let opts = LazyOptions {
@@ -632,9 +683,9 @@ async fn prefetch_yields_the_link_to_demand_reads() {
         prefetch_concurrency: 1,
         ..lazy_opts()
     };
-    let node = Node::with_server(serve::start_in_background(cfg), "none", opts);
+    let node = Node::with_server(serve::start_in_background(cfg), "published", opts);
     let (a, b) = (path_of("glibc"), path_of("openssl"));
-    let closure = resolve(&node, "none", &[a.clone(), b.clone()]).await;
+    let closure = resolve(&node, "published", &[a.clone(), b.clone()]).await;
     node.engine.entry(entry_of(&closure, &b)).await.unwrap();
     let a_size = python_nar_size(&a);
     assert!(
@@ -665,15 +716,26 @@ async fn prefetch_yields_the_link_to_demand_reads() {
     );
     let c = node.engine.counters();
     assert!(c.prefetch_yields >= 1, "{c:?}");
-    // What the prefetch kept before yielding was not fetched again.
-    assert_eq!(c.bytes_fetched.prefetch, a_size, "{c:?}");
+    // What the prefetch kept before yielding was not fetched again: every compressed chunk of
+    // a once, but for the frame a yield cut short (its received part is not a whole chunk, so
+    // it is dropped unverified), at most one per yield.
+    let index = published_index(&a);
+    let chunks = &index.index().chunks;
+    let a_file: u64 = chunks.iter().map(|c| c.file_len).sum();
+    let max_frame = chunks.iter().map(|c| c.file_len).max().unwrap();
+    assert!(
+        c.bytes_fetched.prefetch >= a_file
+            && c.bytes_fetched.prefetch <= a_file + c.prefetch_yields * max_frame,
+        "{a_file} file bytes: {c:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_ignoring_range_is_streamed_instead() {
     // A plain HTTP server that answers every GET with the whole file (200), over the fixtures'
-    // uncompressed cache.
-    let server = CacheServer::start_one_ignoring_ranges(&fixtures().0.join("caches/none")).await;
+    // published cache (indexes, seekable NARs).
+    let server =
+        CacheServer::start_one_ignoring_ranges(&fixtures().0.join("caches/published")).await;
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
     let url = server.url("");
@@ -688,10 +750,10 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
         .into_iter()
         .max_by_key(|(_, f)| f.size)
         .unwrap();
-    let src = Arc::new(LazyContent {
-        local: LocalReader::new(store.clone()),
-        ensure: engine.clone(),
-    });
+    let src = Arc::new(LazyContent::new(
+        LocalReader::new(store.clone()),
+        engine.clone(),
+    ));
     let got = on_thread(move || read_all(&*src, &f)).await;
     assert!(
         got == std::fs::read(staged(&sqlite).join(&rel)).unwrap(),
@@ -767,10 +829,10 @@ async fn a_hostile_listing_is_not_used() {
     assert!(store.has_path(&p).unwrap());
     for (rel, f) in files(&entry) {
         assert!(f.nar_offset + f.size <= info.nar_size, "{rel}");
-        let src = Arc::new(LazyContent {
-            local: LocalReader::new(store.clone()),
-            ensure: engine.clone(),
-        });
+        let src = Arc::new(LazyContent::new(
+            LocalReader::new(store.clone()),
+            engine.clone(),
+        ));
         let got = on_thread(move || read_all(&*src, &f)).await;
         assert!(
             got == std::fs::read(staged(&p).join(&rel)).unwrap(),

@@ -1,8 +1,9 @@
-//! Partial NARs across engines on one store, against the real fixture server (its range-capable
-//! uncompressed cache) and a real store: a partial an engine recorded at its exit is resumed by
-//! the next engine without fetching its bytes again; a partial whose record does not match the
-//! narinfo, or that has no record (a killed process), is discarded; two live engines on one
-//! store never remove each other's partial files.
+//! Partial NARs across engines on one store, against the real fixture server (its published
+//! cache: signed indexes, seekable zstd NARs) and a real store: a partial an engine recorded at
+//! its exit is resumed by the next engine without fetching its bytes again, each recorded chunk
+//! checked against the index again; a partial whose record does not match the narinfo and
+//! index, or that has no record (a killed process), is discarded; two live engines on one store
+//! never remove each other's partial files.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,12 +33,16 @@ fn opts() -> LazyOptions {
 }
 
 /// An engine on the store at `store_dir` (opened afresh, as another process would),
-/// fetching from the server's uncompressed cache.
+/// fetching from the server's published cache.
 fn engine(server: &ServerHandle, store_dir: &Path, opts: LazyOptions) -> Arc<LazyStore> {
     let store = Arc::new(Store::open(store_dir).unwrap());
     let client = http_client(&HttpOptions::default()).unwrap();
-    let cache =
-        BinaryCache::new(&server.cache_url("none"), client, RetryPolicy::default()).unwrap();
+    let cache = BinaryCache::new(
+        &server.cache_url("published"),
+        client,
+        RetryPolicy::default(),
+    )
+    .unwrap();
     let key = PublicKey::parse(&manifest().public_key).unwrap();
     let subs = Substituters::new(vec![cache], vec![key], true);
     let fetcher = Fetcher::new(store.clone(), Arc::new(subs), FetchOptions::default());
@@ -84,6 +89,32 @@ fn one_run(
     });
     drop(rt);
     saved
+}
+
+/// The NAR-file bytes of every chunk of `p` in the published cache (what a whole fetch by
+/// chunks moves).
+fn file_bytes(_dir: &Path, p: &StorePath) -> u64 {
+    let bytes = std::fs::read(
+        fixtures()
+            .0
+            .join("caches/published")
+            .join(kof_index::index_file_name(p)),
+    )
+    .unwrap();
+    let m = &manifest().store_paths[&p.to_absolute()];
+    let nar_hash = kof_nar::NixHash::parse(&m.nar_hash).unwrap();
+    let key = PublicKey::parse(&manifest().public_key).unwrap();
+    let v = kof_index::VerifiedIndex::open(
+        &bytes,
+        kof_index::Expected {
+            store_path: p,
+            nar_hash: &nar_hash,
+            nar_size: m.nar_size,
+        },
+        &[key],
+    )
+    .unwrap();
+    v.index().chunks.iter().map(|c| c.file_len).sum()
 }
 
 fn record_of(partial: &Path) -> PathBuf {
@@ -154,12 +185,12 @@ async fn a_recorded_partial_is_resumed_by_the_next_engine() {
     e.fetch_whole(&python, Cause::Demand).await.unwrap();
     assert!(e.store().has_path(&python).unwrap());
     let st = server.stats();
-    assert!(
-        st.bytes_by_kind.nar + first.bytes_by_kind.nar >= nar_size(&python)
-            && st.bytes_by_kind.nar < nar_size(&python),
-        "only the missing bytes: {} of {}",
-        st.bytes_by_kind.nar,
-        nar_size(&python)
+    assert_eq!(
+        st.bytes_by_kind.nar + first.bytes_by_kind.nar,
+        file_bytes(&dir, &python),
+        "only the missing chunks, each once: {} then {}",
+        first.bytes_by_kind.nar,
+        st.bytes_by_kind.nar
     );
     assert!(!partial.exists() && !record_of(&partial).exists());
 }
@@ -186,15 +217,39 @@ async fn unrecorded_or_mismatched_partials_are_discarded() {
     assert!(!partial.exists(), "an unrecorded partial is removed");
     drop(e);
 
-    // A record of another chunk size does not match: discarded, the bytes fetched again.
+    // A record of another index does not match: discarded, the bytes fetched again.
     assert_eq!(run(opts(), true).await.unwrap(), 1);
+    let rec = record_of(&partial);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    let index = json["index"].as_str().unwrap().to_string();
+    json["index"] = index.replace(|c: char| c.is_ascii_digit(), "0").into();
+    std::fs::write(&rec, serde_json::to_vec(&json).unwrap()).unwrap();
     server.reset();
-    let other = LazyOptions {
-        range_chunk: opts().range_chunk / 2,
-        ..opts()
-    };
-    assert_eq!(run(other, true).await.unwrap(), 1);
+    assert_eq!(run(opts(), true).await.unwrap(), 1);
     assert!(server.stats().requests_by_kind.nar > 0, "refetched");
+
+    // A recorded chunk whose bytes changed on disk fails its digest at adoption: only it is
+    // fetched again, the others are resumed.
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert_eq!(
+        json["index"].as_str().unwrap(),
+        index,
+        "rewritten for the real index"
+    );
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tampered", ranges[0].0 + 10).unwrap();
+    drop(f);
+    server.reset();
+    assert_eq!(run(opts(), true).await.unwrap(), 1);
+    let st = server.stats();
+    assert_eq!(
+        st.requests_by_kind.nar, 1,
+        "one chunk fetched again: {st:?}"
+    );
 
     // A record naming another NarHash: discarded too.
     let rec = record_of(&partial);
@@ -206,14 +261,7 @@ async fn unrecorded_or_mismatched_partials_are_discarded() {
     json["nar_hash"] = forged.clone().into();
     std::fs::write(&rec, serde_json::to_vec(&json).unwrap()).unwrap();
     server.reset();
-    let e = engine(
-        &server,
-        &dir,
-        LazyOptions {
-            range_chunk: opts().range_chunk / 2,
-            ..opts()
-        },
-    );
+    let e = engine(&server, &dir, opts());
     e.ensure(&python, ranges[0].0, ranges[0].1, Cause::Demand)
         .await
         .unwrap();

@@ -20,6 +20,7 @@
 //! | `{"op":"status"}` | [`Status`] |
 //! | `{"op":"hello"}` | [`Hello`] |
 //! | `{"op":"ensure","store_path":"<hash>-<name>","start":S,"end":E}` | `{"ok":true}` |
+//! | `{"op":"gate","store_path":"<hash>-<name>"}` | `{"ok":true}` once what views show inside the path is verified |
 //! | `{"op":"leases"}` | `{"leases":[`[`LeaseInfo`]`...]}` |
 //!
 //! - `prepare` resolves the environment (the generation `N`, else the live one, which then
@@ -163,6 +164,13 @@ pub enum Request {
         start: u64,
         /// One past the last NAR byte.
         end: u64,
+    },
+    /// Return once what views show inside a store path (names, modes, symlink targets) is
+    /// verified: at once for a path read through its signed index or stored; after the
+    /// whole NAR is verified for one whose view came from an unsigned `.ls` listing.
+    Gate {
+        /// The store path's base name (`<hash>-<name>`).
+        store_path: String,
     },
     /// The leases.
     Leases,
@@ -515,6 +523,7 @@ impl Request {
             Request::Status => "status",
             Request::Hello => "hello",
             Request::Ensure { .. } => "ensure",
+            Request::Gate { .. } => "gate",
             Request::Leases => "leases",
         }
     }
@@ -632,6 +641,23 @@ impl Client {
             return Err(ApiError::BadResponse {
                 path: self.path.clone(),
                 op: "ensure",
+                reason: "\"ok\" is false",
+                source: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns once what views show inside `store_path` (base name) is verified (see
+    /// [`Request::Gate`]).
+    pub fn gate(&mut self, store_path: &str) -> Result<(), ApiError> {
+        let r: Ok_ = self.call(&Request::Gate {
+            store_path: store_path.to_string(),
+        })?;
+        if !r.ok {
+            return Err(ApiError::BadResponse {
+                path: self.path.clone(),
+                op: "gate",
                 reason: "\"ok\" is false",
                 source: None,
             });

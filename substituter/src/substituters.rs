@@ -104,6 +104,12 @@ impl Substituters {
         &self.caches
     }
 
+    /// The trusted public keys (`trusted_public_keys`): what narinfos and kof indexes must be
+    /// signed by.
+    pub fn keys(&self) -> &[PublicKey] {
+        &self.keys
+    }
+
     /// The accepted narinfo of `path` from the first cache that has one, or `None` if no cache
     /// has the path. Memoised and single-flight.
     pub async fn lookup(

@@ -161,14 +161,12 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> F
 /// A range the daemon refused or failed to make readable (what a FUSE read of it logs and
 /// fails with, as the cause of its `EIO`).
 #[derive(Debug, thiserror::Error)]
-#[error("{store_path} bytes {start}..{end}")]
+#[error("{store_path} {what}")]
 pub struct EnsureFailed {
     /// The store path's base name.
     pub store_path: String,
-    /// First NAR byte asked for.
-    pub start: u64,
-    /// End (exclusive).
-    pub end: u64,
+    /// What was asked: `bytes S..E`, or `verified for its view`.
+    pub what: String,
     /// The daemon's answer or the failure to get one.
     #[source]
     pub source: ApiError,
@@ -193,6 +191,23 @@ impl DaemonEnsure {
 
     /// Makes NAR bytes `[start, end)` of `store_path` local, or fails after the bound.
     pub fn ensure_range(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()> {
+        self.retrying(store_path, &format!("bytes {start}..{end}"), |c| {
+            c.ensure(store_path, start, end)
+        })
+    }
+
+    /// Returns once what views show inside `store_path` is verified, or fails after the bound.
+    pub fn gate(&self, store_path: &str) -> std::io::Result<()> {
+        self.retrying(store_path, "verified for its view", |c| c.gate(store_path))
+    }
+
+    /// Calls the daemon with `call`, reconnecting while it is away, within the bound.
+    fn retrying(
+        &self,
+        store_path: &str,
+        what: &str,
+        call: impl Fn(&mut Client) -> Result<(), ApiError>,
+    ) -> std::io::Result<()> {
         let deadline = Instant::now() + self.bound;
         let mut delay = Duration::from_millis(20);
         let mut waited_for_daemon = false;
@@ -200,7 +215,7 @@ impl DaemonEnsure {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let msg = format!(
-                    "{store_path} bytes {start}..{end}: the daemon at {} did not serve them within {:?}",
+                    "{store_path} {what}: the daemon at {} did not answer within {:?}",
                     self.socket.display(),
                     self.bound
                 );
@@ -214,7 +229,7 @@ impl DaemonEnsure {
             };
             let result = client.and_then(|mut c| {
                 c.set_timeout(left);
-                c.ensure(store_path, start, end).map(|()| c)
+                call(&mut c).map(|()| c)
             });
             match result {
                 Ok(c) => {
@@ -240,8 +255,7 @@ impl DaemonEnsure {
                     };
                     let e = EnsureFailed {
                         store_path: store_path.to_string(),
-                        start,
-                        end,
+                        what: what.to_string(),
                         source: e,
                     };
                     tracing::error!("{}", kof_node_api::report::chain(&e));
@@ -256,6 +270,10 @@ impl kof_lazy::Ensure for DaemonEnsure {
     fn ensure(&self, store_path: &str, start: u64, end: u64) -> std::io::Result<()> {
         self.ensure_range(store_path, start, end)
     }
+
+    fn gate(&self, store_path: &str) -> std::io::Result<()> {
+        DaemonEnsure::gate(self, store_path)
+    }
 }
 
 /// The content source of the FUSE server: local reads, `ensure` through the daemon.
@@ -267,10 +285,10 @@ fn content_source(
         path: config.store_dir.clone(),
         source: Box::new(e),
     })?;
-    Ok(Arc::new(kof_lazy::LazyContent {
-        local: kof_lazy::LocalReader::new(Arc::new(store)),
+    Ok(Arc::new(kof_lazy::LazyContent::new(
+        kof_lazy::LocalReader::new(Arc::new(store)),
         ensure,
-    }))
+    )))
 }
 
 /// Detaches a dead FUSE mount left at `dir` by a FUSE server that died (its accesses fail

@@ -409,6 +409,10 @@ impl Daemon {
                 self.ensure(&store_path, start, end).await?;
                 to_json(&serde_json::json!({"ok": true}))
             }
+            Request::Gate { store_path } => {
+                self.gate(&store_path).await?;
+                to_json(&serde_json::json!({"ok": true}))
+            }
         }
     }
 
@@ -685,6 +689,20 @@ impl Daemon {
             nar_bytes: summary.nar_bytes,
             new_stored_bytes: summary.new_stored_bytes,
             elapsed_secs: summary.elapsed.as_secs_f64(),
+        })
+    }
+
+    async fn gate(&self, store_path: &str) -> Result<(), Failure> {
+        let path = StorePath::from_base_name(store_path).map_err(|e| {
+            fail(
+                ErrorKind::BadRequest,
+                format!("invalid store path {store_path:?}: {}", chain(&e)),
+            )
+        })?;
+        self.prep.lazy().gate(&path).await.map_err(|e| {
+            let message = chain(&e);
+            error!(store_path, error = %message, "store path not verified for its view");
+            fail(ErrorKind::Fetch, message)
         })
     }
 

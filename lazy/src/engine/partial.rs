@@ -44,9 +44,10 @@
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use kof_index::VerifiedIndex;
 use kof_node_api::report::chain;
 use kof_substituter::substituters::Substitute;
 use serde::{Deserialize, Serialize};
@@ -54,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use super::{Chunk, LazyStore, Mode, Phase};
 
 /// The record format's version.
-const RECORD_VERSION: u32 = 1;
+const RECORD_VERSION: u32 = 2;
 
 /// Largest record read (a record of a 4 GiB NAR in 4 KiB chunks, all filled and scattered,
 /// stays well below this).
@@ -74,14 +75,14 @@ pub(super) struct PartialRecord {
     cache: String,
     /// The NAR's URL in that cache.
     url: String,
-    /// Chunk size of the engine that fetched them.
-    chunk_size: u64,
+    /// The SHA-256 of the signed index whose chunks they are.
+    index: String,
     /// The chunks present, as runs `[first, end)` of chunk indices.
     chunks: Vec<(usize, usize)>,
 }
 
 impl PartialRecord {
-    fn new(sub: &Substitute, chunk_size: u64, chunks: Vec<(usize, usize)>) -> PartialRecord {
+    fn new(sub: &Substitute, index: &VerifiedIndex, chunks: Vec<(usize, usize)>) -> PartialRecord {
         PartialRecord {
             version: RECORD_VERSION,
             store_path: sub.info.store_path.to_absolute(),
@@ -89,7 +90,7 @@ impl PartialRecord {
             nar_size: sub.info.nar_size,
             cache: sub.cache.url().to_string(),
             url: sub.info.url.clone(),
-            chunk_size,
+            index: index.digest().to_string(),
             chunks,
         }
     }
@@ -101,7 +102,7 @@ impl PartialRecord {
             && self.store_path == other.store_path
             && self.nar_hash == other.nar_hash
             && self.nar_size == other.nar_size
-            && self.chunk_size == other.chunk_size
+            && self.index == other.index
     }
 }
 
@@ -198,16 +199,17 @@ fn read_record(partial: &Path) -> Option<PartialRecord> {
     }
 }
 
-/// Adopts the orphaned partial file `partial` of `sub` for an engine with `chunk_size` and
-/// `n` chunks: the file, under a shared lock, and its chunks present. `None` when there is
-/// nothing to adopt: no file, a file another engine holds (left alone), or a file without a
-/// matching record (removed).
+/// Adopts the orphaned partial file `partial` of `sub`, whose chunks are those of `index`: the
+/// file, under a shared lock, and its chunks present. `None` when there is nothing to adopt:
+/// no file, a file another engine holds (left alone), or a file without a matching record
+/// (removed). Each recorded chunk is checked against the index again as it is adopted (a
+/// chunk that no longer matches is fetched again): bytes are served only once verified.
 pub(super) fn adopt(
     partial: &Path,
     sub: &Substitute,
-    chunk_size: u64,
-    n: usize,
+    index: &VerifiedIndex,
 ) -> Option<(File, Vec<Chunk>)> {
+    let n = index.index().chunks.len();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -221,7 +223,7 @@ pub(super) fn adopt(
             return None;
         }
     }
-    let want = PartialRecord::new(sub, chunk_size, Vec::new());
+    let want = PartialRecord::new(sub, index, Vec::new());
     let adopted = read_record(partial).and_then(|rec| {
         let fits = rec.same_nar(&want)
             && rec.chunks.iter().all(|&(a, b)| a < b && b <= n)
@@ -240,8 +242,23 @@ pub(super) fn adopt(
         return None;
     }
     let mut chunks = vec![Chunk::Missing; n];
+    let mut stale = 0;
     for (a, b) in rec.chunks {
-        chunks[a..b].fill(Chunk::Filled);
+        for (i, slot) in chunks.iter_mut().enumerate().take(b).skip(a) {
+            let c = &index.index().chunks[i];
+            let mut buf = vec![0u8; c.nar_len as usize];
+            let ok = f.read_exact_at(&mut buf, c.nar_offset).is_ok()
+                && index.check_chunk(i, &buf).is_ok();
+            if ok {
+                *slot = Chunk::Filled;
+            } else {
+                stale += 1;
+            }
+        }
+    }
+    if stale > 0 {
+        tracing::warn!(path = %sub.info.store_path, file = %partial.display(), chunks = stale,
+            "recorded chunks that no longer match the index: fetched again");
     }
     Some((f, chunks))
 }
@@ -366,7 +383,7 @@ impl LazyStore {
                 // A path still being ingested is recorded too: the caller may end before its
                 // ingest does (a run's runtime is shut down), and its partial file is whole.
                 let live = matches!(g.phase, Phase::Fetching | Phase::Completing);
-                if g.mode != Mode::Range || !live || g.filled == 0 {
+                if g.mode != Mode::Indexed || !live || g.filled == 0 {
                     continue;
                 }
                 let Some(f) = g.file.clone() else {
@@ -374,7 +391,10 @@ impl LazyStore {
                 };
                 (f, filled_runs(&g.chunks))
             };
-            let rec = PartialRecord::new(&st.sub, self.opts.range_chunk, runs);
+            let Some(index) = st.index.as_deref() else {
+                continue;
+            };
+            let rec = PartialRecord::new(&st.sub, index, runs);
             match save(&st.partial, &file, rec) {
                 Ok(()) => saved += 1,
                 Err(e) => tracing::warn!(path = %st.path(), file = %st.partial.display(),

@@ -1,6 +1,8 @@
-//! Range fetch: claiming a path's missing chunks, GETting them into the partial file (each
-//! chunk single-flight, adjacent ones coalesced), marking them filled, and ingesting the
-//! complete partial file into the store.
+//! Indexed range fetch: claiming a path's missing chunks (the chunks of its signed index),
+//! GETting their bytes of the NAR file (each chunk single-flight, adjacent ones coalesced into
+//! one GET of compressed bytes), decoding and checking each chunk against the index before it
+//! is written into the partial file and marked filled, and ingesting the complete partial file
+//! into the store (which checks NarHash once more).
 
 use kof_node_api::report::chain;
 use std::fs::File;
@@ -57,9 +59,8 @@ impl LazyStore {
         cause: Cause,
         mut readahead: Option<(u64, u64)>,
     ) -> Result<(), RunError> {
-        let chunk = self.opts.range_chunk;
-        let (c0, c1) = ((start / chunk) as usize, end.div_ceil(chunk) as usize);
-        let limit = |bytes: u64| ((bytes / chunk) as usize).max(1);
+        let (c0, c1) = st.chunk_span(start, end);
+        let limit = |bytes: u64| st.chunks_in(bytes);
         let max_run = limit(match cause {
             Cause::Prefetch => self.opts.max_prefetch_request,
             _ => self.opts.max_demand_request,
@@ -89,7 +90,7 @@ impl LazyStore {
                 if let Some(r) = PathState::settled(&g) {
                     return r.map_err(RunError::permanent);
                 }
-                if g.mode != Mode::Range {
+                if g.mode != Mode::Indexed {
                     return Err(RunError::Unsupported);
                 }
                 if g.chunks[c0..c1].iter().all(|c| *c == Chunk::Filled) {
@@ -110,7 +111,7 @@ impl LazyStore {
                 }
                 drop(g);
                 if let Some((a, b)) = readahead.take().filter(|_| permit.is_none()) {
-                    let (a, b) = ((a / chunk) as usize, b.div_ceil(chunk) as usize);
+                    let (a, b) = st.chunk_span(a, b);
                     self.spawn_readahead(st, a, b, c1, limit(self.opts.readahead_request));
                 }
                 runs
@@ -202,13 +203,8 @@ impl LazyStore {
         b: usize,
         cause: Cause,
     ) -> Result<(), RunError> {
-        let chunk = self.opts.range_chunk;
-        let start = a as u64 * chunk;
-        let end = (b as u64 * chunk).min(st.nar_size());
         let mut next = a; // first chunk not yet marked filled
-        let result = self
-            .fetch_run_inner(&st, start, end, cause, &mut next)
-            .await;
+        let result = self.fetch_run_inner(&st, a, b, cause, &mut next).await;
         if result.is_err() {
             self.release(&st, next, b);
         }
@@ -230,19 +226,22 @@ impl LazyStore {
     async fn fetch_run_inner(
         &self,
         st: &Arc<PathState>,
-        start: u64,
-        end: u64,
+        a: usize,
+        b: usize,
         cause: Cause,
         next: &mut usize,
     ) -> Result<(), RunError> {
-        let chunk = self.opts.range_chunk;
+        let index = st.index.clone().expect("only indexed paths have chunks");
+        let chunks = &index.index().chunks;
+        let (start, end) = (chunks[a].nar_offset, chunks[b - 1].nar_range().end);
+        let (fstart, fend) = (chunks[a].file_offset, chunks[b - 1].file_range().end);
         let path = st.path().clone();
         let info = &st.sub.info;
         let cache = &st.sub.cache;
         let _in_flight = self.counters.request(cause);
         let t0 = Instant::now();
-        tracing::debug!(%path, start, end, %cause, "range GET");
-        let stream = match cache.nar_range(info, start, end).await {
+        tracing::debug!(%path, start, end, fstart, fend, %cause, "range GET of indexed chunks");
+        let stream = match cache.nar_range(info, fstart, fend).await {
             Ok(Some(s)) => s,
             Ok(None) => {
                 tracing::warn!(cache = cache.url(), %path,
@@ -273,15 +272,17 @@ impl LazyStore {
         let Some(file) = file else {
             return Err(RunError::permanent(LazyError::PartialGone { path }));
         };
-        let mut pos = start;
         let mut stream = stream;
         let short = |got: u64| LazyError::RangeLength {
             path: path.clone(),
             url: cache.nar_url(info),
-            start,
-            end,
+            start: fstart,
+            end: fend,
             got,
         };
+        // Bytes of the NAR file received and not yet decoded: the frames of chunks `next..`.
+        let mut pending: Vec<u8> = Vec::new();
+        let mut received = 0u64;
         while let Some(item) = stream.next().await {
             let bytes = item.map_err(|source| {
                 let transient = source.is_transient();
@@ -295,43 +296,61 @@ impl LazyStore {
                     transient,
                 }
             })?;
-            if pos + bytes.len() as u64 > end {
-                return Err(RunError::permanent(short(pos - start + bytes.len() as u64)));
+            received += bytes.len() as u64;
+            if fstart + received > fend {
+                return Err(RunError::permanent(short(received)));
             }
-            // A page-cache write of one body chunk: short enough to do on the runtime thread.
-            file.write_all_at(&bytes, pos).map_err(|source| {
-                RunError::permanent(LazyError::Partial {
-                    path: path.clone(),
-                    file: st.partial.clone(),
-                    source,
-                })
-            })?;
-            pos += bytes.len() as u64;
             self.counters.bytes(cause, bytes.len() as u64);
-            let done_to = if pos == st.nar_size() {
-                st.lock().chunks.len()
-            } else {
-                (pos / chunk) as usize
-            };
-            if done_to > *next {
-                self.fill(st, *next, done_to);
-                *next = done_to;
+            pending.extend_from_slice(&bytes);
+            let mut used = 0usize;
+            let before = *next;
+            while *next < b {
+                let c = &chunks[*next];
+                let len = c.file_len as usize;
+                if pending.len() - used < len {
+                    break;
+                }
+                // No byte is written, let alone read, before it matched the signed index.
+                let nar = index
+                    .decode_chunk(*next, &pending[used..used + len])
+                    .map_err(|source| {
+                        RunError::permanent(LazyError::Unverified {
+                            path: path.clone(),
+                            cache: cache.url().to_string(),
+                            url: cache.nar_url(info),
+                            source,
+                        })
+                    })?;
+                // A page-cache write of one chunk: short enough for the runtime thread.
+                file.write_all_at(&nar, c.nar_offset).map_err(|source| {
+                    RunError::permanent(LazyError::Partial {
+                        path: path.clone(),
+                        file: st.partial.clone(),
+                        source,
+                    })
+                })?;
+                used += len;
+                *next += 1;
+            }
+            pending.drain(..used);
+            if *next > before {
+                self.fill(st, before, *next);
                 // Prefetch stays below demand: a demand read started while this GET streamed
                 // shares the link with it, so stop at this chunk boundary (the connection is
                 // dropped; the rest is fetched again later).
                 if cause == Cause::Prefetch
-                    && pos != end
+                    && *next < b
                     && self.demand_active.load(Ordering::SeqCst) > 0
                 {
                     self.counters.prefetch_yield();
-                    tracing::debug!(%path, at = pos, end, "prefetch GET yields to demand");
+                    tracing::debug!(%path, at = chunks[*next].nar_offset, end, "prefetch GET yields to demand");
                     return Err(RunError::Yielded);
                 }
             }
         }
-        if pos != end {
+        if *next != b {
             return Err(RunError::Failed {
-                error: short(pos - start),
+                error: short(received),
                 transient: true,
             });
         }

@@ -121,7 +121,7 @@ impl LazyStore {
                 let _ahead = me.readahead_slots.acquire().await.expect("never closed");
                 let runs = {
                     let mut g = st.lock();
-                    if PathState::settled(&g).is_some() || g.mode != Mode::Range {
+                    if PathState::settled(&g).is_some() || g.mode != Mode::Indexed {
                         return;
                     }
                     let runs = claim(&mut g.chunks, p0, p1, piece, usize::MAX);

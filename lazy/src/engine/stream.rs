@@ -1,10 +1,9 @@
-//! Stream path: one streamed fetch of a whole path through the fetcher's verifying pipeline,
-//! its NAR bytes teed into the partial file under a high-water mark; and whole-path fetches
-//! ([`LazyStore::fetch_whole`]) on either path.
+//! Stream path (path-level laziness): one streamed fetch of a whole path, in whatever
+//! compression its cache serves, through the fetcher's verifying pipeline into the store.
+//! Readers wait for the commit: no byte of an unindexed path is served before its NarHash is
+//! checked. And whole-path fetches ([`LazyStore::fetch_whole`]) on either path.
 
 use kof_node_api::report::chain;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,12 +16,11 @@ use super::{spawn_err, LazyStore, Mode, PathState, RunError, StreamJob};
 use crate::{Cause, LazyError};
 
 impl LazyStore {
-    /// Stream path: joins (or starts) the path's one streamed fetch and returns once the
-    /// stream has passed `end` (or the path is stored).
+    /// Stream path: joins (or starts) the path's one streamed fetch and returns once the path
+    /// is verified and stored.
     pub(super) async fn ensure_stream(
         &self,
         st: &Arc<PathState>,
-        end: u64,
         cause: Cause,
     ) -> Result<(), LazyError> {
         if cause != Cause::Prefetch {
@@ -34,10 +32,6 @@ impl LazyStore {
             let mut g = st.lock();
             if let Some(r) = PathState::settled(&g) {
                 return r;
-            }
-            if g.hwm >= end && g.stream.is_some() {
-                self.counters.local_hit();
-                return Ok(());
             }
             match &g.stream {
                 Some(j) => j.clone(),
@@ -56,9 +50,6 @@ impl LazyStore {
                     let g = st.lock();
                     if let Some(r) = PathState::settled(&g) {
                         return r;
-                    }
-                    if g.hwm >= end {
-                        return Ok(());
                     }
                 }
             }
@@ -97,22 +88,14 @@ impl LazyStore {
             } else {
                 cause
             };
-            let file = {
-                let mut g = st.lock();
-                st.file(&mut g)
-            };
-            let file = match file {
-                Ok(f) => f,
-                Err(e) => return Err(me.stream_failed(&st, e)),
-            };
             let _in_flight = me.counters.request(cause);
             let t0 = Instant::now();
             tracing::debug!(path = %st.path(), %cause, "streaming the whole NAR");
-            let tee = Arc::new(PartialTee {
-                st: st.clone(),
-                file,
-            });
-            match me.fetcher.fetch_teed(st.sub.clone(), tee).await {
+            match me
+                .fetcher
+                .fetch_teed(st.sub.clone(), Arc::new(Unread))
+                .await
+            {
                 Ok(outcome) => {
                     if let PathOutcome::Fetched {
                         downloaded_bytes, ..
@@ -140,11 +123,7 @@ impl LazyStore {
     /// A failed stream: its bytes are dropped and the next ensure starts another.
     fn stream_failed(&self, st: &PathState, e: LazyError) -> Arc<LazyError> {
         tracing::warn!(path = %st.path(), error = %chain(&e), "streamed fetch failed");
-        let mut g = st.lock();
-        g.stream = None;
-        g.hwm = 0;
-        st.remove_partial(&mut g);
-        drop(g);
+        st.lock().stream = None;
         st.bump();
         Arc::new(e)
     }
@@ -191,7 +170,7 @@ impl LazyStore {
                     };
                     return job.await.map_err(LazyError::Shared);
                 }
-                Mode::Range => {
+                Mode::Indexed => {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
                         Err(RunError::Failed { error, .. }) => return Err(error),
@@ -212,25 +191,14 @@ impl LazyStore {
     }
 }
 
-/// Writes a stream's NAR bytes into the partial file and raises the high-water mark.
-struct PartialTee {
-    st: Arc<PathState>,
-    file: Arc<File>,
-}
+/// A stream's NAR bytes are not handed to anyone before the fetcher verified and stored them
+/// (readers of an unindexed path wait for the commit), so the tee takes nothing.
+struct Unread;
 
-impl NarTee for PartialTee {
-    fn restart(&self) {
-        self.st.lock().hwm = 0;
-        self.st.bump();
-    }
+impl NarTee for Unread {
+    fn restart(&self) {}
 
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(data, offset)?;
-        {
-            let mut g = self.st.lock();
-            g.hwm = g.hwm.max(offset + data.len() as u64);
-        }
-        self.st.bump();
+    fn write(&self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
 }
