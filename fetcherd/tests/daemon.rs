@@ -169,10 +169,11 @@ fn sample(text: &str, series: &str) -> f64 {
 #[test]
 fn prepare_serves_the_closure_and_release_removes_it() {
     let port = free_port();
-    // The uncompressed cache: demand reads are range GETs, counted when their bytes arrive.
+    // The published cache: demand reads are range GETs of verified chunks, counted when their
+    // bytes arrive.
     let mut node = Node::new(NodeOptions {
         metrics_port: Some(port),
-        flavour: "none",
+        flavour: "published",
         ..NodeOptions::default()
     });
     let mount_dir = node.mount_dir();
@@ -370,7 +371,7 @@ fn errors_name_the_environment_and_the_cause() {
 #[test]
 fn a_daemon_restart_under_a_running_reader_breaks_nothing() {
     let mut node = Node::new(NodeOptions {
-        flavour: "none",
+        flavour: "published",
         bandwidth: Some(2 << 20),
         ..NodeOptions::default()
     });
@@ -573,7 +574,7 @@ fn a_private_environment_needs_its_token_which_is_never_logged() {
 fn the_first_start_teaches_the_next_cold_start() {
     let port = free_port();
     let a = Node::new(NodeOptions {
-        flavour: "none",
+        flavour: "published",
         ..NodeOptions::default()
     });
     let bash = closure_of("kof/hello")
@@ -597,7 +598,7 @@ fn the_first_start_teaches_the_next_cold_start() {
     assert!(profile.contains(base), "{profile}");
 
     let b = Node::new(NodeOptions {
-        flavour: "none",
+        flavour: "published",
         metrics_port: Some(port),
         ..NodeOptions::default()
     });

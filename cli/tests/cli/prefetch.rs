@@ -89,7 +89,7 @@ fn shared_paths_of_two_environments_are_fetched_once() {
 #[test]
 fn every_cache_compression_gives_the_same_store() {
     let mut reference: Option<Vec<String>> = None;
-    for flavour in ["zstd", "xz", "bzip2", "none"] {
+    for flavour in ["zstd", "xz", "bzip2", "none", "published"] {
         let node = Node::with(NodeOptions {
             flavour,
             ..NodeOptions::default()

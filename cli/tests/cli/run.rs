@@ -77,9 +77,10 @@ fn ok_but(node: &Node, args: &[&str], daemon_mount: Option<&Path>) -> (String, S
 
 #[test]
 fn python_runs_in_a_lazy_view_and_fetches_only_part_of_the_closure() {
-    // An uncompressed cache with listings and Range: files are fetched by the ranges read.
+    // The published cache (signed indexes, seekable zstd NARs): files are fetched by the
+    // verified chunks read.
     let node = Node::with(NodeOptions {
-        flavour: "none",
+        flavour: "published",
         extra_config: "prefetch = \"none\"\n".into(),
         ..NodeOptions::default()
     });

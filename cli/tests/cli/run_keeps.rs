@@ -13,10 +13,10 @@ fn run_ok(node: &Node, args: &[&str]) -> String {
 
 #[test]
 fn a_second_run_alone_of_a_pinned_generation_fetches_no_nar_byte() {
-    // An uncompressed cache with listings and Range, prefetch off: the first run fetches only
-    // the ranges python reads, most paths stay partial NARs.
+    // The published cache (signed indexes), prefetch off: the first run fetches only the
+    // verified chunks python reads, most paths stay partial NARs.
     let node = Node::with(NodeOptions {
-        flavour: "none",
+        flavour: "published",
         extra_config: "prefetch = \"none\"\n".into(),
         ..NodeOptions::default()
     });

@@ -153,23 +153,9 @@ impl LazyStore {
                 g.mode
             };
             match mode {
-                Mode::Stream => {
-                    let job = {
-                        let mut g = st.lock();
-                        if let Some(r) = PathState::settled(&g) {
-                            return r;
-                        }
-                        match &g.stream {
-                            Some(j) => j.clone(),
-                            None => {
-                                let j = self.start_stream(st.clone(), cause);
-                                g.stream = Some(j.clone());
-                                j
-                            }
-                        }
-                    };
-                    return job.await.map_err(LazyError::Shared);
-                }
+                // (A reader waiting marks the stream demanded, so a stream still queued as
+                // prefetch takes a demand slot.)
+                Mode::Stream => return self.ensure_stream(&st, cause).await,
                 Mode::Indexed => {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
