@@ -7,7 +7,8 @@
 //!   [`fetcherd_bin`] (the `kof-fetcherd` binary of this build), [`Node`] (a fixture server,
 //!   a store, a configuration and, on demand, a running [`Daemon`] whose logs it keeps), and
 //!   [`CacheServer`] (plain binary-cache directories served by `kof_fixtures::serve`, with
-//!   per-path request counts).
+//!   per-path request counts), and [`TamperedFixtures`] (a fixtures directory whose caches lie,
+//!   one `kof_fixtures::tamper` case each, with a probe script that shows what a program sees).
 //!
 //! It is for tests and benchmarks only: it panics where a test should fail (but
 //! [`Daemon::start`], which benchmarks use, returns its errors), and it never runs on a node.
@@ -31,6 +32,8 @@ mod daemon;
 mod fixtures;
 #[cfg(feature = "node")]
 mod node;
+#[cfg(feature = "node")]
+mod tampered;
 
 pub use nix::{nix_dump, DumpTarget};
 pub use rootfs::busybox_rootfs;
@@ -45,3 +48,5 @@ pub use daemon::{Daemon, DaemonError, DaemonSpec, FuseServerLeft};
 pub use fixtures::{fixtures, fixtures_dir, manifest, path_of};
 #[cfg(feature = "node")]
 pub use node::{Node, NodeOptions};
+#[cfg(feature = "node")]
+pub use tampered::{TamperedFixtures, TAMPERED_FILE, TAMPERED_LINK};

@@ -37,6 +37,9 @@ pub struct NodeOptions {
     /// Serve a copy of the fixtures whose floxmeta repositories the test may change (as a
     /// `flox push` would); everything else is linked.
     pub own_floxmeta: bool,
+    /// Serve this fixtures directory (a test's own, e.g. a [`TamperedFixtures`](crate::TamperedFixtures)
+    /// whose caches lie) instead of the shared one.
+    pub fixtures_dir: Option<PathBuf>,
     /// Start the daemon in [`Node::new`].
     pub start_daemon: bool,
     /// The `kof-fetcherd` binary; `None`: [`fetcherd_bin`](crate::fetcherd_bin).
@@ -60,6 +63,7 @@ impl Default for NodeOptions {
             token_file: None,
             extra_config: String::new(),
             own_floxmeta: false,
+            fixtures_dir: None,
             start_daemon: true,
             fetcherd: None,
             prefix: "kof-test-node",
@@ -94,7 +98,8 @@ impl Node {
             .prefix(opts.prefix)
             .tempdir()
             .unwrap();
-        let (src, manifest) = fixtures();
+        let (shared, manifest) = fixtures();
+        let src = opts.fixtures_dir.as_ref().unwrap_or(shared);
         let fixtures_dir = if opts.own_floxmeta {
             copy_fixtures(src, &tmp.path().join("fixtures"))
         } else {
