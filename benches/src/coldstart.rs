@@ -1,12 +1,18 @@
 //! Cold start of a command in an environment: lazy (`kof-store run` on a fresh node) against eager
 //! (`kof-store prefetch`, then `kof-store run`) and against the real Nix (`nix copy --from` the
 //! zstd cache into a fresh chroot store with an empty `~/.cache/nix`, then the same command in a
-//! chroot), over the same shaped link, alternating sides run by run.
+//! chroot; and the same from the xz cache), over the same shaped link, alternating sides run by
+//! run.
 //!
 //! Variants of the lazy side, each on its own fresh node:
-//! - `lazy`: the default (`prefetch = "closure"`), range-capable uncompressed cache;
-//! - `lazy_none`: `prefetch = "none"`, so the bytes fetched are what the command touched;
-//! - `lazy_zstd`: a compressed-only cache (whole store paths streamed on first touch);
+//! - `lazy`: the default (`prefetch = "closure"`), the published cache (`kof-cache publish`:
+//!   signed indexes, seekable zstd NARs, verified chunk reads);
+//! - `lazy_none`: the same with `prefetch = "none"`, so the bytes fetched are what the command
+//!   touched (compressed, on the wire);
+//! - `lazy_zstd`: the plain zstd cache (no indexes: path-level laziness, what a stock Nix cache
+//!   with listings offers), compared with `nix`;
+//! - `lazy_xz`: the plain xz cache (no indexes, no listings, cache.nixos.org's format), compared
+//!   with `nix_xz` (Nix copying from that same cache);
 //! - `lazy_profile`: a learned profile recorded on another node, exported and imported first.
 //!
 //! Warm runs (everything local) compare the run through the FUSE view with the same command in
@@ -27,6 +33,9 @@ use serde::Serialize;
 
 use crate::node::{self, KofNode, Link, NixNode, Run};
 use crate::prefetch::median;
+
+/// The fixture cache `kof-cache publish` made (signed indexes, seekable zstd NARs).
+pub(crate) const PUBLISHED: &str = "published";
 
 /// One cold-start comparison.
 #[derive(Debug, Clone)]
@@ -58,16 +67,20 @@ pub struct ColdStartReport {
     pub bandwidth: Option<u64>,
     /// Per-request latency in ms.
     pub latency_ms: u64,
-    /// Nix: `nix copy` then the command in a chroot.
+    /// Nix: `nix copy` from the zstd cache, then the command in a chroot.
     pub nix: Vec<Run>,
+    /// Nix: `nix copy` from the xz cache, then the command in a chroot.
+    pub nix_xz: Vec<Run>,
     /// kof eager: `kof-store prefetch` then `kof-store run` (zstd cache).
     pub eager: Vec<Run>,
-    /// kof lazy, default prefetch, range-capable cache.
+    /// kof lazy, default prefetch, published cache.
     pub lazy: Vec<Run>,
-    /// kof lazy, `prefetch = "none"`, range-capable cache.
+    /// kof lazy, `prefetch = "none"`, published cache.
     pub lazy_none: Vec<Run>,
-    /// kof lazy, default prefetch, compressed-only (zstd) cache.
+    /// kof lazy, default prefetch, plain zstd cache (path-level).
     pub lazy_zstd: Vec<Run>,
+    /// kof lazy, default prefetch, plain xz cache (path-level, no listings).
+    pub lazy_xz: Vec<Run>,
     /// kof lazy, default prefetch, with a learned profile imported.
     pub lazy_profile: Vec<Run>,
     /// Medians (seconds).
@@ -93,16 +106,20 @@ pub struct ColdStartReport {
 /// Medians of every side.
 #[derive(Debug, Clone, Serialize)]
 pub struct Medians {
-    /// Nix.
+    /// Nix (zstd cache).
     pub nix: f64,
+    /// Nix (xz cache).
+    pub nix_xz: f64,
     /// Eager.
     pub eager: f64,
     /// Lazy (default).
     pub lazy: f64,
     /// Lazy, no prefetch.
     pub lazy_none: f64,
-    /// Lazy, compressed-only cache.
+    /// Lazy, plain zstd cache.
     pub lazy_zstd: f64,
+    /// Lazy, plain xz cache.
+    pub lazy_xz: f64,
     /// Lazy, learned profile.
     pub lazy_profile: f64,
     /// Warm, view (`kof-store run` alone).
@@ -229,7 +246,7 @@ impl ColdStartBench {
         // The learned profile: one recording run on a node of its own, exported once.
         let profile_file = tempfile::NamedTempFile::new()?;
         {
-            let n = KofNode::new(&server, manifest, "none", "prefetch = \"none\"\n")?;
+            let n = KofNode::new(&server, manifest, PUBLISHED, "prefetch = \"none\"\n")?;
             node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
             let out = n
                 .cmd(kof_store, &["profile", "export", &self.env])
@@ -246,7 +263,7 @@ impl ColdStartBench {
         let profile_path = profile_file.path().to_string_lossy().into_owned();
 
         for i in 0..self.runs {
-            let mut order: Vec<usize> = (0..6).collect();
+            let mut order: Vec<usize> = (0..8).collect();
             if i % 2 == 1 {
                 order.reverse();
             }
@@ -280,14 +297,15 @@ impl ColdStartBench {
                         ("eager", run)
                     }
                     2 => {
-                        let n = KofNode::new(&server, manifest, "none", "")?;
+                        let n = KofNode::new(&server, manifest, PUBLISHED, "")?;
                         let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
                         keep_kof.push(n);
                         r.lazy.push(run.clone());
                         ("lazy", run)
                     }
                     3 => {
-                        let n = KofNode::new(&server, manifest, "none", "prefetch = \"none\"\n")?;
+                        let n =
+                            KofNode::new(&server, manifest, PUBLISHED, "prefetch = \"none\"\n")?;
                         let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
                         keep_kof.push(n);
                         r.lazy_none.push(run.clone());
@@ -300,8 +318,29 @@ impl ColdStartBench {
                         r.lazy_zstd.push(run.clone());
                         ("lazy_zstd", run)
                     }
+                    5 => {
+                        let n = NixNode::new()?;
+                        let url = server.cache_url("xz");
+                        let run = timed_all(
+                            &server,
+                            &mut [
+                                n.copy(&url, &manifest.public_key, &roots),
+                                nix_chroot_run(&n.root(), &roots, &self.cmd)?,
+                            ],
+                        )?;
+                        keep_nix.push(n);
+                        r.nix_xz.push(run.clone());
+                        ("nix_xz", run)
+                    }
+                    6 => {
+                        let n = KofNode::new(&server, manifest, "xz", "")?;
+                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        keep_kof.push(n);
+                        r.lazy_xz.push(run.clone());
+                        ("lazy_xz", run)
+                    }
                     _ => {
-                        let n = KofNode::new(&server, manifest, "none", "")?;
+                        let n = KofNode::new(&server, manifest, PUBLISHED, "")?;
                         let out = n
                             .cmd(kof_store, &["profile", "import", &profile_path])
                             .output()?;
@@ -330,10 +369,12 @@ impl ColdStartBench {
 
         let medians = Medians {
             nix: med(&r.nix),
+            nix_xz: med(&r.nix_xz),
             eager: med(&r.eager),
             lazy: med(&r.lazy),
             lazy_none: med(&r.lazy_none),
             lazy_zstd: med(&r.lazy_zstd),
+            lazy_xz: med(&r.lazy_xz),
             lazy_profile: med(&r.lazy_profile),
             warm_view: median(&warm.view),
             warm_daemon: median(&warm.daemon),
@@ -358,10 +399,12 @@ impl ColdStartBench {
             touched_fraction: touched as f64 / nar_bytes as f64,
             physical_limit_s,
             nix: r.nix,
+            nix_xz: r.nix_xz,
             eager: r.eager,
             lazy: r.lazy,
             lazy_none: r.lazy_none,
             lazy_zstd: r.lazy_zstd,
+            lazy_xz: r.lazy_xz,
             lazy_profile: r.lazy_profile,
             medians,
             warm_view: warm.view,
@@ -459,9 +502,11 @@ pub struct Warm {
 #[derive(Default)]
 struct Sides {
     nix: Vec<Run>,
+    nix_xz: Vec<Run>,
     eager: Vec<Run>,
     lazy: Vec<Run>,
     lazy_none: Vec<Run>,
     lazy_zstd: Vec<Run>,
+    lazy_xz: Vec<Run>,
     lazy_profile: Vec<Run>,
 }

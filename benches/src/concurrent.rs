@@ -28,7 +28,7 @@ pub struct ConcurrentBench {
     pub starts: usize,
     /// The link.
     pub link: Link,
-    /// Cache flavour (`none`: range-capable, uncompressed).
+    /// Cache flavour (`published`: signed indexes, verified chunk reads).
     pub flavour: String,
 }
 

@@ -98,8 +98,8 @@ enum Cmd {
         /// Concurrent starts.
         #[arg(long, default_value_t = 20)]
         starts: usize,
-        /// Cache flavour (`none`: range-capable).
-        #[arg(long, default_value = "none")]
+        /// Cache flavour (`published`: signed indexes, verified chunk reads).
+        #[arg(long, default_value = "published")]
         flavour: String,
         /// Per-request latency.
         #[arg(long, default_value_t = 20)]

@@ -474,7 +474,7 @@ impl PodStartBench {
             for step in order {
                 match step {
                     0 => {
-                        let n = KofNode::new(server, manifest, "none", "")?;
+                        let n = KofNode::new(server, manifest, crate::coldstart::PUBLISHED, "")?;
                         n.enable_daemon()?;
                         let daemon = Daemon::start(&n, kof_store)?;
                         rig.use_node(&n)?;
@@ -538,7 +538,7 @@ impl PodStartBench {
                         }
                     }
                     3 => {
-                        let n = KofNode::new(server, manifest, "none", "")?;
+                        let n = KofNode::new(server, manifest, crate::coldstart::PUBLISHED, "")?;
                         let r = node::timed(server, &mut n.cmd(kof_store, &run_args))?;
                         say("cli-lazy", r.seconds, r.bytes, r.requests);
                         m.cli_lazy.push(r);

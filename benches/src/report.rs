@@ -60,22 +60,26 @@ pub fn coldstart_table(reports: &[ColdStartReport]) -> String {
     );
     for r in reports {
         let m = &r.medians;
-        let rows: [(&str, f64, &[crate::node::Run]); 6] = [
-            ("Nix: nix copy + chroot", m.nix, &r.nix),
-            ("kof eager: prefetch + run", m.eager, &r.eager),
-            ("kof lazy (range cache)", m.lazy, &r.lazy),
-            ("kof lazy, prefetch none", m.lazy_none, &r.lazy_none),
-            ("kof lazy, zstd-only cache", m.lazy_zstd, &r.lazy_zstd),
-            ("kof lazy, learned profile", m.lazy_profile, &r.lazy_profile),
+        // Each side against the Nix copying from the same kind of cache: xz sides against Nix
+        // from xz, the rest against Nix from zstd.
+        let rows: [(&str, f64, &[crate::node::Run], f64); 8] = [
+            ("Nix: nix copy (zstd) + chroot", m.nix, &r.nix, m.nix),
+            ("Nix: nix copy (xz) + chroot", m.nix_xz, &r.nix_xz, m.nix_xz),
+            ("kof eager: prefetch + run", m.eager, &r.eager, m.nix),
+            ("kof lazy (published cache)", m.lazy, &r.lazy, m.nix),
+            ("kof lazy, prefetch none", m.lazy_none, &r.lazy_none, m.nix),
+            ("kof lazy, plain zstd cache", m.lazy_zstd, &r.lazy_zstd, m.nix),
+            ("kof lazy, plain xz cache (vs Nix xz)", m.lazy_xz, &r.lazy_xz, m.nix_xz),
+            ("kof lazy, learned profile", m.lazy_profile, &r.lazy_profile, m.nix),
         ];
-        for (name, med, runs) in rows {
+        for (name, med, runs, base) in rows {
             let first = runs.first();
             s.push_str(&format!(
                 "| {} | {} | {:.2} s | {:.2}x | {} | {} | {:.0}% |\n",
                 r.env,
                 name,
                 med,
-                med / m.nix,
+                med / base,
                 mb(first.map_or(0, |x| x.bytes)),
                 first.map_or(0, |x| x.requests),
                 first.map_or(0, |x| x.bytes) as f64 / r.nar_bytes as f64 * 100.0,
