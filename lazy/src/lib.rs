@@ -364,7 +364,7 @@ pub enum LazyError {
         /// The NAR file's URL.
         url: String,
         /// What did not match.
-        source: kof_index::ChunkError,
+        source: Box<kof_index::ChunkError>,
     },
     /// The `.ls` listing a view was built from does not match the path's verified NAR.
     #[error("{path}: the listing from cache {cache} does not match its verified NAR (names, types, sizes, modes, symlink targets or offsets differ)")]

@@ -318,7 +318,7 @@ impl LazyStore {
                             path: path.clone(),
                             cache: cache.url().to_string(),
                             url: cache.nar_url(info),
-                            source,
+                            source: Box::new(source),
                         })
                     })?;
                 // A page-cache write of one chunk: short enough for the runtime thread.
