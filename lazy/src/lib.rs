@@ -208,7 +208,7 @@ impl Default for LazyOptions {
             range_attempts: 3,
             readahead_file_max: 32 << 20,
             readahead_request: 1 << 20,
-            readahead_in_flight: 4,
+            readahead_in_flight: 8,
             readahead_window_min: 1 << 20,
             readahead_window_max: 8 << 20,
             prefetch_quiet: Duration::from_millis(30),
