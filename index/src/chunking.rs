@@ -12,16 +12,17 @@ use kof_nar::listing::ListingNode;
 ///   make the current chunk longer than `max`, a new chunk starts at the file's first byte.
 /// - A larger file starts a chunk of its own at its first byte and is cut every `max` bytes
 ///   from there; its last piece goes on with the NAR bytes that follow.
-/// - The NAR's framing between files (names, lengths, padding) rides with its neighbours, so
-///   a chunk may exceed `max` by the framing of the entries after its last small file, never
-///   by file contents.
+/// - The NAR's framing between files (names, lengths, padding, symlinks, directories) rides
+///   with its neighbours; where it alone runs past `max` (a path of many thousands of
+///   symlinks), it is cut every `max` bytes too, never inside a file, so no chunk is much
+///   larger than `max`.
 pub fn chunk_boundaries(root: &ListingNode, nar_size: u64, max: u64) -> Vec<(u64, u64)> {
     let max = max.max(1);
     let mut files = Vec::new();
     extents(root, &mut files);
     files.sort_unstable();
     let mut cuts = vec![0u64];
-    for (off, size) in files {
+    for &(off, size) in &files {
         let start = *cuts.last().expect("cuts starts with 0");
         let end = off + size;
         if off < start {
@@ -42,11 +43,42 @@ pub fn chunk_boundaries(root: &ListingNode, nar_size: u64, max: u64) -> Vec<(u64
     }
     cuts.retain(|c| *c < nar_size);
     cuts.dedup();
+    let cuts = split_framing(&cuts, &files, nar_size, max);
     let mut out = Vec::with_capacity(cuts.len());
     for (i, s) in cuts.iter().enumerate() {
         let e = cuts.get(i + 1).copied().unwrap_or(nar_size);
         if e > *s {
             out.push((*s, e - s));
+        }
+    }
+    out
+}
+
+/// Adds cuts inside chunks longer than `max` (framing between files), every `max` bytes, each
+/// moved back to the start of a file it would fall in (when that file starts after the
+/// previous cut). `files` is sorted by offset.
+fn split_framing(cuts: &[u64], files: &[(u64, u64)], nar_size: u64, max: u64) -> Vec<u64> {
+    let mut out = Vec::with_capacity(cuts.len());
+    for (i, &s) in cuts.iter().enumerate() {
+        let e = cuts.get(i + 1).copied().unwrap_or(nar_size);
+        out.push(s);
+        let mut last = s;
+        while e - last > max {
+            let mut c = last + max;
+            // The file holding byte c, if any: cut at its start instead.
+            let j = files.partition_point(|(off, _)| *off <= c);
+            if let Some(&(off, size)) = j.checked_sub(1).map(|j| &files[j]) {
+                if off < c && c < off + size {
+                    if off > last {
+                        c = off;
+                    } else {
+                        // A large-file piece running over `c`: already cut where it must be.
+                        break;
+                    }
+                }
+            }
+            out.push(c);
+            last = c;
         }
     }
     out
@@ -122,6 +154,20 @@ mod tests {
             chunks,
             vec![(0, 300), (300, 1000), (1300, 1000), (2300, 700)]
         );
+    }
+
+    #[test]
+    fn framing_alone_is_cut_too_but_never_inside_a_file() {
+        // 10 000 bytes of framing (symlinks, say) around two small files; max 1000.
+        let chunks = chunk_boundaries(&dir(&[(4000, 600), (9000, 50)]), 10_000, 1000);
+        covers(&chunks, 10_000);
+        assert!(chunks.iter().all(|(_, l)| *l <= 1000), "{chunks:?}");
+        for (o, s) in [(4000u64, 600u64), (9000, 50)] {
+            assert!(
+                chunks.iter().any(|(co, cl)| *co <= o && o + s <= co + cl),
+                "file at {o} whole in one chunk: {chunks:?}"
+            );
+        }
     }
 
     #[test]
