@@ -5,7 +5,7 @@ use kof_node_api::report::chain;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -93,6 +93,9 @@ struct PathState {
     changed: watch::Sender<()>,
     /// A demand reader waits for this path's stream.
     demanded: AtomicBool,
+    /// Given up for the next substituter after its cache's bytes failed verification: its
+    /// waiters go to the path's new state.
+    switched: AtomicBool,
     demand: Notify,
 }
 
@@ -177,7 +180,7 @@ impl PathState {
 ///
 /// # Locks
 ///
-/// Thirteen mutexes of the engine, one per path state, three semaphores, and a file lock per
+/// Fourteen mutexes of the engine, one per path state, three semaphores, and a file lock per
 /// partial file:
 ///
 /// | lock | guards |
@@ -190,6 +193,7 @@ impl PathState {
 /// | `indexes` | each path's verified index, or that it has none usable |
 /// | `hints` | view trees taken from unsigned `.ls` listings, not yet checked against their NAR |
 /// | `lied` | paths whose listing did not match their verified NAR |
+/// | `adopting` | the creation of a path state with an adopted partial file (see 2. below) |
 /// | `recordings` | demand-range recordings by key |
 /// | `files` | the regular files of listed paths (for whole-file readahead) |
 /// | `read_ahead` | files whose whole-file readahead has started |
@@ -208,7 +212,9 @@ impl PathState {
 ///    `demand_slots` (a readahead piece holds its readahead slot while it waits for a demand
 ///    slot per GET); a holder of a demand or prefetch slot never waits for another slot.
 /// 2. Every mutex, `PathState::inner` included, is a leaf: taken alone and released before
-///    any other lock is taken (no mutex is ever taken under another). `PathState::inner` may
+///    any other lock is taken (no mutex is ever taken under another), but one: `adopting` is
+///    held across a partial file's adoption (its file I/O and `flock`s, and `paths` taken
+///    under it), so that the check for a state, the adoption and the insert are one step. `PathState::inner` may
 ///    be held across blocking file system calls on the partial file (open, `set_len`,
 ///    remove) and while spawning a task, never while waiting for a permit or another mutex.
 /// 3. Partial files' `flock`s (see `engine/partial.rs`): a shared lock is taken when the
@@ -242,6 +248,8 @@ pub struct LazyStore {
     hints: Mutex<HashMap<StorePath, Arc<Entry>>>,
     /// Paths whose listing lied: every read of them fails with this.
     lied: Mutex<HashMap<StorePath, Arc<LazyError>>>,
+    /// Held while a path's state is created with an adopted partial file.
+    adopting: Mutex<()>,
     demand_slots: Arc<Semaphore>,
     prefetch_slots: Arc<Semaphore>,
     /// Readahead GETs in flight (FIFO: a file is read ahead in the order it was asked).
@@ -315,6 +323,7 @@ impl LazyStore {
             indexes: Mutex::new(HashMap::new()),
             hints: Mutex::new(HashMap::new()),
             lied: Mutex::new(HashMap::new()),
+            adopting: Mutex::new(()),
             counters: Counters::default(),
             recordings: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
@@ -423,7 +432,10 @@ impl LazyStore {
         let index = index.filter(|_| self.cache_honours_range(sub.cache.url()) != Some(false));
         let n = index.as_ref().map_or(0, |i| i.index().chunks.len());
         let partial = partial_file(self.store.dir(), path);
-        // A partial file an earlier engine recorded (file I/O: under no lock).
+        // A partial file an earlier engine recorded. Adoption and the insert of the state are
+        // one step under `adopting` (else a second caller, finding the file locked by the first
+        // one's adoption, would insert an empty state first and the recorded chunks be lost).
+        let adopting = self.adopting.lock();
         let adopted = match &index {
             Some(idx) if !self.paths.lock().contains_key(path) => {
                 partial::adopt(&partial, &sub, idx)
@@ -466,12 +478,14 @@ impl LazyStore {
                     }),
                     changed: watch::channel(()).0,
                     demanded: AtomicBool::new(false),
+                    switched: AtomicBool::new(false),
                     demand: Notify::new(),
                     sub: sub.clone(),
                     index: index.clone(),
                 })
             })
             .clone();
+        drop(adopting);
         if complete {
             // Every chunk was recorded: ingest it now (verified like any other).
             let (me, st) = (self.arc(), st.clone());
@@ -489,31 +503,32 @@ impl LazyStore {
         tracing::error!(%path, cache = st.sub.cache.url(), error = %chain(&error),
             "bytes from this cache failed verification: refused, nothing stored");
         self.counters.refused();
-        {
-            let mut g = st.lock();
-            g.phase = Phase::Failed(Arc::new(error));
-            st.remove_partial(&mut g);
-        }
-        st.bump();
-        let next = self
+        let next = match self
             .fetcher
             .substituters()
             .lookup_from(&path, st.sub.cache_index + 1)
-            .await;
-        match next {
-            Ok(Some(sub)) => {
-                tracing::warn!(%path, cache = sub.cache.url(), "trying the next substituter");
-                self.subs.lock().insert(path.clone(), sub);
-                self.indexes.lock().remove(&path);
-                self.paths.lock().remove(&path);
-                true
-            }
-            Ok(None) => false,
+            .await
+        {
+            Ok(next) => next,
             Err(e) => {
                 tracing::warn!(%path, error = %chain(&e), "no other substituter");
-                false
+                None
             }
+        };
+        if let Some(sub) = &next {
+            tracing::warn!(%path, cache = sub.cache.url(), "trying the next substituter");
+            self.subs.lock().insert(path.clone(), sub.clone());
+            self.indexes.lock().remove(&path);
+            self.paths.lock().remove(&path);
         }
+        {
+            let mut g = st.lock();
+            g.phase = Phase::Failed(Arc::new(error));
+            st.switched.store(next.is_some(), Ordering::SeqCst);
+            st.remove_partial(&mut g);
+        }
+        st.bump();
+        next.is_some()
     }
 
     /// Marks `st` stored: removes its partial file, wakes its waiters, forgets its state.
@@ -827,56 +842,62 @@ impl LazyStore {
         end: u64,
         cause: Cause,
     ) -> Result<(), LazyError> {
-        let Some(st) = self.state(path).await? else {
-            // Stored, so verified; but a view built from its listing must match it.
-            self.check_hint(path).await?;
-            self.counters.local_hit();
-            return Ok(());
-        };
-        if start > end || end > st.nar_size() {
-            return Err(LazyError::OutOfRange {
-                path: path.clone(),
-                start,
-                end,
-                nar_size: st.nar_size(),
-            });
-        }
-        if start == end {
-            return Ok(());
-        }
-        loop {
-            let mode = {
-                let g = st.lock();
-                if let Some(r) = PathState::settled(&g) {
-                    return r;
-                }
-                g.mode
+        'source: loop {
+            let Some(st) = self.state(path).await? else {
+                // Stored, so verified; but a view built from its listing must match it.
+                self.check_hint(path).await?;
+                self.counters.local_hit();
+                return Ok(());
             };
-            match mode {
-                Mode::Indexed => {
-                    let readahead = match cause {
-                        Cause::Demand => self.readahead_of(&st, path, start, end),
-                        _ => None,
-                    };
-                    match self.ensure_range(&st, start, end, cause, readahead).await {
-                        // (ensure_range retries a yielded prefetch itself.)
-                        Err(RunError::Unsupported | RunError::Yielded) => continue,
-                        Err(RunError::Failed { error, .. }) => {
-                            if let LazyError::Unverified { .. } = error {
-                                if self.next_source(&st, error).await {
-                                    continue;
-                                }
-                                let g = st.lock();
-                                return PathState::settled(&g).unwrap_or(Ok(()));
-                            }
-                            return Err(error);
+            if start > end || end > st.nar_size() {
+                return Err(LazyError::OutOfRange {
+                    path: path.clone(),
+                    start,
+                    end,
+                    nar_size: st.nar_size(),
+                });
+            }
+            if start == end {
+                return Ok(());
+            }
+            loop {
+                let mode = {
+                    let g = st.lock();
+                    if let Some(r) = PathState::settled(&g) {
+                        // A state given up for the next substituter: use the path's new one.
+                        if r.is_err() && st.switched.load(Ordering::SeqCst) {
+                            continue 'source;
                         }
-                        Ok(()) => return Ok(()),
+                        return r;
                     }
-                }
-                Mode::Stream => {
-                    self.ensure_stream(&st, cause).await?;
-                    return self.check_hint(path).await;
+                    g.mode
+                };
+                match mode {
+                    Mode::Indexed => {
+                        let readahead = match cause {
+                            Cause::Demand => self.readahead_of(&st, path, start, end),
+                            _ => None,
+                        };
+                        match self.ensure_range(&st, start, end, cause, readahead).await {
+                            // (ensure_range retries a yielded prefetch itself.)
+                            Err(RunError::Unsupported | RunError::Yielded) => continue,
+                            Err(RunError::Failed { error, .. }) => {
+                                if let LazyError::Unverified { .. } = error {
+                                    if self.next_source(&st, error).await {
+                                        continue 'source;
+                                    }
+                                    let g = st.lock();
+                                    return PathState::settled(&g).unwrap_or(Ok(()));
+                                }
+                                return Err(error);
+                            }
+                            Ok(()) => return Ok(()),
+                        }
+                    }
+                    Mode::Stream => {
+                        self.ensure_stream(&st, cause).await?;
+                        return self.check_hint(path).await;
+                    }
                 }
             }
         }

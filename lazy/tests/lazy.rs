@@ -840,3 +840,52 @@ async fn a_hostile_listing_is_not_used() {
         );
     }
 }
+
+/// A chunk that fails verification sends the read to the next substituter: the first cache
+/// (published) corrupts every NAR byte it sends, the second (plain zstd) is honest. The read
+/// gets the genuine bytes, from the second cache, and the path is stored from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_fails_verification_sends_the_read_to_the_next_substituter() {
+    let server = serve::start_in_background(ServeConfig::new(&fixtures().0));
+    server.add_fault(Fault::new(FaultKind::Corrupt, "/cache/published/nar/"));
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
+    let client = http_client(&HttpOptions::default()).unwrap();
+    let caches = ["published", "zstd"]
+        .iter()
+        .map(|f| BinaryCache::new(&server.cache_url(f), client.clone(), RetryPolicy::default()))
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PublicKey::parse(&manifest().public_key).unwrap();
+    let subs = Arc::new(Substituters::new(caches, vec![key], true));
+    let fetcher = Fetcher::new(store.clone(), subs.clone(), FetchOptions::default());
+    let engine = LazyStore::new(Arc::new(fetcher), store.clone(), lazy_opts());
+    let p = path_of("libffi");
+    let sub = subs.lookup(&p).await.unwrap().unwrap();
+    assert!(
+        sub.cache.url().ends_with("/published"),
+        "the first cache has it"
+    );
+    let entry = engine.entry(&ClosureEntry::Remote(sub)).await.unwrap();
+    let (rel, f) = files(&entry)
+        .into_iter()
+        .max_by_key(|(_, f)| f.size)
+        .unwrap();
+    let src = Arc::new(LazyContent::new(
+        LocalReader::new(store.clone()),
+        engine.clone(),
+    ));
+    let got = on_thread(move || read_all(&*src, &f)).await;
+    assert!(
+        got == std::fs::read(staged(&p).join(&rel)).unwrap(),
+        "{rel}"
+    );
+    let st = server.stats();
+    assert!(st.faults_injected >= 1, "{st:?}");
+    assert!(
+        st.bytes_by_prefix.get("/cache/zstd").copied().unwrap_or(0) > 0,
+        "the bytes came from the second cache: {st:?}"
+    );
+    assert!(store.has_path(&p).unwrap(), "stored from the honest cache");
+    assert_eq!(engine.counters().paths_refused, 1);
+}

@@ -940,9 +940,15 @@ impl Daemon {
         out.header(
             "kof_paths_refused_total",
             "counter",
-            "Store paths whose fetched bytes failed verification.",
+            "Store paths whose fetched bytes failed verification, or whose listing lied.",
         );
         out.sample("kof_paths_refused_total", &[], c.paths_refused as f64);
+        out.header(
+            "kof_indexes_refused_total",
+            "counter",
+            "Signed indexes refused (bad or untrusted signature, another NAR, malformed): their paths were read whole.",
+        );
+        out.sample("kof_indexes_refused_total", &[], c.indexes_refused as f64);
         out.header(
             "kof_ensure_failures_total",
             "counter",
