@@ -4,8 +4,9 @@
 #
 # Installs what it needs (Debian packages, as root), builds kof, builds the fixture environments
 # from real Debian binaries, starts the fixture FloxHub + signed binary cache on loopback (20 ms
-# per request, 50 MB/s), runs python from kof/python in a fresh store with `kof-store run`
-# (prefetch off, so only what python reads is fetched), starts kof-fetcherd and runs through it,
+# per request, 50 MB/s; the cache `kof-cache publish` made: signed indexes, seekable zstd NARs),
+# runs python from kof/python in a fresh store with `kof-store run` (prefetch off, so only the
+# verified chunks python reads are fetched), starts kof-fetcherd and runs through it,
 # then runs containers in environments with a private containerd and the kof shim
 # (`ctr run --runtime io.containerd.flox.v2`), then prefetches and shows resolve, stats and verify.
 set -euo pipefail
@@ -42,7 +43,7 @@ closure_mb() { python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); e=[e
 url=$(sed -n 's/^listening on //p' "$work/serve.out")
 cat >"$work/config.toml" <<CONF
 floxhub_url = "$url/git"
-substituters = ["$url/cache/none"]
+substituters = ["$url/cache/published"]
 trusted_public_keys = ["$(cat "$fixtures/keys/cache.public")"]
 store_dir = "$work/store"
 prefetch = "none"
@@ -54,7 +55,7 @@ export KOF_CONFIG=$work/config.toml
 echo "== fixture FloxHub and binary cache at $url (20 ms/request, 50 MB/s); config $KOF_CONFIG"
 echo
 py='import json, sqlite3, sys; print("python", sys.version.split()[0], "ran in", sys.prefix)'
-echo "== kof-store run kof/python -- python3 -c ...   (fresh store; the view appears at once, files are fetched as python reads them)"
+echo "== kof-store run kof/python -- python3 -c ...   (fresh store; the view appears at once, files are fetched as python reads them, each chunk verified against the signed index first)"
 before=$(stats_bytes)
 "$bin/kof-store" run kof/python -- python3 -c "$py"
 echo "   fetched $(( ($(stats_bytes) - before) / 1000000 )) MB of the closure's $(closure_mb) MB"
