@@ -68,9 +68,24 @@ pub fn coldstart_table(reports: &[ColdStartReport]) -> String {
             ("kof eager: prefetch + run", m.eager, &r.eager, m.nix),
             ("kof lazy (published cache)", m.lazy, &r.lazy, m.nix),
             ("kof lazy, prefetch none", m.lazy_none, &r.lazy_none, m.nix),
-            ("kof lazy, plain zstd cache", m.lazy_zstd, &r.lazy_zstd, m.nix),
-            ("kof lazy, plain xz cache (vs Nix xz)", m.lazy_xz, &r.lazy_xz, m.nix_xz),
-            ("kof lazy, learned profile", m.lazy_profile, &r.lazy_profile, m.nix),
+            (
+                "kof lazy, plain zstd cache",
+                m.lazy_zstd,
+                &r.lazy_zstd,
+                m.nix,
+            ),
+            (
+                "kof lazy, plain xz cache (vs Nix xz)",
+                m.lazy_xz,
+                &r.lazy_xz,
+                m.nix_xz,
+            ),
+            (
+                "kof lazy, learned profile",
+                m.lazy_profile,
+                &r.lazy_profile,
+                m.nix,
+            ),
         ];
         for (name, med, runs, base) in rows {
             let first = runs.first();
