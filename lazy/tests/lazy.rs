@@ -889,3 +889,92 @@ async fn a_chunk_that_fails_verification_sends_the_read_to_the_next_substituter(
     assert!(store.has_path(&p).unwrap(), "stored from the honest cache");
     assert_eq!(engine.counters().paths_refused, 1);
 }
+
+/// A prefetch GET that brings a good chunk and then one that fails verification (python's
+/// `encodings` and `json` chunks, the latter recompressed with other content) refuses the path
+/// as a demand read would (no other substituter here), and leaves no reader waiting: a read of
+/// the good chunk's file fails at once naming the verification, never at its bound. (The good
+/// chunk was once decoded and written but left in flight, and readers of it waited until
+/// their bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_meeting_a_lying_chunk_refuses_the_path_and_leaves_no_reader_waiting() {
+    let python = path_of("python3");
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures_dir = dir.path().join("fixtures");
+    std::fs::create_dir_all(fixtures_dir.join("caches")).unwrap();
+    for e in std::fs::read_dir(&fixtures().0).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "caches" {
+            std::os::unix::fs::symlink(e.path(), fixtures_dir.join(e.file_name())).unwrap();
+        }
+    }
+    let key = kof_nar::SecretKey::parse(
+        std::fs::read_to_string(fixtures().0.join("keys/cache.secret"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    kof_fixtures::tamper::tamper(
+        kof_fixtures::tamper::Case::RecompressedChunk,
+        &fixtures().0.join("caches/published"),
+        &fixtures_dir.join("caches/published"),
+        &python,
+        "lib/python3.11/json/__init__.py",
+        &key,
+    )
+    .unwrap();
+    let server = serve::start_in_background(ServeConfig::new(&fixtures_dir));
+    let node = Node::with_server(
+        server,
+        "published",
+        LazyOptions {
+            read_timeout: Duration::from_secs(10),
+            ..lazy_opts()
+        },
+    );
+    let closure = resolve(&node, "published", std::slice::from_ref(&python)).await;
+    let entry = node
+        .engine
+        .entry(entry_of(&closure, &python))
+        .await
+        .unwrap();
+    let (_, utf8) = files(&entry)
+        .into_iter()
+        .find(|(rel, _)| rel == "lib/python3.11/encodings/utf_8.py")
+        .unwrap();
+    let index = published_index(&python);
+    let (good, bad) = (
+        index
+            .index()
+            .chunks_for(utf8.nar_offset, utf8.nar_offset + 1),
+        index.index().chunks_for(12_081_360, 12_081_361),
+    );
+    assert_eq!(
+        good.start + 1,
+        bad.start,
+        "adjacent chunks: {good:?} {bad:?}"
+    );
+    // The prefetch of python fails at the json chunk...
+    let report = node
+        .engine
+        .prefetch(closure_only(&closure, &python))
+        .await
+        .unwrap();
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert!(
+        report.failures[0].contains("failed verification"),
+        "{report:?}"
+    );
+    // ...the path is refused, and a read of the encodings file fails at once, naming why.
+    assert_eq!(node.engine.counters().paths_refused, 1);
+    let src = node.content();
+    let t0 = std::time::Instant::now();
+    let err = on_thread(move || src.read(&utf8, 0, 4096))
+        .await
+        .expect_err("the path is refused");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let text = kof_node_api::report::chain(&err);
+    assert!(text.contains("failed verification"), "{text}");
+    assert!(!node.store.has_path(&python).unwrap());
+    assert!(node.partial_files().is_empty(), "nothing kept");
+}

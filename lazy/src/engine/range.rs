@@ -304,6 +304,9 @@ impl LazyStore {
             pending.extend_from_slice(&bytes);
             let mut used = 0usize;
             let before = *next;
+            // The chunks decoded from this piece are marked filled even when a later one in it
+            // fails: a chunk decoded, written and left in flight would never be read again.
+            let mut failed = None;
             while *next < b {
                 let c = &chunks[*next];
                 let len = c.file_len as usize;
@@ -311,26 +314,35 @@ impl LazyStore {
                     break;
                 }
                 // No byte is written, let alone read, before it matched the signed index.
-                let nar = index
-                    .decode_chunk(*next, &pending[used..used + len])
-                    .map_err(|source| {
-                        RunError::permanent(LazyError::Unverified {
+                let nar = match index.decode_chunk(*next, &pending[used..used + len]) {
+                    Ok(nar) => nar,
+                    Err(source) => {
+                        failed = Some(RunError::permanent(LazyError::Unverified {
                             path: path.clone(),
                             cache: cache.url().to_string(),
                             url: cache.nar_url(info),
                             source: Box::new(source),
-                        })
-                    })?;
+                        }));
+                        break;
+                    }
+                };
                 // A page-cache write of one chunk: short enough for the runtime thread.
-                file.write_all_at(&nar, c.nar_offset).map_err(|source| {
-                    RunError::permanent(LazyError::Partial {
+                if let Err(source) = file.write_all_at(&nar, c.nar_offset) {
+                    failed = Some(RunError::permanent(LazyError::Partial {
                         path: path.clone(),
                         file: st.partial.clone(),
                         source,
-                    })
-                })?;
+                    }));
+                    break;
+                }
                 used += len;
                 *next += 1;
+            }
+            if let Some(e) = failed {
+                if *next > before {
+                    self.fill(st, before, *next);
+                }
+                return Err(e);
             }
             pending.drain(..used);
             if *next > before {

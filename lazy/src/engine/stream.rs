@@ -159,7 +159,17 @@ impl LazyStore {
                 Mode::Indexed => {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
-                        Err(RunError::Failed { error, .. }) => return Err(error),
+                        Err(RunError::Failed { error, .. }) => {
+                            // Bytes that failed verification: the next substituter, if any.
+                            if let LazyError::Unverified { .. } = error {
+                                if self.next_source(&st, error).await {
+                                    continue;
+                                }
+                                let g = st.lock();
+                                return PathState::settled(&g).unwrap_or(Ok(()));
+                            }
+                            return Err(error);
+                        }
                         Ok(()) => {}
                     }
                     // Every chunk is there: wait for the ingest.
