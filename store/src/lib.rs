@@ -28,7 +28,7 @@
 //! | entry | written by | holds |
 //! |---|---|---|
 //! | `db.sqlite`, `db.sqlite-wal`, `db.sqlite-shm` | this crate ([`db`]) | SQLite metadata in WAL mode: store paths, trees, objects, chunks, environments, gc roots, fetch states |
-//! | `objects/<2 hex>/<64 hex>` | this crate ([`objects`]) | object files by BLAKE3 digest, raw or zstd; an object being written is a `.tmp-*` file in its fan-out directory until it is renamed into place (gc sweeps stale ones) |
+//! | `objects/<2 hex>/<64 hex>` | this crate ([`objects`]) | object files by BLAKE3 digest, raw or zstd; an object being written is a `.tmp-*` file in its fan-out directory until it is renamed into place (gc sweeps stale ones); a fan-out directory is made when its first object is written |
 //! | `tmp/` | this crate | scratch space, emptied under the exclusive lock (at open when it can be had, and by gc) |
 //! | `lock` | this crate ([`lock`]) | the store lock: a shared `flock` per open [`Store`], exclusive for gc |
 //! | `partial/<hash part>.nar`, `partial/<hash part>.json` | `kof-lazy` (the demand engine) | sparse partial NARs of store paths being fetched on demand, and the record of which chunks each holds (written at a clean exit, so the next engine resumes them); removed when the path is ingested; derived data |

@@ -139,6 +139,8 @@ fn gc_keeps_rooted_closures_and_frees_the_rest() {
 
     // An orphan object file and a stale temporary file are cleaned up too.
     let orphan = dir.join("objects/ab").join("ab".repeat(32));
+    // (Fan-out directories are made as objects need them: this one may not exist yet.)
+    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     fs::write(&orphan, b"orphan").unwrap();
     fs::write(dir.join("tmp/obj-stale"), b"stale").unwrap();
 
