@@ -195,7 +195,11 @@ impl Objects {
         // fetch's CPU went to that lock and ext4's inode allocation). A crash can leave a
         // `.tmp-*` file here; gc's sweep removes every name that is not a known digest.
         let fanout = self.fanout_dir(&digest);
-        let temp = || tempfile::Builder::new().prefix(".tmp-").tempfile_in(&fanout);
+        let temp = || {
+            tempfile::Builder::new()
+                .prefix(".tmp-")
+                .tempfile_in(&fanout)
+        };
         let mut tmp = match temp() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.ensure_fanout(&fanout)?;
