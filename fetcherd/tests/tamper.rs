@@ -10,32 +10,11 @@
 //! - A `.ls` listing that lies (a cache without indexes): the path is refused, the log names
 //!   the listing and the cache, and nothing of the lie is shown.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use kof_fixtures::tamper::{Case, CaseKind, LIE_TARGET};
-use kof_testkit::{Node, NodeOptions, TamperedFixtures};
-
-/// Runs `cmd` to completion, killing it (the child this test started) past `limit`; returns
-/// its output and whether it was killed.
-fn run_bounded(mut cmd: Command, limit: Duration) -> (Output, bool) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    let mut killed = false;
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            killed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child.wait_with_output().unwrap(), killed)
-}
+use kof_fixtures::tamper::Case;
+use kof_testkit::{run_bounded, Node, NodeOptions, TamperedFixtures};
 
 /// Leases kof/python from `case`'s cache through the daemon and runs the probe inside the
 /// view; returns what is wrong (nothing when the case ended as it must).
@@ -73,7 +52,7 @@ fn check(t: &TamperedFixtures, case: Case, prefetch: &'static str) -> Vec<String
         .unwrap()
         .has_path(&t.python)
         .unwrap();
-    let mut wrong = verdict(t, case, &stdout, &log, stored);
+    let mut wrong = t.verdict(case, &stdout, &log, stored);
     if killed {
         wrong.insert(0, format!("the probe did not finish within {limit:?}"));
     }
@@ -91,94 +70,10 @@ fn check(t: &TamperedFixtures, case: Case, prefetch: &'static str) -> Vec<String
         .collect()
 }
 
-/// What is wrong with a case's outcome: the probe's `stdout`, the node's logs (`log`), whether
-/// the lied-about path ended in the store.
-fn verdict(t: &TamperedFixtures, case: Case, stdout: &str, log: &str, stored: bool) -> Vec<String> {
-    let mut wrong = Vec::new();
-    let mut want = |ok: bool, what: &str| {
-        if !ok {
-            wrong.push(what.to_string());
-        }
-    };
-    let python = t.python.base_name();
-    want(
-        !stdout.contains("TAMPERED") && !log.contains("TAMPERED"),
-        "the changed code ran",
-    );
-    want(!stdout.contains("exec=yes"), "the file shows as executable");
-    want(
-        !stdout.contains(LIE_TARGET),
-        "the symlink shows the lie's target",
-    );
-    match case.kind() {
-        CaseKind::Chunk => {
-            want(
-                !stdout.contains("json-ok") && !stdout.contains("python=0"),
-                "import json succeeded on a tampered chunk",
-            );
-            want(
-                log.contains("failed verification") && log.contains(&python),
-                "the log does not say 'failed verification' naming the path",
-            );
-            want(!stored, "the path is in the store");
-        }
-        CaseKind::Index => {
-            want(
-                log.contains("index refused") && log.contains(&python),
-                "the log does not say 'index refused' naming the path",
-            );
-            want(
-                stdout.contains("json-ok [1]") && stdout.contains("python=0"),
-                "python did not run the genuine module",
-            );
-            want(
-                stdout.contains("exec=no"),
-                "the file's mode is not the genuine one",
-            );
-            want(
-                stdout.contains("link=pdb3.11\n"),
-                "the symlink's target is not the genuine one",
-            );
-            want(stored, "the path was not read whole and stored");
-        }
-        CaseKind::Listing => {
-            want(
-                !stdout.contains("json-ok") && !stdout.contains("python=0"),
-                "python ran from a path whose listing lied",
-            );
-            want(
-                stdout.contains("link=\n"),
-                "the symlink was readable in a path whose listing lied",
-            );
-            want(
-                log.contains("listing") && log.contains(case.name()) && log.contains(&python),
-                "the log does not name the listing, the cache and the path",
-            );
-        }
-    }
-    wrong
-}
-
 /// Every case with `prefetch`, four nodes at a time.
 fn every_case(prefetch: &'static str) {
     let t = TamperedFixtures::build(&Case::ALL);
-    let wrong: Vec<String> = Case::ALL
-        .chunks(4)
-        .flat_map(|group| {
-            std::thread::scope(|s| {
-                let jobs: Vec<_> = group
-                    .iter()
-                    .map(|&case| {
-                        let t = &t;
-                        s.spawn(move || check(t, case, prefetch))
-                    })
-                    .collect();
-                jobs.into_iter()
-                    .flat_map(|j| j.join().unwrap())
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
+    let wrong = t.check_every_case(|case| check(&t, case, prefetch));
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
 }
 

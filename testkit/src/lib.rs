@@ -45,8 +45,8 @@ pub use caches::CacheServer;
 #[cfg(feature = "node")]
 pub use daemon::{Daemon, DaemonError, DaemonSpec, FuseServerLeft};
 #[cfg(feature = "node")]
-pub use fixtures::{fixtures, fixtures_dir, manifest, path_of};
+pub use fixtures::{fixtures, fixtures_dir, manifest, path_of, published_index};
 #[cfg(feature = "node")]
 pub use node::{Node, NodeOptions};
 #[cfg(feature = "node")]
-pub use tampered::{TamperedFixtures, TAMPERED_FILE, TAMPERED_LINK};
+pub use tampered::{run_bounded, TamperedFixtures, TAMPERED_FILE, TAMPERED_LINK};

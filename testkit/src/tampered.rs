@@ -3,10 +3,15 @@
 //! symlink cases, its `bin/pdb3` symlink), everything else linked to the shared fixtures.
 //! Chunk and index cases are copies of `caches/published` (indexes, seekable zstd NARs),
 //! listing cases copies of `caches/zstd` (listings, no indexes).
+//!
+//! Also what every read path's tamper test shares: the probe a program runs in kof/python,
+//! the verdict on what it saw, running every case, and running a probe within a bound.
 
 use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use kof_fixtures::tamper::{tamper, Case, CaseKind, Tampered};
+use kof_fixtures::tamper::{tamper, Case, CaseKind, Tampered, LIE_TARGET};
 use kof_nar::{SecretKey, StorePath};
 use tempfile::TempDir;
 
@@ -102,4 +107,118 @@ impl TamperedFixtures {
              echo \"link=$(readlink {p}/{TAMPERED_LINK})\""
         )
     }
+
+    /// What is wrong with a case's outcome: the probe's `stdout`, the node's logs (`log`),
+    /// whether the lied-about path ended in the store. Empty when the case ended as it must:
+    /// nothing of any lie shown; for a chunk lie, the changed code never run, the log saying
+    /// "failed verification" naming the path, nothing stored; for an index lie, the index
+    /// refused, the genuine code run and the path read whole; for a listing lie, the path
+    /// refused and the log naming the listing, the cache and the path.
+    pub fn verdict(&self, case: Case, stdout: &str, log: &str, stored: bool) -> Vec<String> {
+        let mut wrong = Vec::new();
+        let mut want = |ok: bool, what: &str| {
+            if !ok {
+                wrong.push(what.to_string());
+            }
+        };
+        let python = self.python.base_name();
+        // Nothing of any lie is ever shown.
+        want(
+            !stdout.contains("TAMPERED") && !log.contains("TAMPERED"),
+            "the changed code ran",
+        );
+        want(!stdout.contains("exec=yes"), "the file shows as executable");
+        want(
+            !stdout.contains(LIE_TARGET),
+            "the symlink shows the lie's target",
+        );
+        match case.kind() {
+            CaseKind::Chunk => {
+                want(
+                    !stdout.contains("json-ok") && !stdout.contains("python=0"),
+                    "import json succeeded on a tampered chunk",
+                );
+                want(
+                    log.contains("failed verification") && log.contains(&python),
+                    "the log does not say 'failed verification' naming the path",
+                );
+                want(!stored, "the path is in the store");
+            }
+            CaseKind::Index => {
+                want(
+                    log.contains("index refused") && log.contains(&python),
+                    "the log does not say 'index refused' naming the path",
+                );
+                want(
+                    stdout.contains("json-ok [1]") && stdout.contains("python=0"),
+                    "python did not run the genuine module",
+                );
+                want(
+                    stdout.contains("exec=no"),
+                    "the file's mode is not the genuine one",
+                );
+                want(
+                    stdout.contains("link=pdb3.11\n"),
+                    "the symlink's target is not the genuine one",
+                );
+                want(stored, "the path was not read whole and stored");
+            }
+            CaseKind::Listing => {
+                want(
+                    !stdout.contains("json-ok") && !stdout.contains("python=0"),
+                    "python ran from a path whose listing lied",
+                );
+                want(
+                    stdout.contains("link=\n"),
+                    "the symlink was readable in a path whose listing lied",
+                );
+                want(
+                    log.contains("listing") && log.contains(case.name()) && log.contains(&python),
+                    "the log does not name the listing, the cache and the path",
+                );
+            }
+        }
+        wrong
+    }
+
+    /// Runs `check` for every case of [`Case::ALL`], four at a time (each on a node of its
+    /// own), and returns everything they found wrong.
+    pub fn check_every_case(&self, check: impl Fn(Case) -> Vec<String> + Sync) -> Vec<String> {
+        let check = &check;
+        Case::ALL
+            .chunks(4)
+            .flat_map(|group| {
+                std::thread::scope(|s| {
+                    let jobs: Vec<_> = group
+                        .iter()
+                        .map(|&case| s.spawn(move || check(case)))
+                        .collect();
+                    jobs.into_iter()
+                        .flat_map(|j| j.join().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs `cmd` to completion, killing it (a child the test started) past `limit`; returns its
+/// output and whether it was killed.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> (Output, bool) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut killed = false;
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child.wait_with_output().unwrap(), killed)
 }

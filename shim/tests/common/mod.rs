@@ -62,13 +62,22 @@ impl Node {
     /// Starts the fixture server (over a copy of the fixtures whose floxmeta repositories
     /// tests change), the daemon and containerd.
     pub fn new(opts: NodeOptions) -> Node {
-        let node = kof_testkit::Node::new(kof_testkit::NodeOptions {
-            prefetch: Some(opts.prefetch),
-            download_attempts: Some(2),
-            own_floxmeta: true,
-            prefix: "kof-shim-test",
-            ..kof_testkit::NodeOptions::default()
-        });
+        Node::with(
+            kof_testkit::NodeOptions {
+                prefetch: Some(opts.prefetch),
+                download_attempts: Some(2),
+                own_floxmeta: true,
+                prefix: "kof-shim-test",
+                ..kof_testkit::NodeOptions::default()
+            },
+            opts.systemd_cgroup,
+        )
+    }
+
+    /// The shared node `node_opts` describes (its fixture server, daemon and store), with
+    /// containerd and the shim registered (`SystemdCgroup` as `systemd_cgroup`).
+    pub fn with(node_opts: kof_testkit::NodeOptions, systemd_cgroup: bool) -> Node {
+        let node = kof_testkit::Node::new(node_opts);
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let ctrd = Containerd::start(ContainerdOptions {
@@ -76,7 +85,7 @@ impl Node {
             // containerd 1.6's CRI ignores `runtime_path` (it would run the plain runc shim):
             // on 1.6 the runtime is registered by type, the binary found on containerd's PATH.
             flox_runtime_type: "io.containerd.flox.v2".into(),
-            systemd_cgroup: opts.systemd_cgroup,
+            systemd_cgroup,
             env: vec![("KOF_CONFIG".into(), node.config.display().to_string())],
             ..ContainerdOptions::default()
         })
