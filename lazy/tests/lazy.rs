@@ -17,7 +17,7 @@ use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy}
 use kof_substituter::closure::{Closure, ClosureEntry};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
-use kof_testkit::{fixtures, manifest, path_of, CacheServer};
+use kof_testkit::{fixtures, manifest, path_of, published_index, CacheServer, TamperedFixtures};
 use tempfile::TempDir;
 
 /// Where the fixture builder staged `path` (the reference contents).
@@ -271,25 +271,6 @@ async fn indexed_reads_fetch_only_the_verified_chunks_of_the_files_read() {
 
 fn python_nar_size(p: &StorePath) -> u64 {
     manifest().store_paths[&p.to_absolute()].nar_size
-}
-
-/// The signed index of `p` in the fixtures' published cache, verified with the fixture key.
-fn published_index(p: &StorePath) -> VerifiedIndex {
-    let dir = fixtures().0.join("caches/published");
-    let bytes = std::fs::read(dir.join(kof_index::index_file_name(p))).unwrap();
-    let m = &manifest().store_paths[&p.to_absolute()];
-    let nar_hash = kof_nar::NixHash::parse(&m.nar_hash).unwrap();
-    let key = PublicKey::parse(&manifest().public_key).unwrap();
-    VerifiedIndex::open(
-        &bytes,
-        kof_index::Expected {
-            store_path: p,
-            nar_hash: &nar_hash,
-            nar_size: m.nar_size,
-        },
-        &[key],
-    )
-    .unwrap()
 }
 
 /// NAR-file bytes of the chunks of `index` covering any of `ranges` (each chunk once).
@@ -750,15 +731,7 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
         .into_iter()
         .max_by_key(|(_, f)| f.size)
         .unwrap();
-    let src = Arc::new(LazyContent::new(
-        LocalReader::new(store.clone()),
-        engine.clone(),
-    ));
-    let got = on_thread(move || read_all(&*src, &f)).await;
-    assert!(
-        got == std::fs::read(staged(&sqlite).join(&rel)).unwrap(),
-        "{rel}"
-    );
+    assert_reads_staged(&store, &engine, &sqlite, &rel, f).await;
     assert_eq!(
         engine.cache_honours_range(url.trim_end_matches('/')),
         Some(false)
@@ -767,6 +740,23 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
     assert!(store.has_path(&sqlite).unwrap());
     // The refused range request, then one stream.
     assert_eq!(server.count_matching("nar/"), 2, "{:?}", server.counts());
+}
+
+/// Reads file `f` (`rel` inside `p`) through a view's content source over `store` and
+/// `engine`, and asserts it holds the staged (genuine) bytes.
+async fn assert_reads_staged(
+    store: &Arc<Store>,
+    engine: &Arc<LazyStore>,
+    p: &StorePath,
+    rel: &str,
+    f: FileRef,
+) {
+    let src = Arc::new(LazyContent::new(
+        LocalReader::new(store.clone()),
+        engine.clone(),
+    ));
+    let got = on_thread(move || read_all(&*src, &f)).await;
+    assert!(got == std::fs::read(staged(p).join(rel)).unwrap(), "{rel}");
 }
 
 /// An engine (and a fetcher for resolving closures) on the cache at `url`.
@@ -829,15 +819,7 @@ async fn a_hostile_listing_is_not_used() {
     assert!(store.has_path(&p).unwrap());
     for (rel, f) in files(&entry) {
         assert!(f.nar_offset + f.size <= info.nar_size, "{rel}");
-        let src = Arc::new(LazyContent::new(
-            LocalReader::new(store.clone()),
-            engine.clone(),
-        ));
-        let got = on_thread(move || read_all(&*src, &f)).await;
-        assert!(
-            got == std::fs::read(staged(&p).join(&rel)).unwrap(),
-            "{rel}"
-        );
+        assert_reads_staged(&store, &engine, &p, &rel, f).await;
     }
 }
 
@@ -871,15 +853,7 @@ async fn a_chunk_that_fails_verification_sends_the_read_to_the_next_substituter(
         .into_iter()
         .max_by_key(|(_, f)| f.size)
         .unwrap();
-    let src = Arc::new(LazyContent::new(
-        LocalReader::new(store.clone()),
-        engine.clone(),
-    ));
-    let got = on_thread(move || read_all(&*src, &f)).await;
-    assert!(
-        got == std::fs::read(staged(&p).join(&rel)).unwrap(),
-        "{rel}"
-    );
+    assert_reads_staged(&store, &engine, &p, &rel, f).await;
     let st = server.stats();
     assert!(st.faults_injected >= 1, "{st:?}");
     assert!(
@@ -898,56 +872,41 @@ async fn a_chunk_that_fails_verification_sends_the_read_to_the_next_substituter(
 /// their bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_meeting_a_lying_chunk_refuses_the_path_and_leaves_no_reader_waiting() {
-    let python = path_of("python3");
-    let dir = tempfile::tempdir().unwrap();
-    let fixtures_dir = dir.path().join("fixtures");
-    std::fs::create_dir_all(fixtures_dir.join("caches")).unwrap();
-    for e in std::fs::read_dir(&fixtures().0).unwrap() {
-        let e = e.unwrap();
-        if e.file_name() != "caches" {
-            std::os::unix::fs::symlink(e.path(), fixtures_dir.join(e.file_name())).unwrap();
-        }
-    }
-    let key = kof_nar::SecretKey::parse(
-        std::fs::read_to_string(fixtures().0.join("keys/cache.secret"))
-            .unwrap()
-            .trim(),
-    )
-    .unwrap();
-    kof_fixtures::tamper::tamper(
-        kof_fixtures::tamper::Case::RecompressedChunk,
-        &fixtures().0.join("caches/published"),
-        &fixtures_dir.join("caches/published"),
-        &python,
-        "lib/python3.11/json/__init__.py",
-        &key,
-    )
-    .unwrap();
-    let server = serve::start_in_background(ServeConfig::new(&fixtures_dir));
+    let case = kof_fixtures::tamper::Case::RecompressedChunk;
+    let tampered = TamperedFixtures::build(&[case]);
+    let python = tampered.python.clone();
+    let server = serve::start_in_background(ServeConfig::new(tampered.dir()));
     let node = Node::with_server(
         server,
-        "published",
+        case.name(),
         LazyOptions {
             read_timeout: Duration::from_secs(10),
             ..lazy_opts()
         },
     );
-    let closure = resolve(&node, "published", std::slice::from_ref(&python)).await;
+    let closure = resolve(&node, case.name(), std::slice::from_ref(&python)).await;
     let entry = node
         .engine
         .entry(entry_of(&closure, &python))
         .await
         .unwrap();
-    let (_, utf8) = files(&entry)
-        .into_iter()
-        .find(|(rel, _)| rel == "lib/python3.11/encodings/utf_8.py")
-        .unwrap();
+    let file = |name: &str| {
+        files(&entry)
+            .into_iter()
+            .find(|(rel, _)| rel == name)
+            .unwrap()
+            .1
+    };
+    let (utf8, lie) = (
+        file("lib/python3.11/encodings/utf_8.py"),
+        file(kof_testkit::TAMPERED_FILE),
+    );
     let index = published_index(&python);
     let (good, bad) = (
         index
             .index()
             .chunks_for(utf8.nar_offset, utf8.nar_offset + 1),
-        index.index().chunks_for(12_081_360, 12_081_361),
+        index.index().chunks_for(lie.nar_offset, lie.nar_offset + 1),
     );
     assert_eq!(
         good.start + 1,

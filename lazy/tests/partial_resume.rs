@@ -16,7 +16,7 @@ use kof_store::Store;
 use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
-use kof_testkit::{fixtures, manifest, path_of};
+use kof_testkit::{fixtures, manifest, path_of, published_index};
 
 fn nar_size(p: &StorePath) -> u64 {
     manifest().store_paths[&p.to_absolute()].nar_size
@@ -93,28 +93,13 @@ fn one_run(
 
 /// The NAR-file bytes of every chunk of `p` in the published cache (what a whole fetch by
 /// chunks moves).
-fn file_bytes(_dir: &Path, p: &StorePath) -> u64 {
-    let bytes = std::fs::read(
-        fixtures()
-            .0
-            .join("caches/published")
-            .join(kof_index::index_file_name(p)),
-    )
-    .unwrap();
-    let m = &manifest().store_paths[&p.to_absolute()];
-    let nar_hash = kof_nar::NixHash::parse(&m.nar_hash).unwrap();
-    let key = PublicKey::parse(&manifest().public_key).unwrap();
-    let v = kof_index::VerifiedIndex::open(
-        &bytes,
-        kof_index::Expected {
-            store_path: p,
-            nar_hash: &nar_hash,
-            nar_size: m.nar_size,
-        },
-        &[key],
-    )
-    .unwrap();
-    v.index().chunks.iter().map(|c| c.file_len).sum()
+fn file_bytes(p: &StorePath) -> u64 {
+    published_index(p)
+        .index()
+        .chunks
+        .iter()
+        .map(|c| c.file_len)
+        .sum()
 }
 
 fn record_of(partial: &Path) -> PathBuf {
@@ -187,7 +172,7 @@ async fn a_recorded_partial_is_resumed_by_the_next_engine() {
     let st = server.stats();
     assert_eq!(
         st.bytes_by_kind.nar + first.bytes_by_kind.nar,
-        file_bytes(&dir, &python),
+        file_bytes(&python),
         "only the missing chunks, each once: {} then {}",
         first.bytes_by_kind.nar,
         st.bytes_by_kind.nar

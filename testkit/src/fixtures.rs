@@ -43,3 +43,25 @@ pub fn path_of(pname: &str) -> StorePath {
         .unwrap_or_else(|| panic!("no fixture package {pname}"));
     StorePath::parse(p).unwrap()
 }
+
+/// The signed index of `p` in the fixtures' published cache (`caches/published`, made by
+/// `kof-cache publish`), verified with the fixture key against the manifest's NarHash and
+/// NarSize: what tests count chunks and compressed bytes with.
+pub fn published_index(p: &StorePath) -> kof_index::VerifiedIndex {
+    let dir = fixtures().0.join("caches/published");
+    let bytes = std::fs::read(dir.join(kof_index::index_file_name(p)))
+        .unwrap_or_else(|e| panic!("the published index of {p}: {e}"));
+    let m = &manifest().store_paths[&p.to_absolute()];
+    let nar_hash = kof_nar::NixHash::parse(&m.nar_hash).unwrap();
+    let key = kof_nar::PublicKey::parse(&manifest().public_key).unwrap();
+    kof_index::VerifiedIndex::open(
+        &bytes,
+        kof_index::Expected {
+            store_path: p,
+            nar_hash: &nar_hash,
+            nar_size: m.nar_size,
+        },
+        &[key],
+    )
+    .unwrap_or_else(|e| panic!("the published index of {p}: {e}"))
+}
