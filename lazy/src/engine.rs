@@ -531,6 +531,26 @@ impl LazyStore {
         next.is_some()
     }
 
+    /// After a range fetch of `st` failed with `error`: bytes that failed verification send the
+    /// path to the next substituter (`Ok`: the path's new state is to be used); any other
+    /// error, or no other substituter, is the result.
+    async fn after_failed_fetch(
+        &self,
+        st: &Arc<PathState>,
+        error: LazyError,
+    ) -> Result<(), LazyError> {
+        let LazyError::Unverified { .. } = error else {
+            return Err(error);
+        };
+        if self.next_source(st, error).await {
+            return Ok(());
+        }
+        let g = st.lock();
+        Err(PathState::settled(&g)
+            .and_then(Result::err)
+            .expect("next_source fails the state it gives up"))
+    }
+
     /// Marks `st` stored: removes its partial file, wakes its waiters, forgets its state.
     fn mark_stored(&self, st: &PathState) {
         {
@@ -882,14 +902,8 @@ impl LazyStore {
                             // (ensure_range retries a yielded prefetch itself.)
                             Err(RunError::Unsupported | RunError::Yielded) => continue,
                             Err(RunError::Failed { error, .. }) => {
-                                if let LazyError::Unverified { .. } = error {
-                                    if self.next_source(&st, error).await {
-                                        continue 'source;
-                                    }
-                                    let g = st.lock();
-                                    return PathState::settled(&g).unwrap_or(Ok(()));
-                                }
-                                return Err(error);
+                                self.after_failed_fetch(&st, error).await?;
+                                continue 'source;
                             }
                             Ok(()) => return Ok(()),
                         }

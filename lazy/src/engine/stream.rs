@@ -160,15 +160,8 @@ impl LazyStore {
                     match self.ensure_range(&st, 0, st.nar_size(), cause, None).await {
                         Err(RunError::Unsupported | RunError::Yielded) => continue,
                         Err(RunError::Failed { error, .. }) => {
-                            // Bytes that failed verification: the next substituter, if any.
-                            if let LazyError::Unverified { .. } = error {
-                                if self.next_source(&st, error).await {
-                                    continue;
-                                }
-                                let g = st.lock();
-                                return PathState::settled(&g).unwrap_or(Ok(()));
-                            }
-                            return Err(error);
+                            self.after_failed_fetch(&st, error).await?;
+                            continue;
                         }
                         Ok(()) => {}
                     }
