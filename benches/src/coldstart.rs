@@ -262,26 +262,46 @@ impl ColdStartBench {
         }
         let profile_path = profile_file.path().to_string_lossy().into_owned();
 
+        // Nix copying the closure from `cache`, then the command in its chroot.
+        let nix_side = |cache: &str| -> Result<(Run, NixNode)> {
+            let n = NixNode::new()?;
+            let run = timed_all(
+                &server,
+                &mut [
+                    n.copy(&server.cache_url(cache), &manifest.public_key, &roots),
+                    nix_chroot_run(&n.root(), &roots, &self.cmd)?,
+                ],
+            )?;
+            Ok((run, n))
+        };
+        // `kof-store run` on a fresh node on `flavour` with config `extra`, after importing
+        // the learned profile at `profile` when given.
+        let lazy_side =
+            |flavour: &str, extra: &str, profile: Option<&str>| -> Result<(Run, KofNode)> {
+                let n = KofNode::new(&server, manifest, flavour, extra)?;
+                if let Some(profile) = profile {
+                    let out = n.cmd(kof_store, &["profile", "import", profile]).output()?;
+                    if !out.status.success() {
+                        bail!(
+                            "kof-store profile import: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                }
+                let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                Ok((run, n))
+            };
         for i in 0..self.runs {
             let mut order: Vec<usize> = (0..8).collect();
             if i % 2 == 1 {
                 order.reverse();
             }
             for side in order {
-                let (name, run) = match side {
+                let (name, runs, run) = match side {
                     0 => {
-                        let n = NixNode::new()?;
-                        let url = server.cache_url("zstd");
-                        let run = timed_all(
-                            &server,
-                            &mut [
-                                n.copy(&url, &manifest.public_key, &roots),
-                                nix_chroot_run(&n.root(), &roots, &self.cmd)?,
-                            ],
-                        )?;
+                        let (run, n) = nix_side("zstd")?;
                         keep_nix.push(n);
-                        r.nix.push(run.clone());
-                        ("nix", run)
+                        ("nix", &mut r.nix, run)
                     }
                     1 => {
                         let n = KofNode::new(&server, manifest, "zstd", "")?;
@@ -293,69 +313,40 @@ impl ColdStartBench {
                             ],
                         )?;
                         keep_kof.push(n);
-                        r.eager.push(run.clone());
-                        ("eager", run)
+                        ("eager", &mut r.eager, run)
                     }
                     2 => {
-                        let n = KofNode::new(&server, manifest, PUBLISHED, "")?;
-                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        let (run, n) = lazy_side(PUBLISHED, "", None)?;
                         keep_kof.push(n);
-                        r.lazy.push(run.clone());
-                        ("lazy", run)
+                        ("lazy", &mut r.lazy, run)
                     }
                     3 => {
-                        let n =
-                            KofNode::new(&server, manifest, PUBLISHED, "prefetch = \"none\"\n")?;
-                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        let (run, n) = lazy_side(PUBLISHED, "prefetch = \"none\"\n", None)?;
                         keep_kof.push(n);
-                        r.lazy_none.push(run.clone());
-                        ("lazy_none", run)
+                        ("lazy_none", &mut r.lazy_none, run)
                     }
                     4 => {
-                        let n = KofNode::new(&server, manifest, "zstd", "")?;
-                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        let (run, n) = lazy_side("zstd", "", None)?;
                         keep_kof.push(n);
-                        r.lazy_zstd.push(run.clone());
-                        ("lazy_zstd", run)
+                        ("lazy_zstd", &mut r.lazy_zstd, run)
                     }
                     5 => {
-                        let n = NixNode::new()?;
-                        let url = server.cache_url("xz");
-                        let run = timed_all(
-                            &server,
-                            &mut [
-                                n.copy(&url, &manifest.public_key, &roots),
-                                nix_chroot_run(&n.root(), &roots, &self.cmd)?,
-                            ],
-                        )?;
+                        let (run, n) = nix_side("xz")?;
                         keep_nix.push(n);
-                        r.nix_xz.push(run.clone());
-                        ("nix_xz", run)
+                        ("nix_xz", &mut r.nix_xz, run)
                     }
                     6 => {
-                        let n = KofNode::new(&server, manifest, "xz", "")?;
-                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        let (run, n) = lazy_side("xz", "", None)?;
                         keep_kof.push(n);
-                        r.lazy_xz.push(run.clone());
-                        ("lazy_xz", run)
+                        ("lazy_xz", &mut r.lazy_xz, run)
                     }
                     _ => {
-                        let n = KofNode::new(&server, manifest, PUBLISHED, "")?;
-                        let out = n
-                            .cmd(kof_store, &["profile", "import", &profile_path])
-                            .output()?;
-                        if !out.status.success() {
-                            bail!(
-                                "kof-store profile import: {}",
-                                String::from_utf8_lossy(&out.stderr).trim()
-                            );
-                        }
-                        let run = node::timed(&server, &mut n.cmd(kof_store, &run_args))?;
+                        let (run, n) = lazy_side(PUBLISHED, "", Some(&profile_path))?;
                         keep_kof.push(n);
-                        r.lazy_profile.push(run.clone());
-                        ("lazy_profile", run)
+                        ("lazy_profile", &mut r.lazy_profile, run)
                     }
                 };
+                runs.push(run.clone());
                 eprintln!(
                     "  {name} {}: {:.2} s, {} bytes, {} requests",
                     self.env, run.seconds, run.bytes, run.requests
