@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 export KOF_FIXTURES_DIR="${KOF_FIXTURES_DIR:-$PWD/target/kof-fixtures/small}"
 cargo build --workspace --all-targets
 cargo run -q -p kof-fixtures -- build --only small --out "$KOF_FIXTURES_DIR"
+# The newer containerd releases the ctr and CRI tests also run against (Debian trixie's 1.7.x
+# and sid's 2.1.x, unpacked under target/containerd, nothing installed); when the archive cannot
+# be reached it says so loudly and the tests against them are skipped.
+./scripts/fetch-containerd.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
