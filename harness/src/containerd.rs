@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub use crate::release::{ConfigForm, Release};
+
 /// The file name containerd looks up on `PATH` for runtime `io.containerd.flox.v2`.
 pub const FLOX_SHIM_NAME: &str = "containerd-shim-flox-v2";
 /// The `runtime_type` Flox documents for its runtime.
@@ -94,6 +96,11 @@ pub enum ContainerdError {
 /// How to start a [`Containerd`].
 #[derive(Debug, Clone)]
 pub struct ContainerdOptions {
+    /// Which containerd runs: its `containerd` binary, its `ctr` for [`Containerd::ctr`], its
+    /// bin dir first on containerd's `PATH` (so its `containerd-shim-runc-v2` is the one
+    /// started; runc stays Debian 12's) and the config form it reads. The system's 1.6 by
+    /// default.
+    pub release: Release,
     /// A `containerd-shim-flox-v2` binary: registered as CRI runtime handler `flox` (with
     /// `runtime_path`) and linked into a directory first on containerd's `PATH`, so that
     /// `ctr run --runtime io.containerd.flox.v2` finds it. `None`: no `flox` runtime at all.
@@ -120,6 +127,7 @@ pub struct ContainerdOptions {
 impl Default for ContainerdOptions {
     fn default() -> Self {
         Self {
+            release: Release::Bookworm,
             flox_shim: None,
             flox_runtime_type: FLOX_DOCUMENTED_RUNTIME_TYPE.to_owned(),
             systemd_cgroup: false,
@@ -134,6 +142,7 @@ impl Default for ContainerdOptions {
 /// A running private containerd. See the module doc.
 #[derive(Debug)]
 pub struct Containerd {
+    release: Release,
     dir: PathBuf,
     socket: PathBuf,
     root: PathBuf,
@@ -162,6 +171,7 @@ impl Containerd {
             .keep();
         // From here on `Containerd`'s Drop owns the directory, also on the error paths.
         let mut this = Containerd {
+            release: opts.release,
             socket: dir.join("containerd.sock"),
             root: dir.join("root"),
             state: dir.join("state"),
@@ -198,12 +208,17 @@ impl Containerd {
             path: this.log_path.clone(),
             source,
         })?;
-        let mut path_var = OsString::from(bin_dir.as_os_str());
+        // The release's binaries first (containerd execs `containerd-shim-runc-v2` from its
+        // PATH), then the flox shim's link; runc comes from the rest (Debian 12's).
+        let mut path_var = OsString::from(opts.release.bin_dir().as_os_str());
+        path_var.push(":");
+        path_var.push(bin_dir.as_os_str());
         if let Some(old) = std::env::var_os("PATH") {
             path_var.push(":");
             path_var.push(old);
         }
-        let mut cmd = Command::new("containerd");
+        let containerd = opts.release.containerd();
+        let mut cmd = Command::new(&containerd);
         cmd.arg("--config")
             .arg(&this.config_path)
             .env("PATH", path_var)
@@ -212,20 +227,27 @@ impl Containerd {
             .stdout(Stdio::null())
             .stderr(log);
         let child = cmd.spawn().map_err(|source| ContainerdError::Spawn {
-            program: "containerd".into(),
+            program: containerd.display().to_string(),
             source,
         })?;
-        tracing::debug!(pid = child.id(), dir = %this.dir.display(), "containerd started");
+        tracing::debug!(
+            pid = child.id(),
+            release = %opts.release,
+            dir = %this.dir.display(),
+            "containerd started"
+        );
         this.child = Some(child);
         this.wait_ready(opts.start_timeout)?;
         Ok(this)
     }
 
+    /// The config for `opts.release`, in the form it reads (see [`ConfigForm`]): the same
+    /// settings either way, only the CRI tables' names and a few keys differ.
     fn config_toml(&self, opts: &ContainerdOptions) -> String {
-        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        let form = opts.release.config_form();
         let mut c = format!(
-            r#"# Written by kof-harness for a private test containerd.
-version = 2
+            r#"# Written by kof-harness for a private test containerd ({release}).
+version = {version}
 root = {root}
 state = {state}
 # Snapshotters that cannot work here; skipping them only saves start time.
@@ -247,7 +269,28 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = {opt}
-
+"#,
+            release = opts.release,
+            version = match form {
+                ConfigForm::V2 => 2,
+                ConfigForm::V3 => 3,
+            },
+            root = toml_path(&self.root),
+            state = toml_path(&self.state),
+            sock = toml_path(&self.socket),
+            ttrpc = toml_str(format!("{}.ttrpc", self.socket.display())),
+            level = toml_str(&opts.log_level),
+            opt = toml_path(&self.dir.join("opt")),
+        );
+        let sandbox = toml_str(&opts.sandbox_image);
+        let cni_bin = toml_path(&self.dir.join("cni/bin"));
+        let cni_conf = toml_path(&self.dir.join("cni/net.d"));
+        // The table CRI's runtimes live under, and the keys that differ between the forms.
+        let runtime = match form {
+            ConfigForm::V2 => {
+                let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+                c.push_str(&format!(
+                    r#"
 [{cri}]
   sandbox_image = {sandbox}
   # This sandbox refuses to lower oom_score_adj to kubelet's -998; without this runc fails
@@ -261,31 +304,58 @@ disabled_plugins = [
 [{cri}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
+"#
+                ));
+                cri
+            }
+            ConfigForm::V3 => {
+                let images = r#"plugins."io.containerd.cri.v1.images""#;
+                let runtime = r#"plugins."io.containerd.cri.v1.runtime""#;
+                c.push_str(&format!(
+                    r#"
+# containerd 2 enables NRI by default, with its socket in /var/run/nri: not for a private one.
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
 
-[{cri}.containerd.runtimes.runc]
+[{images}]
+  snapshotter = "overlayfs"
+
+[{images}.pinned_images]
+  sandbox = {sandbox}
+
+[{runtime}]
+  # This sandbox refuses to lower oom_score_adj to kubelet's -998; without this runc fails
+  # with "can't get final child's PID from pipe".
+  restrict_oom_score_adj = true
+
+[{runtime}.cni]
+  bin_dirs = [ {cni_bin} ]
+  conf_dir = {cni_conf}
+
+[{runtime}.containerd]
+  default_runtime_name = "runc"
+"#
+                ));
+                runtime
+            }
+        };
+        c.push_str(&format!(
+            r#"
+[{runtime}.containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 
-[{cri}.containerd.runtimes.runc.options]
+[{runtime}.containerd.runtimes.runc.options]
   Root = {runc_root}
   SystemdCgroup = false
 "#,
-            root = toml_path(&self.root),
-            state = toml_path(&self.state),
-            sock = toml_path(&self.socket),
-            ttrpc = toml_str(format!("{}.ttrpc", self.socket.display())),
-            level = toml_str(&opts.log_level),
-            opt = toml_path(&self.dir.join("opt")),
-            sandbox = toml_str(&opts.sandbox_image),
-            cni_bin = toml_path(&self.dir.join("cni/bin")),
-            cni_conf = toml_path(&self.dir.join("cni/net.d")),
             runc_root = toml_path(&self.runc_root),
-        );
+        ));
         if let Some(shim) = &opts.flox_shim {
             let shim = std::path::absolute(shim).unwrap_or_else(|_| shim.clone());
             c.push_str(&format!(
                 r#"
 # The Flox runtime, as Flox documents it (runtime_type may differ: see kof-harness's doc).
-[{cri}.containerd.runtimes.flox]
+[{runtime}.containerd.runtimes.flox]
   runtime_path = {shim}
   runtime_type = {rtype}
   pod_annotations = [ "flox.dev/*" ]
@@ -299,7 +369,7 @@ disabled_plugins = [
             // documented type gets them.
             if opts.flox_runtime_type == FLOX_DOCUMENTED_RUNTIME_TYPE {
                 c.push_str(&format!(
-                    "[{cri}.containerd.runtimes.flox.options]\n  SystemdCgroup = {}\n",
+                    "[{runtime}.containerd.runtimes.flox.options]\n  SystemdCgroup = {}\n",
                     opts.systemd_cgroup
                 ));
             }
@@ -319,7 +389,7 @@ disabled_plugins = [
                 }
             }
             if self.socket.exists() {
-                let answered = Command::new("ctr")
+                let answered = Command::new(self.release.ctr())
                     .arg("-a")
                     .arg(&self.socket)
                     .arg("version")
@@ -328,7 +398,7 @@ disabled_plugins = [
                     .stderr(Stdio::null())
                     .status()
                     .map_err(|source| ContainerdError::Spawn {
-                        program: "ctr".into(),
+                        program: self.release.ctr().display().to_string(),
                         source,
                     })?;
                 if answered.success() {
@@ -389,9 +459,14 @@ disabled_plugins = [
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// `ctr -a <socket> -n <namespace>`, ready for more arguments.
+    /// The release this containerd is.
+    pub fn release(&self) -> Release {
+        self.release
+    }
+
+    /// `ctr -a <socket> -n <namespace>` (the release's own `ctr`), ready for more arguments.
     pub fn ctr(&self, namespace: &str) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(self.release.ctr());
         cmd.arg("-a").arg(&self.socket).arg("-n").arg(namespace);
         cmd
     }
@@ -406,7 +481,7 @@ disabled_plugins = [
             .stdin(Stdio::null())
             .output()
             .map_err(|source| ContainerdError::Spawn {
-                program: "ctr".into(),
+                program: self.release.ctr().display().to_string(),
                 source,
             })?;
         if !out.status.success() {

@@ -52,6 +52,7 @@ pub mod containerd;
 pub mod cri;
 pub mod cri_log;
 pub mod images;
+pub mod release;
 
 /// The CRI v1 API (`runtime.v1`), generated in build.rs from the vendored `proto/api.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -1,13 +1,17 @@
 //! The private containerd itself: it starts, runs containers with runc through `ctr`, finds the
-//! flox shim on its PATH, and its Drop leaves no process, mount or file behind.
-//! Needs root and containerd/runc installed.
+//! flox shim on its PATH, and its Drop leaves no process, mount or file behind. Each test runs
+//! against every containerd release of the matrix (`bookworm::*`, `trixie::*`, `sid::*`; see
+//! `kof_harness::release`). Needs root and containerd/runc installed, and the newer releases
+//! fetched (`scripts/fetch-containerd.sh`; a missing one is skipped, loudly).
 
 mod support;
 
 use std::path::Path;
 use std::process::Stdio;
 
-use kof_harness::containerd::{mounts_under, Containerd, ContainerdOptions, CRI_NAMESPACE};
+use kof_harness::containerd::{
+    mounts_under, Containerd, ContainerdOptions, Release, CRI_NAMESPACE,
+};
 
 fn ctr_output(cmd: &mut std::process::Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
@@ -19,13 +23,32 @@ fn ctr_output(cmd: &mut std::process::Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-#[test]
-fn starts_with_its_config_and_drop_removes_everything() {
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+fn options(release: Release) -> ContainerdOptions {
+    ContainerdOptions {
+        release,
+        ..Default::default()
+    }
+}
+
+kof_harness::for_each_release!(
+    starts_with_its_config_and_drop_removes_everything,
+    ctr_run_with_a_busybox_rootfs_prints_its_output,
+    flox_runtime_is_found_on_containerds_path,
+    drop_kills_running_containers_and_unmounts_their_rootfs,
+);
+
+fn starts_with_its_config_and_drop_removes_everything(release: Release) {
+    let ctrd = Containerd::start(options(release)).unwrap();
+    assert_eq!(ctrd.release(), release);
     let dir = ctrd.dir().to_owned();
     assert!(ctrd.socket().starts_with(&dir) && ctrd.root().starts_with(&dir));
     let version = ctr_output(ctrd.ctr("default").arg("version"));
     assert!(version.contains("Server:"), "{version}");
+    // The server is the release asked for: its upstream version is in the Debian one.
+    let server = version.split("Server:").nth(1).unwrap();
+    let upstream = release.version().unwrap();
+    let upstream = upstream.split(['~', '+']).next().unwrap();
+    assert!(server.contains(upstream), "{release} {upstream}: {version}");
     // The CRI plugin loaded (it is what the pods need) with our settings.
     let plugins = ctr_output(ctrd.ctr("default").args(["plugins", "ls"]));
     let cri = plugins
@@ -45,11 +68,10 @@ fn starts_with_its_config_and_drop_removes_everything() {
     assert!(mounts_under(&dir).is_empty());
 }
 
-#[test]
-fn ctr_run_with_a_busybox_rootfs_prints_its_output() {
+fn ctr_run_with_a_busybox_rootfs_prints_its_output(release: Release) {
     let work = tempfile::tempdir().unwrap();
     let rootfs = support::busybox_rootfs(work.path());
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+    let ctrd = Containerd::start(options(release)).unwrap();
     let out = ctr_output(
         ctrd.ctr("default")
             .args(["run", "--rm", "--rootfs"])
@@ -70,17 +92,16 @@ fn ctr_run_with_a_busybox_rootfs_prints_its_output() {
     );
 }
 
-#[test]
-fn flox_runtime_is_found_on_containerds_path() {
-    // Stand in for containerd-shim-flox-v2 with the runc shim itself: what is under test is that
-    // `--runtime io.containerd.flox.v2` resolves to the binary we gave.
+fn flox_runtime_is_found_on_containerds_path(release: Release) {
+    // Stand in for containerd-shim-flox-v2 with the release's runc shim itself: what is under
+    // test is that `--runtime io.containerd.flox.v2` resolves to the binary we gave.
     let work = tempfile::tempdir().unwrap();
     let rootfs = support::busybox_rootfs(work.path());
     let shim = work.path().join("shim-copy");
-    std::fs::copy("/usr/bin/containerd-shim-runc-v2", &shim).unwrap();
+    std::fs::copy(release.runc_shim(), &shim).unwrap();
     let ctrd = Containerd::start(ContainerdOptions {
         flox_shim: Some(shim.clone()),
-        ..Default::default()
+        ..options(release)
     })
     .unwrap();
     let link = ctrd.dir().join("bin/containerd-shim-flox-v2");
@@ -119,10 +140,9 @@ fn flox_runtime_is_found_on_containerds_path() {
     assert!(!failed.status.success());
 }
 
-#[test]
-fn drop_kills_running_containers_and_unmounts_their_rootfs() {
+fn drop_kills_running_containers_and_unmounts_their_rootfs(release: Release) {
     let work = tempfile::tempdir().unwrap();
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+    let ctrd = Containerd::start(options(release)).unwrap();
     support::import_test_images(&ctrd, work.path());
     // A detached container from an image: an overlay rootfs mounted under the state dir, a shim
     // and a container process that would outlive containerd.
@@ -138,6 +158,15 @@ fn drop_kills_running_containers_and_unmounts_their_rootfs() {
     let socket = ctrd.socket().to_owned();
     let shims = ctrd.shim_pids();
     assert!(!shims.is_empty(), "a shim runs the detached container");
+    // containerd started the release's runc shim, found first on its PATH.
+    for pid in &shims {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(
+            exe,
+            release.runc_shim().canonicalize().unwrap(),
+            "{release}"
+        );
+    }
     let rootfs_mounts: Vec<_> = ctrd
         .mounts()
         .into_iter()
