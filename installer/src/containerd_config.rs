@@ -41,6 +41,8 @@ use toml_edit::{Array, DocumentMut, Item, Table, Value};
 
 /// The runtime's name in containerd (the RuntimeClass `handler`).
 pub const RUNTIME_NAME: &str = "flox";
+/// containerd's default `default_runtime_name`.
+pub const DEFAULT_RUNTIME_NAME: &str = "runc";
 /// The runtime type of runc's shim, which kof's shim wraps (and the type of the flox runtime
 /// where containerd honours `runtime_path`).
 pub const RUNTIME_TYPE: &str = "io.containerd.runc.v2";
@@ -498,6 +500,88 @@ impl ContainerdConfig {
                 new: Some(systemd_cgroup.to_string()),
             });
         }
+        Ok(changes)
+    }
+
+    /// containerd's socket as the file sets it (`[grpc] address`), if it does.
+    pub fn grpc_address(&self) -> Option<&str> {
+        self.doc
+            .get("grpc")
+            .and_then(|g| g.get("address"))
+            .and_then(Item::as_str)
+            .filter(|a| !a.is_empty())
+    }
+
+    /// The default runtime's name (`default_runtime_name` of the CRI plugin's `containerd`
+    /// section, containerd's default `runc` when unset).
+    pub fn default_runtime_name(
+        &self,
+        version: ConfigVersion,
+    ) -> Result<String, ContainerdConfigError> {
+        let cri = [
+            version.runtimes_path()[0],
+            version.runtimes_path()[1],
+            "containerd",
+        ];
+        Ok(self
+            .table_at(&cri)?
+            .and_then(|t| t.get("default_runtime_name"))
+            .and_then(Item::as_str)
+            .unwrap_or(DEFAULT_RUNTIME_NAME)
+            .to_string())
+    }
+
+    /// Makes sure the config has a table for its default runtime, which containerd 1.6 and 1.7
+    /// need once the file names any runtime: their CRI plugin replaces its default runtimes
+    /// (a `runc` of type `io.containerd.runc.v2`) with the file's, and refuses to load ("no
+    /// corresponding runtime configured in `containerd.runtimes` for `containerd`
+    /// `default_runtime_name = \"runc\"`") when the default is not among them. containerd 2.x
+    /// merges the file's runtimes into its defaults, but the table written there is the same.
+    ///
+    /// When the default runtime is `runc` and has no table, writes the one containerd would
+    /// have used: `runtime_type = "io.containerd.runc.v2"` and `options.SystemdCgroup = false`,
+    /// as `containerd config default` of 1.6.20, 1.7.24 and 2.1.9 prints it (the node's runc
+    /// pods used exactly that, since the file said nothing). A legacy `default_runtime` table
+    /// with a `runtime_type` (versions 1 and 2) is containerd's default runtime instead, and
+    /// another missing default is left for the check to refuse: containerd has no default for
+    /// it. Returns what it added.
+    pub fn ensure_default_runtime(&mut self) -> Result<Vec<Change>, ContainerdConfigError> {
+        let version = self.version()?;
+        let name = self.default_runtime_name(version)?;
+        let mut path: Vec<&str> = version.runtimes_path().to_vec();
+        let cri = &path[..3].to_vec();
+        if version != ConfigVersion::V3 {
+            let mut legacy = cri.clone();
+            legacy.push("default_runtime");
+            let legacy_type = self
+                .table_at(&legacy)?
+                .and_then(|t| t.get("runtime_type"))
+                .and_then(Item::as_str)
+                .is_some_and(|t| !t.is_empty());
+            if legacy_type {
+                return Ok(Vec::new());
+            }
+        }
+        path.push(&name);
+        if name != DEFAULT_RUNTIME_NAME || self.table_at(&path)?.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut options_path = path.clone();
+        options_path.push("options");
+        if let Some((i, item)) = self.first_non_section(&options_path) {
+            return Err(self.not_a_section(&options_path[..=i], item));
+        }
+        let key = dotted(&path);
+        let mut changes = Vec::new();
+        let table = self.table_mut(&path)?;
+        set_string(table, &key, "runtime_type", RUNTIME_TYPE, &mut changes);
+        let options = self.table_mut(&options_path)?;
+        replace_value(options, "SystemdCgroup", Value::from(false));
+        changes.push(Change {
+            key: format!("{}.SystemdCgroup", dotted(&options_path)),
+            old: None,
+            new: Some("false".to_string()),
+        });
         Ok(changes)
     }
 

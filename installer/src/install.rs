@@ -13,22 +13,54 @@
 //!    first change and written atomically. Drop-ins named by `imports` are inspected: one that
 //!    configures the CRI plugin can replace the main file's section (containerd 1.x merges
 //!    imports plugin by plugin), so it is named in a warning.
-//! 4. containerd is restarted only when its config changed (and a restart command is given).
+//!    When the config names no table for its default runtime (`runc` unless
+//!    `default_runtime_name` says otherwise), the one containerd would have used is written
+//!    beside flox ([`ContainerdConfig::ensure_default_runtime`]): without it containerd 1.6 and
+//!    1.7 refuse to load CRI once the file names any runtime.
+//! 4. The new config is checked with the node's containerd before it replaces the old one
+//!    ([`crate::check`]): a config that fails the check is never installed.
+//! 5. containerd is restarted only when its config changed (and a restart command is given).
+//!    Then the installer waits (bounded) until CRI answers `Status` with the `flox` runtime
+//!    handler ([`crate::cri`]). If it does not, the old config is put back (or the new file
+//!    removed, when there was none), containerd is restarted again, and the install fails
+//!    naming what went wrong and whether CRI answers again.
 //!
 //! Running it again on an installed node changes nothing and restarts nothing.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::check::{self, CheckError};
 use crate::containerd_config::{
     dotted, release_from_version_output, Change, ConfigVersion, ContainerdConfig,
     ContainerdConfigError, ContainerdRelease, FloxRuntime, RUNTIME_NAME, SHIM_FILE_NAME,
     SHIM_RUNTIME_TYPE,
 };
+use crate::cri::{self, CriError, CriStatus};
 use crate::host_files::{self, HostFileError, Written};
+
+/// containerd's socket when its config names none (`[grpc] address`).
+pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// Why CRI did not come up serving the flox runtime.
+#[derive(Debug, Error)]
+pub enum WaitError {
+    /// CRI did not answer `Status`, or its runtime is not ready.
+    #[error(transparent)]
+    Cri(#[from] CriError),
+    /// CRI answers, without the flox runtime handler.
+    #[error("CRI at {socket} answers but its runtime handlers {handlers:?} do not include flox")]
+    NoFlox {
+        /// The socket.
+        socket: PathBuf,
+        /// The handlers it has.
+        handlers: Vec<String>,
+    },
+}
 
 /// Why the installation stopped.
 #[derive(Debug, Error)]
@@ -77,6 +109,26 @@ pub enum InstallError {
     /// The restart command is empty.
     #[error("restarting containerd: the restart command is empty")]
     EmptyRestart,
+    /// The node's containerd refused the new config: the old one stays.
+    #[error("{path} left as it was")]
+    Check {
+        /// containerd's config.
+        path: PathBuf,
+        /// The check's verdict.
+        #[source]
+        source: CheckError,
+    },
+    /// After the restart CRI did not serve the flox runtime in time: the config was rolled back.
+    #[error("containerd did not serve CRI with the flox runtime within {waited:?} after the restart; {rollback}")]
+    NotServing {
+        /// How long the installer waited.
+        waited: Duration,
+        /// What the rollback did (restored, restarted, whether CRI answers again).
+        rollback: String,
+        /// The last answer (or failure) of CRI.
+        #[source]
+        last: WaitError,
+    },
     /// containerd's release could not be found out.
     #[error("asking containerd its version with {command}: {reason}; the flox runtime's registration depends on it (containerd 1.6 ignores runtime_path): give the node's release with --containerd-version (e.g. 1.6.20, 1.7.2, 2.0.0)")]
     DetectVersion {
@@ -212,6 +264,22 @@ pub struct Options {
     pub systemd_cgroup_fallback: Option<bool>,
     /// The command restarting containerd after its config changed; `None`: do not restart.
     pub restart: Option<Vec<String>>,
+    /// The command checking a new config with the node's containerd (see [`crate::check`]):
+    /// `{host_path}` is replaced by the candidate's host path, `{path}` by the same file as this
+    /// process sees it (under `host_root`). `None`: no check (only for tests of the file edits).
+    pub check: Option<Vec<String>>,
+    /// Waiting for CRI after a restart; `None`: no wait (only for tests of the file edits).
+    pub cri_wait: Option<CriWait>,
+}
+
+/// How to wait for CRI after a restart.
+#[derive(Debug, Clone)]
+pub struct CriWait {
+    /// containerd's socket (a host path); `None`: the config's `[grpc] address`, else
+    /// [`DEFAULT_CONTAINERD_SOCKET`].
+    pub socket: Option<PathBuf>,
+    /// How long to wait for CRI to answer with the flox runtime (and again after a rollback).
+    pub timeout: Duration,
 }
 
 /// How the shim's `SystemdCgroup` was chosen.
@@ -279,6 +347,23 @@ pub enum Action {
     },
     /// containerd's config changed but no restart was asked for.
     RestartSkipped,
+    /// The config named no table for its default runtime: containerd's default was written.
+    DefaultRuntimeAdded {
+        /// The runtime.
+        name: String,
+    },
+    /// The node's containerd loaded the new config and its dump has what kof needs.
+    Checked {
+        /// The check command.
+        command: String,
+    },
+    /// CRI answers after the restart, with the flox runtime handler.
+    CriServing {
+        /// The socket.
+        socket: PathBuf,
+        /// Its runtime handlers.
+        handlers: Vec<String>,
+    },
 }
 
 impl fmt::Display for Action {
@@ -340,6 +425,19 @@ impl fmt::Display for Action {
             }
             Action::Warning(w) => write!(f, "WARNING: {w}"),
             Action::Restarted { command } => write!(f, "restarted containerd ({command})"),
+            Action::DefaultRuntimeAdded { name } => write!(
+                f,
+                "containerd's config names no table for its default runtime {name:?}: writing the one containerd would have used (io.containerd.runc.v2, SystemdCgroup = false) beside flox, without which containerd 1.6 and 1.7 refuse to load CRI"
+            ),
+            Action::Checked { command } => write!(
+                f,
+                "checked the new config: {command} loads it, with the flox runtime and a table for the default runtime"
+            ),
+            Action::CriServing { socket, handlers } => write!(
+                f,
+                "CRI answers at {} with runtime handlers {handlers:?}",
+                socket.display()
+            ),
             Action::RestartSkipped => write!(
                 f,
                 "containerd's config changed but --no-restart was given: restart containerd for the flox runtime to exist"
@@ -515,7 +613,15 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         }
         FloxRuntime::ShimOnPath
     };
-    let changes = config.register_flox(&runtime)?;
+    let default_name = config.default_runtime_name(version)?;
+    let mut changes = config.ensure_default_runtime()?;
+    if !changes.is_empty() {
+        say(
+            Action::DefaultRuntimeAdded { name: default_name },
+            &mut summary,
+        );
+    }
+    changes.extend(config.register_flox(&runtime)?);
     let text = config.to_string();
     if original.as_deref() == Some(text.as_bytes()) {
         let mut section = version.runtimes_path().to_vec();
@@ -529,7 +635,20 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         );
         return Ok(summary);
     }
-    let written = host_files::install(&path, text.as_bytes(), existing_mode(&path), true)?;
+    if let Some(template) = &opts.check {
+        let command = check_candidate(opts, &path, text.as_bytes(), template, &runtime).map_err(
+            |source| match source {
+                CandidateError::Check(source) => InstallError::Check {
+                    path: path.clone(),
+                    source,
+                },
+                CandidateError::HostFile(e) => InstallError::HostFile(e),
+            },
+        )?;
+        say(Action::Checked { command }, &mut summary);
+    }
+    let mode = existing_mode(&path);
+    let written = host_files::install(&path, text.as_bytes(), mode, true)?;
     summary.containerd_config_changed = true;
     say(
         Action::File {
@@ -548,16 +667,158 @@ pub fn install(opts: &Options, report: &mut dyn FnMut(&Action)) -> Result<Summar
         );
     }
 
-    // 4. Restart.
-    match &opts.restart {
-        None => say(Action::RestartSkipped, &mut summary),
-        Some(argv) => {
-            let command = run_restart(argv)?;
-            summary.restarted = true;
-            say(Action::Restarted { command }, &mut summary);
+    // 5. Restart, and wait for CRI with the flox runtime.
+    let Some(argv) = &opts.restart else {
+        say(Action::RestartSkipped, &mut summary);
+        return Ok(summary);
+    };
+    let command = run_restart(argv)?;
+    summary.restarted = true;
+    say(Action::Restarted { command }, &mut summary);
+    let Some(wait) = &opts.cri_wait else {
+        return Ok(summary);
+    };
+    let socket = on_host(
+        &opts.host_root,
+        &wait
+            .socket
+            .clone()
+            .or_else(|| config.grpc_address().map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD_SOCKET)),
+    );
+    match wait_for_cri(&socket, wait.timeout, true) {
+        Ok(status) => {
+            say(
+                Action::CriServing {
+                    socket,
+                    handlers: status.handlers,
+                },
+                &mut summary,
+            );
+            Ok(summary)
+        }
+        Err(last) => {
+            let rollback = roll_back(
+                &path,
+                original.as_deref(),
+                mode,
+                argv,
+                &socket,
+                wait.timeout,
+            );
+            Err(InstallError::NotServing {
+                waited: wait.timeout,
+                rollback,
+                last,
+            })
         }
     }
-    Ok(summary)
+}
+
+/// Why a candidate config was not accepted.
+enum CandidateError {
+    Check(CheckError),
+    HostFile(HostFileError),
+}
+
+/// Writes `text` beside the config, checks it with the node's containerd, removes it; returns
+/// the check's command line.
+fn check_candidate(
+    opts: &Options,
+    path: &Path,
+    text: &[u8],
+    template: &[String],
+    runtime: &FloxRuntime,
+) -> Result<String, CandidateError> {
+    let candidate = check::candidate_path(path);
+    let host_candidate = check::candidate_path(&opts.containerd_config);
+    host_files::write_atomic(&candidate, text, 0o600).map_err(CandidateError::HostFile)?;
+    let argv = check::command_for(
+        template,
+        &host_candidate.to_string_lossy(),
+        &candidate.to_string_lossy(),
+    );
+    let result = check::check(&argv, runtime.runtime_type());
+    let _ = std::fs::remove_file(&candidate);
+    result.map_err(CandidateError::Check)?;
+    Ok(argv.join(" "))
+}
+
+/// Asks CRI on `socket` until it answers (with the flox handler when `want_flox`) or `timeout`
+/// passes; the last failure then.
+pub fn wait_for_cri(
+    socket: &Path,
+    timeout: Duration,
+    want_flox: bool,
+) -> Result<CriStatus, WaitError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let last = match cri::status(
+            socket,
+            left.clamp(Duration::from_secs(1), Duration::from_secs(10)),
+        ) {
+            Ok(status) if !want_flox || status.handlers.iter().any(|h| h == RUNTIME_NAME) => {
+                return Ok(status)
+            }
+            Ok(status) => WaitError::NoFlox {
+                socket: socket.to_owned(),
+                handlers: status.handlers,
+            },
+            Err(e) => WaitError::Cri(e),
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Puts the old config back (removes the new file when there was none), restarts containerd
+/// and waits for CRI to answer; says what it did, in words for the error.
+fn roll_back(
+    path: &Path,
+    original: Option<&[u8]>,
+    mode: u32,
+    restart: &[String],
+    socket: &Path,
+    timeout: Duration,
+) -> String {
+    let restored = match original {
+        Some(old) => host_files::write_atomic(path, old, mode)
+            .map(|()| format!("restored the old {}", path.display())),
+        None => std::fs::remove_file(path)
+            .map(|()| format!("removed the new {} (there was none)", path.display()))
+            .map_err(|source| HostFileError::Write {
+                path: path.to_path_buf(),
+                source,
+            }),
+    };
+    let restored = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            return format!(
+                "ROLLBACK FAILED, the new config stays: {}",
+                crate::one_line(&e)
+            )
+        }
+    };
+    if let Err(e) = run_restart(restart) {
+        return format!(
+            "{restored}, but restarting containerd again failed: {}",
+            crate::one_line(&e)
+        );
+    }
+    match wait_for_cri(socket, timeout, false) {
+        Ok(status) => format!(
+            "{restored} and restarted containerd, which answers CRI again (runtime handlers {:?})",
+            status.handlers
+        ),
+        Err(e) => format!(
+            "{restored} and restarted containerd, which still does not answer CRI within {timeout:?}: {}",
+            crate::one_line(&e)
+        ),
+    }
 }
 
 /// The program interpreter (dynamic loader) an ELF executable names, `None` for a static

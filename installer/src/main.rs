@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kof_node_install::containerd_config::DEFAULT_RUNTIME_PATH;
-use kof_node_install::install::{install, Action, ContainerdVersion, InstallError, Options};
+use kof_node_install::install::{
+    install, Action, ContainerdVersion, CriWait, InstallError, Options,
+};
 use kof_node_install::one_line;
 use kof_node_install::probe::{probe, Check};
 
 const DEFAULT_RESTART: &str =
     "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd";
 const DEFAULT_VERSION_COMMAND: &str = "nsenter --target 1 --mount -- containerd --version";
+const DEFAULT_CHECK_COMMAND: &str =
+    "nsenter --target 1 --mount -- containerd --config {host_path} config dump";
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +71,21 @@ struct Cli {
     /// Never restart containerd (print that it is needed instead).
     #[arg(long)]
     no_restart: bool,
+    /// The command checking a new containerd config with the node's containerd before it is
+    /// installed (split on whitespace; `{host_path}`: the new file's host path, `{path}`: the
+    /// same file under --host-root). It must print containerd's `config dump` of it; a config
+    /// it refuses, or whose dump lacks the flox runtime or a table for the default runtime, is
+    /// never installed.
+    #[arg(long, default_value = DEFAULT_CHECK_COMMAND)]
+    containerd_check_command: String,
+    /// containerd's socket (host path) for CRI after the restart. Default: the config's
+    /// `[grpc] address`, else /run/containerd/containerd.sock.
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
+    /// How long to wait after the restart for CRI to answer with the flox runtime handler
+    /// before the config is rolled back (and again for CRI after the rollback).
+    #[arg(long, default_value_t = 120)]
+    cri_timeout_secs: u64,
     #[command(subcommand)]
     command: Option<Sub>,
 }
@@ -138,6 +157,11 @@ fn main() -> ExitCode {
         containerd_version,
         systemd_cgroup_fallback: cli.systemd_cgroup,
         restart: (!cli.no_restart).then(|| words(&cli.restart_command)),
+        check: Some(words(&cli.containerd_check_command)),
+        cri_wait: Some(CriWait {
+            socket: cli.containerd_socket.clone(),
+            timeout: Duration::from_secs(cli.cri_timeout_secs),
+        }),
     };
     let mut print = |a: &Action| match a {
         Action::Warning(_) => eprintln!("kof-node-install: {a}"),

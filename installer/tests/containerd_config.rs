@@ -85,6 +85,8 @@ impl Host {
             containerd_version: release("1.7.2"),
             systemd_cgroup_fallback: None,
             restart: None,
+            check: None,
+            cri_wait: None,
         }
     }
 
@@ -476,6 +478,12 @@ fn containerd_16_gets_the_shim_on_path_form_that_it_reads() {
     assert_eq!(
         host.config(),
         r#"version = 2
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+SystemdCgroup = false
 
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flox]
 runtime_type = "io.containerd.flox.v2"
