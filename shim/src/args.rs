@@ -17,6 +17,8 @@ pub enum Action {
     Start,
     /// `delete`: clean up a container whose shim is gone (or that was just deleted).
     Delete,
+    /// `serve` (kof's own, from [`crate::bootstrap`]): be a pod's task-API proxy.
+    Serve,
     /// Anything else (`-v`, no action): passed to the runc shim as it is.
     Other,
 }
@@ -58,6 +60,7 @@ impl ShimArgs {
                 out.action = match arg.as_str() {
                     "start" => Action::Start,
                     "delete" => Action::Delete,
+                    crate::bootstrap::SERVE_ACTION => Action::Serve,
                     _ => Action::Other,
                 };
                 continue;

@@ -97,6 +97,9 @@ pub struct ContainerRecord {
     pub environment: String,
     /// Unix time of its start.
     pub created_at: i64,
+    /// How execs into it run; written once its environment is prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<crate::exec::ExecProfile>,
 }
 
 const RECORD: &str = "record.json";
@@ -375,6 +378,7 @@ mod tests {
             lease: "default.c1".into(),
             environment: "kof/hello".into(),
             created_at: 1,
+            exec: None,
         };
         let lock = d.create(&rec).unwrap();
         assert_eq!(d.record().unwrap(), Some(rec.clone()));

@@ -75,4 +75,10 @@ pub enum ShimError {
     /// Cleaning up a container's directory failed.
     #[error(transparent)]
     Cleanup(#[from] ContainerError),
+    /// `start` could not give containerd a shim address.
+    #[error(transparent)]
+    Bootstrap(#[from] crate::bootstrap::BootstrapError),
+    /// The task-API proxy could not run.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
 }

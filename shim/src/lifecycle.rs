@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kof_node_api::activate::activate;
 use kof_node_api::api::{Client, Prepared};
 use kof_node_api::config::Config;
 use kof_node_api::report::chain;
@@ -26,7 +25,8 @@ use tracing::{info, warn};
 use crate::annotations::{decide, Decision, EnvironmentRequest, PlainReason};
 use crate::container::{ContainerDir, ContainerRecord, RootMode, NEW_PREFIX};
 use crate::error::ShimError;
-use crate::spec::{env_pairs, BindMount, Spec};
+use crate::exec::{activated, ExecProfile};
+use crate::spec::{BindMount, Spec};
 use crate::token::{read_token, token_file};
 
 /// Longest a `prepare` may take (resolution, closure walk; no file contents are fetched). A
@@ -142,6 +142,7 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
         lease: lease.clone(),
         environment: env.clone(),
         created_at: unix_now(),
+        exec: None,
     };
     let lock = cdir.create(&record).map_err(ShimError::container(&env))?;
     let result = (|| {
@@ -149,6 +150,15 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
         let mode = root_mode(cfg, &req, spec.root_dir().as_deref());
         rewrite(&mut spec, &cdir, &prepared, &req, mode)?;
         spec.write()?;
+        let record = ContainerRecord {
+            exec: Some(ExecProfile {
+                activation: prepared.activation.clone(),
+                skip: req.skip_exec,
+            }),
+            ..record
+        };
+        cdir.write_record(&record)
+            .map_err(ShimError::container(&env))?;
         Ok(Started::Environment {
             lease: lease.clone(),
             env: prepared.env.clone(),
@@ -235,16 +245,19 @@ fn rewrite(
             });
         }
     }
-    let inherit = env_pairs(&spec.env()?);
-    let home = inherit
-        .get("HOME")
-        .cloned()
-        .unwrap_or_else(|| "/root".into());
-    let mut input = prepared.activation.input(&home, None);
-    input.inherit = inherit;
-    let act = activate(&input, &spec.args()?)?;
+    let act = activated(&prepared.activation, &spec.args()?, &spec.env()?)?;
     spec.set_process(&act.argv, &act.env);
     Ok(())
+}
+
+/// How execs into container `namespace`/`id` run: `None` for a container kof did not set up.
+pub fn exec_profile(
+    cfg: &Config,
+    namespace: &str,
+    id: &str,
+) -> Result<Option<ExecProfile>, ShimError> {
+    let cdir = ContainerDir::new(&cfg.containers_dir, namespace, id)?;
+    Ok(cdir.record()?.and_then(|r| r.exec))
 }
 
 /// Handles `delete` for container `namespace`/`id`: undoes its start, if it had one.

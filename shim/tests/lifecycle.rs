@@ -182,6 +182,7 @@ fn a_container_whose_delete_never_came_is_swept_by_the_next_start() {
             lease,
             environment: "kof/hello".into(),
             created_at: 0,
+            exec: None,
         })
         .unwrap();
     cdir.mount_root(&prepared.view_root).unwrap();

@@ -1,8 +1,14 @@
-//! `containerd-shim-flox-v2`: prepares an environment container at `start`, cleans it up at
-//! `delete`, and `exec`s `containerd-shim-runc-v2` with the same command line for everything.
+//! `containerd-shim-flox-v2`: containerd's shim for flox pods.
 //!
-//! containerd reads `start`'s combined stdout and stderr as the shim's address, so nothing is
-//! printed on success; logs go to `<containers_dir>/shim.log`. A failed start prints one line,
+//! - `start`: runs `containerd-shim-runc-v2 start` and starts (or finds) the pod's task-API
+//!   proxy in front of it; prints the proxy's address in the form the runc shim printed.
+//! - `serve` (started by `start`): the proxy, until its runc shim exits.
+//! - `delete`: cleans up what a container's Create set up, then `exec`s the runc shim's
+//!   `delete`, whose output containerd reads.
+//! - anything else (`-v`): `exec`s the runc shim with the same command line.
+//!
+//! containerd reads `start`'s combined stdout and stderr as the shim's address, so nothing else
+//! is printed on success; logs go to `<containers_dir>/shim.log`. A failure prints one line,
 //! which containerd passes to its caller (`ctr`, the kubelet), and exits 1.
 
 use std::ffi::OsString;
@@ -13,8 +19,9 @@ use std::process::Command;
 use kof_node_api::config::Config;
 use kof_node_api::report::chain;
 use kof_shim::args::{Action, ShimArgs};
-use kof_shim::lifecycle;
-use kof_shim::ShimError;
+use kof_shim::bootstrap::{self, LISTENER_FD, SOCKET_ENV, UPSTREAM_ENV, UPSTREAM_PID_ENV};
+use kof_shim::proxy::{self, ProxyOptions};
+use kof_shim::{lifecycle, ShimError};
 
 /// The runc shim's binary name, looked up on `PATH` unless `KOF_RUNC_SHIM` names it.
 const RUNC_SHIM: &str = "containerd-shim-runc-v2";
@@ -49,9 +56,11 @@ fn init_logging(cfg: &Config) {
         .try_init();
 }
 
-fn act(args: &ShimArgs) -> Result<(), ShimError> {
+/// What the binary does for `args`; `Ok(true)` when it is done and must not hand over to the
+/// runc shim.
+fn act(args: &ShimArgs, argv: &[OsString]) -> Result<bool, ShimError> {
     if args.action == Action::Other {
-        return Ok(());
+        return Ok(false);
     }
     let cfg = Config::load(None)?;
     init_logging(&cfg);
@@ -63,7 +72,30 @@ fn act(args: &ShimArgs) -> Result<(), ShimError> {
     match args.action {
         Action::Start => {
             let bundle = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-            lifecycle::start(&cfg, namespace, id, &bundle)?;
+            let address = args
+                .address
+                .as_deref()
+                .ok_or(ShimError::MissingArg("address"))?;
+            let out = bootstrap::start(argv, address, namespace, id, &bundle, &runc_shim())?;
+            print!("{}", out.render());
+            Ok(true)
+        }
+        Action::Serve => {
+            let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            let opts = ProxyOptions {
+                config: cfg,
+                namespace: namespace.to_string(),
+                upstream: var(UPSTREAM_ENV).ok_or(ShimError::MissingArg(UPSTREAM_ENV))?,
+                upstream_pid: var(UPSTREAM_PID_ENV).and_then(|p| p.parse().ok()),
+                socket: var(SOCKET_ENV)
+                    .map(PathBuf::from)
+                    .ok_or(ShimError::MissingArg(SOCKET_ENV))?,
+            };
+            if let Err(e) = proxy::serve(opts, LISTENER_FD) {
+                tracing::error!(namespace, id, error = %chain(&e), "shim proxy failed");
+                return Err(e.into());
+            }
+            Ok(true)
         }
         Action::Delete => {
             // The container is gone either way: a cleanup that fails is retried by a later
@@ -71,31 +103,26 @@ fn act(args: &ShimArgs) -> Result<(), ShimError> {
             if let Err(e) = lifecycle::delete(&cfg, namespace, id) {
                 tracing::warn!(namespace, id, error = %chain(&e), "cleanup at delete failed");
             }
+            Ok(false)
         }
-        Action::Other => {}
+        Action::Other => Ok(false),
     }
-    Ok(())
 }
 
 fn main() {
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let args = ShimArgs::parse(&argv);
-    if let Err(e) = act(&args) {
-        // No newline: containerd appends ": exit status 1" to what the shim printed.
-        eprint!("containerd-shim-flox-v2: {}", chain(&e).replace('\n', " "));
-        std::process::exit(1);
+    match act(&args, &argv) {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            // No newline: containerd appends ": exit status 1" to what the shim printed.
+            eprint!("containerd-shim-flox-v2: {}", chain(&e).replace('\n', " "));
+            std::process::exit(1);
+        }
     }
     let shim = runc_shim();
     let err = Command::new(&shim).args(&argv).exec();
-    if args.action == Action::Start {
-        if let (Some(ns), Some(id), Ok(cfg)) = (
-            args.namespace.as_deref(),
-            args.id.as_deref(),
-            Config::load(None),
-        ) {
-            let _ = lifecycle::delete(&cfg, ns, id);
-        }
-    }
     eprintln!(
         "containerd-shim-flox-v2: cannot run {}: {err}",
         Path::new(&shim).display()
