@@ -5,9 +5,10 @@
 //! shims it started (and their containers), unmounts what is left under its directory and removes
 //! the directory; nothing outside that directory is touched.
 //!
-//! Paths containerd 1.6 keeps outside its `root`/`state` regardless of configuration: a shim's
-//! ttrpc socket (`/run/containerd/s/<hash>`), `ctr`'s FIFOs (`/run/containerd/fifo`), runc's
-//! state for `ctr` containers and the `flox` runtime (`/run/containerd/runc/<ns>`) and cgroups.
+//! Paths containerd (1.6, 1.7 and 2.x alike) keeps outside its `root`/`state` regardless of
+//! configuration: a shim's ttrpc socket (`/run/containerd/s/<hash>`), `ctr`'s FIFOs
+//! (`/run/containerd/fifo`), runc's state for `ctr` containers and the `flox` runtime
+//! (`/run/containerd/runc/<ns>`) and cgroups.
 //! They go away when containers are deleted, which is why `Drop` first deletes, through
 //! containerd, any task and container a test left behind; only a shim it then has to kill
 //! can leave them behind.

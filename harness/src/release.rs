@@ -184,7 +184,10 @@ fn is_executable(path: &Path) -> bool {
 fn containerd_dir() -> PathBuf {
     match std::env::var_os(CONTAINERD_DIR_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/containerd"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("target/containerd"),
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kof_harness::containerd::{Containerd, ContainerdOptions, FLOX_SHIM_RUNTIME_TYPE};
+use kof_harness::containerd::{Containerd, ContainerdOptions, Release, FLOX_SHIM_RUNTIME_TYPE};
 use kof_harness::cri::{ContainerSpec, CriClient, Mount, PodSpec};
 use kof_harness::cri_api::ContainerState;
 use kof_harness::cri_log::{read_cri_log, wait_for_line, Stream};
@@ -25,10 +25,24 @@ fn bundle_config(ctrd: &Containerd, id: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
-#[test]
-fn images_import_and_cri_sees_them() {
+fn options(release: Release) -> ContainerdOptions {
+    ContainerdOptions {
+        release,
+        ..Default::default()
+    }
+}
+
+kof_harness::for_each_release!(
+    images_import_and_cri_sees_them,
+    runc_pod_lifecycle_with_logs_and_exec,
+    failing_create_surfaces_containerds_message,
+    flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded,
+    documented_flox_config_and_runtime_path,
+);
+
+fn images_import_and_cri_sees_them(release: Release) {
     let work = tempfile::tempdir().unwrap();
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+    let ctrd = Containerd::start(options(release)).unwrap();
     support::import_test_images(&ctrd, work.path());
     let cri = CriClient::connect(ctrd.socket()).unwrap();
     let version = cri.version().unwrap();
@@ -47,10 +61,9 @@ fn images_import_and_cri_sees_them() {
     assert!(cri.image_status("kof/not-imported:1").unwrap().is_none());
 }
 
-#[test]
-fn runc_pod_lifecycle_with_logs_and_exec() {
+fn runc_pod_lifecycle_with_logs_and_exec(release: Release) {
     let work = tempfile::tempdir().unwrap();
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+    let ctrd = Containerd::start(options(release)).unwrap();
     support::import_test_images(&ctrd, work.path());
     let cri = CriClient::connect(ctrd.socket()).unwrap();
 
@@ -154,10 +167,9 @@ fn iface_names(proc_net_dev: &str) -> Vec<String> {
     names
 }
 
-#[test]
-fn failing_create_surfaces_containerds_message() {
+fn failing_create_surfaces_containerds_message(release: Release) {
     let work = tempfile::tempdir().unwrap();
-    let ctrd = Containerd::start(ContainerdOptions::default()).unwrap();
+    let ctrd = Containerd::start(options(release)).unwrap();
     support::import_test_images(&ctrd, work.path());
     let cri = CriClient::connect(ctrd.socket()).unwrap();
     let pod = PodSpec::new("failing", &work.path().join("logs/failing"));
@@ -194,16 +206,30 @@ fn failing_create_surfaces_containerds_message() {
     cri.remove_pod_sandbox(&sandbox).unwrap();
 }
 
-/// A stand-in for containerd-shim-flox-v2: records each invocation's arguments, then becomes
-/// the runc shim.
-fn recording_shim(dir: &Path) -> (PathBuf, PathBuf) {
+/// A stand-in for containerd-shim-flox-v2: records each invocation's arguments (a line of
+/// `record`), its working directory (a line of `record.cwd`) and, for `start`, what the runc
+/// shim printed (a line of `record.out`), then becomes the release's runc shim.
+fn recording_shim(dir: &Path, release: Release) -> (PathBuf, PathBuf) {
     let record = dir.join("shim-calls");
     let shim = dir.join("recording-shim");
     std::fs::write(
         &shim,
         format!(
-            "#!/bin/sh\necho \"$*\" >> '{}'\nexec /usr/bin/containerd-shim-runc-v2 \"$@\"\n",
-            record.display()
+            r#"#!/bin/sh
+rec='{rec}'
+real='{real}'
+echo "$*" >> "$rec"
+pwd >> "$rec.cwd"
+if [ "${{#}}" -gt 0 ] && eval "[ \"\${{$#}}\" = start ]"; then
+  out=$("$real" "$@") || exit $?
+  echo "$out" >> "$rec.out"
+  printf '%s' "$out"
+  exit 0
+fi
+exec "$real" "$@"
+"#,
+            rec = record.display(),
+            real = release.runc_shim().display(),
         ),
     )
     .unwrap();
@@ -212,17 +238,17 @@ fn recording_shim(dir: &Path) -> (PathBuf, PathBuf) {
     (shim, record)
 }
 
-/// The facts the shim's design depends on, as containerd 1.6.20 behaves (see the crate doc):
-/// which annotations reach the OCI config of a `flox` pod's container, and which subcommands
-/// containerd runs the shim binary with over a pod's life.
-#[test]
-fn flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded() {
+/// The facts the shim's design depends on, as each containerd release behaves (see the crate
+/// doc): which annotations reach the OCI config of a `flox` pod's container, and which
+/// subcommands containerd runs the shim binary with over a pod's life, where, and what `start`
+/// answers.
+fn flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded(release: Release) {
     let work = tempfile::tempdir().unwrap();
-    let (shim, record) = recording_shim(work.path());
+    let (shim, record) = recording_shim(work.path(), release);
     let ctrd = Containerd::start(ContainerdOptions {
         flox_shim: Some(shim),
         flox_runtime_type: FLOX_SHIM_RUNTIME_TYPE.into(),
-        ..Default::default()
+        ..options(release)
     })
     .unwrap();
     support::import_test_images(&ctrd, work.path());
@@ -261,9 +287,14 @@ fn flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded() {
         sandbox.as_str()
     );
     assert_eq!(annotations["io.kubernetes.cri.container-name"], "main");
-    // containerd 1.6.20 passes the image name, normalized (the pod said "flox/empty:1.0.0").
+    // containerd 1.6.20 and 1.7.24 pass the image name normalized (the pod said
+    // "flox/empty:1.0.0"); 2.1.9 passes it as the pod said it.
+    let image_name = match release {
+        Release::Bookworm | Release::Trixie => "docker.io/flox/empty:1.0.0",
+        Release::Sid => support::EMPTY_IMAGE,
+    };
     assert_eq!(
-        annotations["io.kubernetes.cri.image-name"], "docker.io/flox/empty:1.0.0",
+        annotations["io.kubernetes.cri.image-name"], image_name,
         "{annotations:#}"
     );
     assert_eq!(annotations["io.kubernetes.cri.sandbox-name"], "flox-pod");
@@ -281,6 +312,19 @@ fn flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded() {
         "sandbox"
     );
     assert_eq!(sandbox_annotations["flox.dev/environment"], "owner/env:3");
+    // The sandbox's own bundle names itself as the pod's sandbox, on every release.
+    assert_eq!(
+        sandbox_annotations["io.kubernetes.cri.sandbox-id"],
+        sandbox.as_str(),
+        "{sandbox_annotations:#}"
+    );
+    if release == Release::Sid {
+        // 2.x adds the sandbox image's name.
+        assert_eq!(
+            sandbox_annotations["io.kubernetes.cri.podsandbox.image-name"],
+            kof_harness::containerd::DEFAULT_SANDBOX_IMAGE
+        );
+    }
 
     cri.stop_container(&id, 10).unwrap();
     cri.remove_container(&id).unwrap();
@@ -300,27 +344,80 @@ fn flox_handler_passes_annotations_and_calls_the_shim_binary_as_recorded() {
             (*words.last().unwrap(), id)
         })
         .collect();
-    // One `start` per task (the container's joins the sandbox's shim), and one `delete` per
-    // task once it is gone: containerd 1.6.20 runs `<shim> -id <id> -bundle <dir> delete` when
-    // the shim connection for that task closes ("cleaning up dead shim"), after the container
-    // exits (StopContainer) and again for the sandbox (StopPodSandbox), on clean stops too.
-    assert_eq!(
-        subcommands,
-        [
+    // containerd 1.6.20 and 1.7.24: one `start` per task (the container's joins the sandbox's
+    // shim), and one `delete` per task once it is gone: containerd runs
+    // `<shim> -id <id> -bundle <dir> delete` when the shim connection for that task closes
+    // ("cleaning up dead shim"), after the container exits (StopContainer) and again for the
+    // sandbox (StopPodSandbox), on clean stops too.
+    // containerd 2.1.9 runs the binary for the sandbox only: the container is created, started,
+    // exec'd and deleted through the sandbox shim's task API.
+    let expected = match release {
+        Release::Bookworm | Release::Trixie => vec![
             ("start", sandbox.as_str()),
             ("start", id.as_str()),
             ("delete", id.as_str()),
             ("delete", sandbox.as_str()),
         ],
-        "{calls}"
+        Release::Sid => vec![("start", sandbox.as_str()), ("delete", sandbox.as_str())],
+    };
+    assert_eq!(subcommands, expected, "{release}: {calls}");
+    // The full argv: `-namespace k8s.io -address <containerd's socket> -publish-binary
+    // <containerd> -id <id> start`, and `... -id <id> -bundle <bundle> delete`.
+    let bundle = |id: &str| {
+        ctrd.state()
+            .join("io.containerd.runtime.v2.task/k8s.io")
+            .join(id)
+    };
+    let publish = release.containerd();
+    assert_eq!(
+        calls.lines().next().unwrap(),
+        format!(
+            "-namespace k8s.io -address {} -publish-binary {} -id {sandbox} start",
+            ctrd.socket().display(),
+            publish.display()
+        )
     );
+    assert_eq!(
+        calls.lines().last().unwrap(),
+        format!(
+            "-namespace k8s.io -address {} -publish-binary {} -id {sandbox} -bundle {} delete",
+            ctrd.socket().display(),
+            publish.display(),
+            bundle(&sandbox).display()
+        )
+    );
+    // Each call runs in its task's bundle directory.
+    let cwds = std::fs::read_to_string(record.with_extension("cwd")).unwrap();
+    let expected_cwds: Vec<PathBuf> = expected.iter().map(|(_, id)| bundle(id)).collect();
+    assert_eq!(
+        cwds.lines().map(PathBuf::from).collect::<Vec<_>>(),
+        expected_cwds
+    );
+    // `start` prints where the shim serves: 1.6 and 1.7 read a bare address, containerd 2 reads
+    // the runc shim's JSON bootstrap (protocol version 3).
+    let outs = std::fs::read_to_string(record.with_extension("out")).unwrap();
+    for out in outs.lines() {
+        match release {
+            Release::Bookworm | Release::Trixie => {
+                assert!(out.starts_with("unix:///run/containerd/s/"), "{out}")
+            }
+            Release::Sid => {
+                let json: serde_json::Value = serde_json::from_str(out).unwrap();
+                assert_eq!(json["version"], 3, "{out}");
+                assert_eq!(json["protocol"], "ttrpc", "{out}");
+                let address = json["address"].as_str().unwrap();
+                assert!(address.starts_with("unix:///run/containerd/s/"), "{out}");
+            }
+        }
+    }
 }
 
 /// containerd 1.6.20's CRI ignores `runtime_path`: with the configuration Flox documents
 /// (`runtime_type = "io.containerd.runc.v2"` plus `runtime_path`), a shim that cannot even start
 /// does not keep a `flox` pod from running, because containerd runs `containerd-shim-runc-v2`.
-#[test]
-fn documented_flox_config_ignores_runtime_path_on_containerd_1_6_20() {
+/// containerd 1.7.24 and 2.1.9 run the `runtime_path` binary (2.1.9 first asks it `-info`), so
+/// that shim failing fails the pod.
+fn documented_flox_config_and_runtime_path(release: Release) {
     let work = tempfile::tempdir().unwrap();
     let record = work.path().join("calls");
     let shim = work.path().join("failing-shim");
@@ -333,7 +430,7 @@ fn documented_flox_config_ignores_runtime_path_on_containerd_1_6_20() {
     std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
     let ctrd = Containerd::start(ContainerdOptions {
         flox_shim: Some(shim.clone()),
-        ..Default::default()
+        ..options(release)
     })
     .unwrap();
     let config = std::fs::read_to_string(ctrd.config_path()).unwrap();
@@ -343,8 +440,29 @@ fn documented_flox_config_ignores_runtime_path_on_containerd_1_6_20() {
     let cri = CriClient::connect(ctrd.socket()).unwrap();
     let mut pod = PodSpec::new("documented", &work.path().join("logs/documented"));
     pod.runtime_handler = "flox".into();
-    let sandbox = cri.run_pod_sandbox(&pod).unwrap();
-    assert!(!record.exists(), "containerd ran the runtime_path shim");
-    cri.stop_pod_sandbox(&sandbox).unwrap();
-    cri.remove_pod_sandbox(&sandbox).unwrap();
+    let result = cri.run_pod_sandbox(&pod);
+    if release == Release::Bookworm {
+        let sandbox = result.unwrap();
+        assert!(!record.exists(), "containerd ran the runtime_path shim");
+        cri.stop_pod_sandbox(&sandbox).unwrap();
+        cri.remove_pod_sandbox(&sandbox).unwrap();
+        return;
+    }
+    let err = result.unwrap_err();
+    assert!(
+        err.grpc_message()
+            .unwrap()
+            .contains("failed to start shim: start failed: : exit status 7"),
+        "{err}"
+    );
+    let calls = std::fs::read_to_string(&record).unwrap();
+    let subcommands: Vec<&str> = calls
+        .lines()
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    let expected: &[&str] = match release {
+        Release::Sid => &["-info", "start"],
+        _ => &["start"],
+    };
+    assert_eq!(subcommands, expected, "{calls}");
 }
