@@ -60,6 +60,7 @@ unreachable() {
   grep -qiE "could not resolve|temporary failure (in name resolution|resolving)|could not connect|unable to connect|connection (failed|refused|timed out)|network is unreachable|no route to host|timed out" "$1"
 }
 
+# Called as `fetch_suite S || status=1`, where bash ignores `set -e`: every step checks itself.
 fetch_suite() {
   local suite=$1
   local dir="$out_root/$suite"
@@ -68,11 +69,11 @@ fetch_suite() {
     return 0
   fi
   local work="$dir/apt"
-  rm -rf "$work" "$dir/root" "$dir/deb"
-  mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$dir/deb"
+  rm -rf "$work" "$dir/root" "$dir/deb" || return 1
+  mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$dir/deb" || return 1
   # The private sources list: the system's mirror, the other suite.
-  echo "deb [signed-by=$mirror_key] $mirror_uri $suite main" >"$work/sources.list"
-  : >"$work/preferences"
+  echo "deb [signed-by=$mirror_key] $mirror_uri $suite main" >"$work/sources.list" || return 1
+  : >"$work/preferences" || return 1
   local apt_opts=(
     -o "Dir::Etc::sourcelist=$work/sources.list"
     -o "Dir::Etc::sourceparts=-"
@@ -113,8 +114,11 @@ fetch_suite() {
   deb=$(find "$dir/deb" -maxdepth 1 -name 'containerd_*.deb' | head -1)
   [ -n "$deb" ] || { echo "containerd $suite: no containerd .deb after download" >&2; return 1; }
   local version
-  version=$(dpkg-deb -f "$deb" Version)
-  dpkg -x "$deb" "$dir/root"
+  version=$(dpkg-deb -f "$deb" Version) && [ -n "$version" ] || {
+    echo "containerd $suite: no Version in $deb" >&2
+    return 1
+  }
+  dpkg -x "$deb" "$dir/root" || return 1
   local bin
   for bin in containerd ctr containerd-shim-runc-v2; do
     if [ ! -x "$dir/root/usr/bin/$bin" ]; then
@@ -134,8 +138,7 @@ fetch_suite() {
   # The .deb and the suite's package lists are only needed to get here (30 MB a suite).
   rm -rf "$dir/deb" "$work/cache" "$work/lists"
   # The stamp, last: the binaries are in place.
-  echo "$version" >"$dir/VERSION.tmp"
-  mv "$dir/VERSION.tmp" "$dir/VERSION"
+  echo "$version" >"$dir/VERSION.tmp" && mv "$dir/VERSION.tmp" "$dir/VERSION" || return 1
   echo "containerd $suite: $version fetched into $dir/root"
 }
 
