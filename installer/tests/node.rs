@@ -176,6 +176,8 @@ impl Paths {
         let mut path = std::ffi::OsString::from(release.bin_dir());
         path.push(":");
         path.push(std::env::var_os("PATH").unwrap_or_default());
+        // Never waited for here: it outlives this process, as a service does; `stop` ends it.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new(release.containerd())
             .arg("--config")
             .arg(&run)
