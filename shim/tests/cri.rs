@@ -10,12 +10,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Node, NodeOptions};
+use common::{Node, NodeOptions, Release};
 use kof_harness::containerd::{CRI_NAMESPACE, DEFAULT_SANDBOX_IMAGE};
 use kof_harness::cri::{ContainerSpec, CriClient, Mount, PodSpec};
 use kof_harness::cri_log::{read_cri_log, wait_for_line, LogLine};
 use kof_harness::images::{self, ImageConfig};
 use kof_testkit::{busybox_rootfs, fixtures};
+
+kof_harness::for_each_release!(
+    a_pod_runs_in_its_environment_through_cri,
+    skipped_containers_of_a_pod_run_as_plain_runc,
+    a_failing_environment_fails_the_container_start_with_its_name_and_cause,
+    a_private_environment_uses_the_pods_token_which_is_never_logged,
+    two_pods_of_one_environment_share_one_fetch_of_each_object,
+    execs_of_a_container_named_in_skip_containers_exec_run_unmodified,
+);
 
 const ENV: &str = "flox.dev/environment";
 const EMPTY_IMAGE: &str = "docker.io/flox/empty:1.0.0";
@@ -23,8 +32,8 @@ const BUSYBOX_IMAGE: &str = "docker.io/kof/busybox:1";
 const LOG_WAIT: Duration = Duration::from_secs(120);
 
 /// A node with the pause, placeholder and busybox images imported for CRI.
-fn cri_node() -> (Node, CriClient) {
-    let node = Node::new(NodeOptions::default());
+fn cri_node(release: Release) -> (Node, CriClient) {
+    let node = Node::new(NodeOptions::on(release));
     let dir = node.dir().join("images");
     std::fs::create_dir_all(&dir).unwrap();
     images::write_pause_image(&dir.join("pause.tar"), DEFAULT_SANDBOX_IMAGE).unwrap();
@@ -84,9 +93,8 @@ fn tear_down(node: &Node, cri: &CriClient, sandbox: &str, containers: &[String])
     node.assert_no_leftovers();
 }
 
-#[test]
-fn a_pod_runs_in_its_environment_through_cri() {
-    let (node, cri) = cri_node();
+fn a_pod_runs_in_its_environment_through_cri(release: Release) {
+    let (node, cri) = cri_node(release);
     let p = pod(&node, "py", &[(ENV, "kof/python")]);
     let sandbox = cri.run_pod_sandbox(&p).unwrap();
     // The pause container is not an environment container.
@@ -137,12 +145,43 @@ fn a_pod_runs_in_its_environment_through_cri() {
         String::from_utf8_lossy(&r.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "2");
+    // The exec runs activated, as `flox activate -- CMD` would: the environment's vars and
+    // hook over the container's own environment.
+    let r = cri
+        .exec_sync(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "echo \"$FLOX_ENV|$KOF_GREETING|$KOF_HOOK_RAN|$POD_VAR\"",
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let fields: Vec<&str> = out.split('|').collect();
+    assert!(fields[0].contains("-flox-env-python"), "{out}");
+    assert_eq!(
+        &fields[1..],
+        ["hello from kof/python", "1", "from-the-pod"],
+        "{out}"
+    );
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("python env activated"),
+        "the hook's output: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     tear_down(&node, &cri, &sandbox, &[id]);
 }
 
-#[test]
-fn skipped_containers_of_a_pod_run_as_plain_runc() {
-    let (node, cri) = cri_node();
+fn skipped_containers_of_a_pod_run_as_plain_runc(release: Release) {
+    let (node, cri) = cri_node(release);
     let p = pod(
         &node,
         "mixed",
@@ -173,9 +212,8 @@ fn skipped_containers_of_a_pod_run_as_plain_runc() {
     tear_down(&node, &cri, &sandbox, &[app_id, side_id]);
 }
 
-#[test]
-fn a_failing_environment_fails_the_container_start_with_its_name_and_cause() {
-    let (node, cri) = cri_node();
+fn a_failing_environment_fails_the_container_start_with_its_name_and_cause(release: Release) {
+    let (node, cri) = cri_node(release);
     let p = pod(&node, "bad", &[(ENV, "kof/nope")]);
     let sandbox = cri.run_pod_sandbox(&p).unwrap();
     let mut c = ContainerSpec::new("app", EMPTY_IMAGE);
@@ -191,9 +229,8 @@ fn a_failing_environment_fails_the_container_start_with_its_name_and_cause() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn a_private_environment_uses_the_pods_token_which_is_never_logged() {
-    let (node, cri) = cri_node();
+fn a_private_environment_uses_the_pods_token_which_is_never_logged(release: Release) {
+    let (node, cri) = cri_node(release);
     let (fx, manifest) = fixtures();
     let token_src = fx.join(&manifest.tokens["secretorg"]);
     let token = std::fs::read_to_string(&token_src)
@@ -236,9 +273,8 @@ fn a_private_environment_uses_the_pods_token_which_is_never_logged() {
     assert!(!logs.contains(&token), "the token appears in a log");
 }
 
-#[test]
-fn two_pods_of_one_environment_share_one_fetch_of_each_object() {
-    let (node, cri) = cri_node();
+fn two_pods_of_one_environment_share_one_fetch_of_each_object(release: Release) {
+    let (node, cri) = cri_node(release);
     let mut started = Vec::new();
     for name in ["one", "two"] {
         let p = pod(&node, name, &[(ENV, "kof/python")]);
@@ -283,4 +319,59 @@ fn tear_down_pod_only(cri: &CriClient, sandbox: &str, id: &str) {
     cri.remove_container(id).unwrap();
     cri.stop_pod_sandbox(sandbox).unwrap();
     cri.remove_pod_sandbox(sandbox).unwrap();
+}
+
+fn execs_of_a_container_named_in_skip_containers_exec_run_unmodified(release: Release) {
+    let (node, cri) = cri_node(release);
+    let p = pod(
+        &node,
+        "skipexec",
+        &[
+            (ENV, "kof/python"),
+            ("flox.dev/skip-containers-exec", "app"),
+        ],
+    );
+    let sandbox = cri.run_pod_sandbox(&p).unwrap();
+    let mut c = ContainerSpec::new("app", EMPTY_IMAGE);
+    c.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "echo \"main=$KOF_GREETING\"; exec sleep 600".into(),
+    ];
+    c.envs = vec![("POD_VAR".into(), "from-the-pod".into())];
+    let id = cri.create_container(&sandbox, &c, &p).unwrap();
+    cri.start_container(&id)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+    // The container's own process is activated all the same.
+    wait_line(&node, &log_of(&p, &c), "main=hello from kof/python");
+    let r = cri
+        .exec_sync(
+            &id,
+            &[
+                "/bin/sh",
+                "-c",
+                "echo \"[$FLOX_ENV|$KOF_GREETING|$POD_VAR]\"",
+            ],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{out} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(out, "[||from-the-pod]", "the container's plain environment");
+    assert!(
+        !String::from_utf8_lossy(&r.stderr).contains("python env activated"),
+        "no hook: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        node.logs().contains("exec runs unmodified"),
+        "{}",
+        node.logs()
+    );
+    tear_down(&node, &cri, &sandbox, &[id]);
 }

@@ -4,8 +4,18 @@
 
 mod common;
 
-use common::{empty_rootfs, text, Node, NodeOptions};
+use common::{empty_rootfs, text, Node, NodeOptions, Release};
 use kof_testkit::busybox_rootfs;
+
+kof_harness::for_each_release!(
+    a_container_runs_activated_in_its_environment,
+    generations_pin_and_a_new_live_generation_reaches_the_next_container,
+    nix_mutable_makes_the_store_writable_for_that_container_only,
+    a_real_image_keeps_its_root_and_gets_the_environment_on_top,
+    containers_without_the_annotation_run_as_plain_runc,
+    a_failing_environment_fails_the_start_with_its_name_and_cause,
+    an_exec_runs_activated_in_its_containers_environment,
+);
 
 const ENV: &str = "flox.dev/environment";
 
@@ -16,9 +26,8 @@ fn flox_env_of(out: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn a_container_runs_activated_in_its_environment() {
-    let node = Node::new(NodeOptions::default());
+fn a_container_runs_activated_in_its_environment(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = empty_rootfs(node.dir());
     let out = node.ctr_run(
         "py1",
@@ -57,9 +66,8 @@ fn a_container_runs_activated_in_its_environment() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn generations_pin_and_a_new_live_generation_reaches_the_next_container() {
-    let node = Node::new(NodeOptions::default());
+fn generations_pin_and_a_new_live_generation_reaches_the_next_container(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = empty_rootfs(node.dir());
     let run = |id: &str, env: &str| {
         let out = node.ctr_run(
@@ -90,9 +98,8 @@ fn generations_pin_and_a_new_live_generation_reaches_the_next_container() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn nix_mutable_makes_the_store_writable_for_that_container_only() {
-    let node = Node::new(NodeOptions::default());
+fn nix_mutable_makes_the_store_writable_for_that_container_only(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = empty_rootfs(node.dir());
     let probe =
         "touch /nix/store/kof-probe 2>/dev/null && echo store-writable || echo store-readonly; \
@@ -115,9 +122,8 @@ fn nix_mutable_makes_the_store_writable_for_that_container_only() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn a_real_image_keeps_its_root_and_gets_the_environment_on_top() {
-    let node = Node::new(NodeOptions::default());
+fn a_real_image_keeps_its_root_and_gets_the_environment_on_top(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = busybox_rootfs(node.dir());
     let out = node.ctr_run(
         "img1",
@@ -144,9 +150,8 @@ fn a_real_image_keeps_its_root_and_gets_the_environment_on_top() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn containers_without_the_annotation_run_as_plain_runc() {
-    let node = Node::new(NodeOptions::default());
+fn containers_without_the_annotation_run_as_plain_runc(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = busybox_rootfs(node.dir());
     let out = node.ctr_run(
         "plain1",
@@ -167,9 +172,8 @@ fn containers_without_the_annotation_run_as_plain_runc() {
     node.assert_no_leftovers();
 }
 
-#[test]
-fn a_failing_environment_fails_the_start_with_its_name_and_cause() {
-    let node = Node::new(NodeOptions::default());
+fn a_failing_environment_fails_the_start_with_its_name_and_cause(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
     let rootfs = empty_rootfs(node.dir());
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
     let cases: [Case; 4] = [
@@ -223,5 +227,45 @@ fn a_failing_environment_fails_the_start_with_its_name_and_cause() {
     assert!(stderr.contains("environment kof/tools"), "{stderr}");
     assert!(stderr.to_lowercase().contains("signature"), "{stderr}");
     node.server.clear_faults();
+    node.assert_no_leftovers();
+}
+
+fn an_exec_runs_activated_in_its_containers_environment(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
+    node.run_detached("ex1", "kof/python", &["sleep", "600"]);
+    // `ctr task exec` gives the exec the container's configured process (not the activated one
+    // its Create made): kof activates it on its way to the runc shim.
+    let out = node.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "ex1",
+        "sh",
+        "-c",
+        "echo \"FLOX_ENV=$FLOX_ENV\"; echo \"vars=$KOF_GREETING|$KOF_HOOK_RAN\"; python3 -c 'print(6*7)'",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}\n{}", node.logs());
+    assert!(
+        flox_env_of(&stdout).contains("-flox-env-python"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("vars=hello from kof/python|1"), "{stdout}");
+    assert!(stdout.contains("\n42\n"), "{stdout}");
+    // The hook ran for the exec, its output on stderr as in Flox.
+    assert!(stderr.contains("python env activated"), "{stderr}");
+    assert!(node.logs().contains("exec activated"), "{}", node.logs());
+
+    let out = node.ctr(&["tasks", "kill", "-s", "SIGKILL", "ex1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    node.wait_for("the task to stop", || {
+        text(&node.ctr(&["tasks", "ls"]).stdout).contains("STOPPED")
+    });
+    for args in [["tasks", "delete", "ex1"], ["containers", "delete", "ex1"]] {
+        let out = node.ctr(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    node.wait_for("the lease's release", || node.leases().is_empty());
     node.assert_no_leftovers();
 }

@@ -14,7 +14,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{empty_rootfs, text, Node};
+use common::{empty_rootfs, text, Node, Release};
 use kof_fixtures::tamper::Case;
 use kof_testkit::{NodeOptions, TamperedFixtures};
 
@@ -53,6 +53,7 @@ fn check(t: &TamperedFixtures, case: Case, prefetch: &'static str) -> Vec<String
             ..NodeOptions::default()
         },
         false,
+        Release::Bookworm,
     );
     let rootfs = empty_rootfs(node.dir());
     let out = node.ctr_run(

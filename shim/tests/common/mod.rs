@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use kof_harness::containerd::{mounts_under, Containerd, ContainerdOptions};
+pub use kof_harness::release::Release;
 use kof_node_api::api::LeaseInfo;
 
 /// The shim under test.
@@ -23,6 +24,8 @@ pub struct NodeOptions {
     pub prefetch: &'static str,
     /// `SystemdCgroup` of the `flox` runtime.
     pub systemd_cgroup: bool,
+    /// The containerd release.
+    pub release: Release,
 }
 
 impl Default for NodeOptions {
@@ -30,6 +33,17 @@ impl Default for NodeOptions {
         NodeOptions {
             prefetch: "none",
             systemd_cgroup: false,
+            release: Release::Bookworm,
+        }
+    }
+}
+
+impl NodeOptions {
+    /// The defaults, on containerd `release`.
+    pub fn on(release: Release) -> NodeOptions {
+        NodeOptions {
+            release,
+            ..NodeOptions::default()
         }
     }
 }
@@ -71,20 +85,31 @@ impl Node {
                 ..kof_testkit::NodeOptions::default()
             },
             opts.systemd_cgroup,
+            opts.release,
         )
     }
 
     /// The shared node `node_opts` describes (its fixture server, daemon and store), with
     /// containerd and the shim registered (`SystemdCgroup` as `systemd_cgroup`).
-    pub fn with(node_opts: kof_testkit::NodeOptions, systemd_cgroup: bool) -> Node {
+    pub fn with(
+        node_opts: kof_testkit::NodeOptions,
+        systemd_cgroup: bool,
+        release: Release,
+    ) -> Node {
         let node = kof_testkit::Node::new(node_opts);
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // containerd 1.6's CRI ignores `runtime_path` (it would run the plain runc shim): on
+        // 1.6 the runtime is registered by type, the binary found on containerd's PATH. From
+        // 1.7 on, the runtime is registered as Flox documents it (runc's type, `runtime_path`).
+        let flox_runtime_type = match release {
+            Release::Bookworm => "io.containerd.flox.v2".to_string(),
+            _ => ContainerdOptions::default().flox_runtime_type,
+        };
         let ctrd = Containerd::start(ContainerdOptions {
+            release,
             flox_shim: Some(shim_bin()),
-            // containerd 1.6's CRI ignores `runtime_path` (it would run the plain runc shim):
-            // on 1.6 the runtime is registered by type, the binary found on containerd's PATH.
-            flox_runtime_type: "io.containerd.flox.v2".into(),
+            flox_runtime_type,
             systemd_cgroup,
             env: vec![("KOF_CONFIG".into(), node.config.display().to_string())],
             ..ContainerdOptions::default()
@@ -130,6 +155,56 @@ impl Node {
             out.push_str(&c.log());
         }
         out
+    }
+
+    /// This node's `ctr` (its containerd's release and socket, its namespace) with `args`.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctrd()
+            .ctr(&self.ns)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Starts a detached container `id` of environment `env` running `cmd` (`ctr run -d` on an
+    /// empty root); panics with containerd's answer if it does not start.
+    pub fn run_detached(&self, id: &str, env: &str, cmd: &[&str]) {
+        let rootfs = empty_rootfs(self.dir());
+        let ann = format!("flox.dev/environment={env}");
+        let r = rootfs.display().to_string();
+        let mut args = vec![
+            "run",
+            "-d",
+            "--runtime",
+            "io.containerd.flox.v2",
+            "--annotation",
+            &ann,
+            "--rootfs",
+            &r,
+            id,
+        ];
+        args.extend_from_slice(cmd);
+        let out = self.ctr(&args);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            text(&out.stderr),
+            self.logs()
+        );
+    }
+
+    /// Waits until `cond` holds, or panics with `what` and the logs after a minute.
+    pub fn wait_for(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "{what} did not happen\n{}",
+                self.logs()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// `ctr run --rm --runtime io.containerd.flox.v2` of `cmd` on `rootfs` with `annotations`.
