@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand};
 use kof_benches::coldstart::ColdStartBench;
 use kof_benches::concurrent::ConcurrentBench;
 use kof_benches::node::Link;
-use kof_benches::podstart::PodStartBench;
+use kof_benches::podstart::{self, PodStartBench};
 use kof_benches::prefetch::PrefetchBench;
 use kof_benches::prepare::PrepareBench;
 use kof_benches::{dedup, report, seqread};
 use kof_fixtures::serve::parse_bandwidth;
+use kof_harness::release::Release;
 
 #[derive(Parser)]
 #[command(
@@ -140,8 +141,15 @@ enum Cmd {
         work: PathBuf,
     },
     /// Pod start through CRI (private containerd, the flox shim, runc): cold lazy, warm, plain
-    /// runc with the same files, and the real Nix's eager baseline, interleaved.
+    /// runc with the same files, and the real Nix's eager baseline, interleaved; on each
+    /// containerd release, with a breakdown of each start.
     Podstart {
+        /// containerd release: bookworm (1.6), trixie (1.7), sid (2.x); repeatable or a comma
+        /// list (default: every release there; a missing one is skipped, loudly). The fetched
+        /// releases are found under `$KOF_CONTAINERD_DIR` (default: the workspace's
+        /// `target/containerd`, from `scripts/fetch-containerd.sh`).
+        #[arg(long = "containerd", value_delimiter = ',')]
+        containerd: Vec<Release>,
         /// `owner/name` (repeatable; default: kof/python, kof/jdk).
         #[arg(long)]
         env: Vec<String>,
@@ -334,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             json.insert("prepare".into(), serde_json::to_value(reports)?);
         }
         Cmd::Podstart {
+            containerd,
             env,
             runs,
             latency_ms,
@@ -353,10 +362,16 @@ fn run(cli: Cli) -> Result<()> {
                     bandwidth: Some(bandwidth),
                 },
                 poll: Duration::from_micros(poll_us),
+                releases: podstart::available_releases(&containerd),
             };
-            eprintln!("podstart {:?}, {runs} runs of each mode", b.envs);
+            eprintln!(
+                "podstart {:?} on containerd {:?}, {runs} runs of each mode",
+                b.envs,
+                b.releases.iter().map(|r| r.name()).collect::<Vec<_>>()
+            );
             let r = b.run(&cli.fixtures, &manifest, &kof_store)?;
-            println!("{}", kof_benches::podstart::podstart_table(&r));
+            println!("{}", podstart::podstart_table(&r));
+            println!("{}", podstart::breakdown_table(&r));
             json.insert("podstart".into(), serde_json::to_value(r)?);
         }
         Cmd::Seqread {
