@@ -4,7 +4,7 @@
 //! in a guard, and checks that no mount is left.
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,7 +195,10 @@ fn prepare_serves_the_closure_and_release_removes_it() {
     let closure = closure_of("kof/hello");
     assert_eq!(p.closure, closure);
     assert_eq!(p.env, "kof/hello");
-    assert_eq!(p.view_root, mount_dir.join("c1"));
+    // The view is the generation's, named by its tree, not by the lease.
+    let view = view_name_of(&p.view_root);
+    assert_eq!(p.view_root, mount_dir.join(&view));
+    assert!(view.starts_with("tree@"), "{view}");
     assert!(p.flox_env.starts_with("/nix/store/"), "{}", p.flox_env);
     assert_eq!(p.activation.flox_env, p.flox_env);
 
@@ -254,7 +257,7 @@ fn prepare_serves_the_closure_and_release_removes_it() {
     assert_eq!(status.leases.len(), 1);
     assert_eq!(
         status.fuse_server.as_ref().unwrap().views,
-        vec!["c1".to_string()]
+        vec![view.clone()]
     );
 
     // The leased generation is recorded and pinned as a gc root while leased.
@@ -539,7 +542,8 @@ fn a_dead_fuse_server_is_replaced_and_the_leased_views_rebuilt() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(views, vec!["c1".to_string()]);
+    // c2 shared c1's view: it stays for c1, and is the one rebuilt.
+    assert_eq!(views, vec![view_name_of(&p.view_root)]);
     assert_view_has_bash(&node, &p.view_root);
 }
 
@@ -658,6 +662,15 @@ fn leases_survive_a_node_restart() {
 
 /// Every file of a view under `root`, relative, with its kind and (regular files) the SHA-256
 /// of its bytes read through the view; symlinks with their targets.
+/// The name of the view (under the mount) at `view_root`.
+fn view_name_of(view_root: &Path) -> String {
+    view_root
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn view_files(root: &Path, dir: &Path, out: &mut Vec<(String, String)>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -714,23 +727,38 @@ fn leases_of_one_generation_share_the_view_and_release_separately() {
         "{want:?}"
     );
 
+    // A second lease of the generation gets the same view: the same directory, dentries and
+    // inodes, so what the kernel cached for c1 serves c2.
+    let control = node.control();
+    let views = || {
+        kof_fetcherd::daemon::control::ControlClient::connect(&control)
+            .unwrap()
+            .ping()
+            .unwrap()
+            .views
+    };
     let p2 = c.prepare("kof/hello", "c2", None).unwrap();
-    assert_ne!(p2.view_root, p1.view_root);
+    assert_eq!(p2.view_root, p1.view_root);
     assert_eq!(p2.flox_env, p1.flox_env);
     assert_eq!(p2.activation, p1.activation);
+    let view = view_name_of(&p1.view_root);
+    assert_eq!(views(), vec![view.clone()]);
+    let leases = c.leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.view_root == p1.view_root),
+        "{leases:?}"
+    );
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let bash_ino = ino(&p1.view_root.join(&bash_rel));
     let mut got = Vec::new();
     view_files(&p2.view_root, &p2.view_root, &mut got);
     assert_eq!(got, want);
-    let log = fuse_server_log(&node);
-    assert!(
-        log.contains("view added from a kept tree view=c2"),
-        "c2 was not served from c1's tree:\n{log}"
-    );
 
-    // Releasing c1 leaves c2 whole, and a file open in c2 stays readable.
+    // Releasing c1 leaves the view whole for c2, and a file open in it stays readable.
     let mut open = std::fs::File::open(p2.view_root.join(&bash_rel)).unwrap();
     assert!(c.release("c1").unwrap().released);
-    assert!(!p1.view_root.exists());
+    assert_eq!(views(), vec![view.clone()]);
+    assert_eq!(ino(&p2.view_root.join(&bash_rel)), bash_ino);
     let mut got = Vec::new();
     view_files(&p2.view_root, &p2.view_root, &mut got);
     assert_eq!(got, want);
@@ -741,40 +769,32 @@ fn leases_of_one_generation_share_the_view_and_release_separately() {
         sha256_file(&staged(&bash).join("bin/bash"))
     );
 
-    // With no lease left, the next lease still gets the kept tree.
+    // The last lease takes the view with it; the next lease gets it back from the kept tree.
     assert!(c.release("c2").unwrap().released);
     assert!(!p2.view_root.exists());
+    assert!(views().is_empty());
     let p3 = c.prepare("kof/hello", "c3", None).unwrap();
+    assert_eq!(p3.view_root, p1.view_root);
     let mut got = Vec::new();
     view_files(&p3.view_root, &p3.view_root, &mut got);
     assert_eq!(got, want);
-    assert!(fuse_server_log(&node).contains("view added from a kept tree view=c3"));
+    assert!(fuse_server_log(&node).contains(&format!("view added from a kept tree view={view}")));
 
-    // A new daemon builds the view again and names it by the same digest: the FUSE server
-    // serves its kept tree.
+    // A new daemon finds c3's view on the FUSE server, and gives c4 the same one.
     drop(c);
     node.kill_daemon();
     node.start_daemon();
     let mut c = node.client();
     let p4 = c.prepare("kof/hello", "c4", None).unwrap();
+    assert_eq!(p4.view_root, p1.view_root);
     let mut got = Vec::new();
     view_files(&p4.view_root, &p4.view_root, &mut got);
     assert_eq!(got, want);
-    assert!(
-        fuse_server_log(&node).contains("view added from a kept tree view=c4"),
-        "{}",
-        node.logs()
-    );
+    assert_eq!(views(), vec![view.clone()]);
     assert!(c.release("c3").unwrap().released);
+    assert_eq!(views(), vec![view.clone()], "c4 still uses the view");
     assert!(c.release("c4").unwrap().released);
-    assert_eq!(
-        kof_fetcherd::daemon::control::ControlClient::connect(&node.control())
-            .unwrap()
-            .ping()
-            .unwrap()
-            .views,
-        Vec::<String>::new()
-    );
+    assert_eq!(views(), Vec::<String>::new());
 }
 
 /// The control socket refuses a tree whose digest is not its own, and answers `false` for a

@@ -28,6 +28,11 @@ pub struct LeaseRecord {
     pub root_set_by_lease: bool,
     /// Unix time it was prepared.
     pub created_at: i64,
+    /// The FUSE view its containers use, shared by every lease of the same view tree (see
+    /// [`view_name`]); absent in records written before views were shared, whose view is
+    /// named after the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<String>,
 }
 
 impl LeaseRecord {
@@ -35,6 +40,23 @@ impl LeaseRecord {
     pub fn env_name(&self) -> String {
         format!("{}/{}", self.owner, self.name)
     }
+
+    /// The name of the view under the FUSE mount that this lease's containers use.
+    pub fn view_name(&self) -> &str {
+        self.view.as_deref().unwrap_or(&self.lease)
+    }
+}
+
+/// The name of the shared view of tree `tree` (a [`kof_lazy::view::tree_digest`]): `tree@` and
+/// 32 hex digits of the digest. The `@` is outside the lease-id alphabet, so a shared view never
+/// has the name of a lease's own view (the views of records without [`LeaseRecord::view`]).
+pub fn view_name(tree: &str) -> String {
+    let hex: String = tree
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(32)
+        .collect();
+    format!("tree@{hex}")
 }
 
 /// Why the lease directory failed.
@@ -182,6 +204,7 @@ mod tests {
             },
             root_set_by_lease: true,
             created_at: 7,
+            view: Some(view_name("0123456789abcdef0123456789abcdef0123")),
         };
         dir.put(&rec).unwrap();
         std::fs::write(tmp.path().join("leases/.tmp-1-c2"), b"{").unwrap();
@@ -195,5 +218,20 @@ mod tests {
             dir.load_all(),
             Err(LeaseStoreError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn shared_view_names_are_never_lease_ids_and_old_records_name_their_own() {
+        let name = view_name("0123456789abcdef0123456789abcdef0123");
+        assert_eq!(name, "tree@0123456789abcdef0123456789abcdef");
+        assert!(kof_node_api::lease::check_lease_id(&name).is_err());
+        // A record written before views were shared has no `view`: its view is the lease's.
+        let old = r#"{"lease":"k8s.io.c1","owner":"kof","name":"hello","generation":2,
+            "pinned":false,"activation":{"env":"kof/hello:2","flox_env":"/nix/store/x",
+            "description":"hello","vars":{},"hook":null,"bash":null},
+            "root_set_by_lease":true,"created_at":7}"#;
+        let rec: LeaseRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.view, None);
+        assert_eq!(rec.view_name(), "k8s.io.c1");
     }
 }

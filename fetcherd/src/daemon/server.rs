@@ -27,7 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{error, info, warn};
 
 use super::control::{ensure_fuse_server, ControlClient, RunPaths};
-use super::leases::{LeaseDir, LeaseRecord};
+use super::leases::{view_name, LeaseDir, LeaseRecord};
 use super::wire::WireEntry;
 use crate::metrics::{DaemonMetrics, Exposition};
 
@@ -149,6 +149,9 @@ struct Daemon {
     /// The leases, and a lock per lease id that serialises its prepare and release.
     leases: Mutex<BTreeMap<String, LeaseRecord>>,
     lease_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per view name, held while a view is added, rebuilt or removed and the leases
+    /// using it change (taken after a lease's lock, never before).
+    view_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     paths: RunPaths,
     metrics: DaemonMetrics,
     started: Instant,
@@ -222,6 +225,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         lease_dir,
         leases: Mutex::new(records.into_iter().map(|r| (r.lease.clone(), r)).collect()),
         lease_locks: Mutex::new(HashMap::new()),
+        view_locks: Mutex::new(HashMap::new()),
         paths,
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
@@ -424,8 +428,42 @@ impl Daemon {
             .clone()
     }
 
-    fn view_root(&self, lease: &str) -> PathBuf {
-        self.config.mount_dir.join(lease)
+    fn view_lock(&self, view: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.view_locks
+            .lock()
+            .entry(view.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn view_root(&self, r: &LeaseRecord) -> PathBuf {
+        self.config.mount_dir.join(r.view_name())
+    }
+
+    /// Whether the FUSE server serves view `name`.
+    async fn has_view(&self, name: &str) -> bool {
+        let control = self.paths.control.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            ControlClient::connect(&control)
+                .and_then(|mut c| c.ping())
+                .is_ok_and(|i| i.views.contains(&name))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Builds the view of lease `rec` again when the FUSE server lacks it (a rebuild after a
+    /// restart failed, or another lease of a shared view is rebuilding it): `Ok(true)` when it
+    /// was rebuilt now.
+    async fn ensure_view(&self, rec: &LeaseRecord) -> Result<bool, Failure> {
+        let lock = self.view_lock(rec.view_name());
+        let _held = lock.lock().await;
+        if self.has_view(rec.view_name()).await {
+            return Ok(false);
+        }
+        self.rebuild(rec).await?;
+        Ok(true)
     }
 
     fn lease_info(&self, r: &LeaseRecord, closure_paths: usize) -> LeaseInfo {
@@ -434,7 +472,7 @@ impl Daemon {
             env: r.env_name(),
             generation: r.generation,
             pinned: r.pinned,
-            view_root: self.view_root(&r.lease),
+            view_root: self.view_root(r),
             flox_env: r.activation.flox_env.clone(),
             closure_paths,
             created_at: r.created_at,
@@ -465,7 +503,7 @@ impl Daemon {
             env: r.env_name(),
             generation: r.generation,
             pinned: r.pinned,
-            view_root: self.view_root(&r.lease),
+            view_root: self.view_root(r),
             flox_env: r.activation.flox_env.clone(),
             closure: record.closure.iter().map(|p| p.to_absolute()).collect(),
             activation: r.activation.clone(),
@@ -511,16 +549,7 @@ impl Daemon {
             }
             let record = self.env_record(&rec)?;
             // Its view may be missing (a rebuild after a restart failed): build it now.
-            let d = self.clone();
-            let name = lease.to_string();
-            let has_view = tokio::task::spawn_blocking(move || {
-                d.fuse_info().is_some_and(|i| i.views.contains(&name))
-            })
-            .await
-            .unwrap_or(false);
-            if !has_view {
-                self.rebuild(&rec).await?;
-            }
+            self.ensure_view(&rec).await?;
             return Ok(self.prepared_of(&rec, &record));
         }
 
@@ -609,19 +638,30 @@ impl Daemon {
                 released: false,
             });
         };
-        let control = self.paths.control.clone();
-        let name = lease.to_string();
-        blocking("removing the view", move || {
-            ControlClient::connect(&control)
-                .and_then(|mut c| c.remove_view(&name))
-                .map_err(|e| {
-                    fail(
-                        ErrorKind::Fuse,
-                        format!("removing view {name}: {}", chain(&e)),
-                    )
-                })
-        })
-        .await?;
+        // The view goes with its last lease.
+        let view = rec.view_name().to_string();
+        let view_lock = self.view_lock(&view);
+        let _view_held = view_lock.lock().await;
+        let shared = self
+            .leases
+            .lock()
+            .values()
+            .any(|o| o.lease != rec.lease && o.view_name() == view);
+        if !shared {
+            let control = self.paths.control.clone();
+            let name = view.clone();
+            blocking("removing the view", move || {
+                ControlClient::connect(&control)
+                    .and_then(|mut c| c.remove_view(&name))
+                    .map_err(|e| {
+                        fail(
+                            ErrorKind::Fuse,
+                            format!("removing view {name}: {}", chain(&e)),
+                        )
+                    })
+            })
+            .await?;
+        }
         self.lease_dir
             .remove(lease)
             .map_err(|e| fail(ErrorKind::Store, format!("lease {lease}: {}", chain(&e))))?;
@@ -775,36 +815,36 @@ impl Daemon {
         let leases: Vec<LeaseRecord> = self.leases.lock().values().cloned().collect();
         let handle = tokio::runtime::Handle::current();
         for rec in &leases {
-            if info.views.contains(&rec.lease) {
+            if info.views.contains(&rec.view_name().to_string()) {
                 continue;
             }
             // The API is served while this runs: a `prepare` of the same lease may have rebuilt
             // the view already, or a `release` dropped the lease. Under the lease's lock, look
-            // again; rebuilding twice would replace a view a reader is already walking.
+            // again; `ensure_view` looks for the view again under the view's lock (another
+            // lease of a shared view may have rebuilt it), as rebuilding twice would replace a
+            // view a reader is already walking.
             let lock = self.lease_lock(&rec.lease);
             let _held = handle.block_on(lock.lock());
-            let still_leased = self.leases.lock().contains_key(&rec.lease);
-            if !still_leased
-                || self
-                    .fuse_info()
-                    .is_some_and(|i| i.views.contains(&rec.lease))
-            {
+            if !self.leases.lock().contains_key(&rec.lease) {
                 continue;
             }
-            match handle.block_on(self.rebuild(rec)) {
-                Ok(()) => info!(lease = %rec.lease, "view rebuilt for a lease"),
+            match handle.block_on(self.ensure_view(rec)) {
+                Ok(true) => {
+                    info!(lease = %rec.lease, view = rec.view_name(), "view rebuilt for a lease")
+                }
+                Ok(false) => {}
                 Err(f) => {
-                    error!(lease = %rec.lease, "cannot rebuild the view of a lease: {}", f.message)
+                    error!(lease = %rec.lease, view = rec.view_name(), "cannot rebuild the view of a lease: {}", f.message)
                 }
             }
         }
         for v in &info.views {
-            if !leases.iter().any(|r| &r.lease == v) {
-                // A `prepare` adds its view before it records the lease: under the lease's lock,
-                // look again.
-                let lock = self.lease_lock(v);
+            if !leases.iter().any(|r| r.view_name() == v) {
+                // A `prepare` adds its view before it records the lease, both under the view's
+                // lock: under it, look again.
+                let lock = self.view_lock(v);
                 let _held = handle.block_on(lock.lock());
-                if self.leases.lock().contains_key(v) {
+                if self.leases.lock().values().any(|r| r.view_name() == v) {
                     continue;
                 }
                 info!(view = %v, "removing a view without a lease");
@@ -839,10 +879,15 @@ impl Daemon {
             .view_of(&resolved, &closure, StartedEntries::new())
             .await
             .map_err(prepare_failure)?;
-        self.add_view(&rec.lease, built).await.map_err(|e| {
+        self.add_view(rec.view_name(), built).await.map_err(|e| {
             fail(
                 ErrorKind::Fuse,
-                format!("adding view {}: {}", rec.lease, chain(&e)),
+                format!(
+                    "adding view {} of lease {}: {}",
+                    rec.view_name(),
+                    rec.lease,
+                    chain(&e)
+                ),
             )
         })
     }
@@ -1035,19 +1080,27 @@ impl Lease for DaemonLease<'_> {
             activation: p.activation.clone(),
             root_set_by_lease: p.root_set,
             created_at: now_secs(),
+            view: Some(view_name(&p.built.tree)),
         };
+        let view = rec.view_name().to_string();
+        // Under the view's lock: whether another lease already shows this tree, adding the view
+        // if not, and recording this lease as one of its users are one step.
+        let view_lock = d.view_lock(&view);
+        let _view_held = view_lock.lock().await;
         let dir = d.lease_dir.clone();
         let rec2 = rec.clone();
         tokio::task::spawn_blocking(move || dir.put(&rec2))
             .await
             .map_err(|e| lease_error(format!("lease {}", self.lease), Box::new(e)))?
             .map_err(|e| lease_error(format!("lease {}", self.lease), Box::new(e)))?;
-        if let Err(e) = d.add_view(self.lease, p.built.clone()).await {
-            let _ = d.lease_dir.remove(self.lease);
-            return Err(lease_error(
-                format!("adding view {}", self.lease),
-                Box::new(e),
-            ));
+        // A view other leases use stays as it is: its dentries and inodes, which the kernel
+        // caches, are what a warm start reuses.
+        let shared = d.leases.lock().values().any(|o| o.view_name() == view);
+        if !shared {
+            if let Err(e) = d.add_view(&view, p.built.clone()).await {
+                let _ = d.lease_dir.remove(self.lease);
+                return Err(lease_error(format!("adding view {view}"), Box::new(e)));
+            }
         }
         d.leases.lock().insert(self.lease.to_string(), rec.clone());
         self.record = Some(rec);
