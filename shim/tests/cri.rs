@@ -375,3 +375,51 @@ fn execs_of_a_container_named_in_skip_containers_exec_run_unmodified(release: Re
     );
     tear_down(&node, &cri, &sandbox, &[id]);
 }
+
+/// `SystemdCgroup = true` in the flox runtime's options (containerd 1.7 and 2.x carry them;
+/// 1.6's form has none) reaches the runc shim through the proxy's Create untouched: runc runs
+/// with the systemd cgroup driver, whose check of the sandbox's cgroups path fails here (the
+/// harness's CRI gives a cgroupfs-style path, as no kubelet with systemd runs on this machine).
+fn systemd_cgroup_in_the_runtimes_options_reaches_runc(release: Release) {
+    let node = Node::new(NodeOptions {
+        systemd_cgroup: true,
+        ..NodeOptions::on(release)
+    });
+    let dir = node.dir().join("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    images::write_pause_image(&dir.join("pause.tar"), DEFAULT_SANDBOX_IMAGE).unwrap();
+    node.ctrd()
+        .import_image(CRI_NAMESPACE, &dir.join("pause.tar"))
+        .unwrap();
+    let cri = CriClient::connect(node.ctrd().socket()).unwrap();
+    let p = pod(&node, "systemd", &[(ENV, "kof/hello")]);
+    let err = cri.run_pod_sandbox(&p).unwrap_err();
+    let msg = err.grpc_message().unwrap_or_default().to_lowercase();
+    // runc's own check of the systemd driver (the pod has no systemd-style cgroupsPath here,
+    // as kubelet would give it): only runc run with `--systemd-cgroup` makes it.
+    assert!(
+        msg.contains("for systemd cgroups"),
+        "{msg}\n{}",
+        node.logs()
+    );
+    // The runc shim got the options as containerd sent them.
+    assert!(
+        node.logs().contains("shim proxy started"),
+        "the pod went through kof's shim: {}",
+        node.logs()
+    );
+}
+
+#[test]
+fn trixie_systemd_cgroup_in_the_runtimes_options_reaches_runc() {
+    if kof_harness::release::should_test(Release::Trixie).unwrap() {
+        systemd_cgroup_in_the_runtimes_options_reaches_runc(Release::Trixie);
+    }
+}
+
+#[test]
+fn sid_systemd_cgroup_in_the_runtimes_options_reaches_runc() {
+    if kof_harness::release::should_test(Release::Sid).unwrap() {
+        systemd_cgroup_in_the_runtimes_options_reaches_runc(Release::Sid);
+    }
+}
