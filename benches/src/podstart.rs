@@ -13,8 +13,10 @@
 //! - `warm`: a second `flox` pod on that node once the first is gone and the closure is
 //!   stored (`prefetch` through the daemon, untimed); the annotation names the environment as
 //!   a pod would (`owner/name`), so the shim still resolves the live generation on FloxHub;
-//! - `warm_pinned`: the same with `owner/name:G`, which resolves without FloxHub (the two warm
-//!   pods swap places on odd runs, so neither is always the first after the cold one);
+//! - `warm_pinned`: the same with `owner/name:G`, which resolves without FloxHub. It always
+//!   starts second: the first warm pod after the prefetch reads its files through FUSE again
+//!   (about 180 reads; the second pod's are mostly answered by the page cache), which each
+//!   start's `fuse_by_op` shows;
 //! - `plain`: plain runc with an ordinary image whose one layer holds the same files (the
 //!   view's root copied out with `cp -a` after the first cold run) and whose config carries the
 //!   activation's variables; the container runs the activation's argv, so the same process
@@ -45,7 +47,7 @@
 //! The clocks: the timer is monotonic; the shim's, containerd's and the log's times are the
 //! wall clock, set against the timer by the wall time read with the timer's start.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -158,12 +160,15 @@ pub struct Timeline {
     pub prepare: Option<f64>,
     /// Prepares the daemon answered in that time.
     pub prepares: Option<u64>,
-    /// FUSE operations the view answered (its `kof_fuse_op_seconds` counts, before and after).
+    /// FUSE operations the view answered (its `kof_fuse_op_seconds` counts, before and after;
+    /// the FUSE server's counts are of all its views, and only this start's is in use).
     pub fuse_ops: Option<u64>,
     /// `lookup`s among them.
     pub fuse_lookups: Option<u64>,
     /// Seconds the FUSE server spent answering them.
     pub fuse_seconds: Option<f64>,
+    /// The same per FUSE operation: its count and seconds.
+    pub fuse_by_op: BTreeMap<String, (u64, f64)>,
 }
 
 /// One measured start.
@@ -523,6 +528,7 @@ impl Rig {
             timeline.fuse_ops = Some(d.fuse_ops);
             timeline.fuse_lookups = Some(d.fuse_lookups);
             timeline.fuse_seconds = Some(d.fuse_seconds);
+            timeline.fuse_by_op = d.fuse_by_op;
             let text = std::fs::read_to_string(&p.shim_log).unwrap_or_default();
             let shim = ShimEvents::read(&text, wall0, &id);
             timeline.shim_create = shim.create.map(since);
@@ -559,6 +565,7 @@ struct DaemonCounters {
     fuse_ops: u64,
     fuse_lookups: u64,
     fuse_seconds: f64,
+    fuse_by_op: BTreeMap<String, (u64, f64)>,
 }
 
 impl DaemonCounters {
@@ -593,15 +600,24 @@ impl DaemonCounters {
                 continue;
             };
             let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let op = labels
+                .split_once("op=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(op, _)| op.to_string())
+                .unwrap_or_default();
             match name {
                 "kof_prepare_seconds_sum" => c.prepare_seconds = v,
                 "kof_prepare_seconds_count" => c.prepares = v as u64,
-                "kof_fuse_op_seconds_sum" => c.fuse_seconds += v,
+                "kof_fuse_op_seconds_sum" => {
+                    c.fuse_seconds += v;
+                    c.fuse_by_op.entry(op).or_default().1 += v;
+                }
                 "kof_fuse_op_seconds_count" => {
                     c.fuse_ops += v as u64;
-                    if labels.contains("op=\"lookup\"") {
+                    if op == "lookup" {
                         c.fuse_lookups += v as u64;
                     }
+                    c.fuse_by_op.entry(op).or_default().0 += v as u64;
                 }
                 _ => {}
             }
@@ -617,6 +633,15 @@ impl DaemonCounters {
             fuse_ops: self.fuse_ops.saturating_sub(before.fuse_ops),
             fuse_lookups: self.fuse_lookups.saturating_sub(before.fuse_lookups),
             fuse_seconds: self.fuse_seconds - before.fuse_seconds,
+            fuse_by_op: self
+                .fuse_by_op
+                .iter()
+                .map(|(op, &(n, secs))| {
+                    let (n0, secs0) = before.fuse_by_op.get(op).copied().unwrap_or_default();
+                    (op.clone(), (n.saturating_sub(n0), secs - secs0))
+                })
+                .filter(|(_, (n, _))| *n > 0)
+                .collect(),
         }
     }
 }
@@ -910,11 +935,7 @@ impl PodStartBench {
                         Client::connect(&n.socket())?
                             .with_timeout(Duration::from_secs(600))
                             .prefetch(env, None)?;
-                        let mut warm = [("warm", env), ("warm-pinned", pinned.as_str())];
-                        if i % 2 == 1 {
-                            warm.reverse();
-                        }
-                        for (mode, reference) in warm {
+                        for (mode, reference) in [("warm", env), ("warm-pinned", pinned.as_str())] {
                             let pod = rig.sandbox(&format!("{short}-{mode}"), Some(reference))?;
                             let r = rig.timed_start(
                                 server,
@@ -1301,6 +1322,7 @@ kof_fuse_op_seconds_count{op=\"read\"} 10
         let c = DaemonCounters::parse(text);
         assert_eq!((c.prepares, c.fuse_ops, c.fuse_lookups), (2, 50, 40));
         assert_eq!((c.prepare_seconds, c.fuse_seconds), (0.25, 0.75));
+        assert_eq!(c.fuse_by_op["read"], (10, 0.25));
         let d = c.since(&DaemonCounters {
             prepares: 1,
             prepare_seconds: 0.05,
