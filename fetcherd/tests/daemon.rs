@@ -88,6 +88,7 @@ struct NodeOptions {
     bandwidth: Option<u64>,
     prefetch: &'static str,
     metrics_port: Option<u16>,
+    extra_config: String,
 }
 
 impl Default for NodeOptions {
@@ -97,6 +98,7 @@ impl Default for NodeOptions {
             bandwidth: None,
             prefetch: "none",
             metrics_port: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -123,6 +125,7 @@ impl Node {
             bandwidth: opts.bandwidth,
             prefetch: Some(opts.prefetch),
             metrics_port: opts.metrics_port,
+            extra_config: opts.extra_config,
             fetcherd: Some(env!("CARGO_BIN_EXE_kof-fetcherd").into()),
             prefix: "kof-fetcherd-test",
             ..kof_testkit::NodeOptions::default()
@@ -171,9 +174,12 @@ fn prepare_serves_the_closure_and_release_removes_it() {
     let port = free_port();
     // The published cache: demand reads are range GETs of verified chunks, counted when their
     // bytes arrive.
+    // `idle_view_secs = 0`: a view goes with its last lease (kept idle otherwise: see
+    // leases_of_one_generation_share_the_view_and_release_separately).
     let mut node = Node::new(NodeOptions {
         metrics_port: Some(port),
         flavour: "published",
+        extra_config: "idle_view_secs = 0\n".into(),
         ..NodeOptions::default()
     });
     let mount_dir = node.mount_dir();
@@ -769,16 +775,17 @@ fn leases_of_one_generation_share_the_view_and_release_separately() {
         sha256_file(&staged(&bash).join("bin/bash"))
     );
 
-    // The last lease takes the view with it; the next lease gets it back from the kept tree.
+    // After the last lease the view stays, idle, for the next pod of the generation: the same
+    // inodes, so what the kernel cached of it (dentries, pages) serves that pod too.
     assert!(c.release("c2").unwrap().released);
-    assert!(!p2.view_root.exists());
-    assert!(views().is_empty());
+    assert_eq!(views(), vec![view.clone()]);
     let p3 = c.prepare("kof/hello", "c3", None).unwrap();
     assert_eq!(p3.view_root, p1.view_root);
+    assert_eq!(ino(&p3.view_root.join(&bash_rel)), bash_ino);
     let mut got = Vec::new();
     view_files(&p3.view_root, &p3.view_root, &mut got);
     assert_eq!(got, want);
-    assert!(fuse_server_log(&node).contains(&format!("view added from a kept tree view={view}")));
+    assert!(node.logs().contains("idle view reused"), "{}", node.logs());
 
     // A new daemon finds c3's view on the FUSE server, and gives c4 the same one.
     drop(c);
@@ -794,7 +801,55 @@ fn leases_of_one_generation_share_the_view_and_release_separately() {
     assert!(c.release("c3").unwrap().released);
     assert_eq!(views(), vec![view.clone()], "c4 still uses the view");
     assert!(c.release("c4").unwrap().released);
-    assert_eq!(views(), Vec::<String>::new());
+    assert_eq!(views(), vec![view.clone()], "kept idle");
+}
+
+/// An idle view is removed once it has been idle for `idle_view_secs`; one a lease took back
+/// in time is not.
+#[test]
+fn an_idle_view_is_removed_after_idle_view_secs() {
+    let node = Node::new(NodeOptions {
+        extra_config: "idle_view_secs = 2\n".into(),
+        ..NodeOptions::default()
+    });
+    let mut c = node.client();
+    c.prefetch("kof/hello", None).unwrap();
+    let p1 = c.prepare("kof/hello", "c1", None).unwrap();
+    let view = view_name_of(&p1.view_root);
+    let views = || {
+        kof_fetcherd::daemon::control::ControlClient::connect(&node.control())
+            .unwrap()
+            .ping()
+            .unwrap()
+            .views
+    };
+    assert!(c.release("c1").unwrap().released);
+    assert_eq!(views(), vec![view.clone()]);
+    let start = Instant::now();
+    while !views().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the idle view outlived idle_view_secs: {}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "removed before it was idle 2 s"
+    );
+    assert!(!p1.view_root.exists());
+    assert!(node.logs().contains("idle view removed"), "{}", node.logs());
+    // The next lease builds it again (from the FUSE server's kept tree).
+    let p2 = c.prepare("kof/hello", "c2", None).unwrap();
+    assert_eq!(p2.view_root, p1.view_root);
+    assert!(p2.view_root.join("nix/store").is_dir());
+    assert!(
+        fuse_server_log(&node).contains(&format!("view added from a kept tree view={view}")),
+        "{}",
+        fuse_server_log(&node)
+    );
+    assert!(c.release("c2").unwrap().released);
 }
 
 /// The control socket refuses a tree whose digest is not its own, and answers `false` for a

@@ -26,7 +26,9 @@
 //! - `prepare` resolves the environment (the generation `N`, else the live one, which then
 //!   stays pinned for the life of the lease), computes its closure from metadata (no file
 //!   contents are fetched), and makes its view visible at `view_root` =
-//!   `<mount_dir>/<lease>`, a complete root file system for a container. A lease id is 1 to
+//!   `<mount_dir>/<view>`, a complete root file system for a container; leases of the same
+//!   view tree share one view (`tree@<digest>`), kept after the last lease for
+//!   `idle_view_secs` so the next pod of the generation reuses it. A lease id is 1 to
 //!   128 characters of `[A-Za-z0-9._-]`, not starting with `.`. Preparing a lease id that
 //!   exists returns the existing lease when it is of the same environment (a retried
 //!   `prepare` is harmless), and a `lease_exists` error otherwise. `token` is a FloxHub token
@@ -414,6 +416,9 @@ pub struct Status {
     pub prefetch_bytes: u64,
     /// The FUSE server, when it answers.
     pub fuse_server: Option<FuseServerInfo>,
+    /// Views no lease uses, kept for the next lease of their tree (config `idle_view_secs`).
+    #[serde(default)]
+    pub idle_views: Vec<String>,
 }
 
 /// The answer to `hello`.

@@ -96,6 +96,7 @@ struct RawConfig {
     read_timeout_secs: Option<u64>,
     download_attempts: Option<u32>,
     demand_timeout_secs: Option<u64>,
+    idle_view_secs: Option<u64>,
 }
 
 /// The node configuration, defaults filled in and values checked.
@@ -143,6 +144,10 @@ pub struct Config {
     pub demand_timeout: std::time::Duration,
     /// Attempts per download (and per narinfo) before giving up on a transient failure.
     pub download_attempts: u32,
+    /// How long the daemon keeps a view after its last lease, for the next pod of the same
+    /// generation to start on what the kernel cached of it (dentries, inodes, pages);
+    /// `idle_view_secs`, 0 to remove a view with its last lease.
+    pub idle_view: std::time::Duration,
 }
 
 /// This machine's Nix system name (`x86_64-linux`, `aarch64-darwin`...).
@@ -175,6 +180,7 @@ impl Default for Config {
             read_timeout: std::time::Duration::from_secs(30),
             demand_timeout: std::time::Duration::from_secs(60),
             download_attempts: 5,
+            idle_view: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -273,6 +279,10 @@ impl Config {
             Some(s) => std::time::Duration::from_secs(s),
             None => d.demand_timeout,
         };
+        let idle_view = raw
+            .idle_view_secs
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(d.idle_view);
         let download_attempts = raw.download_attempts.unwrap_or(d.download_attempts);
         if download_attempts == 0 {
             return Err(bad("download_attempts", "must be at least 1".into()));
@@ -306,6 +316,7 @@ impl Config {
             read_timeout,
             demand_timeout,
             download_attempts,
+            idle_view,
         })
     }
 }

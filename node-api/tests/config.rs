@@ -27,6 +27,7 @@ fn defaults_when_no_file() {
     assert_eq!(c.prefetch, Prefetch::Closure);
     assert_eq!(c.max_parallel_downloads, 16);
     assert_eq!(c.demand_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(c.idle_view, std::time::Duration::from_secs(600));
     assert_eq!(c.system, host_system());
     let expected_arch = std::env::consts::ARCH;
     assert!(c.system.starts_with(expected_arch) && c.system.ends_with("-linux"));
@@ -53,6 +54,7 @@ mount_dir = "/tmp/mnt"
 prefetch = "none"
 metrics_addr = "127.0.0.1:9100"
 demand_timeout_secs = 7
+idle_view_secs = 0
 "#
         ),
     );
@@ -75,6 +77,7 @@ demand_timeout_secs = 7
     assert_eq!(c.prefetch, Prefetch::None);
     assert_eq!(c.metrics_addr.as_deref(), Some("127.0.0.1:9100"));
     assert_eq!(c.demand_timeout, std::time::Duration::from_secs(7));
+    assert_eq!(c.idle_view, std::time::Duration::ZERO);
 }
 
 #[test]

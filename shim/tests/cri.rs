@@ -209,6 +209,23 @@ fn skipped_containers_of_a_pod_run_as_plain_runc(release: Release) {
     wait_line(&node, &log_of(&p, &side), "from the image");
     wait_line(&node, &log_of(&p, &side), "sidecar-env=[]");
     assert_eq!(node.leases().len(), 1);
+    // One shim for the pod, as containerd groups it: kof's proxy and the runc shim behind it.
+    let mut exes: Vec<String> = node
+        .ctrd()
+        .shim_pids()
+        .into_iter()
+        .map(|pid| {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+            exe.file_name().unwrap().to_string_lossy().into_owned()
+        })
+        .collect();
+    exes.sort();
+    assert_eq!(
+        exes,
+        ["containerd-shim-flox-v2", "containerd-shim-runc-v2"],
+        "{}",
+        node.logs()
+    );
     tear_down(&node, &cri, &sandbox, &[app_id, side_id]);
 }
 

@@ -39,6 +39,9 @@ const FUSE_SERVER_WATCH: Duration = Duration::from_secs(2);
 /// (or until its lease is released, if sooner).
 const RECORD_WINDOW: Duration = Duration::from_secs(30);
 
+/// Most views kept idle at once (beyond it the oldest goes first).
+const IDLE_VIEWS_MAX: usize = 32;
+
 /// Why the daemon could not start or stopped with an error. Each names the step and the thing;
 /// the cause is the source.
 #[derive(Debug, Error)]
@@ -152,6 +155,9 @@ struct Daemon {
     /// One lock per view name, held while a view is added, rebuilt or removed and the leases
     /// using it change (taken after a lease's lock, never before).
     view_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Views whose last lease is gone, kept for the next lease of the same tree (config
+    /// `idle_view_secs`), with the moment they became idle. Changed under the view's lock.
+    idle_views: Mutex<HashMap<String, Instant>>,
     paths: RunPaths,
     metrics: DaemonMetrics,
     started: Instant,
@@ -226,6 +232,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         leases: Mutex::new(records.into_iter().map(|r| (r.lease.clone(), r)).collect()),
         lease_locks: Mutex::new(HashMap::new()),
         view_locks: Mutex::new(HashMap::new()),
+        idle_views: Mutex::new(HashMap::new()),
         paths,
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
@@ -243,6 +250,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
             source,
         })??;
     daemon.clone().restart_prefetch();
+    tokio::spawn(daemon.clone().expire_idle_views());
     tokio::spawn(daemon.clone().watch_fuse_server());
 
     if let Some(addr) = daemon.config.metrics_addr.clone() {
@@ -647,7 +655,12 @@ impl Daemon {
             .lock()
             .values()
             .any(|o| o.lease != rec.lease && o.view_name() == view);
-        if !shared {
+        if !shared && !self.config.idle_view.is_zero() {
+            // Kept for the next pod of the generation: its dentries, inodes and cached pages
+            // are what a warm start reuses. `expire_idle_views` removes it later.
+            self.idle_views.lock().insert(view.clone(), Instant::now());
+            info!(view = %view, "view kept idle after its last lease");
+        } else if !shared {
             let control = self.paths.control.clone();
             let name = view.clone();
             blocking("removing the view", move || {
@@ -798,6 +811,11 @@ impl Daemon {
                 demand_bytes: c.bytes_fetched.demand,
                 prefetch_bytes: c.bytes_fetched.prefetch,
                 fuse_server: d.fuse_info(),
+                idle_views: {
+                    let mut v: Vec<String> = d.idle_views.lock().keys().cloned().collect();
+                    v.sort();
+                    v
+                },
             })
         })
         .await
@@ -844,7 +862,9 @@ impl Daemon {
                 // lock: under it, look again.
                 let lock = self.view_lock(v);
                 let _held = handle.block_on(lock.lock());
-                if self.leases.lock().values().any(|r| r.view_name() == v) {
+                if self.leases.lock().values().any(|r| r.view_name() == v)
+                    || self.idle_views.lock().contains_key(v)
+                {
                     continue;
                 }
                 info!(view = %v, "removing a view without a lease");
@@ -890,6 +910,54 @@ impl Daemon {
                 ),
             )
         })
+    }
+
+    /// Removes idle views once they have been idle for `idle_view_secs`, and the oldest beyond
+    /// [`IDLE_VIEWS_MAX`], checking every few seconds.
+    async fn expire_idle_views(self: Arc<Self>) {
+        if self.config.idle_view.is_zero() {
+            return;
+        }
+        let every =
+            (self.config.idle_view / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(every).await;
+            let mut idle: Vec<(String, Instant)> = self
+                .idle_views
+                .lock()
+                .iter()
+                .map(|(v, t)| (v.clone(), *t))
+                .collect();
+            idle.sort_by_key(|(_, t)| *t);
+            let over = idle.len().saturating_sub(IDLE_VIEWS_MAX);
+            for (i, (view, since)) in idle.into_iter().enumerate() {
+                if i >= over && since.elapsed() < self.config.idle_view {
+                    continue;
+                }
+                let lock = self.view_lock(&view);
+                let _held = lock.lock().await;
+                // A lease may have taken it meanwhile: then it is no longer idle.
+                if self.idle_views.lock().get(&view) != Some(&since) {
+                    continue;
+                }
+                let control = self.paths.control.clone();
+                let name = view.clone();
+                let removed = tokio::task::spawn_blocking(move || {
+                    ControlClient::connect(&control).and_then(|mut c| c.remove_view(&name))
+                })
+                .await;
+                match removed {
+                    Ok(Ok(_)) => {
+                        self.idle_views.lock().remove(&view);
+                        info!(view = %view, "idle view removed");
+                    }
+                    Ok(Err(e)) => {
+                        warn!(view = %view, error = %chain(&e), "removing an idle view; retried later")
+                    }
+                    Err(e) => warn!(view = %view, error = %e, "removing an idle view"),
+                }
+            }
+        }
     }
 
     /// Background prefetch of every leased closure again (after a restart).
@@ -1096,7 +1164,13 @@ impl Lease for DaemonLease<'_> {
         // A view other leases use stays as it is: its dentries and inodes, which the kernel
         // caches, are what a warm start reuses.
         let shared = d.leases.lock().values().any(|o| o.view_name() == view);
-        if !shared {
+        let idle = d.idle_views.lock().remove(&view).is_some();
+        // An idle view is on the FUSE server unless that server was replaced since.
+        let reused = shared || (idle && d.has_view(&view).await);
+        if reused && !shared {
+            info!(view = %view, lease = self.lease, "idle view reused");
+        }
+        if !reused {
             if let Err(e) = d.add_view(&view, p.built.clone()).await {
                 let _ = d.lease_dir.remove(self.lease);
                 return Err(lease_error(format!("adding view {view}"), Box::new(e)));

@@ -284,8 +284,16 @@ impl Node {
             "leases left: {leases:?}\n{}",
             self.logs()
         );
+        // Views no lease uses are kept idle for the next pod of their generation; any other
+        // view is a leftover.
         let status = self.client().status().unwrap();
-        let views = status.fuse_server.map(|f| f.views).unwrap_or_default();
+        let views: Vec<String> = status
+            .fuse_server
+            .map(|f| f.views)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| !status.idle_views.contains(v))
+            .collect();
         assert!(views.is_empty(), "views left: {views:?}");
         let mut dirs = Vec::new();
         if let Ok(nss) = std::fs::read_dir(self.containers_dir()) {
