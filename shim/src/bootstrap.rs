@@ -19,7 +19,10 @@
 //! 4. A new proxy is this binary again (`serve`), in its own session, with the bound socket as
 //!    fd 3 and the runc shim's address in its environment. containerd gets the runc shim's
 //!    answer with the proxy's address in it, and the bundle's `address` file (read by
-//!    containerd when it reconnects after a restart) names the proxy too.
+//!    containerd when it reconnects after a restart) names the proxy too. The answer is kept
+//!    beside the socket ([`answer_path`]): a later container of the pod (containerd 1.x runs
+//!    `start` for each) gets it again without the runc shim's `start` being run, which would
+//!    only find its running shim, at the cost of a process start on every pod start.
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
@@ -100,7 +103,7 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
-    /// The bundle's `address` file could not be written.
+    /// The bundle's `address` file (or the group's kept answer) could not be written.
     #[error("writing {path}")]
     AddressFile {
         /// The file.
@@ -249,6 +252,19 @@ pub fn start(
     let group = group_id(&annotations, id);
     let path = socket_path(containerd_address, namespace, group);
     let socket = bind_group_socket(&path)?;
+    let address_file = bundle.join("address");
+    if let GroupSocket::Running = socket {
+        // The pod's proxy answers already (a later container of the pod, on containerd 1.x):
+        // the runc shim's `start` would only find its own running shim and write `address`,
+        // so its answer as the proxy gave it first is given again, without running it.
+        if let Some(ours) = std::fs::read_to_string(answer_path(&path))
+            .ok()
+            .and_then(|a| StartOutput::parse(&a))
+        {
+            write_file(&address_file, ours.address().as_bytes())?;
+            return Ok(ours);
+        }
+    }
     let upstream = match run_runc_start(argv, bundle, runc_shim) {
         Ok(u) => u,
         Err(e) => {
@@ -258,6 +274,7 @@ pub fn start(
             return Err(e.into());
         }
     };
+    let upstream_is_new = matches!(socket, GroupSocket::New(_));
     if let GroupSocket::New(listener) = socket {
         let pid = std::fs::read_to_string(bundle.join("shim.pid"))
             .ok()
@@ -269,9 +286,17 @@ pub fn start(
         tracing::info!(namespace, id, group, socket = %path.display(), upstream = upstream.address(), "shim proxy started");
     }
     let ours = upstream.with_address(&unix_address(&path));
-    let address_file = bundle.join("address");
+    if upstream_is_new {
+        write_file(&answer_path(&path), ours.render().as_bytes())?;
+    }
     write_file(&address_file, ours.address().as_bytes())?;
     Ok(ours)
+}
+
+/// Where the answer a group's first `start` gave is kept, beside the proxy's socket (removed
+/// with it).
+pub fn answer_path(socket: &Path) -> PathBuf {
+    socket.with_extension("start")
 }
 
 fn run_runc_start(

@@ -332,6 +332,7 @@ pub fn serve(opts: ProxyOptions, listener: i32) -> Result<(), ProxyError> {
     wait_for_upstream_exit(&opts);
     info!(socket = %opts.socket.display(), "the runc shim is gone; the proxy exits");
     let _ = std::fs::remove_file(&opts.socket);
+    let _ = std::fs::remove_file(crate::bootstrap::answer_path(&opts.socket));
     // The runc shim answered containerd's last request (Shutdown) before it exited, and that
     // answer has been passed on: closing the connections is what containerd waits for.
     server.shutdown();
