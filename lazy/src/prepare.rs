@@ -442,6 +442,18 @@ impl Preparer {
         lease_id: &str,
     ) -> Result<(PreparedEnvironment, Background), PrepareError> {
         let resolved = self.resolve(r, token).await?;
+        self.prepare_resolved(resolved, root, lease, lease_id).await
+    }
+
+    /// [`Preparer::prepare_environment`] from step 2, for an environment resolved already (the
+    /// daemon's resolution for a pod, made while the pod's sandbox started).
+    pub async fn prepare_resolved(
+        &self,
+        resolved: ResolvedEnvironment,
+        root: Root,
+        lease: &mut impl Lease,
+        lease_id: &str,
+    ) -> Result<(PreparedEnvironment, Background), PrepareError> {
         let label = format!("{}:{}", resolved.env_ref().env_name(), resolved.generation);
         // Metadata only: narinfos of paths not stored, stored metadata of the others. Each
         // path's listing is asked for as soon as its narinfo is accepted, while the walk of the

@@ -13,7 +13,7 @@
 //!
 //! | request | success response |
 //! | --- | --- |
-//! | `{"op":"prepare","env":"owner/name[:N]","lease":"ID","token":"..."?}` | [`Prepared`] |
+//! | `{"op":"prepare","env":"owner/name[:N]","lease":"ID","token":"..."?,"pod":"SANDBOX"?}` | [`Prepared`] |
 //! | `{"op":"release","lease":"ID"}` | [`Released`] |
 //! | `{"op":"prefetch","env":"owner/name[:N]","token":"..."?}` | [`Prefetched`] |
 //! | `{"op":"resolve","env":"owner/name[:N]","token":"..."?}` | [`Resolved`] |
@@ -22,6 +22,7 @@
 //! | `{"op":"ensure","store_path":"<hash>-<name>","start":S,"end":E}` | `{"ok":true}` |
 //! | `{"op":"gate","store_path":"<hash>-<name>"}` | `{"ok":true}` once what views show inside the path is verified |
 //! | `{"op":"leases"}` | `{"leases":[`[`LeaseInfo`]`...]}` |
+//! | `{"op":"pod_starting","env":"owner/name[:N]","pod":"SANDBOX","token":"..."?}` | [`PodResolved`] |
 //!
 //! - `prepare` resolves the environment (the generation `N`, else the live one, which then
 //!   stays pinned for the life of the lease), computes its closure from metadata (no file
@@ -34,6 +35,12 @@
 //!   `prepare` is harmless), and a `lease_exists` error otherwise. `token` is a FloxHub token
 //!   for a private environment; it is used for that resolution only, never stored or logged
 //!   (without it the daemon uses its configured `floxhub_token_file`, if any).
+//! - `pod_starting` (the shim sends it when a pod's sandbox is created) resolves a live
+//!   reference on FloxHub now, while the sandbox starts, once for the pod; a `prepare` naming
+//!   the pod takes that generation without a round trip of its own (waiting for the
+//!   resolution if it is still under way), so every container of a pod runs the generation
+//!   that was live when the pod started. A failed or missing pod resolution makes `prepare`
+//!   resolve by itself. Kept for two minutes.
 //! - `release` removes the view and forgets the lease; `released` is `false` when there was
 //!   no such lease.
 //! - `prefetch` fetches the environment's whole closure into the store now (shared with any
@@ -129,6 +136,21 @@ pub enum Request {
         env: String,
         /// The lease id (the container's).
         lease: String,
+        /// FloxHub token for a private environment.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<SecretToken>,
+        /// The pod (CRI sandbox id) the container belongs to: a live reference takes the
+        /// generation resolved for the pod by [`Request::PodStarting`], if there was one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<String>,
+    },
+    /// A pod of `env` is starting (its sandbox is being created): resolve its live generation
+    /// now, once for the pod, while the sandbox starts; its containers' `prepare`s take it.
+    PodStarting {
+        /// `owner/name` or `owner/name:N`.
+        env: String,
+        /// The pod (CRI sandbox id).
+        pod: String,
         /// FloxHub token for a private environment.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<SecretToken>,
@@ -421,6 +443,15 @@ pub struct Status {
     pub idle_views: Vec<String>,
 }
 
+/// The answer to `pod_starting`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodResolved {
+    /// `owner/name`.
+    pub env: String,
+    /// The generation the pod's containers get.
+    pub generation: u64,
+}
+
 /// The answer to `hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -522,6 +553,7 @@ impl Request {
     pub fn op(&self) -> &'static str {
         match self {
             Request::Prepare { .. } => "prepare",
+            Request::PodStarting { .. } => "pod_starting",
             Request::Release { .. } => "release",
             Request::Prefetch { .. } => "prefetch",
             Request::Resolve { .. } => "resolve",
@@ -590,9 +622,37 @@ impl Client {
         lease: &str,
         token: Option<&str>,
     ) -> Result<Prepared, ApiError> {
+        self.prepare_in_pod(env, lease, token, None)
+    }
+
+    /// [`Client::prepare`] for a container of pod `pod` (its CRI sandbox id): a live reference
+    /// takes the generation resolved for the pod by [`Client::pod_starting`], if any.
+    pub fn prepare_in_pod(
+        &mut self,
+        env: &str,
+        lease: &str,
+        token: Option<&str>,
+        pod: Option<&str>,
+    ) -> Result<Prepared, ApiError> {
         self.call(&Request::Prepare {
             env: env.to_string(),
             lease: lease.to_string(),
+            token: token.map(|t| SecretToken(t.to_string())),
+            pod: pod.map(str::to_string),
+        })
+    }
+
+    /// A pod of `env` is starting: the daemon resolves its live generation now, once for the
+    /// pod, for the pod's containers to take.
+    pub fn pod_starting(
+        &mut self,
+        env: &str,
+        pod: &str,
+        token: Option<&str>,
+    ) -> Result<PodResolved, ApiError> {
+        self.call(&Request::PodStarting {
+            env: env.to_string(),
+            pod: pod.to_string(),
             token: token.map(|t| SecretToken(t.to_string())),
         })
     }
@@ -807,6 +867,7 @@ mod tests {
             env: "kof/hello:2".into(),
             lease: "c1".into(),
             token: None,
+            pod: None,
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
@@ -838,6 +899,7 @@ mod tests {
             env: "o/n".into(),
             lease: "l".into(),
             token: Some(SecretToken("s3cr3t-token".into())),
+            pod: Some("sandbox1".into()),
         };
         assert!(!format!("{r:?}").contains("s3cr3t"));
         // ... but is sent.

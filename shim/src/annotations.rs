@@ -26,6 +26,8 @@ pub const SKIP_CONTAINERS_EXEC: &str = "flox.dev/skip-containers-exec";
 pub const DISABLE_METRICS: &str = "flox.dev/disable-metrics";
 /// CRI: `sandbox` or `container`.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI: the pod's sandbox id (on the sandbox and on each of the pod's containers).
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// CRI: the container's name in its pod.
 pub const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 /// CRI (containerd 1.7 and later): the image the container was made from.

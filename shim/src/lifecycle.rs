@@ -22,7 +22,10 @@ use kof_node_api::config::Config;
 use kof_node_api::report::chain;
 use tracing::{info, warn};
 
-use crate::annotations::{decide, Decision, EnvironmentRequest, PlainReason};
+use crate::annotations::{
+    decide, Decision, EnvironmentRequest, PlainReason, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID,
+    ENVIRONMENT,
+};
 use crate::container::{ContainerDir, ContainerRecord, RootMode, NEW_PREFIX};
 use crate::error::ShimError;
 use crate::exec::{activated, ExecProfile};
@@ -203,9 +206,43 @@ fn prepare(
     let mut client = Client::connect(&cfg.socket)
         .map_err(prep_err)?
         .with_timeout(PREPARE_TIMEOUT);
+    let annotations = spec.annotations();
+    let pod = annotations.get(CRI_SANDBOX_ID).map(String::as_str);
     client
-        .prepare(env, lease, token.as_deref())
+        .prepare_in_pod(env, lease, token.as_deref(), pod)
         .map_err(prep_err)
+}
+
+/// For a pod sandbox of a flox pod: the pod's environment reference and its sandbox id, for
+/// [`pod_starting`].
+pub fn starting_pod(bundle: &Path) -> Option<(String, String)> {
+    let annotations = Spec::read(bundle).ok()?.annotations();
+    if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("sandbox") {
+        return None;
+    }
+    let env = annotations.get(ENVIRONMENT)?.trim().to_string();
+    let pod = annotations.get(CRI_SANDBOX_ID)?.clone();
+    Some((env, pod))
+}
+
+/// Tells kof-fetcherd that pod `pod` of `env` is starting, so that it resolves the live
+/// generation once for the pod while the sandbox starts, and the pod's containers start
+/// without a FloxHub round trip of their own. Best effort: a failure only means the
+/// containers resolve by themselves.
+pub fn pod_starting(cfg: &Config, env: &str, pod: &str) {
+    let answer = Client::connect(&cfg.socket)
+        .and_then(|c| c.with_timeout(PREPARE_TIMEOUT).pod_starting(env, pod, None));
+    match answer {
+        Ok(r) => info!(
+            pod,
+            env,
+            generation = r.generation,
+            "resolved for the starting pod"
+        ),
+        Err(e) => {
+            info!(pod, env, error = %chain(&e), "not resolved for the starting pod; its containers resolve by themselves")
+        }
+    }
 }
 
 /// Makes the root and the process of `spec` those of the environment.

@@ -8,7 +8,10 @@
 //!
 //! - **Create**: before the runc shim sees it, the container is set up ([`crate::lifecycle`]):
 //!   for an environment container the bundle's `config.json` gets the view as its root and the
-//!   activated process. A container the runc shim then fails to create is undone.
+//!   activated process. A container the runc shim then fails to create is undone. The Create
+//!   of a flox pod's sandbox tells kof-fetcherd the pod is starting (in the background), so
+//!   the live generation is resolved once for the pod while its sandbox starts, and its
+//!   containers start without a FloxHub round trip of their own.
 //! - **Exec**: for a process run in an environment container (`kubectl exec`, CRI `ExecSync`,
 //!   `ctr task exec`), the process spec is activated ([`crate::exec`]), unless the pod's
 //!   `flox.dev/skip-containers-exec` names the container.
@@ -37,6 +40,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
 
+use crate::annotations::PlainReason;
 use crate::lifecycle;
 
 /// The task API's methods (the same in `containerd.task.v2.Task` and `containerd.task.v3.Task`).
@@ -201,6 +205,13 @@ impl Proxy {
                 );
             }
         };
+        if started == lifecycle::Started::Plain(PlainReason::Sandbox) {
+            // A flox pod is starting: its live generation is resolved while its sandbox starts.
+            if let Some((env, pod)) = lifecycle::starting_pod(Path::new(&create.bundle)) {
+                let config = self.config.clone();
+                std::thread::spawn(move || lifecycle::pod_starting(&config, &env, &pod));
+            }
+        }
         let res = self.forward(req);
         if !ok(&res) {
             if let lifecycle::Started::Environment { .. } = started {

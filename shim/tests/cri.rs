@@ -24,6 +24,7 @@ kof_harness::for_each_release!(
     a_private_environment_uses_the_pods_token_which_is_never_logged,
     two_pods_of_one_environment_share_one_fetch_of_each_object,
     execs_of_a_container_named_in_skip_containers_exec_run_unmodified,
+    a_pods_containers_run_the_generation_live_when_the_pod_started,
 );
 
 const ENV: &str = "flox.dev/environment";
@@ -99,6 +100,11 @@ fn a_pod_runs_in_its_environment_through_cri(release: Release) {
     let sandbox = cri.run_pod_sandbox(&p).unwrap();
     // The pause container is not an environment container.
     assert!(node.leases().is_empty());
+    // Its creation told the daemon that a pod of kof/python is starting: the live generation
+    // is resolved for the pod while the sandbox starts...
+    node.wait_for("the pod's resolution", || {
+        node.logs().contains("resolved for a starting pod")
+    });
 
     let mut c = ContainerSpec::new("app", EMPTY_IMAGE);
     c.command = vec!["sh".into(), "-c".into()];
@@ -128,6 +134,12 @@ fn a_pod_runs_in_its_environment_through_cri(release: Release) {
     let leases = node.leases();
     assert_eq!(leases.len(), 1, "{leases:?}");
     assert_eq!(leases[0].env, "kof/python");
+    // ... and the container took it, without a FloxHub round trip of its own.
+    assert!(
+        node.logs().contains("the pod's resolution"),
+        "{}",
+        node.logs()
+    );
 
     // Exec: into the environment's root, with its programs on the default PATH.
     let r = cri
@@ -439,4 +451,58 @@ fn sid_systemd_cgroup_in_the_runtimes_options_reaches_runc() {
     if kof_harness::release::should_test(Release::Sid).unwrap() {
         systemd_cgroup_in_the_runtimes_options_reaches_runc(Release::Sid);
     }
+}
+
+/// The live generation is resolved once per pod, when its sandbox starts: a generation pushed
+/// after that reaches the next pod, not the later containers of a pod already started.
+fn a_pods_containers_run_the_generation_live_when_the_pod_started(release: Release) {
+    let (node, cri) = cri_node(release);
+    let start_pod = |name: &str| {
+        let p = pod(&node, name, &[(ENV, "kof/rollback")]);
+        let sandbox = cri.run_pod_sandbox(&p).unwrap();
+        node.wait_for("the pod's resolution", || {
+            node.logs().matches("resolved for a starting pod").count()
+                >= if name == "first" { 1 } else { 2 }
+        });
+        (p, sandbox)
+    };
+    let run = |p: &PodSpec, sandbox: &str, name: &str| {
+        let mut c = ContainerSpec::new(name, EMPTY_IMAGE);
+        c.command = vec![
+            "sh".into(),
+            "-c".into(),
+            "echo started; exec sleep 600".into(),
+        ];
+        let id = cri.create_container(sandbox, &c, p).unwrap();
+        cri.start_container(&id)
+            .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
+        wait_line(&node, &log_of(p, &c), "started");
+        let generation = node
+            .leases()
+            .into_iter()
+            .find(|l| l.lease.ends_with(&id))
+            .unwrap_or_else(|| panic!("no lease for {id}: {:?}", node.leases()))
+            .generation;
+        (id, generation)
+    };
+    // kof/rollback: generation 2 is live.
+    let (p1, sandbox1) = start_pod("first");
+    // A push makes 3 live after the first pod started.
+    node.set_live_generation("kof", "rollback", 3);
+    let (a, gen_a) = run(&p1, &sandbox1, "a");
+    assert_eq!(
+        gen_a, 2,
+        "the first pod's container runs what was live at its start"
+    );
+    let (p2, sandbox2) = start_pod("second");
+    let (b, gen_b) = run(&p2, &sandbox2, "b");
+    assert_eq!(gen_b, 3, "the next pod runs the new live generation");
+    for (c, sandbox) in [(a, &sandbox1), (b, &sandbox2)] {
+        cri.stop_container(&c, 5).unwrap();
+        cri.remove_container(&c).unwrap();
+        cri.stop_pod_sandbox(sandbox).unwrap();
+        cri.remove_pod_sandbox(sandbox).unwrap();
+    }
+    node.wait_for("every lease's release", || node.leases().is_empty());
+    node.assert_no_leftovers();
 }

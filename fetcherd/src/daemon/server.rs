@@ -12,8 +12,8 @@ use kof_lazy::prepare::{BuiltView, Lease, PrepareError, PreparedEnvironment, Pre
 use kof_lazy::{Cause, StartedEntries};
 use kof_nar::StorePath;
 use kof_node_api::api::{
-    error_line, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases, Prefetched,
-    Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
+    error_line, ApiError, ErrorKind, FuseServerInfo, Hello, LeaseInfo, Leases, PodResolved,
+    Prefetched, Prepared, Released, Request, Status, StoreTotals, MAX_REQUEST_LINE,
 };
 use kof_node_api::config::{Config, Prefetch};
 use kof_node_api::envref::EnvRef;
@@ -41,6 +41,13 @@ const RECORD_WINDOW: Duration = Duration::from_secs(30);
 
 /// Most views kept idle at once (beyond it the oldest goes first).
 const IDLE_VIEWS_MAX: usize = 32;
+
+/// How long a pod's resolution of its live generation is kept for its containers.
+const POD_RESOLUTION_KEPT: Duration = Duration::from_secs(120);
+
+/// A pod's resolution of a live reference: made once (the first caller runs it, the others
+/// wait for it), `None` when it failed (the containers then resolve by themselves).
+type PodResolution = Arc<tokio::sync::OnceCell<Option<ResolvedEnvironment>>>;
 
 /// Why the daemon could not start or stopped with an error. Each names the step and the thing;
 /// the cause is the source.
@@ -158,6 +165,8 @@ struct Daemon {
     /// Views whose last lease is gone, kept for the next lease of the same tree (config
     /// `idle_view_secs`), with the moment they became idle. Changed under the view's lock.
     idle_views: Mutex<HashMap<String, Instant>>,
+    /// Live resolutions made for starting pods, by (pod, reference), with when they were asked.
+    pod_resolutions: Mutex<HashMap<(String, String), (PodResolution, Instant)>>,
     paths: RunPaths,
     metrics: DaemonMetrics,
     started: Instant,
@@ -233,6 +242,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         lease_locks: Mutex::new(HashMap::new()),
         view_locks: Mutex::new(HashMap::new()),
         idle_views: Mutex::new(HashMap::new()),
+        pod_resolutions: Mutex::new(HashMap::new()),
         paths,
         metrics: DaemonMetrics::default(),
         started: Instant::now(),
@@ -380,14 +390,29 @@ async fn blocking<T: Send + 'static>(
 impl Daemon {
     async fn handle(self: Arc<Self>, req: Request) -> Result<Vec<u8>, Failure> {
         match req {
-            Request::Prepare { env, lease, token } => {
+            Request::Prepare {
+                env,
+                lease,
+                token,
+                pod,
+            } => {
                 let start = Instant::now();
                 let r = self
-                    .prepare(&env, &lease, token.as_ref().map(|t| t.0.as_str()))
+                    .prepare(
+                        &env,
+                        &lease,
+                        token.as_ref().map(|t| t.0.as_str()),
+                        pod.as_deref(),
+                    )
                     .await;
                 self.metrics.prepare_latency.observe(start.elapsed());
                 to_json(&r?)
             }
+            Request::PodStarting { env, pod, token } => to_json(
+                &self
+                    .pod_starting(&env, &pod, token.as_ref().map(|t| t.0.as_str()))
+                    .await?,
+            ),
             Request::Release { lease } => to_json(&self.release(&lease).await?),
             Request::Prefetch { env, token } => to_json(
                 &self
@@ -528,11 +553,75 @@ impl Daemon {
         }
     }
 
+    /// The resolution of live reference `r` for pod `pod`: made now (`create`) or the one
+    /// `pod_starting` made; `None` when there is none for the pod.
+    fn pod_resolution(&self, pod: &str, r: &EnvRef, create: bool) -> Option<PodResolution> {
+        let mut pods = self.pod_resolutions.lock();
+        pods.retain(|_, (_, at)| at.elapsed() < POD_RESOLUTION_KEPT);
+        let key = (pod.to_string(), r.to_string());
+        if create {
+            Some(
+                pods.entry(key)
+                    .or_insert_with(|| (PodResolution::default(), Instant::now()))
+                    .0
+                    .clone(),
+            )
+        } else {
+            pods.get(&key).map(|(cell, _)| cell.clone())
+        }
+    }
+
+    /// A pod of `env` is starting: resolves its live generation once for the pod (see the
+    /// `pod_starting` op).
+    async fn pod_starting(
+        self: &Arc<Self>,
+        env: &str,
+        pod: &str,
+        token: Option<&str>,
+    ) -> Result<PodResolved, Failure> {
+        let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
+        if let Some(generation) = r.generation {
+            return Ok(PodResolved {
+                env: r.env_name(),
+                generation,
+            });
+        }
+        let token = self.token_for(token)?;
+        let cell = self
+            .pod_resolution(pod, &r, true)
+            .expect("created on demand");
+        let resolved = cell
+            .get_or_init(|| async {
+                match self.prep.resolve(&r, token).await {
+                    Ok(resolved) => {
+                        info!(pod, env = %r, generation = resolved.generation, "resolved for a starting pod");
+                        Some(resolved)
+                    }
+                    Err(e) => {
+                        warn!(pod, env = %r, error = %chain(&e), "resolving for a starting pod; its containers resolve by themselves");
+                        None
+                    }
+                }
+            })
+            .await;
+        match resolved {
+            Some(resolved) => Ok(PodResolved {
+                env: r.env_name(),
+                generation: resolved.generation,
+            }),
+            None => Err(fail(
+                ErrorKind::Resolve,
+                format!("environment {r}: not resolved for pod {pod} (see the daemon's log)"),
+            )),
+        }
+    }
+
     async fn prepare(
         self: &Arc<Self>,
         env: &str,
         lease: &str,
         token: Option<&str>,
+        pod: Option<&str>,
     ) -> Result<Prepared, Failure> {
         check_lease_id(lease).map_err(|e| fail(ErrorKind::BadLease, chain(&e)))?;
         let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
@@ -566,11 +655,30 @@ impl Daemon {
             lease,
             record: None,
         };
-        let (prepared, background) = self
-            .prep
-            .prepare_environment(&r, token, Root::Lease, &mut publish, lease)
-            .await
-            .map_err(prepare_failure)?;
+        // A live reference of a pod that announced its start takes the pod's resolution
+        // (waiting for it if it is under way): one FloxHub round trip per pod, made while the
+        // sandbox started.
+        let for_pod = match (pod, r.generation) {
+            (Some(pod), None) => match self.pod_resolution(pod, &r, false) {
+                Some(cell) => cell.get_or_init(|| async { None }).await.clone(),
+                None => None,
+            },
+            _ => None,
+        };
+        let prepared = match for_pod {
+            Some(resolved) => {
+                info!(lease, env = %r, generation = resolved.generation, "the pod's resolution");
+                self.prep
+                    .prepare_resolved(resolved, Root::Lease, &mut publish, lease)
+                    .await
+            }
+            None => {
+                self.prep
+                    .prepare_environment(&r, token, Root::Lease, &mut publish, lease)
+                    .await
+            }
+        };
+        let (prepared, background) = prepared.map_err(prepare_failure)?;
         let rec = publish
             .record
             .take()
