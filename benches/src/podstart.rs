@@ -169,6 +169,20 @@ pub struct Timeline {
     pub fuse_seconds: Option<f64>,
     /// The same per FUSE operation: its count and seconds.
     pub fuse_by_op: BTreeMap<String, (u64, f64)>,
+    /// RunPodSandbox, seconds (made just before the timer; for a flox pod it starts the pod's
+    /// resolution of a live reference, which its container's prepare waits for if it is
+    /// still under way).
+    pub sandbox: Option<f64>,
+    /// Requests the server answered from RunPodSandbox to the timer's start (a live flox
+    /// pod's one FloxHub round trip is among them).
+    pub sandbox_requests: Option<u64>,
+}
+
+/// A pod sandbox made for one start, and what making it took.
+pub struct Sandbox {
+    pod: PodSpec,
+    id: String,
+    seconds: f64,
 }
 
 /// One measured start.
@@ -255,6 +269,12 @@ pub struct Breakdown {
     pub poll_lag: Option<f64>,
     /// The whole start (the timed figure).
     pub total: f64,
+    /// RunPodSandbox, made just before the timer.
+    pub sandbox: Option<f64>,
+    /// RunPodSandbox plus the timed start: the pod's whole start.
+    pub pod_total: Option<f64>,
+    /// Requests answered from RunPodSandbox to the timer's start.
+    pub sandbox_requests: Option<f64>,
     /// FUSE operations the view answered.
     pub fuse_ops: Option<f64>,
     /// `lookup`s among them.
@@ -288,6 +308,9 @@ impl Breakdown {
             return_to_line: some(&|r| d(Some(r.started_s), r.timeline.line_written)),
             poll_lag: some(&|r| d(r.timeline.line_written, Some(r.seconds))),
             total: all(&|r| r.seconds),
+            sandbox: some(&|r| r.timeline.sandbox),
+            pod_total: some(&|r| Some(r.timeline.sandbox? + r.seconds)),
+            sandbox_requests: some(&|r| r.timeline.sandbox_requests.map(|n| n as f64)),
             fuse_ops: some(&|r| r.timeline.fuse_ops.map(|n| n as f64)),
             fuse_lookups: some(&|r| r.timeline.fuse_lookups.map(|n| n as f64)),
             fuse_seconds: some(&|r| r.timeline.fuse_seconds),
@@ -437,8 +460,14 @@ impl Rig {
         Ok(())
     }
 
-    /// A pod sandbox (untimed): handler `flox` with the environment annotation, or runc.
-    fn sandbox(&mut self, label: &str, env: Option<&str>) -> Result<(PodSpec, String)> {
+    /// A pod sandbox (before the timer, timed on its own): handler `flox` with the environment
+    /// annotation, or runc.
+    fn sandbox(
+        &mut self,
+        server: &ServerHandle,
+        label: &str,
+        env: Option<&str>,
+    ) -> Result<Sandbox> {
         self.pods += 1;
         let name = format!("{label}-{}", self.pods);
         let mut pod = PodSpec::new(&name, &self.work.path().join("pods").join(&name));
@@ -446,11 +475,14 @@ impl Rig {
             pod.runtime_handler = "flox".into();
             pod.annotations = HashMap::from([(ENV_ANNOTATION.to_string(), env.to_string())]);
         }
+        server.reset();
+        let t0 = Instant::now();
         let id = self
             .cri
             .run_pod_sandbox(&pod)
             .with_context(|| format!("RunPodSandbox {name}"))?;
-        Ok((pod, id))
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok(Sandbox { pod, id, seconds })
     }
 
     /// The timed start: CreateContainer + StartContainer, then the log polled every `poll`
@@ -458,12 +490,14 @@ impl Rig {
     fn timed_start(
         &self,
         server: &ServerHandle,
-        (pod, sandbox): &(PodSpec, String),
+        sb: &Sandbox,
         c: &ContainerSpec,
         marker: &str,
         poll: Duration,
         probe: Option<&Probe>,
     ) -> Result<PodRun> {
+        let (pod, sandbox) = (&sb.pod, &sb.id);
+        let sandbox_requests = server.stats().requests;
         let log = pod.log_directory.join(&c.log_path);
         let before = probe
             .map(|p| DaemonCounters::scrape(p.metrics_port))
@@ -515,6 +549,8 @@ impl Rig {
         let since = |wall: f64| wall - wall0;
         let mut timeline = Timeline {
             line_written: unix_seconds(&found.timestamp).map(since),
+            sandbox: Some(sb.seconds),
+            sandbox_requests: Some(sandbox_requests),
             ..Timeline::default()
         };
         let st = self.cri.container_status(&id)?;
@@ -919,7 +955,7 @@ impl PodStartBench {
                         let daemon = Daemon::start(&n, kof_store)?;
                         let probe = Probe::of(&n, port);
                         rig.use_node(&n)?;
-                        let pod = rig.sandbox(&format!("{short}-cold"), Some(env))?;
+                        let pod = rig.sandbox(server, &format!("{short}-cold"), Some(env))?;
                         let r = rig.timed_start(
                             server,
                             &pod,
@@ -936,7 +972,8 @@ impl PodStartBench {
                             .with_timeout(Duration::from_secs(600))
                             .prefetch(env, None)?;
                         for (mode, reference) in [("warm", env), ("warm-pinned", pinned.as_str())] {
-                            let pod = rig.sandbox(&format!("{short}-{mode}"), Some(reference))?;
+                            let pod =
+                                rig.sandbox(server, &format!("{short}-{mode}"), Some(reference))?;
                             let r = rig.timed_start(
                                 server,
                                 &pod,
@@ -966,7 +1003,7 @@ impl PodStartBench {
                         };
                         let mut c = ContainerSpec::new("app", &img.name);
                         c.command = img.argv.clone();
-                        let pod = rig.sandbox(&format!("{short}-plain"), None)?;
+                        let pod = rig.sandbox(server, &format!("{short}-plain"), None)?;
                         if step == 1 {
                             let r = rig.timed_start(server, &pod, &c, marker, self.poll, None)?;
                             say("plain", r.seconds, r.bytes, r.requests);
@@ -1199,7 +1236,7 @@ pub fn podstart_table(reports: &[PodStartReport]) -> String {
 /// median of each part (ms; see [`Breakdown`]), `-` where the mode has no such part.
 pub fn breakdown_table(reports: &[PodStartReport]) -> String {
     let mut s = String::from(
-        "| containerd | environment | mode | CreateContainer | StartContainer | → shim Create | shim own | prepare | prepared → Start (runc create) | runc start | → task started | started → return | → line | poll lag | total | FUSE ops (lookups) | in FUSE |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| containerd | environment | mode | RunPodSandbox (requests) | CreateContainer | StartContainer | → shim Create | shim own | prepare | prepared → Start (runc create) | runc start | → task started | started → return | → line | poll lag | total | sandbox + total | FUSE ops (lookups) | in FUSE |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let ms = |v: f64| format!("{:.1}", v * 1e3);
     let opt = |v: Option<f64>| v.map_or("-".to_string(), ms);
@@ -1215,8 +1252,12 @@ pub fn breakdown_table(reports: &[PodStartReport]) -> String {
                 (Some(o), Some(l)) => format!("{o:.0} ({l:.0})"),
                 _ => "-".to_string(),
             };
+            let sandbox = match (b.sandbox, b.sandbox_requests) {
+                (Some(t), Some(n)) => format!("{} ({n:.0})", ms(t)),
+                _ => "-".to_string(),
+            };
             s.push_str(&format!(
-                "| {} | {} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {fuse} | {} |\n",
+                "| {} | {} | {mode} | {sandbox} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {fuse} | {} |\n",
                 r.release,
                 r.env,
                 ms(b.create_call),
@@ -1231,12 +1272,16 @@ pub fn breakdown_table(reports: &[PodStartReport]) -> String {
                 opt(b.return_to_line),
                 opt(b.poll_lag),
                 ms(b.total),
+                opt(b.pod_total),
                 opt(b.fuse_seconds),
             ));
         }
     }
     s.push_str(
         "\nMedians of each part over the runs, ms (so the parts need not add up to the total). \
+         RunPodSandbox is made just before the timer (requests: the server's from its call to \
+         the timer's start; a live flox pod's FloxHub round trip is made there, while the \
+         sandbox starts); sandbox + total is the pod's whole start. \
          From the timer's start: CreateContainer and StartContainer are the CRI calls; → shim \
          Create is CreateContainer's return to the proxy's task Create (shim log); shim own is \
          Create to \"container prepared\" less the daemon's prepare (its metrics); prepared → \
