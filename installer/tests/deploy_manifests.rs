@@ -188,7 +188,12 @@ fn daemonset_installs_then_runs_the_daemon_with_the_host_mounts() {
     // the host's /run/containerd/containerd.sock under --host-root).
     assert_eq!(
         host_dirs,
-        ["/etc/containerd", "/etc/kof", "/run/containerd", "/usr/local/bin"]
+        [
+            "/etc/containerd",
+            "/etc/kof",
+            "/run/containerd",
+            "/usr/local/bin"
+        ]
     );
 
     // The daemon: privileged, /var/lib/kof shared both ways with the host, /run/kof, /dev/fuse.
