@@ -288,6 +288,7 @@ pub fn start(
     let ours = upstream.with_address(&unix_address(&path));
     if upstream_is_new {
         write_file(&answer_path(&path), ours.render().as_bytes())?;
+        write_file(&upstream_path(&path), upstream.render().as_bytes())?;
     }
     write_file(&address_file, ours.address().as_bytes())?;
     Ok(ours)
@@ -297,6 +298,34 @@ pub fn start(
 /// with it).
 pub fn answer_path(socket: &Path) -> PathBuf {
     socket.with_extension("start")
+}
+
+/// Where the runc shim's own answer (its address and task API version) is kept, beside the
+/// proxy's socket, for [`orphaned_upstream`].
+pub fn upstream_path(socket: &Path) -> PathBuf {
+    socket.with_extension("upstream")
+}
+
+/// The runc shim behind a proxy that died (killed; it removes these files when it exits
+/// itself): its answer, when the proxy of the group of the container whose bundle is `bundle`
+/// no longer answers and the runc shim still does. containerd never learnt the runc shim's
+/// address, so nobody else would ever stop it.
+pub fn orphaned_upstream(
+    containerd_address: &str,
+    namespace: &str,
+    id: &str,
+    bundle: &Path,
+) -> Option<StartOutput> {
+    let spec = crate::spec::Spec::read(bundle).ok()?;
+    let annotations = spec.annotations();
+    let path = socket_path(containerd_address, namespace, group_id(&annotations, id));
+    if UnixStream::connect(&path).is_ok() {
+        return None;
+    }
+    let upstream = StartOutput::parse(&std::fs::read_to_string(upstream_path(&path)).ok()?)?;
+    let sock = upstream.address().strip_prefix("unix://")?;
+    UnixStream::connect(sock).ok()?;
+    Some(upstream)
 }
 
 fn run_runc_start(

@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use containerd_shim_protos::shim::shim::{CreateTaskRequest, DeleteRequest, ExecProcessRequest};
+use containerd_shim_protos::shim::shim::{
+    CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, ShutdownRequest, WaitRequest,
+};
 use kof_node_api::config::Config;
 use kof_node_api::report::chain;
 use protobuf::Message;
@@ -344,6 +346,7 @@ pub fn serve(opts: ProxyOptions, listener: i32) -> Result<(), ProxyError> {
     info!(socket = %opts.socket.display(), "the runc shim is gone; the proxy exits");
     let _ = std::fs::remove_file(&opts.socket);
     let _ = std::fs::remove_file(crate::bootstrap::answer_path(&opts.socket));
+    let _ = std::fs::remove_file(crate::bootstrap::upstream_path(&opts.socket));
     // The runc shim answered containerd's last request (Shutdown) before it exited, and that
     // answer has been passed on: closing the connections is what containerd waits for.
     server.shutdown();
@@ -387,4 +390,54 @@ fn wait_for_upstream_exit(opts: &ProxyOptions) {
     while std::os::unix::net::UnixStream::connect(&path).is_ok() {
         std::thread::sleep(UPSTREAM_POLL);
     }
+}
+
+/// How long each call to an orphaned runc shim may take.
+const ORPHAN_CALL: Duration = Duration::from_secs(30);
+
+/// Ends container `id` on the runc shim `upstream` whose proxy died, through its task API
+/// (task API `version`): kill, wait, delete, then ask the runc shim to shut down (it does once
+/// it holds no container). Returns the `DeleteResponse`, encoded, which containerd reads from
+/// the shim binary's `delete`.
+pub fn end_orphaned(
+    upstream: &str,
+    version: i64,
+    namespace: &str,
+    id: &str,
+) -> Result<Vec<u8>, ttrpc::Error> {
+    let client = ttrpc::Client::connect(upstream)?;
+    let service = format!("containerd.task.v{version}.Task");
+    let call = |method: &str, payload: Vec<u8>| {
+        let mut req = Request::new();
+        req.service = service.clone();
+        req.method = method.to_string();
+        req.payload = payload;
+        req.timeout_nano = ORPHAN_CALL.as_nanos() as i64;
+        req.metadata = ttrpc::context::to_pb(HashMap::from([(
+            "containerd-namespace-ttrpc".to_string(),
+            vec![namespace.to_string()],
+        )]));
+        client.request(req).map(|r| r.payload)
+    };
+    let encode = |m: &dyn protobuf::MessageDyn| {
+        m.write_to_bytes_dyn()
+            .map_err(|e| ttrpc::Error::Others(e.to_string()))
+    };
+    let mut kill = KillRequest::new();
+    kill.id = id.to_string();
+    kill.signal = libc::SIGKILL as u32;
+    kill.all = true;
+    // A task that already exited answers Kill with an error: its Wait and Delete still work.
+    let _ = call("Kill", encode(&kill)?);
+    let mut wait = WaitRequest::new();
+    wait.id = id.to_string();
+    let _ = call("Wait", encode(&wait)?);
+    let mut delete = DeleteRequest::new();
+    delete.id = id.to_string();
+    let answer = call("Delete", encode(&delete)?)?;
+    let mut shutdown = ShutdownRequest::new();
+    shutdown.id = id.to_string();
+    // The runc shim exits while answering the last Shutdown: the call may fail.
+    let _ = call("Shutdown", encode(&shutdown)?);
+    Ok(answer)
 }

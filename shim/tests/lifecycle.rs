@@ -10,6 +10,7 @@ use kof_shim::container::{ContainerDir, ContainerRecord};
 kof_harness::for_each_release!(
     many_create_delete_cycles_leave_no_mounts_leases_or_directories,
     a_killed_shim_is_cleaned_up_by_the_delete_containerd_runs,
+    a_killed_proxy_takes_its_runc_shim_and_container_with_it,
     a_running_container_survives_a_daemon_restart_and_is_released_after,
     a_container_whose_delete_never_came_is_swept_by_the_next_start,
 );
@@ -65,6 +66,44 @@ fn a_killed_shim_is_cleaned_up_by_the_delete_containerd_runs(release: Release) {
     node.wait_for("the lease's release", || node.leases().is_empty());
     let _ = node.ctr(&["tasks", "delete", "-f", "victim"]);
     let out = node.ctr(&["containers", "delete", "victim"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    node.assert_no_leftovers();
+}
+
+/// Only kof's proxy dies (the runc shim behind it lives): containerd sees its shim gone and
+/// runs `delete`; the lease is released, and nothing of the pod is left running.
+fn a_killed_proxy_takes_its_runc_shim_and_container_with_it(release: Release) {
+    let node = Node::new(NodeOptions::on(release));
+    node.run_detached("orphan", "kof/hello", &["sleep", "600"]);
+    assert_eq!(node.leases().len(), 1);
+    let exe = |pid: i32| {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let proxies: Vec<i32> = node
+        .ctrd()
+        .shim_pids()
+        .into_iter()
+        .filter(|p| exe(*p) == "containerd-shim-flox-v2")
+        .collect();
+    assert_eq!(proxies.len(), 1, "{}", node.logs());
+    // SAFETY: kill(2) of the proxy this test's containerd started.
+    unsafe {
+        libc::kill(proxies[0], libc::SIGKILL);
+    }
+    node.wait_for("the lease's release", || node.leases().is_empty());
+    node.wait_for("the runc shim's exit", || {
+        node.ctrd().shim_pids().is_empty()
+    });
+    assert!(
+        node.logs()
+            .contains("container ended through the runc shim of a dead proxy"),
+        "{}",
+        node.logs()
+    );
+    let _ = node.ctr(&["tasks", "delete", "-f", "orphan"]);
+    let out = node.ctr(&["containers", "delete", "orphan"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     node.assert_no_leftovers();
 }

@@ -4,7 +4,9 @@
 //!   proxy in front of it; prints the proxy's address in the form the runc shim printed.
 //! - `serve` (started by `start`): the proxy, until its runc shim exits.
 //! - `delete`: cleans up what a container's Create set up, then `exec`s the runc shim's
-//!   `delete`, whose output containerd reads.
+//!   `delete`, whose output containerd reads. When the pod's proxy was killed, the runc shim
+//!   behind it still runs, unknown to containerd: the container is then ended through that
+//!   runc shim's task API (kill, wait, delete, shutdown), which lets it exit.
 //! - anything else (`-v`): `exec`s the runc shim with the same command line.
 //!
 //! containerd reads `start`'s combined stdout and stderr as the shim's address, so nothing else
@@ -102,6 +104,39 @@ fn act(args: &ShimArgs, argv: &[OsString]) -> Result<bool, ShimError> {
             // sweep, and must not keep the runc shim from cleaning up its part.
             if let Err(e) = lifecycle::delete(&cfg, namespace, id) {
                 tracing::warn!(namespace, id, error = %chain(&e), "cleanup at delete failed");
+            }
+            // A killed proxy leaves its runc shim running, unknown to containerd: end the
+            // container through it and let it exit, else nobody ever would.
+            let bundle = args
+                .bundle
+                .clone()
+                .unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")));
+            let orphan = args
+                .address
+                .as_deref()
+                .and_then(|a| bootstrap::orphaned_upstream(a, namespace, id, &bundle));
+            if let Some(upstream) = orphan {
+                let version = match &upstream {
+                    bootstrap::StartOutput::Params(p) => p.version,
+                    bootstrap::StartOutput::Address(_) => 2,
+                };
+                match proxy::end_orphaned(upstream.address(), version, namespace, id) {
+                    Ok(answer) => {
+                        use std::io::Write;
+                        tracing::info!(
+                            namespace,
+                            id,
+                            upstream = upstream.address(),
+                            "container ended through the runc shim of a dead proxy"
+                        );
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(&answer).and_then(|_| out.flush());
+                        return Ok(true);
+                    }
+                    Err(e) => {
+                        tracing::warn!(namespace, id, error = %e, "ending the container through the runc shim of a dead proxy; its delete runs instead")
+                    }
+                }
             }
             Ok(false)
         }
