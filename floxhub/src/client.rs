@@ -22,7 +22,6 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -785,34 +784,10 @@ impl FloxHubClient {
 /// interval late (63 ms for a 40 ms `ls-remote`), on the path of every live pod start. Kernels
 /// without pidfds (before 5.3) fall back to polling every millisecond to 10 ms.
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::io::Result<Option<()>> {
-    let deadline = Instant::now() + timeout;
-    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
-    if fd >= 0 {
-        // SAFETY: fd is a new descriptor owned here.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n > 0 {
-                return Ok(Some(()));
-            }
-            if n == 0 {
-                return Ok(None);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+    if let Ok(exited) = kof_node_api::pidfd::wait_exit(child.id() as i32, Some(timeout)) {
+        return Ok(exited.then_some(()));
     }
+    let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
         // `try_wait` reaps: the exit status is kept in `child`, and `wait` returns it again.

@@ -2,7 +2,7 @@
 //! ([`config`]), the local API of `kof-fetcherd` with its blocking client ([`api`]),
 //! environment references as pods name them ([`envref`]), lease ids ([`lease`]), and the
 //! activation of a command inside an environment as `flox activate -- CMD` does it
-//! ([`activate`]).
+//! ([`activate`]), and waiting for a process's exit through a pidfd ([`pidfd`]).
 //!
 //! The containerd shim and `kof-node-install` depend on this crate alone among kof's: it never
 //! touches the network, SQLite, FUSE or a compressor, so they neither compile nor link any of
@@ -19,4 +19,5 @@ pub mod api;
 pub mod config;
 pub mod envref;
 pub mod lease;
+pub mod pidfd;
 pub mod report;

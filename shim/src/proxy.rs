@@ -357,30 +357,12 @@ pub fn serve(opts: ProxyOptions, listener: i32) -> Result<(), ProxyError> {
 /// socket stops answering.
 fn wait_for_upstream_exit(opts: &ProxyOptions) {
     if let Some(pid) = opts.upstream_pid {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        if fd >= 0 {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            loop {
-                // SAFETY: one valid pollfd.
-                let n = unsafe { libc::poll(&mut pfd, 1, -1) };
-                if n > 0
-                    || (n < 0
-                        && std::io::Error::last_os_error().kind()
-                            != std::io::ErrorKind::Interrupted)
-                {
-                    break;
-                }
+        match kof_node_api::pidfd::wait_exit(pid, None) {
+            Ok(_) => return,
+            Err(e) => {
+                warn!(pid, error = %e, "cannot watch the runc shim's pid; watching its socket")
             }
-            // SAFETY: fd is ours.
-            unsafe { libc::close(fd) };
-            return;
         }
-        warn!(pid, "cannot watch the runc shim's pid; watching its socket");
     }
     let path = opts
         .upstream
