@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::spec::env_pairs;
+use crate::spec::{env_pairs, set_args_and_env, string_list};
 
 /// How execs into a container run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,18 +54,7 @@ pub fn activated(
 }
 
 fn strings(v: Option<&Value>, what: &'static str) -> Result<Vec<String>, ExecError> {
-    match v {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| {
-                i.as_str()
-                    .map(str::to_string)
-                    .ok_or(ExecError::Malformed(what))
-            })
-            .collect(),
-        Some(_) => Err(ExecError::Malformed(what)),
-    }
+    string_list(v).map_err(|_| ExecError::Malformed(what))
 }
 
 /// Rewrites an exec's OCI process spec (JSON, as containerd sends it) to run activated; every
@@ -78,19 +67,7 @@ pub fn activate_process(process: &[u8], activation: &Activation) -> Result<Vec<u
     }
     let env = strings(p.get("env"), "env is not a list of strings")?;
     let act = activated(activation, &args, &env)?;
-    p.insert(
-        "args".into(),
-        Value::Array(act.argv.into_iter().map(Value::String).collect()),
-    );
-    p.insert(
-        "env".into(),
-        Value::Array(
-            act.env
-                .into_iter()
-                .map(|(k, v)| Value::String(format!("{k}={v}")))
-                .collect(),
-        ),
-    );
+    set_args_and_env(&mut p, &act.argv, &act.env);
     serde_json::to_vec(&p).map_err(ExecError::Json)
 }
 

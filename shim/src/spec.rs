@@ -126,18 +126,7 @@ impl Spec {
     }
 
     fn strings(&self, v: Option<&Value>, what: &str) -> Result<Vec<String>, SpecError> {
-        match v {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| self.malformed(format!("{what} holds a non-string")))
-                })
-                .collect(),
-            Some(_) => Err(self.malformed(format!("{what} is not an array"))),
-        }
+        string_list(v).map_err(|why| self.malformed(format!("{what} {why}")))
     }
 
     /// The OCI annotations.
@@ -228,10 +217,7 @@ impl Spec {
 
     /// Replaces `process.args` and `process.env`.
     pub fn set_process(&mut self, args: &[String], env: &[(String, String)]) {
-        let p = self.process_mut();
-        p.insert("args".into(), json!(args));
-        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        p.insert("env".into(), json!(env));
+        set_args_and_env(self.process_mut(), args, env);
     }
 
     /// Adds a bind mount after containerd's (so it is mounted over anything they put there).
@@ -276,6 +262,26 @@ impl Spec {
 }
 
 /// Splits `NAME=value` strings into pairs (an entry without `=` is a name with an empty value,
+/// The strings of a JSON list (absent or `null`: none); otherwise what the value is instead.
+pub fn string_list(v: Option<&Value>) -> Result<Vec<String>, &'static str> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_string).ok_or("holds a non-string"))
+            .collect(),
+        Some(_) => Err("is not an array"),
+    }
+}
+
+/// Sets `args` and `env` (as `NAME=value`) of an OCI process object: a bundle's
+/// `process`, or the process of an exec.
+pub fn set_args_and_env(p: &mut Map<String, Value>, args: &[String], env: &[(String, String)]) {
+    p.insert("args".into(), json!(args));
+    let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    p.insert("env".into(), json!(env));
+}
+
 /// as runc treats it).
 pub fn env_pairs(env: &[String]) -> BTreeMap<String, String> {
     env.iter()
