@@ -199,6 +199,21 @@ pub fn socket_path(containerd_address: &str, namespace: &str, group: &str) -> Pa
     Path::new(SOCKET_DIR).join(h.finalize().to_hex().as_str())
 }
 
+/// The proxy socket of the group of container `id`, whose bundle is `bundle`.
+fn group_socket(
+    containerd_address: &str,
+    namespace: &str,
+    id: &str,
+    bundle: &Path,
+) -> Result<PathBuf, crate::spec::SpecError> {
+    let annotations = crate::spec::Spec::read(bundle)?.annotations();
+    Ok(socket_path(
+        containerd_address,
+        namespace,
+        group_id(&annotations, id),
+    ))
+}
+
 /// `unix://<path>`.
 pub fn unix_address(path: &Path) -> String {
     format!("unix://{}", path.display())
@@ -247,10 +262,7 @@ pub fn start(
     bundle: &Path,
     runc_shim: &Path,
 ) -> Result<StartOutput, crate::ShimError> {
-    let spec = crate::spec::Spec::read(bundle)?;
-    let annotations = spec.annotations();
-    let group = group_id(&annotations, id);
-    let path = socket_path(containerd_address, namespace, group);
+    let path = group_socket(containerd_address, namespace, id, bundle)?;
     let socket = bind_group_socket(&path)?;
     let address_file = bundle.join("address");
     if let GroupSocket::Running = socket {
@@ -283,7 +295,7 @@ pub fn start(
             let _ = std::fs::remove_file(&path);
             return Err(e.into());
         }
-        tracing::info!(namespace, id, group, socket = %path.display(), upstream = upstream.address(), "shim proxy started");
+        tracing::info!(namespace, id, socket = %path.display(), upstream = upstream.address(), "shim proxy started");
     }
     let ours = upstream.with_address(&unix_address(&path));
     if upstream_is_new {
@@ -316,9 +328,7 @@ pub fn orphaned_upstream(
     id: &str,
     bundle: &Path,
 ) -> Option<StartOutput> {
-    let spec = crate::spec::Spec::read(bundle).ok()?;
-    let annotations = spec.annotations();
-    let path = socket_path(containerd_address, namespace, group_id(&annotations, id));
+    let path = group_socket(containerd_address, namespace, id, bundle).ok()?;
     if UnixStream::connect(&path).is_ok() {
         return None;
     }

@@ -23,8 +23,7 @@ use kof_node_api::report::chain;
 use tracing::{info, warn};
 
 use crate::annotations::{
-    decide, Decision, EnvironmentRequest, PlainReason, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID,
-    ENVIRONMENT,
+    decide, Decision, EnvironmentRequest, PlainReason, CRI_SANDBOX_ID, ENVIRONMENT,
 };
 use crate::container::{ContainerDir, ContainerRecord, RootMode, NEW_PREFIX};
 use crate::error::ShimError;
@@ -47,6 +46,14 @@ const STORE_DEST: &str = "/nix/store";
 pub enum Started {
     /// The container runs as plain runc would run it.
     Plain(PlainReason),
+    /// The sandbox of a flox pod: it runs as plain runc would run it, and its pod's live
+    /// generation is to be resolved now ([`pod_starting`]).
+    PodSandbox {
+        /// The pod's environment reference, as annotated.
+        env: String,
+        /// The pod (its CRI sandbox id).
+        pod: String,
+    },
     /// The container runs in an environment.
     Environment {
         /// The lease holding its view.
@@ -125,10 +132,18 @@ fn image_repository(image: &str) -> String {
 pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<Started, ShimError> {
     sweep(cfg);
     let mut spec = Spec::read(bundle)?;
-    let req = match decide(&spec.annotations())? {
+    let annotations = spec.annotations();
+    let pod = annotations.get(CRI_SANDBOX_ID).map(String::as_str);
+    let req = match decide(&annotations)? {
         Decision::Plain(reason) => {
             info!(namespace, id, ?reason, "container runs unmodified");
-            return Ok(Started::Plain(reason));
+            return Ok(match (reason, annotations.get(ENVIRONMENT), pod) {
+                (PlainReason::Sandbox, Some(env), Some(pod)) => Started::PodSandbox {
+                    env: env.trim().to_string(),
+                    pod: pod.to_string(),
+                },
+                _ => Started::Plain(reason),
+            });
         }
         Decision::Environment(req) => req,
     };
@@ -149,7 +164,7 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
     };
     let lock = cdir.create(&record).map_err(ShimError::container(&env))?;
     let result = (|| {
-        let prepared = prepare(cfg, &spec, &req, &lease)?;
+        let prepared = prepare(cfg, &spec, &req, &lease, pod)?;
         let mode = root_mode(cfg, &req, spec.root_dir().as_deref());
         rewrite(&mut spec, &cdir, &prepared, &req, mode)?;
         spec.write()?;
@@ -185,11 +200,14 @@ pub fn start(cfg: &Config, namespace: &str, id: &str, bundle: &Path) -> Result<S
     }
 }
 
+/// Prepares `lease` of the container's environment; `pod` is its CRI sandbox id, when it has
+/// one (the pod's resolution of a live generation is then used).
 fn prepare(
     cfg: &Config,
     spec: &Spec,
     req: &EnvironmentRequest,
     lease: &str,
+    pod: Option<&str>,
 ) -> Result<Prepared, ShimError> {
     let env = &req.environment;
     let token = match token_file(spec) {
@@ -206,23 +224,9 @@ fn prepare(
     let mut client = Client::connect(&cfg.socket)
         .map_err(prep_err)?
         .with_timeout(PREPARE_TIMEOUT);
-    let annotations = spec.annotations();
-    let pod = annotations.get(CRI_SANDBOX_ID).map(String::as_str);
     client
         .prepare_in_pod(env, lease, token.as_deref(), pod)
         .map_err(prep_err)
-}
-
-/// For a pod sandbox of a flox pod: the pod's environment reference and its sandbox id, for
-/// [`pod_starting`].
-pub fn starting_pod(bundle: &Path) -> Option<(String, String)> {
-    let annotations = Spec::read(bundle).ok()?.annotations();
-    if annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("sandbox") {
-        return None;
-    }
-    let env = annotations.get(ENVIRONMENT)?.trim().to_string();
-    let pod = annotations.get(CRI_SANDBOX_ID)?.clone();
-    Some((env, pod))
 }
 
 /// Tells kof-fetcherd that pod `pod` of `env` is starting, so that it resolves the live

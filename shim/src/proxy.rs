@@ -42,7 +42,6 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 use ttrpc::{Code, MethodHandler, Request, Response, TtrpcContext};
 
-use crate::annotations::PlainReason;
 use crate::lifecycle;
 
 /// The task API's methods (the same in `containerd.task.v2.Task` and `containerd.task.v3.Task`).
@@ -207,12 +206,10 @@ impl Proxy {
                 );
             }
         };
-        if started == lifecycle::Started::Plain(PlainReason::Sandbox) {
+        if let lifecycle::Started::PodSandbox { env, pod } = &started {
             // A flox pod is starting: its live generation is resolved while its sandbox starts.
-            if let Some((env, pod)) = lifecycle::starting_pod(Path::new(&create.bundle)) {
-                let config = self.config.clone();
-                std::thread::spawn(move || lifecycle::pod_starting(&config, &env, &pod));
-            }
+            let (config, env, pod) = (self.config.clone(), env.clone(), pod.clone());
+            std::thread::spawn(move || lifecycle::pod_starting(&config, &env, &pod));
         }
         let res = self.forward(req);
         if !ok(&res) {
