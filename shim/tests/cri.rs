@@ -79,6 +79,16 @@ fn wait_line(node: &Node, path: &Path, want: &str) -> LogLine {
         .unwrap_or_else(|e| panic!("{want:?} in {}: {e}\n{}", path.display(), node.logs()))
 }
 
+/// `ExecSync` of `cmd` in container `id`: its stdout (trimmed) and stderr; panics with both
+/// unless it exits 0.
+fn exec_ok(cri: &CriClient, id: &str, cmd: &[&str]) -> (String, String) {
+    let r = cri.exec_sync(id, cmd, Duration::from_secs(60)).unwrap();
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.exit_code, 0, "{cmd:?}: {out} {err}");
+    (out, err)
+}
+
 /// Stops and removes everything of `sandbox`, then checks that nothing is left.
 fn tear_down(node: &Node, cri: &CriClient, sandbox: &str, containers: &[String]) {
     for c in containers {
@@ -142,40 +152,22 @@ fn a_pod_runs_in_its_environment_through_cri(release: Release) {
     );
 
     // Exec: into the environment's root, with its programs on the default PATH.
-    let r = cri
-        .exec_sync(
-            &id,
-            &["sh", "-c", "python3 -c 'print(1+1)'; test -d /nix/store"],
-            Duration::from_secs(60),
-        )
-        .unwrap();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{} {}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
+    let (out, _) = exec_ok(
+        &cri,
+        &id,
+        &["sh", "-c", "python3 -c 'print(1+1)'; test -d /nix/store"],
     );
-    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "2");
+    assert_eq!(out, "2");
     // The exec runs activated, as `flox activate -- CMD` would: the environment's vars and
     // hook over the container's own environment.
-    let r = cri
-        .exec_sync(
-            &id,
-            &[
-                "sh",
-                "-c",
-                "echo \"$FLOX_ENV|$KOF_GREETING|$KOF_HOOK_RAN|$POD_VAR\"",
-            ],
-            Duration::from_secs(60),
-        )
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{out} {}",
-        String::from_utf8_lossy(&r.stderr)
+    let (out, err) = exec_ok(
+        &cri,
+        &id,
+        &[
+            "sh",
+            "-c",
+            "echo \"$FLOX_ENV|$KOF_GREETING|$KOF_HOOK_RAN|$POD_VAR\"",
+        ],
     );
     let fields: Vec<&str> = out.split('|').collect();
     assert!(fields[0].contains("-flox-env-python"), "{out}");
@@ -185,9 +177,8 @@ fn a_pod_runs_in_its_environment_through_cri(release: Release) {
         "{out}"
     );
     assert!(
-        String::from_utf8_lossy(&r.stderr).contains("python env activated"),
-        "the hook's output: {}",
-        String::from_utf8_lossy(&r.stderr)
+        err.contains("python env activated"),
+        "the hook's output: {err}"
     );
     tear_down(&node, &cri, &sandbox, &[id]);
 }
@@ -373,30 +364,17 @@ fn execs_of_a_container_named_in_skip_containers_exec_run_unmodified(release: Re
         .unwrap_or_else(|e| panic!("{e}\n{}", node.logs()));
     // The container's own process is activated all the same.
     wait_line(&node, &log_of(&p, &c), "main=hello from kof/python");
-    let r = cri
-        .exec_sync(
-            &id,
-            &[
-                "/bin/sh",
-                "-c",
-                "echo \"[$FLOX_ENV|$KOF_GREETING|$POD_VAR]\"",
-            ],
-            Duration::from_secs(60),
-        )
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{out} {}",
-        String::from_utf8_lossy(&r.stderr)
+    let (out, err) = exec_ok(
+        &cri,
+        &id,
+        &[
+            "/bin/sh",
+            "-c",
+            "echo \"[$FLOX_ENV|$KOF_GREETING|$POD_VAR]\"",
+        ],
     );
     assert_eq!(out, "[||from-the-pod]", "the container's plain environment");
-    assert!(
-        !String::from_utf8_lossy(&r.stderr).contains("python env activated"),
-        "no hook: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    assert!(!err.contains("python env activated"), "no hook: {err}");
     assert!(
         node.logs().contains("exec runs unmodified"),
         "{}",
