@@ -17,6 +17,11 @@
 //! - `fetches` (schema 2): store paths whose fetch started and has not ended in a stored path:
 //!   `fetching` (a fetch is under way, or was when its process died) or `failed` (with the
 //!   error). The row goes in the same transaction that makes the path visible.
+//! - schema 3: `fetches.pid` and `fetches.pid_start` (the fetching process and its start time
+//!   in clock ticks since boot, from `/proc/<pid>/stat`) so a row whose process died can be
+//!   told from a fetch under way; `environments.last_used_at` (unix time a lease or prefetch
+//!   last used the generation, for least-recently-used eviction); `gc_runs`, one row per
+//!   collection (when, why, what it freed) for `kof-store stats` and the metrics.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,7 +32,7 @@ use rusqlite::Connection;
 use crate::error::StoreError;
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE paths (
@@ -112,6 +117,22 @@ CREATE TABLE fetches (
 );
 ";
 
+const SCHEMA_V3: &str = "
+ALTER TABLE fetches ADD COLUMN pid INTEGER;
+ALTER TABLE fetches ADD COLUMN pid_start INTEGER;
+ALTER TABLE environments ADD COLUMN last_used_at INTEGER;
+CREATE TABLE gc_runs (
+    id INTEGER PRIMARY KEY,
+    started_at INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    trigger TEXT NOT NULL,
+    paths_removed INTEGER NOT NULL,
+    objects_removed INTEGER NOT NULL,
+    bytes_freed INTEGER NOT NULL,
+    derived_bytes_freed INTEGER NOT NULL
+);
+";
+
 /// Brings the database at `conn` to [`SCHEMA_VERSION`], one step per version, each step in its
 /// own transaction.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -133,6 +154,10 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             1 => {
                 tx.execute_batch(SCHEMA_V2)?;
                 tx.pragma_update(None, "user_version", 2)?;
+            }
+            2 => {
+                tx.execute_batch(SCHEMA_V3)?;
+                tx.pragma_update(None, "user_version", 3)?;
             }
             v => {
                 return Err(StoreError::CorruptMetadata(format!(
