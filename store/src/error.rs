@@ -20,6 +20,16 @@ pub enum StoreError {
         /// the cause
         source: std::io::Error,
     },
+    /// A write into the store (or an export target) failed because its file system is full
+    /// (`ENOSPC`) or the writer's quota is spent (`EDQUOT`). Nothing it was writing became
+    /// visible; freeing space and trying again succeeds.
+    #[error("writing {}: file system full", path.display())]
+    NoSpace {
+        /// the file (or directory) being written
+        path: PathBuf,
+        /// the cause (`ENOSPC` or `EDQUOT`)
+        source: std::io::Error,
+    },
     /// The store's lock file could not be opened or locked.
     #[error("locking {}", path.display())]
     Lock {
@@ -89,6 +99,24 @@ pub enum StoreError {
         expected: NixHash,
         /// hash of what was written
         got: NixHash,
+    },
+    /// A commit would make `path` valid while its reference `reference` is neither stored nor
+    /// committed with it (Nix's closure rule); nothing was committed.
+    #[error("{path} cannot become valid: its reference {reference} is not stored")]
+    MissingReference {
+        /// the path refused
+        path: StorePath,
+        /// its first reference that is not valid
+        reference: StorePath,
+    },
+    /// An object a prepared path uses was removed (by gc) between its prepare and its commit;
+    /// nothing was committed, and preparing the path again writes the object again.
+    #[error("{path} cannot be committed: object {digest} it uses was collected after it was prepared")]
+    PreparedObjectGone {
+        /// the path
+        path: StorePath,
+        /// the object no longer stored
+        digest: Digest,
     },
     /// The store path is not in the store.
     #[error("{0} is not in the store")]
@@ -167,11 +195,84 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error of `op` on `path`: [`StoreError::NoSpace`] when the file system is full,
+    /// else [`StoreError::Io`].
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if is_no_space_io(&source) {
+            return StoreError::NoSpace {
+                path: path.into(),
+                source,
+            };
+        }
         StoreError::Io {
             op,
             path: path.into(),
             source,
         }
     }
+
+    /// This error, with the database's `SQLITE_FULL` made a [`StoreError::NoSpace`] naming the
+    /// database file `db` (the SQLite error kept as the `io::Error`'s inner error).
+    pub(crate) fn naming_db(self, db: &std::path::Path) -> Self {
+        match self {
+            StoreError::Db(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) => {
+                StoreError::NoSpace {
+                    path: db.to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::StorageFull, e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Whether this failure is a full file system: [`StoreError::NoSpace`], or the database's
+    /// `SQLITE_FULL` (its transaction rolled back), rather than a fault of the store.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Db(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `e` is `ENOSPC` (no space left on the device) or `EDQUOT` (quota exceeded).
+/// (Checked by kind too: a wrapped OS error, as `tempfile` returns, has no raw code.)
+pub fn is_no_space_io(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+}
+
+/// Whether `e` or any error in its `source()` chain is a full file system: a
+/// [`StoreError`] for which [`StoreError::is_no_space`] holds, or an `io::Error` that is
+/// `ENOSPC` or `EDQUOT`. For callers above the store (the lazy engine, the daemon) whose own
+/// errors wrap the store's, to tell "free some space" from a fault.
+pub fn chain_is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(se) = e.downcast_ref::<StoreError>() {
+            if se.is_no_space() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if is_no_space_io(io) {
+                return true;
+            }
+            // An `io::Error` wrapping another error: its `source()` skips the wrapped one.
+            if io.get_ref().is_some_and(|inner| chain_is_no_space(inner)) {
+                return true;
+            }
+        }
+        if let Some(db) = e.downcast_ref::<rusqlite::Error>() {
+            if db.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }

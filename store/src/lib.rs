@@ -71,7 +71,7 @@ use parking_lot::RwLock;
 use rusqlite::{OptionalExtension, Row};
 
 pub use environments::RootRecord;
-pub use error::StoreError;
+pub use error::{chain_is_no_space, is_no_space_io, StoreError};
 pub use fetches::{FetchState, FetchStateKind};
 pub use gc::GcReport;
 pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};

@@ -8,6 +8,14 @@
 //! instead of the whole object. Objects are written to a temporary file in their fan-out
 //! directory and renamed into place; the caller syncs the file system
 //! (`Objects::sync_filesystem`) before committing metadata that names them.
+//!
+//! A full file system (`ENOSPC`, or `EDQUOT` under a quota) at any step of a write (the
+//! fan-out directory, the temporary file, its bytes, the rename, the sync) fails it with
+//! [`StoreError::NoSpace`] naming the file, and the temporary file is removed (dropping the
+//! `NamedTempFile` unlinks it). The ingest then stops before its metadata commits, so no path
+//! becomes visible without its objects. Objects an ingest wrote before the failure stay as
+//! files without rows (another ingest may be about to commit a row naming the same digest,
+//! so they are not removed here); gc's sweep removes them if nothing names them.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -209,7 +217,9 @@ impl Objects {
         }
         .map_err(|e| StoreError::io("creating a temporary file in", &fanout, e))?;
         let tmp_path = tmp.path().to_path_buf();
-        tmp.write_all(bytes)
+        // Through the `File`: `NamedTempFile`'s own `write` wraps its errors with the path.
+        tmp.as_file_mut()
+            .write_all(bytes)
             .map_err(|e| StoreError::io("writing", &tmp_path, e))?;
         let dest = self.path(&digest);
         tmp.persist(&dest)
