@@ -61,13 +61,18 @@ fn env_row(r: &Row<'_>) -> Result<EnvironmentRecord, StoreError> {
 
 impl Store {
     /// Records a resolved environment generation (replacing an earlier record of the same
-    /// owner, name and generation).
+    /// owner, name and generation; its last use is kept).
     pub fn put_environment(&self, env: &EnvironmentRecord) -> Result<(), StoreError> {
         let conn = self.db.get()?;
         conn.execute(
             &format!(
-                "INSERT OR REPLACE INTO environments ({ENV_COLUMNS})
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO environments ({ENV_COLUMNS})
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (owner, name, generation) DO UPDATE SET
+                   system = excluded.system, lockfile = excluded.lockfile,
+                   vars = excluded.vars, hook = excluded.hook, history = excluded.history,
+                   roots = excluded.roots, closure = excluded.closure,
+                   resolved_at = excluded.resolved_at"
             ),
             params![
                 env.owner,
@@ -173,6 +178,43 @@ impl Store {
             params![owner, name, generation as i64],
         )?;
         Ok(n > 0)
+    }
+
+    /// Records that a lease, prepare or prefetch used the generation now
+    /// (`environments.last_used_at`, for least-recently-used eviction); `false` if it is not
+    /// recorded.
+    pub fn touch_environment(
+        &self,
+        owner: &str,
+        name: &str,
+        generation: u64,
+    ) -> Result<bool, StoreError> {
+        let conn = self.db.get()?;
+        let n = conn.execute(
+            "UPDATE environments SET last_used_at = ? WHERE owner = ? AND name = ? AND generation = ?",
+            params![now(), owner, name, generation as i64],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// When the generation was last used (unix time; `None` if never, or not recorded).
+    pub fn environment_last_used(
+        &self,
+        owner: &str,
+        name: &str,
+        generation: u64,
+    ) -> Result<Option<i64>, StoreError> {
+        let conn = self.db.get()?;
+        let found = conn
+            .prepare_cached(
+                "SELECT last_used_at FROM environments
+                 WHERE owner = ? AND name = ? AND generation = ?",
+            )?
+            .query_row(params![owner, name, generation as i64], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .optional()?;
+        Ok(found.flatten())
     }
 
     /// Every root, by owner, name and generation.

@@ -30,7 +30,7 @@
 //! | `db.sqlite`, `db.sqlite-wal`, `db.sqlite-shm` | this crate ([`db`]) | SQLite metadata in WAL mode: store paths, trees, objects, chunks, environments, gc roots, fetch states |
 //! | `objects/<2 hex>/<64 hex>` | this crate ([`objects`]) | object files by BLAKE3 digest, raw or zstd; an object being written is a `.tmp-*` file in its fan-out directory until it is renamed into place (gc sweeps stale ones); a fan-out directory is made when its first object is written |
 //! | `tmp/` | this crate | scratch space, emptied under the exclusive lock (at open when it can be had, and by gc) |
-//! | `lock` | this crate ([`lock`]) | the store lock: a shared `flock` per open [`Store`], exclusive for gc |
+//! | `lock` | this crate ([`lock`]) | the store lock: a shared `flock` per open [`Store`], exclusive for the offline gc |
 //! | `partial/<hash part>.nar`, `partial/<hash part>.json` | `kof-lazy` (the demand engine) | sparse partial NARs of store paths being fetched on demand, and the record of which chunks each holds (written at a clean exit, so the next engine resumes them); removed when the path is ingested; derived data |
 //! | `raw/<2 hex>/<64 hex>` | `kof-lazy` | raw copies (mode 0444, BLAKE3-checked) of files of 16 KiB or more stored compressed or in chunks, by content digest, for FUSE passthrough; derived data, deletable at any time |
 //! | `profiles/<owner>/<name>.json` | `kof-lazy` (`kof-store profile import` writes them too) | learned prefetch profiles: which files an environment reads first |
@@ -46,8 +46,9 @@
 //!
 //! Concurrency: a `Store` is `Send + Sync`; ingests of different paths run in parallel, a
 //! second ingest of the same path waits for the first. Every open `Store` holds a shared lock
-//! on `lock`; [`Store::gc`] needs it exclusively and fails with [`StoreError::Busy`] while any
-//! other `Store` (in this or another process) is open (see [`lock`]).
+//! on `lock`. Offline, [`Store::gc`] needs it exclusively and fails with [`StoreError::Busy`]
+//! while any other `Store` (in this or another process) is open (see [`lock`]); the store's
+//! one writer (the daemon) collects while it serves with [`Store::gc_live`].
 
 #![deny(missing_docs)]
 
@@ -73,7 +74,7 @@ use rusqlite::{OptionalExtension, Row};
 pub use environments::RootRecord;
 pub use error::{chain_is_no_space, is_no_space_io, StoreError};
 pub use fetches::{FetchState, FetchStateKind};
-pub use gc::GcReport;
+pub use gc::{GcHistory, GcReport, GcRun, GcTrigger, LiveSet, LIVE_SWEEP_MIN_AGE};
 pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
 pub use objects::{Codec, Digest, ObjectInfo};
 pub use tree::{FileContent, FilePiece, FileReader, NodeKind, TreeNode};

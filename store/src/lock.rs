@@ -1,12 +1,15 @@
 //! The store's lock file (`<dir>/lock`), which keeps garbage collection away from other users.
 //!
-//! Every open [`crate::Store`] holds a shared `flock` on it for its whole life. Garbage
-//! collection converts its own lock to an exclusive one, which succeeds only when no other
-//! `Store` (in this process or another) has the directory open; otherwise gc fails with
-//! [`crate::StoreError::Busy`] rather than deleting objects an ingest elsewhere is about to
-//! reference. Stale files in `tmp/` are likewise removed only under the exclusive lock: at
-//! open, if the lock can be had exclusively for a moment, and by gc; `.tmp-*` files an
-//! interrupted object write leaves in a fan-out directory are removed by gc's sweep.
+//! Every open [`crate::Store`] holds a shared `flock` on it for its whole life. The offline
+//! garbage collection ([`crate::Store::gc`]) converts its own lock to an exclusive one, which
+//! succeeds only when no other `Store` (in this process or another) has the directory open;
+//! otherwise it fails with [`crate::StoreError::Busy`] rather than deleting objects an ingest
+//! elsewhere is about to reference. Stale files in `tmp/` are likewise removed only under the
+//! exclusive lock: at open, if the lock can be had exclusively for a moment, and by the
+//! offline gc; `.tmp-*` files an interrupted object write leaves in a fan-out directory are
+//! removed by gc's sweep. The live gc ([`crate::Store::gc_live`]) does not take this lock:
+//! it is for the store's one writer, whose readers elsewhere keep their shared locks, and it
+//! sweeps only files old enough to belong to no write under way.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
