@@ -23,6 +23,7 @@
 //! | `{"op":"gate","store_path":"<hash>-<name>"}` | `{"ok":true}` once what views show inside the path is verified |
 //! | `{"op":"leases"}` | `{"leases":[`[`LeaseInfo`]`...]}` |
 //! | `{"op":"pod_starting","env":"owner/name[:N]","pod":"SANDBOX","token":"..."?}` | [`PodResolved`] |
+//! | `{"op":"gc","derived":false?}` | [`GcDone`] |
 //!
 //! - `prepare` resolves the environment (the generation `N`, else the live one, which then
 //!   stays pinned for the life of the lease), computes its closure from metadata (no file
@@ -53,6 +54,11 @@
 //!   store (or its partial NAR); it returns when the bytes are there. The FUSE server uses
 //!   it.
 //! - `status`: the daemon's pid, leases, store totals, in-flight fetches, the FUSE server.
+//! - `gc` collects now, while the daemon serves: every stored path outside the closures of
+//!   the rooted (kept) environments, the leased generations, the idle views' generations,
+//!   and the paths being fetched or read is removed, with the objects no remaining path
+//!   uses; with `"derived":true` also every raw copy and every partial NAR no fetch uses. The
+//!   run is recorded with trigger `manual` (`kof-store stats` shows it).
 //! - `hello`: the daemon's pid and store, at once (no store query, no FUSE server round trip):
 //!   what a client checks before using the daemon. A daemon older than `hello` answers
 //!   `bad_request`; ask `status` then.
@@ -80,6 +86,9 @@
 //!           "closure":["/nix/store/...",...],"closure_nar_size":N,"vars":{"K":"V"},
 //!           "hook":"..."|null,"history":[...],"floxmeta_commit":"<sha>"}
 //! hello    {"pid":P,"store_dir":"/var/lib/kof"}
+//! gc       {"trigger":"manual","paths_removed":["/nix/store/...",...],"objects_removed":N,
+//!           "bytes_freed":N,"derived_bytes_freed":N,"elapsed_secs":0.2,
+//!           "store_bytes_before":N,"store_bytes_after":N}
 //! ensure   {"ok":true}
 //! leases   {"leases":[<lease>...]}
 //! <lease> = {"lease":"c1","env":"kof/hello","generation":2,"pinned":false,
@@ -198,6 +207,12 @@ pub enum Request {
     },
     /// The leases.
     Leases,
+    /// Collect garbage now (see the module docs).
+    Gc {
+        /// Also remove derived data (raw copies, partial NARs no fetch uses).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        derived: bool,
+    },
 }
 
 /// The kind of a failure, for callers that react to it (the message is for people).
@@ -452,6 +467,27 @@ pub struct PodResolved {
     pub generation: u64,
 }
 
+/// The answer to `gc`: what a collection removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GcDone {
+    /// Why it ran: `manual`, `quota` or `no-space`.
+    pub trigger: String,
+    /// The store paths removed (absolute), sorted.
+    pub paths_removed: Vec<String>,
+    /// Objects removed (orphan object files included).
+    pub objects_removed: u64,
+    /// Bytes of the store's own files freed (objects, `tmp/`).
+    pub bytes_freed: u64,
+    /// Bytes of derived data (raw copies, partial NARs) freed.
+    pub derived_bytes_freed: u64,
+    /// How long it took.
+    pub elapsed_secs: f64,
+    /// The store's size on disk before (objects, metadata, derived data).
+    pub store_bytes_before: u64,
+    /// And after.
+    pub store_bytes_after: u64,
+}
+
 /// The answer to `hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -562,6 +598,7 @@ impl Request {
             Request::Ensure { .. } => "ensure",
             Request::Gate { .. } => "gate",
             Request::Leases => "leases",
+            Request::Gc { .. } => "gc",
         }
     }
 }
@@ -688,6 +725,11 @@ impl Client {
     /// The daemon's pid and store (cheaper than [`Client::status`]).
     pub fn hello(&mut self) -> Result<Hello, ApiError> {
         self.call(&Request::Hello)
+    }
+
+    /// Collects garbage now (see [`Request::Gc`]); `derived` also removes derived data.
+    pub fn gc(&mut self, derived: bool) -> Result<GcDone, ApiError> {
+        self.call(&Request::Gc { derived })
     }
 
     /// The leases.
@@ -891,6 +933,16 @@ mod tests {
         // Unknown ops and fields are refused.
         assert!(serde_json::from_str::<Request>(r#"{"op":"mount"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"release","lease":"a","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn gc_requests_have_the_documented_shape() {
+        let r: Request = serde_json::from_str(r#"{"op":"gc"}"#).unwrap();
+        assert_eq!(r, Request::Gc { derived: false });
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"gc"}"#);
+        let r: Request = serde_json::from_str(r#"{"op":"gc","derived":true}"#).unwrap();
+        assert_eq!(r, Request::Gc { derived: true });
+        assert_eq!(r.op(), "gc");
     }
 
     #[test]

@@ -97,6 +97,89 @@ struct RawConfig {
     download_attempts: Option<u32>,
     demand_timeout_secs: Option<u64>,
     idle_view_secs: Option<u64>,
+    store_max_bytes: Option<RawSize>,
+    store_min_free: Option<RawSize>,
+}
+
+/// A size as written: bytes as an integer, or a string (`"20GiB"`, `"10%"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A store size limit (`store_max_bytes`, `store_min_free`): bytes, or a share of the store's
+/// file system.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SizeLimit {
+    /// So many bytes.
+    Bytes(u64),
+    /// This percentage (0 to 100) of the size of the file system holding `store_dir`.
+    Percent(f64),
+}
+
+impl SizeLimit {
+    /// Parses `"20GiB"`, `"500M"`, `"1048576"`, `"10%"` (units: B, K/KB/KiB, M/MB/MiB, G/GB/GiB,
+    /// T/TB/TiB; KB and friends are decimal, KiB and single letters binary).
+    pub fn parse(text: &str) -> Result<SizeLimit, String> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a percentage such as \"10%\""))?;
+            if !(0.0..=100.0).contains(&v) {
+                return Err(format!("{text:?}: a percentage is between 0 and 100"));
+            }
+            return Ok(SizeLimit::Percent(v));
+        }
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size such as \"20GiB\" or \"10%\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            u => return Err(format!("{text:?}: unknown unit {u:?}")),
+        };
+        Ok(SizeLimit::Bytes((num * mult as f64) as u64))
+    }
+
+    /// The limit in bytes on a file system of `fs_bytes` bytes.
+    pub fn bytes(&self, fs_bytes: u64) -> u64 {
+        match *self {
+            SizeLimit::Bytes(b) => b,
+            SizeLimit::Percent(p) => (fs_bytes as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for SizeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeLimit::Bytes(b) => write!(f, "{b} bytes"),
+            SizeLimit::Percent(p) => write!(f, "{p}% of the file system"),
+        }
+    }
+}
+
+fn size_limit(raw: Option<RawSize>) -> Result<Option<SizeLimit>, String> {
+    match raw {
+        None => Ok(None),
+        Some(RawSize::Bytes(b)) => Ok(Some(SizeLimit::Bytes(b))),
+        Some(RawSize::Text(t)) => SizeLimit::parse(&t).map(Some),
+    }
 }
 
 /// The node configuration, defaults filled in and values checked.
@@ -148,6 +231,12 @@ pub struct Config {
     /// generation to start on what the kernel cached of it (dentries, inodes, pages);
     /// `idle_view_secs`, 0 to remove a view with its last lease.
     pub idle_view: std::time::Duration,
+    /// The most the store (objects, metadata and derived data under `store_dir`) may use
+    /// before the daemon collects by itself (`store_max_bytes`); none by default.
+    pub store_max_bytes: Option<SizeLimit>,
+    /// The least free space the store's file system should keep before the daemon collects by
+    /// itself (`store_min_free`); none by default.
+    pub store_min_free: Option<SizeLimit>,
 }
 
 /// This machine's Nix system name (`x86_64-linux`, `aarch64-darwin`...).
@@ -181,6 +270,8 @@ impl Default for Config {
             demand_timeout: std::time::Duration::from_secs(60),
             download_attempts: 5,
             idle_view: std::time::Duration::from_secs(600),
+            store_max_bytes: None,
+            store_min_free: None,
         }
     }
 }
@@ -287,6 +378,9 @@ impl Config {
         if download_attempts == 0 {
             return Err(bad("download_attempts", "must be at least 1".into()));
         }
+        let store_max_bytes =
+            size_limit(raw.store_max_bytes).map_err(|r| bad("store_max_bytes", r))?;
+        let store_min_free = size_limit(raw.store_min_free).map_err(|r| bad("store_min_free", r))?;
         let system = raw.system.unwrap_or(d.system);
         if system.is_empty() || !system.contains('-') {
             return Err(bad(
@@ -317,6 +411,40 @@ impl Config {
             demand_timeout,
             download_attempts,
             idle_view,
+            store_max_bytes,
+            store_min_free,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_limits_parse_as_bytes_sizes_and_percentages() {
+        let c = Config::parse(
+            "store_max_bytes = \"20GiB\"\nstore_min_free = \"10%\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.store_max_bytes, Some(SizeLimit::Bytes(20 << 30)));
+        assert_eq!(c.store_min_free, Some(SizeLimit::Percent(10.0)));
+        assert_eq!(c.store_min_free.unwrap().bytes(1000), 100);
+        let c = Config::parse("store_max_bytes = 1048576\n", Path::new("t.toml")).unwrap();
+        assert_eq!(c.store_max_bytes, Some(SizeLimit::Bytes(1 << 20)));
+        assert_eq!(c.store_min_free, None);
+        assert_eq!(SizeLimit::parse("1.5M"), Ok(SizeLimit::Bytes(3 << 19)));
+        assert_eq!(SizeLimit::parse("2 GB"), Ok(SizeLimit::Bytes(2_000_000_000)));
+        for bad in ["lots", "10 parsecs", "120%", "-1"] {
+            assert!(SizeLimit::parse(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            Config::parse("store_min_free = \"x%\"\n", Path::new("t.toml")),
+            Err(ConfigError::BadValue {
+                key: "store_min_free",
+                ..
+            })
+        ));
     }
 }
