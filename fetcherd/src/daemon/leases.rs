@@ -1,6 +1,10 @@
 //! Leases on disk: one JSON file per lease in `<store_dir>/leases/`, written atomically
 //! (temporary file, fsync, rename, fsync of the directory), so a restarted daemon knows every
 //! lease a container may still be using, and a crash leaves either the old file or the new one.
+//!
+//! A write that fails (a full file system above all: [`LeaseStoreError::NoSpace`]) removes its
+//! temporary file at once and leaves the lease's file as it was, so the prepare that wrote it
+//! fails with the error and no half-written record is ever read.
 
 use std::fs;
 use std::io::Write;
@@ -73,6 +77,16 @@ pub enum LeaseStoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A lease record could not be written: the file system is full (`ENOSPC`, or `EDQUOT`
+    /// under a quota).
+    #[error("writing lease record {path}: file system full")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A lease file is not a lease.
     #[error("lease file {path} is malformed")]
     Malformed {
@@ -92,10 +106,16 @@ pub struct LeaseDir {
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LeaseStoreError {
     let path = path.to_path_buf();
-    move |source| LeaseStoreError::Io {
-        action,
-        path,
-        source,
+    move |source| {
+        if kof_store::is_no_space_io(&source) {
+            LeaseStoreError::NoSpace { path, source }
+        } else {
+            LeaseStoreError::Io {
+                action,
+                path,
+                source,
+            }
+        }
     }
 }
 
@@ -117,18 +137,30 @@ impl LeaseDir {
         self.dir.join(format!("{lease}.json"))
     }
 
-    /// Writes `rec` atomically.
+    /// Writes `rec` atomically. On failure the temporary file is removed and the lease's
+    /// file is as it was.
     pub fn put(&self, rec: &LeaseRecord) -> Result<(), LeaseStoreError> {
         let path = self.file(&rec.lease);
         let tmp = self
             .dir
             .join(format!(".tmp-{}-{}", std::process::id(), rec.lease));
         let text = serde_json::to_vec_pretty(rec).expect("a lease record always encodes");
-        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&text).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        let written = (|| {
+            let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+            f.write_all(&text).map_err(io("writing", &tmp))?;
+            f.sync_all().map_err(io("syncing", &tmp))?;
+            drop(f);
+            fs::rename(&tmp, &path).map_err(io("renaming into place", &path))
+        })();
+        if let Err(e) = written {
+            if let Err(rm) = fs::remove_file(&tmp) {
+                if rm.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(file = %tmp.display(), error = %kof_node_api::report::chain(&rm),
+                        "removing a lease record's temporary file");
+                }
+            }
+            return Err(e);
+        }
         self.sync_dir()
     }
 
@@ -218,6 +250,92 @@ mod tests {
             dir.load_all(),
             Err(LeaseStoreError::Malformed { .. })
         ));
+    }
+
+    /// A lease record write on a full file system (a tmpfs the test mounts, as root) fails
+    /// with `NoSpace` naming the file, leaves no temporary file, and the lease's earlier
+    /// record stays whole.
+    #[test]
+    fn a_full_file_system_fails_the_write_and_leaves_the_old_record() {
+        use std::process::Command;
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("fs");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let ok = Command::new("umount").arg(&self.0).status();
+                if !ok.is_ok_and(|s| s.success()) {
+                    let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+                }
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+
+        let dir = LeaseDir::open(&mnt.join("leases")).unwrap();
+        let rec = LeaseRecord {
+            lease: "c1".into(),
+            owner: "kof".into(),
+            name: "hello".into(),
+            generation: 2,
+            pinned: false,
+            activation: kof_node_api::api::Activation {
+                env: "kof/hello:2".into(),
+                flox_env: "/nix/store/abc-flox-env-hello".into(),
+                description: "hello".into(),
+                vars: Default::default(),
+                hook: None,
+                bash: None,
+            },
+            root_set_by_lease: true,
+            created_at: 7,
+            view: None,
+        };
+        dir.put(&rec).unwrap();
+        // Fill the file system to its last byte.
+        let mut filler = std::fs::File::create(mnt.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while filler.write(&block).is_ok_and(|n| n > 0) {}
+        while filler.write(&block[..1]).is_ok_and(|n| n > 0) {}
+
+        let mut newer = rec.clone();
+        newer.generation = 3;
+        let mut other = rec.clone();
+        other.lease = "c2".into();
+        for r in [&newer, &other] {
+            let e = dir.put(r).expect_err("no space for the record");
+            let LeaseStoreError::NoSpace { path, .. } = &e else {
+                panic!("expected NoSpace, got {e:?}");
+            };
+            assert!(path.starts_with(mnt.join("leases")), "{}", path.display());
+            assert!(e.to_string().contains("file system full"), "{e}");
+        }
+        let names: Vec<String> = std::fs::read_dir(mnt.join("leases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["c1.json".to_string()],
+            "no temporary file is left"
+        );
+        assert_eq!(dir.load_all().unwrap(), vec![rec.clone()]);
+
+        // Room again: the update goes through.
+        drop(filler);
+        std::fs::remove_file(mnt.join("filler")).unwrap();
+        dir.put(&newer).unwrap();
+        assert_eq!(dir.load_all().unwrap(), vec![newer]);
     }
 
     #[test]
