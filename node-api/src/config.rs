@@ -380,7 +380,8 @@ impl Config {
         }
         let store_max_bytes =
             size_limit(raw.store_max_bytes).map_err(|r| bad("store_max_bytes", r))?;
-        let store_min_free = size_limit(raw.store_min_free).map_err(|r| bad("store_min_free", r))?;
+        let store_min_free =
+            size_limit(raw.store_min_free).map_err(|r| bad("store_min_free", r))?;
         let system = raw.system.unwrap_or(d.system);
         if system.is_empty() || !system.contains('-') {
             return Err(bad(
@@ -435,7 +436,10 @@ mod tests {
         assert_eq!(c.store_max_bytes, Some(SizeLimit::Bytes(1 << 20)));
         assert_eq!(c.store_min_free, None);
         assert_eq!(SizeLimit::parse("1.5M"), Ok(SizeLimit::Bytes(3 << 19)));
-        assert_eq!(SizeLimit::parse("2 GB"), Ok(SizeLimit::Bytes(2_000_000_000)));
+        assert_eq!(
+            SizeLimit::parse("2 GB"),
+            Ok(SizeLimit::Bytes(2_000_000_000))
+        );
         for bad in ["lots", "10 parsecs", "120%", "-1"] {
             assert!(SizeLimit::parse(bad).is_err(), "{bad}");
         }

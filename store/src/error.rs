@@ -111,7 +111,7 @@ pub enum StoreError {
     },
     /// An object a prepared path uses was removed (by gc) between its prepare and its commit;
     /// nothing was committed, and preparing the path again writes the object again.
-    #[error("{path} cannot be committed: object {digest} it uses was collected after it was prepared")]
+    #[error("{path}: object {digest} it uses was collected after it was prepared")]
     PreparedObjectGone {
         /// the path
         path: StorePath,

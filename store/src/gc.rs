@@ -379,6 +379,8 @@ impl Store {
             for r in rows {
                 v.push(Digest::from_sql(r?)?);
             }
+            // Objects of prepared paths not yet committed (see `PreparedPath`) stay.
+            v.retain(|d| !self.inflight.is_pinned(d));
             v
         };
         {

@@ -1,6 +1,17 @@
-//! Atomic ingest of a NAR stream: contents go into objects as the NAR is parsed, the NAR's own
-//! sha256 and length are checked against the narinfo at the end, and only then does one SQLite
-//! transaction make the path visible.
+//! Ingest of a NAR stream in two steps, so that a path becomes valid only with its References
+//! (Nix's closure rule) while downloads and parsing run in parallel:
+//!
+//! 1. **prepare** ([`Store::prepare_nar`]): contents go into objects as the NAR is parsed, the
+//!    NAR's own sha256 and length are checked against the narinfo at the end, the new objects
+//!    are fsynced and get their `objects` rows. The result, a [`PreparedPath`], holds the tree
+//!    and narinfo rows in memory; nothing of the path is visible.
+//! 2. **commit** ([`Store::commit_prepared`]): one SQLite transaction makes one or more
+//!    prepared paths visible, and refuses ([`StoreError::MissingReference`]) a path whose
+//!    References (other than itself) are neither stored nor committed in the same transaction.
+//!
+//! A prepared path dropped uncommitted leaves objects that no path uses: they deduplicate the
+//! next ingest of the same content, and gc removes them. [`Store::ingest_nar`] is both steps for
+//! one path whose References are stored already.
 //!
 //! Memory stays bounded whatever the NAR: a file up to [`SMALL_FILE_MAX`] is buffered whole,
 //! a larger one goes through FastCDC one chunk (at most [`CHUNK_MAX`]) at a time.
@@ -8,6 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
 
 use fastcdc::v2020::StreamCDC;
 use kof_nar::hash::HashingReader;
@@ -38,6 +50,7 @@ pub const CHUNK_AVG: u32 = 256 << 10;
 pub const CHUNK_MAX: u32 = 1 << 20;
 
 /// A node row as it will be inserted.
+#[derive(Debug)]
 struct NodeRow {
     id: i64,
     parent: Option<i64>,
@@ -51,6 +64,7 @@ struct NodeRow {
     nar_offset: Option<u64>,
 }
 
+#[derive(Debug)]
 struct ChunkRow {
     offset: u64,
     size: u64,
@@ -263,11 +277,34 @@ struct DiscardVisitor;
 impl NarVisitor for DiscardVisitor {}
 
 /// Store paths being ingested by this process, so a second ingest of the same path waits for
-/// the first and then finds it stored.
+/// the first and then finds it stored; and the objects of prepared paths not yet committed,
+/// which gc keeps.
 #[derive(Default)]
 pub(crate) struct InFlight {
     paths: Mutex<HashSet<StorePath>>,
     done: Condvar,
+    pins: Arc<Mutex<HashMap<Digest, usize>>>,
+}
+
+/// The objects one [`PreparedPath`] uses, kept from gc until it is committed or dropped.
+#[derive(Debug)]
+struct ObjectPins {
+    registry: Arc<Mutex<HashMap<Digest, usize>>>,
+    digests: Vec<Digest>,
+}
+
+impl Drop for ObjectPins {
+    fn drop(&mut self) {
+        let mut pins = self.registry.lock();
+        for d in &self.digests {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = pins.entry(*d) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
 }
 
 pub(crate) struct InFlightGuard<'a> {
@@ -276,6 +313,23 @@ pub(crate) struct InFlightGuard<'a> {
 }
 
 impl InFlight {
+    /// Whether gc must keep object `digest`: a prepared path not yet committed uses it.
+    pub(crate) fn is_pinned(&self, digest: &Digest) -> bool {
+        self.pins.lock().contains_key(digest)
+    }
+
+    /// Keeps `digests` from gc until the returned pins are dropped.
+    fn pin(&self, digests: &HashSet<Digest>) -> ObjectPins {
+        let mut pins = self.pins.lock();
+        for d in digests {
+            *pins.entry(*d).or_default() += 1;
+        }
+        ObjectPins {
+            registry: self.pins.clone(),
+            digests: digests.iter().copied().collect(),
+        }
+    }
+
     pub(crate) fn claim(&self, path: &StorePath) -> InFlightGuard<'_> {
         let mut paths = self.paths.lock();
         while paths.contains(path) {
@@ -339,19 +393,83 @@ pub(crate) fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// A store path prepared for [`Store::commit_prepared`]: its NAR was read whole and matched
+/// its NarHash and NarSize, every object it uses is written, fsynced and has its `objects`
+/// row, and its tree and narinfo rows are ready in memory. Nothing of it is visible: no
+/// `paths` row, no tree.
+///
+/// Until it is committed or dropped, gc in this process keeps its objects (they are pinned).
+/// Dropped uncommitted, it leaves only objects no path uses, which gc removes like any other
+/// unused object. Until then they deduplicate: a later ingest of the same content (the next
+/// try of a failed fetch) finds their rows and writes nothing again.
+#[derive(Debug)]
+pub struct PreparedPath {
+    info: NarInfo,
+    source_cache: String,
+    /// The path was stored when it was prepared: its commit does nothing.
+    already_stored: bool,
+    nodes: Vec<NodeRow>,
+    chunk_lists: HashMap<Digest, Vec<ChunkRow>>,
+    referenced: HashSet<Digest>,
+    stats: IngestStats,
+    /// Keeps the objects from gc in this process until the path is committed or dropped.
+    _pins: Option<ObjectPins>,
+}
+
+impl PreparedPath {
+    /// The store path.
+    pub fn store_path(&self) -> &StorePath {
+        &self.info.store_path
+    }
+
+    /// Its References, as the narinfo gave them (may include itself).
+    pub fn references(&self) -> &[StorePath] {
+        &self.info.references
+    }
+
+    /// What preparing it did (bytes read, objects written).
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    /// Whether the path was stored already when it was prepared (its commit is a no-op).
+    pub fn already_stored(&self) -> bool {
+        self.already_stored
+    }
+}
+
 impl Store {
-    /// Ingests the uncompressed NAR of `info.store_path` read from `nar`. Verifies the NAR's
-    /// sha256 and size against `info.nar_hash` / `info.nar_size`; on any error nothing becomes
-    /// visible. Safe to call from several threads at once for different paths; a second
-    /// ingest of a path being ingested waits for the first. Ingesting a path already stored
-    /// is a no-op that still consumes and verifies the stream.
+    /// Ingests the uncompressed NAR of `info.store_path` read from `nar`: [`Store::prepare_nar`]
+    /// then [`Store::commit_prepared`] of that one path. Its References (other than itself) must
+    /// already be stored, else it fails with [`StoreError::MissingReference`] and nothing
+    /// becomes visible. Safe to call from several threads at once for different paths; a second
+    /// ingest of a path being prepared waits for the first. Ingesting a path already stored is a
+    /// no-op that still consumes and verifies the stream.
     pub fn ingest_nar(
         &self,
         info: &NarInfo,
         source_cache: &str,
         nar: &mut dyn Read,
     ) -> Result<IngestStats, StoreError> {
+        let prepared = self.prepare_nar(info, source_cache, nar)?;
+        let stats = prepared.stats.clone();
+        self.commit_prepared(vec![prepared])?;
+        Ok(stats)
+    }
+
+    /// Reads the NAR of `info.store_path` from `nar` into objects and checks its sha256 and size
+    /// against `info.nar_hash` / `info.nar_size`; makes nothing visible (see [`PreparedPath`]).
+    /// On any error no object it wrote has a row (gc's orphan sweep removes their files).
+    pub fn prepare_nar(
+        &self,
+        info: &NarInfo,
+        source_cache: &str,
+        nar: &mut dyn Read,
+    ) -> Result<PreparedPath, StoreError> {
         let path = &info.store_path;
+        // Held while objects are written and found present: gc in this process waits, so an
+        // object found present is not removed before it is pinned (see `InFlight::pin`; the
+        // commit checks again that every object still has its row).
         let _gc = self.gc_guard.read();
         let _claim = self.inflight.claim(path);
         let mut hashing = HashingReader::new(nar);
@@ -365,9 +483,18 @@ impl Store {
                         "path already stored with another NarHash; keeping the stored one");
                 }
             }
-            return Ok(IngestStats {
-                nar_bytes,
-                ..IngestStats::default()
+            return Ok(PreparedPath {
+                info: info.clone(),
+                source_cache: source_cache.to_string(),
+                already_stored: true,
+                nodes: Vec::new(),
+                chunk_lists: HashMap::new(),
+                referenced: HashSet::new(),
+                stats: IngestStats {
+                    nar_bytes,
+                    ..IngestStats::default()
+                },
+                _pins: None,
             });
         }
 
@@ -395,50 +522,79 @@ impl Store {
         } = v;
         if !written.is_empty() {
             self.objects.sync_filesystem()?;
+            let _writer = self.db.write_guard();
+            register_objects(&mut conn, &written)?;
         }
-
         let stats = IngestStats {
             nar_bytes,
             new_stored_bytes: written.values().map(|o| o.stored_size).sum(),
             new_objects: written.len() as u64,
             objects: referenced.len() as u64,
         };
-        let committed = {
-            let _writer = self.db.write_guard();
-            commit(
-                &mut conn,
-                info,
-                source_cache,
-                &nodes,
-                &written,
-                &chunk_lists,
-            )?
-        };
-        debug!(%path, ?stats, committed, "ingested");
-        Ok(stats)
+        debug!(%path, ?stats, "prepared");
+        // Pinned before `_gc` is released: no gc in this process sees them unpinned.
+        let pins = self.inflight.pin(&referenced);
+        Ok(PreparedPath {
+            info: info.clone(),
+            source_cache: source_cache.to_string(),
+            already_stored: false,
+            nodes,
+            chunk_lists,
+            referenced,
+            stats,
+            _pins: Some(pins),
+        })
+    }
+
+    /// Makes `paths` visible in one transaction, all or none, following Nix's closure rule: a
+    /// path becomes valid only with its References. Each reference of each path (other than
+    /// itself) must be stored already or be among `paths`, else the commit fails with
+    /// [`StoreError::MissingReference`] naming the first such path and reference, and nothing
+    /// becomes visible (the prepared paths are consumed; their objects stay for gc or the next
+    /// try). Fails with [`StoreError::PreparedObjectGone`] if gc removed an object a path uses
+    /// after it was prepared.
+    ///
+    /// Returns, per path in order, whether this commit stored it (`false`: it was stored
+    /// already, by this or another process).
+    pub fn commit_prepared(&self, paths: Vec<PreparedPath>) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.db.get()?;
+        let _writer = self.db.write_guard();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let batch: HashSet<&StorePath> = paths.iter().map(|p| p.store_path()).collect();
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths.iter().filter(|p| !p.already_stored) {
+            for r in &p.info.references {
+                if r == p.store_path() || batch.contains(r) {
+                    continue;
+                }
+                let valid = tx
+                    .prepare_cached("SELECT 1 FROM paths WHERE store_path = ?")?
+                    .exists([r.base_name()])?;
+                if !valid {
+                    return Err(StoreError::MissingReference {
+                        path: p.store_path().clone(),
+                        reference: r.clone(),
+                    });
+                }
+            }
+        }
+        for p in &paths {
+            out.push(!p.already_stored && insert_path(&tx, p)?);
+        }
+        tx.commit()?;
+        for (p, stored) in paths.iter().zip(&out) {
+            debug!(path = %p.store_path(), stored, "committed");
+        }
+        Ok(out)
     }
 }
 
-/// Makes the path visible in one transaction; `false` if another process stored it meanwhile.
-fn commit(
+/// Gives the objects a prepare wrote their rows (they are durable: synced before).
+fn register_objects(
     conn: &mut Connection,
-    info: &NarInfo,
-    source_cache: &str,
-    nodes: &[NodeRow],
     written: &HashMap<Digest, ObjectInfo>,
-    chunk_lists: &HashMap<Digest, Vec<ChunkRow>>,
-) -> Result<bool, StoreError> {
+) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let base = info.store_path.base_name();
-    let exists = tx
-        .query_row("SELECT 1 FROM paths WHERE store_path = ?", [&base], |_| {
-            Ok(())
-        })
-        .optional()?
-        .is_some();
-    if exists {
-        return Ok(false);
-    }
     {
         let mut ins = tx.prepare_cached(
             "INSERT OR IGNORE INTO objects (digest, size, stored_size, codec) VALUES (?, ?, ?, ?)",
@@ -451,11 +607,37 @@ fn commit(
                 o.codec.to_sql()
             ])?;
         }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Inserts one prepared path's rows inside the commit's transaction; `false` if the path is
+/// stored already (another process stored it meanwhile).
+fn insert_path(tx: &rusqlite::Transaction<'_>, p: &PreparedPath) -> Result<bool, StoreError> {
+    let info = &p.info;
+    let base = info.store_path.base_name();
+    let exists = tx
+        .prepare_cached("SELECT 1 FROM paths WHERE store_path = ?")?
+        .exists([&base])?;
+    if exists {
+        return Ok(false);
+    }
+    {
+        let mut present = tx.prepare_cached("SELECT 1 FROM objects WHERE digest = ?")?;
+        for d in &p.referenced {
+            if !present.exists([&d.0[..]])? {
+                return Err(StoreError::PreparedObjectGone {
+                    path: info.store_path.clone(),
+                    digest: *d,
+                });
+            }
+        }
         let mut ins = tx.prepare_cached(
             "INSERT OR IGNORE INTO chunks (file_digest, idx, offset, size, object)
              VALUES (?, ?, ?, ?, ?)",
         )?;
-        for (file, list) in chunk_lists {
+        for (file, list) in &p.chunk_lists {
             for (i, c) in list.iter().enumerate() {
                 ins.execute(params![
                     &file.0[..],
@@ -478,7 +660,7 @@ fn commit(
                 info.deriver,
                 serde_json::to_string(&sigs)?,
                 info.ca,
-                source_cache,
+                p.source_cache,
                 now()
             ],
         )?;
@@ -493,7 +675,7 @@ fn commit(
                                 chunked, nar_offset)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
-        for n in nodes {
+        for n in &p.nodes {
             ins.execute(params![
                 path_id,
                 n.id,
@@ -510,6 +692,5 @@ fn commit(
         }
     }
     tx.execute("DELETE FROM fetches WHERE store_path = ?", [&base])?;
-    tx.commit()?;
     Ok(true)
 }

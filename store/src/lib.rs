@@ -11,8 +11,12 @@
 //!   Objects are zstd-compressed at rest only where that pays.
 //! - **Metadata** in SQLite (WAL): store paths with their narinfo data and directory trees,
 //!   resolved environments, and roots for garbage collection.
-//! - **Atomic ingest**: a store path becomes visible only after all its objects are durably
-//!   written and its NarHash matched; a crash at any moment leaves nothing half-visible.
+//! - **Atomic ingest, in closure order**: a store path becomes visible only after all its
+//!   objects are durably written and its NarHash matched, and only with its References (Nix's
+//!   closure rule): ingest is a prepare ([`Store::prepare_nar`], parallel) and a commit
+//!   ([`Store::commit_prepared`]) that refuses a path whose references are not valid. A crash
+//!   or a failed fetch at any moment leaves nothing half-visible and no valid path with a
+//!   missing reference ([`Store::check_closure_rule`] checks).
 //! - **Exact reproduction**: [`Store::dump_nar`] hashes to the narinfo's NarHash and
 //!   [`Store::export`] writes the tree `nix-store --restore` makes.
 //!
@@ -75,10 +79,10 @@ pub use environments::RootRecord;
 pub use error::{chain_is_no_space, is_no_space_io, StoreError};
 pub use fetches::{FetchState, FetchStateKind};
 pub use gc::{GcHistory, GcReport, GcRun, GcTrigger, LiveSet, LIVE_SWEEP_MIN_AGE};
-pub use ingest::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
+pub use ingest::{PreparedPath, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, SMALL_FILE_MAX};
 pub use objects::{Codec, Digest, ObjectInfo};
 pub use tree::{FileContent, FilePiece, FileReader, NodeKind, TreeNode};
-pub use verify::{CorruptItem, Corruption, VerifyReport};
+pub use verify::{CorruptItem, Corruption, DanglingReference, VerifyReport};
 
 /// The metadata of one stored path: the narinfo fields worth keeping, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Verification: re-hash every object and every chunked file and name what is corrupt.
+//! Verification: re-hash every object and every chunked file and name what is corrupt, and
+//! check Nix's closure rule (every stored path's References are stored).
 
 use std::io::Read;
 
@@ -41,12 +42,23 @@ pub struct VerifyReport {
     pub files_checked: u64,
     /// Everything found wrong; empty if the store is sound.
     pub problems: Vec<Corruption>,
+    /// Stored paths with a reference that is not stored (see [`Store::check_closure_rule`]).
+    pub dangling_references: Vec<DanglingReference>,
+}
+
+/// A stored path whose reference is not stored: a break of Nix's closure rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DanglingReference {
+    /// The stored path.
+    pub path: StorePath,
+    /// Its reference that is not stored.
+    pub reference: StorePath,
 }
 
 impl VerifyReport {
     /// Whether nothing was found wrong.
     pub fn is_ok(&self) -> bool {
-        self.problems.is_empty()
+        self.problems.is_empty() && self.dangling_references.is_empty()
     }
 }
 
@@ -58,11 +70,45 @@ fn hash_stream(r: &mut dyn Read) -> std::io::Result<(Digest, u64)> {
 }
 
 impl Store {
+    /// Every stored path with a reference (other than itself) that is not stored, sorted. Empty
+    /// on a store that keeps Nix's closure rule, which commits enforce
+    /// ([`Store::commit_prepared`]); rows written before that rule (or by hand) can break it.
+    pub fn check_closure_rule(&self) -> Result<Vec<DanglingReference>, StoreError> {
+        let conn = self.db.get()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT p.store_path, r.reference FROM refs r JOIN paths p ON p.id = r.path_id
+             WHERE r.reference != p.store_path
+               AND NOT EXISTS (SELECT 1 FROM paths q WHERE q.store_path = r.reference)
+             ORDER BY p.store_path, r.reference",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let parse = |what, v: String| {
+            StorePath::from_base_name(&v).map_err(|source| StoreError::CorruptStorePath {
+                what,
+                value: v.clone(),
+                source,
+            })
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, reference) = row?;
+            out.push(DanglingReference {
+                path: parse("stored path", path)?,
+                reference: parse("reference", reference)?,
+            });
+        }
+        Ok(out)
+    }
+
     /// Re-hashes every object (BLAKE3 of its decompressed content, and its size) and every
     /// chunked file (its chunks reassembled against its whole-content digest), and checks
-    /// that every single-object file has its object row. Reads everything: slow on big stores.
+    /// that every single-object file has its object row and every stored path's References are
+    /// stored ([`Store::check_closure_rule`]). Reads everything: slow on big stores.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
-        let mut report = VerifyReport::default();
+        let mut report = VerifyReport {
+            dangling_references: self.check_closure_rule()?,
+            ..VerifyReport::default()
+        };
         let conn = self.db.get()?;
         let objects: Vec<ObjectInfo> = {
             let mut stmt = conn.prepare("SELECT digest, size, stored_size, codec FROM objects")?;

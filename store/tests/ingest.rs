@@ -299,6 +299,19 @@ fn reingest_is_a_verified_noop() {
     let path = store_path("again");
     let mut info = narinfo(&path, &nar, &[store_path("dep")]);
     info.sigs = vec![kof_nar::SecretKey::generate("test-1").sign(b"x")];
+    // Its reference first (Nix's closure rule: a path is stored only with its references).
+    let dep_nar = nix_dump(&{
+        let d = tmp.path().join("dep");
+        write(&d, b"dep", false);
+        d
+    });
+    store
+        .ingest_nar(
+            &narinfo(&store_path("dep"), &dep_nar, &[]),
+            "c1",
+            &mut &dep_nar[..],
+        )
+        .unwrap();
     store.ingest_nar(&info, "c1", &mut &nar[..]).unwrap();
     let stored = store.path_info(&path).unwrap().unwrap();
     assert_eq!(stored.references, vec![store_path("dep")]);
@@ -320,7 +333,10 @@ fn reingest_is_a_verified_noop() {
         Err(StoreError::NarHashMismatch { .. })
     ));
     assert!(store.has_path(&path).unwrap());
-    assert_eq!(store.list_paths().unwrap(), vec![stored]);
+    let dep = store.path_info(&store_path("dep")).unwrap().unwrap();
+    let mut expected = vec![stored, dep];
+    expected.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+    assert_eq!(store.list_paths().unwrap(), expected);
 }
 
 #[test]
