@@ -77,6 +77,7 @@
 
 #![deny(missing_docs)]
 mod counters;
+pub mod derived;
 mod engine;
 mod local;
 pub mod prepare;
@@ -299,6 +300,18 @@ pub enum LazyError {
     /// Writing or reading the partial file failed.
     #[error("{path}: partial file {}", file.display())]
     Partial {
+        /// The path.
+        path: StorePath,
+        /// The partial file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The partial file could not be created or grow: its file system is full (`ENOSPC`, or
+    /// `EDQUOT` under a quota). The read that needed the bytes fails; the chunks already in
+    /// the file stay readable (see the engine's module doc).
+    #[error("{path}: partial file {}: file system full", file.display())]
+    NoSpace {
         /// The path.
         path: StorePath,
         /// The partial file.
