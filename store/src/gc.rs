@@ -235,9 +235,11 @@ impl Store {
         h.paths_removed = paths as u64;
         h.bytes_freed = bytes as u64;
         h.derived_bytes_freed = derived as u64;
-        let mut stmt =
-            conn.prepare("SELECT trigger, count(*) FROM gc_runs GROUP BY trigger ORDER BY trigger")?;
-        for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))? {
+        let mut stmt = conn
+            .prepare("SELECT trigger, count(*) FROM gc_runs GROUP BY trigger ORDER BY trigger")?;
+        for r in stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })? {
             h.runs_by_trigger.push(r?);
         }
         h.last = conn
@@ -283,7 +285,11 @@ impl Store {
         let mut generations: Vec<(String, String, u64)> = {
             let mut stmt = tx.prepare("SELECT owner, name, generation FROM roots")?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)? as u64))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)? as u64,
+                ))
             })?;
             rows.collect::<Result<_, _>>()?
         };
