@@ -20,8 +20,87 @@ pub use kof_metrics::{Histogram, HistogramSnapshot};
 
 /// The requests the API serves, for the per-op counters.
 pub const OPS: &[&str] = &[
-    "prepare", "release", "prefetch", "resolve", "status", "ensure", "leases", "invalid",
+    "prepare", "release", "prefetch", "resolve", "status", "ensure", "leases", "gc", "invalid",
 ];
+
+/// The triggers of a collection, as labelled (`kof_gc_runs_total{trigger}`).
+pub const GC_TRIGGERS: &[&str] = &["manual", "quota", "no-space"];
+
+/// What the daemon's collections did (`kof_gc_*`).
+#[derive(Debug)]
+pub struct GcMetrics {
+    runs: Vec<AtomicU64>,
+    bytes_freed: AtomicU64,
+    last_run: AtomicI64,
+    /// How long each collection took.
+    pub duration: Histogram,
+}
+
+impl Default for GcMetrics {
+    fn default() -> Self {
+        GcMetrics {
+            runs: GC_TRIGGERS.iter().map(|_| AtomicU64::new(0)).collect(),
+            bytes_freed: AtomicU64::new(0),
+            last_run: AtomicI64::new(0),
+            duration: Histogram::new(),
+        }
+    }
+}
+
+impl GcMetrics {
+    /// Counts a run of `trigger` (one of [`GC_TRIGGERS`]) that freed `bytes` (store and derived
+    /// data), ended at unix time `finished_at` and took `took`.
+    pub fn run(&self, trigger: &str, bytes: u64, finished_at: i64, took: Duration) {
+        if let Some(i) = GC_TRIGGERS.iter().position(|t| *t == trigger) {
+            self.runs[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.bytes_freed.fetch_add(bytes, Ordering::Relaxed);
+        self.last_run.store(finished_at, Ordering::Relaxed);
+        self.duration.observe(took);
+    }
+
+    /// Writes the `kof_gc_*` families.
+    pub fn encode(&self, out: &mut Exposition) {
+        out.header(
+            "kof_gc_runs_total",
+            "counter",
+            "Garbage collections run by this daemon, by trigger (manual, quota, no-space).",
+        );
+        for (i, t) in GC_TRIGGERS.iter().enumerate() {
+            out.sample(
+                "kof_gc_runs_total",
+                &[("trigger", t)],
+                self.runs[i].load(Ordering::Relaxed) as f64,
+            );
+        }
+        out.header(
+            "kof_gc_bytes_freed_total",
+            "counter",
+            "Bytes garbage collections freed (objects, temporary files and derived data).",
+        );
+        out.sample(
+            "kof_gc_bytes_freed_total",
+            &[],
+            self.bytes_freed.load(Ordering::Relaxed) as f64,
+        );
+        out.header(
+            "kof_gc_last_run_timestamp_seconds",
+            "gauge",
+            "Unix time the last garbage collection ended (0: none yet).",
+        );
+        out.sample(
+            "kof_gc_last_run_timestamp_seconds",
+            &[],
+            self.last_run.load(Ordering::Relaxed) as f64,
+        );
+        out.histogram(
+            "kof_gc_duration_seconds",
+            "Time a garbage collection took.",
+            &[],
+            &self.duration.snapshot(),
+        );
+    }
+}
 
 /// Counters the daemon keeps itself.
 #[derive(Debug)]
@@ -34,6 +113,8 @@ pub struct DaemonMetrics {
     pub ensure_in_flight: AtomicI64,
     /// How long `prepare` took.
     pub prepare_latency: Histogram,
+    /// Garbage collections.
+    pub gc: GcMetrics,
 }
 
 impl Default for DaemonMetrics {
@@ -44,6 +125,7 @@ impl Default for DaemonMetrics {
             ensure_latency: Histogram::new(),
             ensure_in_flight: AtomicI64::new(0),
             prepare_latency: Histogram::new(),
+            gc: GcMetrics::default(),
         }
     }
 }
@@ -110,6 +192,7 @@ impl DaemonMetrics {
             &[],
             &self.prepare_latency.snapshot(),
         );
+        self.gc.encode(out);
     }
 }
 

@@ -1,5 +1,8 @@
 //! The daemon process: start-up (store, fetcher, resolver, lazy engine, FUSE server, lease
-//! reconciliation), the API socket and its request handlers, and shutdown.
+//! reconciliation), the API socket and its request handlers, garbage collection while it
+//! serves ([`collect`]), and shutdown.
+
+mod collect;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -30,6 +33,7 @@ use super::control::{ensure_fuse_server, ControlClient, RunPaths};
 use super::leases::{view_name, LeaseDir, LeaseRecord};
 use super::wire::WireEntry;
 use crate::metrics::{DaemonMetrics, Exposition};
+use collect::IdleView;
 
 /// How long the daemon waits for a FUSE server it started to answer.
 const FUSE_SERVER_START: Duration = Duration::from_secs(30);
@@ -163,8 +167,18 @@ struct Daemon {
     /// using it change (taken after a lease's lock, never before).
     view_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Views whose last lease is gone, kept for the next lease of the same tree (config
-    /// `idle_view_secs`), with the moment they became idle. Changed under the view's lock.
-    idle_views: Mutex<HashMap<String, Instant>>,
+    /// `idle_view_secs`), with the moment they became idle and the generation they show (live
+    /// for gc while kept). Changed under the view's lock.
+    idle_views: Mutex<HashMap<String, IdleView>>,
+    /// Store paths (base names) with demand reads (`ensure`) in flight, and how many: live
+    /// for gc.
+    reading: Mutex<HashMap<String, usize>>,
+    /// One garbage collection at a time.
+    gc_lock: tokio::sync::Mutex<()>,
+    /// Prompts a quota check (after a prepare, prefetch, release or gc).
+    quota_kick: tokio::sync::Notify,
+    /// A collection for a write that found no space is under way.
+    no_space_gc: std::sync::atomic::AtomicBool,
     /// Live resolutions made for starting pods, by (pod, reference), with when they were asked.
     pod_resolutions: Mutex<HashMap<(String, String), (PodResolution, Instant)>>,
     paths: RunPaths,
@@ -242,6 +256,10 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
         lease_locks: Mutex::new(HashMap::new()),
         view_locks: Mutex::new(HashMap::new()),
         idle_views: Mutex::new(HashMap::new()),
+        reading: Mutex::new(HashMap::new()),
+        gc_lock: tokio::sync::Mutex::new(()),
+        quota_kick: tokio::sync::Notify::new(),
+        no_space_gc: std::sync::atomic::AtomicBool::new(false),
         pod_resolutions: Mutex::new(HashMap::new()),
         paths,
         metrics: DaemonMetrics::default(),
@@ -262,6 +280,7 @@ async fn run_async(config: Config) -> Result<(), DaemonError> {
     daemon.clone().restart_prefetch();
     tokio::spawn(daemon.clone().expire_idle_views());
     tokio::spawn(daemon.clone().watch_fuse_server());
+    tokio::spawn(daemon.clone().quota_task());
 
     if let Some(addr) = daemon.config.metrics_addr.clone() {
         let d = daemon.clone();
@@ -450,6 +469,7 @@ impl Daemon {
                 self.gate(&store_path).await?;
                 to_json(&serde_json::json!({"ok": true}))
             }
+            Request::Gc { derived } => to_json(&self.gc_op(derived).await?),
         }
     }
 
@@ -647,6 +667,7 @@ impl Daemon {
             let record = self.env_record(&rec)?;
             // Its view may be missing (a rebuild after a restart failed): build it now.
             self.ensure_view(&rec).await?;
+            self.touch(&rec.owner, &rec.name, rec.generation).await;
             return Ok(self.prepared_of(&rec, &record));
         }
 
@@ -678,7 +699,10 @@ impl Daemon {
                     .await
             }
         };
-        let (prepared, background) = prepared.map_err(prepare_failure)?;
+        let (prepared, background) = prepared.map_err(|e| {
+            self.after_failure(&e);
+            prepare_failure(e)
+        })?;
         let rec = publish
             .record
             .take()
@@ -689,6 +713,8 @@ impl Daemon {
             self.prep
                 .finish_recording_after(prepared.key(), RECORD_WINDOW);
         }
+        self.touch(&rec.owner, &rec.name, rec.generation).await;
+        self.quota_kick.notify_one();
         Ok(self.prepared_of(&rec, &prepared.record))
     }
 
@@ -766,7 +792,13 @@ impl Daemon {
         if !shared && !self.config.idle_view.is_zero() {
             // Kept for the next pod of the generation: its dentries, inodes and cached pages
             // are what a warm start reuses. `expire_idle_views` removes it later.
-            self.idle_views.lock().insert(view.clone(), Instant::now());
+            self.idle_views.lock().insert(
+                view.clone(),
+                IdleView {
+                    since: Instant::now(),
+                    generation: (rec.owner.clone(), rec.name.clone(), rec.generation),
+                },
+            );
             info!(view = %view, "view kept idle after its last lease");
         } else if !shared {
             let control = self.paths.control.clone();
@@ -798,13 +830,18 @@ impl Daemon {
             self.prep.unroot(&rec.owner, &rec.name, rec.generation);
         }
         info!(lease, env = %rec.env_name(), generation = rec.generation, "released");
+        self.quota_kick.notify_one();
         Ok(Released {
             lease: lease.to_string(),
             released: true,
         })
     }
 
-    async fn prefetch(&self, env: &str, token: Option<&str>) -> Result<Prefetched, Failure> {
+    async fn prefetch(
+        self: &Arc<Self>,
+        env: &str,
+        token: Option<&str>,
+    ) -> Result<Prefetched, Failure> {
         let r = EnvRef::parse(env).map_err(|e| fail(ErrorKind::BadEnv, chain(&e)))?;
         let token = self.token_for(token)?;
         let resolved = self
@@ -829,17 +866,21 @@ impl Daemon {
             .record(&resolved, &closure, Root::Keep)
             .await
             .map_err(prepare_failure)?;
+        self.touch(&resolved.owner, &resolved.name, resolved.generation)
+            .await;
         let summary = self
             .prep
             .fetcher()
             .fetch_closure(&resolved.roots, None)
             .await
             .map_err(|e| {
+                self.after_failure(&e);
                 fail(
                     ErrorKind::Fetch,
                     format!("environment {label}: {}", chain(&e)),
                 )
             })?;
+        self.quota_kick.notify_one();
         Ok(Prefetched {
             env: resolved.env_ref().env_name(),
             generation: resolved.generation,
@@ -867,7 +908,12 @@ impl Daemon {
         })
     }
 
-    async fn ensure(&self, store_path: &str, start: u64, end: u64) -> Result<(), Failure> {
+    async fn ensure(
+        self: &Arc<Self>,
+        store_path: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<(), Failure> {
         let path = StorePath::from_base_name(store_path).map_err(|e| {
             fail(
                 ErrorKind::BadRequest,
@@ -878,16 +924,19 @@ impl Daemon {
             .ensure_in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let t = Instant::now();
+        let reading = Reading::start(self, store_path);
         let r = self
             .prep
             .lazy()
             .ensure(&path, start, end, Cause::Demand)
             .await;
+        drop(reading);
         self.metrics.ensure_latency.observe(t.elapsed());
         self.metrics
             .ensure_in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         r.map_err(|e| {
+            self.after_failure(&e);
             let message = chain(&e);
             error!(store_path, start, end, error = %message, "demand read failed");
             fail(ErrorKind::Fetch, message)
@@ -1034,7 +1083,7 @@ impl Daemon {
                 .idle_views
                 .lock()
                 .iter()
-                .map(|(v, t)| (v.clone(), *t))
+                .map(|(v, i)| (v.clone(), i.since))
                 .collect();
             idle.sort_by_key(|(_, t)| *t);
             let over = idle.len().saturating_sub(IDLE_VIEWS_MAX);
@@ -1045,7 +1094,7 @@ impl Daemon {
                 let lock = self.view_lock(&view);
                 let _held = lock.lock().await;
                 // A lease may have taken it meanwhile: then it is no longer idle.
-                if self.idle_views.lock().get(&view) != Some(&since) {
+                if self.idle_views.lock().get(&view).map(|i| i.since) != Some(since) {
                     continue;
                 }
                 let control = self.paths.control.clone();
@@ -1194,8 +1243,14 @@ impl Daemon {
         if let Ok(s) = self.prep.store().stats() {
             out.header("kof_store_paths", "gauge", "Store paths in the store.");
             out.sample("kof_store_paths", &[], s.store_paths as f64);
-            out.header("kof_store_bytes", "gauge", "Bytes of objects on disk.");
-            out.sample("kof_store_bytes", &[], s.stored_bytes as f64);
+        }
+        if let Ok(bytes) = self.store_bytes() {
+            out.header(
+                "kof_store_bytes",
+                "gauge",
+                "Bytes the store uses on disk (objects, metadata, derived data): what store_max_bytes limits.",
+            );
+            out.sample("kof_store_bytes", &[], bytes as f64);
         }
         out.header(
             "kof_uptime_seconds",
@@ -1225,6 +1280,34 @@ impl Daemon {
             }
         }
         out.finish()
+    }
+}
+
+/// A demand read in flight: its store path is live for gc until it is dropped.
+struct Reading<'a> {
+    daemon: &'a Daemon,
+    path: String,
+}
+
+impl<'a> Reading<'a> {
+    fn start(daemon: &'a Daemon, path: &str) -> Reading<'a> {
+        *daemon.reading.lock().entry(path.to_string()).or_default() += 1;
+        Reading {
+            daemon,
+            path: path.to_string(),
+        }
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut reading = self.daemon.reading.lock();
+        if let Some(n) = reading.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                reading.remove(&self.path);
+            }
+        }
     }
 }
 
