@@ -220,8 +220,11 @@ fn ls(ctx: &Context, as_json: bool) -> Result<()> {
 fn stats(ctx: &Context, as_json: bool) -> Result<()> {
     let store = ctx.open_store()?;
     let s = store.stats().context("reading store totals")?;
+    let history = store.gc_history().context("reading the gc runs")?;
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        v["gc"] = serde_json::to_value(&history)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let ratio = if s.stored_bytes > 0 {
             s.logical_bytes as f64 / s.stored_bytes as f64
@@ -244,6 +247,7 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
             s.objects
         );
         println!("saving:        {ratio:.2}x");
+        print_gc_history(&history);
         if s.fetches_unfinished + s.fetches_failed > 0 {
             println!(
                 "fetches:       {} unfinished, {} failed",
@@ -342,9 +346,92 @@ fn forget(ctx: &Context, reference: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `gc` lines of `kof-store stats`: the last run (when, why, what it freed) and totals.
+fn print_gc_history(h: &kof_store::GcHistory) {
+    let Some(last) = &h.last else {
+        println!("gc:            never run");
+        return;
+    };
+    let ago = (now_secs() - last.finished_at).max(0);
+    println!(
+        "last gc:       {} s ago ({}), {} paths, {} freed + {} derived data, in {} s",
+        ago,
+        last.trigger,
+        last.paths_removed,
+        human_bytes(last.bytes_freed),
+        human_bytes(last.derived_bytes_freed),
+        (last.finished_at - last.started_at).max(0)
+    );
+    let by: Vec<String> = h
+        .runs_by_trigger
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    println!(
+        "gc totals:     {} runs ({}), {} paths, {} freed + {} derived data",
+        h.runs,
+        by.join(", "),
+        h.paths_removed,
+        human_bytes(h.bytes_freed),
+        human_bytes(h.derived_bytes_freed)
+    );
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `kof-store gc`: through the daemon when it answers (it collects while it serves), else
+/// alone, which needs the store to itself.
 fn gc(ctx: &Context, as_json: bool) -> Result<()> {
+    if let Some(mut client) = crate::daemon_client::connect(ctx) {
+        let done = client
+            .gc(false)
+            .context("collecting garbage through kof-fetcherd")?;
+        if as_json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "paths_removed": done.paths_removed,
+                    "objects_removed": done.objects_removed,
+                    "bytes_freed": done.bytes_freed,
+                    "derived_bytes_freed": done.derived_bytes_freed,
+                    "elapsed_secs": done.elapsed_secs,
+                    "store_bytes_before": done.store_bytes_before,
+                    "store_bytes_after": done.store_bytes_after,
+                    "through": "kof-fetcherd",
+                }))?
+            );
+        } else {
+            for p in &done.paths_removed {
+                println!("removed {p}");
+            }
+            println!(
+                "gc: removed {} paths and {} objects, freed {} (store {} -> {}) in {:.2} s (through kof-fetcherd)",
+                done.paths_removed.len(),
+                done.objects_removed,
+                human_bytes(done.bytes_freed + done.derived_bytes_freed),
+                human_bytes(done.store_bytes_before),
+                human_bytes(done.store_bytes_after),
+                done.elapsed_secs
+            );
+        }
+        return Ok(());
+    }
     let store: Store = ctx.open_store()?;
+    let started_at = now_secs();
     let report = store.gc().context("collecting garbage")?;
+    store
+        .record_gc_run(&kof_store::GcRun::of(
+            kof_store::GcTrigger::Manual,
+            started_at,
+            &report,
+            0,
+        ))
+        .context("recording the gc run")?;
     if as_json {
         println!(
             "{}",
