@@ -1,5 +1,39 @@
 //! [`LazyStore`]: per-path fetch state (chunks for the range path, a high-water mark for the
 //! stream path), single-flight fetches, demand and prefetch slots, completion into the store.
+//!
+//! # A full file system
+//!
+//! The engine writes to the store's file system in three places; each meets `ENOSPC` (or
+//! `EDQUOT`) cleanly, and nothing already there stops being readable:
+//!
+//! - **A chunk of a partial file** (`range.rs`): the chunk was decoded and checked against the
+//!   signed index, but it cannot be written. Its claim is released (it is missing again, never
+//!   marked filled, so no record names it), and the read that needed it fails with
+//!   [`LazyError::NoSpace`] naming the partial file: EIO for that read only, and one log line
+//!   ("ensure failed", with the cause) in the engine and one in the daemon. Every chunk
+//!   already in the file, and every stored path, keeps being served; the next read of the
+//!   missing range fetches it again, and succeeds as soon as space is free (no state is left
+//!   failed). The same holds when the partial file cannot be created.
+//!
+//!   *Why not serve the verified chunk from memory without caching it?* It would keep the
+//!   invariant (the bytes were checked against the index digest before use), but the reader
+//!   that needs them is usually not in this process: the daemon's FUSE server reads partial
+//!   files itself and asks the engine, over the API socket, only to *ensure* a range
+//!   ([`crate::Ensure`] returns no bytes). Serving from memory would need that protocol to
+//!   carry the bytes of every demand read, for a case (a full disk) that gc of derived data
+//!   is there to end. So the read fails, with its cause.
+//! - **The ingest of a complete partial file** (`range.rs`, `complete`): the store's
+//!   [`kof_store::StoreError::NoSpace`] (or the database's `SQLITE_FULL`) is not a refusal.
+//!   The partial file is kept whole (every chunk verified and readable, so readers go on
+//!   reading the path from it), the path goes back to fetching with all its chunks filled,
+//!   and the ingest is tried again after [`NO_SPACE_RETRY_MIN`], doubling up to
+//!   [`NO_SPACE_RETRY_MAX`]; a caller waiting for the path to be stored (prefetch, a gate)
+//!   gets the error instead of waiting. Nothing of the path is visible in the store until an
+//!   ingest commits, as ever.
+//! - **A streamed fetch** (`stream.rs`): the fetcher's ingest fails with the store's error;
+//!   the stream is dropped and the next read starts another.
+//!
+//! Raw copies for passthrough (`crate::local`) are skipped while the disk is full.
 
 use kof_node_api::report::chain;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -68,6 +102,34 @@ enum Phase {
     Failed(Arc<LazyError>),
 }
 
+/// The first retry of an ingest that failed because the file system was full.
+pub(crate) const NO_SPACE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The longest wait between retries of an ingest that failed because the file system was full.
+pub(crate) const NO_SPACE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The error of a partial file operation on `file` of `path`: [`LazyError::NoSpace`] when the
+/// file system is full, else [`LazyError::Partial`].
+pub(crate) fn partial_error(
+    path: &StorePath,
+    file: &std::path::Path,
+    source: std::io::Error,
+) -> LazyError {
+    if kof_store::is_no_space_io(&source) {
+        LazyError::NoSpace {
+            path: path.clone(),
+            file: file.to_path_buf(),
+            source,
+        }
+    } else {
+        LazyError::Partial {
+            path: path.clone(),
+            file: file.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// A path's regular files as `(nar_offset, size)`, sorted by offset.
 type FileExtents = Arc<Vec<(u64, u64)>>;
 
@@ -80,6 +142,10 @@ struct PathInner {
     stream: Option<StreamJob>,
     phase: Phase,
     file: Option<Arc<File>>,
+    /// The ingest of the complete partial file failed because the file system was full: why,
+    /// and how many times in a row (the path is back in [`Phase::Fetching`], every chunk
+    /// filled, and a retry is scheduled).
+    no_space: Option<(Arc<LazyError>, u32)>,
 }
 
 /// The fetch state of one path not (yet) stored.
@@ -141,11 +207,7 @@ impl PathState {
         if let Some(f) = &g.file {
             return Ok(f.clone());
         }
-        let err = |source| LazyError::Partial {
-            path: self.path().clone(),
-            file: self.partial.clone(),
-            source,
-        };
+        let err = |source| partial_error(self.path(), &self.partial, source);
         let f = partial::open_shared(&self.partial).map_err(err)?;
         f.set_len(self.nar_size()).map_err(err)?;
         let f = Arc::new(f);
@@ -469,6 +531,7 @@ impl LazyStore {
                         chunks,
                         filled,
                         stream: None,
+                        no_space: None,
                         phase: if complete {
                             Phase::Completing
                         } else {

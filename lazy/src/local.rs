@@ -10,9 +10,11 @@
 //! [`RAW_CACHE_MIN`] bytes are materialized: smaller ones cost little through FUSE and would
 //! mostly add inodes. The copy is verified on creation (its BLAKE3 must equal the content's
 //! digest, else it is dropped) and renamed into place complete, mode 0444; a copy of the wrong
-//! size is never used (it is removed and written again). `raw/` is derived data: the store's
-//! gc does not look at it, and the whole directory may be deleted at any time (copies of
-//! paths gc removed stay until then).
+//! size is never used (it is removed and written again). A copy that finds the file system
+//! full (`ENOSPC`, `EDQUOT`) is removed and simply skipped: no copy is started for
+//! [`RAW_CACHE_FULL_PAUSE`], and the file is read through FUSE meanwhile. `raw/` is derived
+//! data: the store's gc does not look at it, and the whole directory may be deleted at any
+//! time (copies of paths gc removed stay until then).
 
 use kof_node_api::report::chain;
 use std::collections::{HashMap, HashSet};
@@ -53,11 +55,18 @@ pub fn raw_file(store_dir: &Path, digest: &Digest) -> PathBuf {
     store_dir.join("raw").join(&hex[..2]).join(hex)
 }
 
-/// Raw copies being written, and contents whose copy failed (not tried again by this process).
+/// After a raw copy found the file system full, no copy is started for this long: passthrough
+/// is an optimisation, and the space is better left to the store (a copy failing that way is
+/// not marked failed, so its file gets one once there is room).
+pub const RAW_CACHE_FULL_PAUSE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Raw copies being written, contents whose copy failed (not tried again by this process),
+/// and until when copies are skipped because the file system was found full.
 #[derive(Default)]
 struct RawWriters {
     running: HashSet<Digest>,
     failed: HashSet<Digest>,
+    full_until: Option<std::time::Instant>,
 }
 
 /// Reads files of store paths from the store or from partial NAR files.
@@ -277,6 +286,7 @@ impl LocalReader {
             if w.failed.contains(&content.digest)
                 || w.running.contains(&content.digest)
                 || w.running.len() >= RAW_CACHE_WRITERS
+                || w.full_until.is_some_and(|t| std::time::Instant::now() < t)
             {
                 return None;
             }
@@ -293,6 +303,12 @@ impl LocalReader {
                 match res {
                     Ok(()) => tracing::debug!(file = %what, raw = %dest.display(),
                         size = content.size, "raw copy written"),
+                    Err(e) if kof_store::is_no_space_io(&e) => {
+                        tracing::info!(file = %what, raw = %dest.display(), error = %chain(&e),
+                            pause = ?RAW_CACHE_FULL_PAUSE,
+                            "raw copy skipped, the file system is full: the file is read through FUSE");
+                        w.full_until = Some(std::time::Instant::now() + RAW_CACHE_FULL_PAUSE);
+                    }
                     Err(e) => {
                         tracing::warn!(file = %what, raw = %dest.display(), error = %chain(&e),
                             "raw copy not written: the file is read through FUSE");

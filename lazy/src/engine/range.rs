@@ -15,7 +15,10 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
-use super::{spawn_err, Chunk, LazyStore, Mode, PathState, Phase};
+use super::{
+    partial_error, spawn_err, Chunk, LazyStore, Mode, PathState, Phase, NO_SPACE_RETRY_MAX,
+    NO_SPACE_RETRY_MIN,
+};
 use crate::{Cause, LazyError};
 
 /// Why a range fetch did not fill its chunks.
@@ -327,12 +330,14 @@ impl LazyStore {
                     }
                 };
                 // A page-cache write of one chunk: short enough for the runtime thread.
+                // A full disk fails this chunk (and the read needing it) only: its claim is
+                // released below, never marked filled (see "A full file system" in the engine).
                 if let Err(source) = file.write_all_at(&nar, c.nar_offset) {
-                    failed = Some(RunError::permanent(LazyError::Partial {
-                        path: path.clone(),
-                        file: st.partial.clone(),
+                    failed = Some(RunError::permanent(partial_error(
+                        &path,
+                        &st.partial,
                         source,
-                    }));
+                    )));
                     break;
                 }
                 used += len;
@@ -411,22 +416,30 @@ impl LazyStore {
         .await;
         let failure = match result {
             Ok(Ok(Ok(stats))) => {
+                if st.lock().no_space.take().is_some() {
+                    tracing::info!(%path, "complete NAR ingested now that the file system has room");
+                }
                 tracing::info!(%path, nar_bytes = stats.nar_bytes, "range-fetched path verified and stored");
                 self.counters.completed();
                 self.mark_stored(&st);
                 return;
             }
+            // A full disk is not a verdict on the bytes.
+            Ok(Ok(Err(source))) if source.is_no_space() => LazyError::Store {
+                path: path.clone(),
+                source: Box::new(source),
+            },
             Ok(Ok(Err(source))) => LazyError::Refused {
                 path: path.clone(),
                 source: Box::new(source),
             },
-            Ok(Err(source)) => LazyError::Partial {
-                path: path.clone(),
-                file: st.partial.clone(),
-                source,
-            },
+            Ok(Err(source)) => partial_error(&path, &st.partial, source),
             Err(e) => spawn_err(&path, e),
         };
+        if kof_store::chain_is_no_space(&failure) {
+            self.defer_ingest(st, failure);
+            return;
+        }
         tracing::error!(%path, error = %chain(&failure), "range-fetched NAR refused; the path stays unstored and its reads fail");
         self.counters.refused();
         {
@@ -435,6 +448,48 @@ impl LazyStore {
             st.remove_partial(&mut g);
         }
         st.bump();
+    }
+}
+
+impl LazyStore {
+    /// After the ingest of `st`'s complete partial file failed because the file system is
+    /// full: the path goes back to fetching with every chunk filled (its reads keep being
+    /// served from the partial file, which is kept), waiters for the commit get `failure`,
+    /// and the ingest is tried again later (see "A full file system" in the engine).
+    fn defer_ingest(&self, st: Arc<PathState>, failure: LazyError) {
+        let failure = Arc::new(failure);
+        let attempts = {
+            let mut g = st.lock();
+            let attempts = g.no_space.as_ref().map_or(0, |(_, n)| *n) + 1;
+            g.phase = Phase::Fetching;
+            g.no_space = Some((failure.clone(), attempts));
+            attempts
+        };
+        st.bump();
+        let delay = NO_SPACE_RETRY_MIN
+            .saturating_mul(1 << attempts.saturating_sub(1).min(8))
+            .min(NO_SPACE_RETRY_MAX);
+        tracing::warn!(path = %st.path(), error = %chain(&*failure), ?delay, attempts,
+            "complete NAR not ingested, the file system is full: its reads are served from the \
+             partial file, and the ingest is tried again");
+        let me = self.arc();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let again = {
+                let mut g = st.lock();
+                let again = g.no_space.is_some()
+                    && matches!(g.phase, Phase::Fetching)
+                    && g.filled == g.chunks.len();
+                if again {
+                    g.phase = Phase::Completing;
+                }
+                again
+            };
+            if again {
+                st.bump();
+                me.complete(st).await;
+            }
+        });
     }
 }
 

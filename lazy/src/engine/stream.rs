@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use kof_nar::StorePath;
 use kof_substituter::fetcher::{NarTee, PathOutcome};
 
-use super::{spawn_err, LazyStore, Mode, PathState, RunError, StreamJob};
+use super::{spawn_err, LazyStore, Mode, PathState, Phase, RunError, StreamJob};
 use crate::{Cause, LazyError};
 
 impl LazyStore {
@@ -165,10 +165,16 @@ impl LazyStore {
                         }
                         Ok(()) => {}
                     }
-                    // Every chunk is there: wait for the ingest.
+                    // Every chunk is there: wait for the ingest (unless it waits for space).
                     loop {
-                        if let Some(r) = PathState::settled(&st.lock()) {
-                            return r;
+                        {
+                            let g = st.lock();
+                            if let Some(r) = PathState::settled(&g) {
+                                return r;
+                            }
+                            if let (Some((e, _)), Phase::Fetching) = (&g.no_space, &g.phase) {
+                                return Err(LazyError::Shared(e.clone()));
+                            }
                         }
                         if rx.changed().await.is_err() {
                             break;
