@@ -106,7 +106,9 @@ enum Phase {
 pub(crate) const NO_SPACE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The longest wait between retries of an ingest that failed because the file system was full.
-pub(crate) const NO_SPACE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(8);
+/// Short, as it bounds the time to recover once space is freed, and a retry while the disk
+/// is still full costs little: the ingest stops at its first object write.
+pub(crate) const NO_SPACE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The error of a partial file operation on `file` of `path`: [`LazyError::NoSpace`] when the
 /// file system is full, else [`LazyError::Partial`].
