@@ -11,7 +11,7 @@ use kof_floxhub::resolve::ResolvedEnvironment;
 use kof_lazy::prepare::{PrepareError, Preparer, Root};
 use kof_nar::StorePath;
 use kof_node_api::envref::EnvRef;
-use kof_store::Store;
+use kof_store::{FetchStateKind, Store};
 use kof_substituter::fetcher::FetchEvent;
 use serde_json::json;
 
@@ -221,9 +221,30 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
     let store = ctx.open_store()?;
     let s = store.stats().context("reading store totals")?;
     let history = store.gc_history().context("reading the gc runs")?;
+    // Fetch rows whose process is gone read as interrupted (`fetches_unfinished` counts them
+    // with the fetches under way).
+    let fetches = store.fetch_states().context("reading fetch state")?;
+    let interrupted = fetches
+        .iter()
+        .filter(|f| f.state == FetchStateKind::Interrupted)
+        .count();
     if as_json {
         let mut v = serde_json::to_value(&s)?;
         v["gc"] = serde_json::to_value(&history)?;
+        v["fetches_interrupted"] = json!(interrupted);
+        v["fetches"] = fetches
+            .iter()
+            .map(|f| {
+                json!({
+                    "path": f.store_path.to_absolute(),
+                    "state": f.state,
+                    "source": f.source,
+                    "error": f.error,
+                    "attempts": f.attempts,
+                    "pid": f.pid,
+                })
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let ratio = if s.stored_bytes > 0 {
@@ -248,12 +269,14 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
         );
         println!("saving:        {ratio:.2}x");
         print_gc_history(&history);
-        if s.fetches_unfinished + s.fetches_failed > 0 {
+        if !fetches.is_empty() {
             println!(
-                "fetches:       {} unfinished, {} failed",
-                s.fetches_unfinished, s.fetches_failed
+                "fetches:       {} under way, {} interrupted (their process is gone), {} failed",
+                s.fetches_unfinished as usize - interrupted.min(s.fetches_unfinished as usize),
+                interrupted,
+                s.fetches_failed
             );
-            for f in store.fetch_states().context("reading fetch state")? {
+            for f in fetches {
                 println!(
                     "  {:?} {} from {}{}",
                     f.state,
@@ -270,6 +293,25 @@ fn stats(ctx: &Context, as_json: bool) -> Result<()> {
 fn verify(ctx: &Context) -> Result<()> {
     let store = ctx.open_store()?;
     let report = store.verify().context("verifying the store")?;
+    // Nix's closure rule: a stored path whose reference is not stored.
+    for d in &report.dangling_references {
+        eprintln!(
+            "missing reference: {} references {}, which is not stored",
+            d.path.to_absolute(),
+            d.reference.to_absolute()
+        );
+    }
+    if let (Some(d), true) = (
+        report.dangling_references.first(),
+        report.problems.is_empty(),
+    ) {
+        bail!(
+            "verify found {} stored path reference(s) that are not stored; first: {} references {}",
+            report.dangling_references.len(),
+            d.path.to_absolute(),
+            d.reference.to_absolute()
+        );
+    }
     if report.is_ok() {
         println!(
             "verified {} objects and {} chunked files: no corruption",

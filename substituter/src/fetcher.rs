@@ -6,15 +6,27 @@
 //! ```text
 //! HTTP body chunks ──bounded channel──▶ FileHash/FileSize check ─▶ decompressor
 //!   (async task)     (backpressure)      (at EOF of the file)       (xz, zstd, bzip2, none)
-//!        ─▶ NarSize guard ─▶ Store::ingest_nar (blocking thread: parses, hashes, commits)
+//!        ─▶ NarSize guard ─▶ Store::prepare_nar (blocking thread: parses, hashes, writes)
 //! ```
 //!
-//! Ordering matters: the store commits a path once it has read the whole NAR and its NarHash
+//! Nix's closure rule: the store only *prepares* a path as its NAR comes in (objects written,
+//! NarHash checked, nothing visible); the path is committed once all its References are. Each
+//! path's task, after its download and prepare (its download slot released), waits for the
+//! fetches of its References that are not stored (joining those in flight, starting those not
+//! yet started) and then commits. So downloads and prepares run in parallel while commits follow
+//! reference order, and a fetch that fails part-way leaves no stored path whose references are
+//! missing: a path whose reference failed is not committed (it fails with
+//! [`PathError::Reference`]), and its objects stay in the store unused, so the next try writes
+//! them no more (gc removes them if none comes). The lazy engine's fetches follow the same rule
+//! ([`Fetcher::fetch_teed`], [`Fetcher::commit_after_references`]): a path it completes waits
+//! for its references, which are fetched whole, before it is committed.
+//!
+//! Ordering matters: the store prepares a path once it has read the whole NAR and its NarHash
 //! matched. So that a file whose FileHash is wrong (or that carries junk after the compressed
 //! stream) is refused *before* that, the NarSize guard, when it is about to hand over the last
 //! byte of the NAR, first drives the decompressor to its end, which drains the compressed file to
 //! its end, where the FileHash/FileSize check runs. An error there is returned from that last
-//! `read`, so the store never sees a complete NAR and commits nothing. This does not depend on
+//! `read`, so the store never sees a complete NAR and prepares nothing. This does not depend on
 //! the store reading past the NAR's end.
 //!
 //! The reader layers return plain `io::Error`s to the store; the first cause is also kept in a
@@ -30,7 +42,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use kof_nar::hash::HashingReader;
 use kof_nar::{Compression, NixHash, StorePath};
-use kof_store::{IngestStats, Store, StoreError};
+use kof_store::{IngestStats, PreparedPath, Store, StoreError};
 use parking_lot::Mutex;
 use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
@@ -151,6 +163,44 @@ pub enum PathError {
         /// The store's error.
         source: StoreError,
     },
+    /// The path was prepared, and is not committed because fetching one of its References
+    /// failed (Nix's closure rule).
+    #[error("{path}: its reference {reference} could not be fetched")]
+    Reference {
+        /// The path.
+        path: StorePath,
+        /// The reference that failed.
+        reference: StorePath,
+        /// Why the reference failed.
+        source: Arc<PathError>,
+    },
+    /// The path was prepared, and is not committed because no cache has one of its References.
+    #[error("{path}: no cache has its reference {reference}")]
+    ReferenceUnavailable {
+        /// The path.
+        path: StorePath,
+        /// The reference no cache has.
+        reference: StorePath,
+    },
+    /// The path was prepared, and is not committed because looking up one of its References
+    /// failed.
+    #[error("{path}: looking up its reference {reference}")]
+    ReferenceLookup {
+        /// The path.
+        path: StorePath,
+        /// The reference.
+        reference: StorePath,
+        /// The cause.
+        source: SubstituteError,
+    },
+    /// The store refused to commit the prepared path (see [`kof_store::Store::commit_prepared`]).
+    #[error("{path}: committing")]
+    Commit {
+        /// The path.
+        path: StorePath,
+        /// The store's error.
+        source: StoreError,
+    },
     /// Asking the store whether the path is present failed.
     #[error("{path}: checking the store")]
     Store {
@@ -210,6 +260,10 @@ impl PathError {
             | PathError::NarTooLong { path, .. }
             | PathError::Ingest { path, .. }
             | PathError::Store { path, .. }
+            | PathError::Reference { path, .. }
+            | PathError::ReferenceUnavailable { path, .. }
+            | PathError::ReferenceLookup { path, .. }
+            | PathError::Commit { path, .. }
             | PathError::Lookup { path, .. }
             | PathError::Aborted { path, .. } => path,
         }
@@ -534,13 +588,27 @@ impl Fetcher {
 
     /// Fetches one path (nothing when it is stored), retrying and trying other caches as
     /// [`Fetcher::fetch`] does, also handing its NAR bytes to `tee`. Neither single-flight nor
-    /// under this fetcher's download limit: the caller (the lazy engine) provides both.
+    /// under this fetcher's download limit: the caller (the lazy engine) provides both. The
+    /// path is committed after its References, which are fetched whole first if they are not
+    /// stored (see [`Fetcher::commit_after_references`]).
     pub async fn fetch_teed(
         &self,
         sub: Arc<Substitute>,
         tee: Arc<dyn NarTee>,
     ) -> Result<PathOutcome, PathError> {
         self.inner.fetch_one(sub, None, Some(tee)).await
+    }
+
+    /// Commits `prepared` once its References (other than itself) are stored: those not stored
+    /// are fetched first, joining their fetches in flight (under this fetcher's download limit,
+    /// single-flight). If one of them fails, `prepared` is dropped uncommitted and the error
+    /// names that reference. For a path prepared outside this fetcher (the lazy engine's
+    /// range-fetched paths).
+    pub async fn commit_after_references(
+        &self,
+        prepared: PreparedPath,
+    ) -> Result<IngestStats, PathError> {
+        self.inner.commit_after_references(prepared).await
     }
 
     /// Fetches every member of `closure` not yet stored. All paths are attempted; if any
@@ -689,19 +757,121 @@ impl Inner {
     /// the path.
     #[tracing::instrument(skip_all, fields(path = %sub.info.store_path))]
     async fn fetch_one(
-        &self,
+        self: &Arc<Self>,
         sub: Arc<Substitute>,
         events: Option<EventSink>,
         tee: Option<Arc<dyn NarTee>>,
     ) -> Result<PathOutcome, PathError> {
         let path = sub.info.store_path.clone();
-        let result = self.fetch_attempts(sub, events, tee).await;
+        let result = match self.fetch_attempts(sub, events, tee).await {
+            Ok(Attempted::AlreadyPresent) => Ok(PathOutcome::AlreadyPresent),
+            Ok(Attempted::Prepared {
+                prepared,
+                downloaded_bytes,
+            }) => self
+                .commit_after_references(prepared)
+                .await
+                .map(|stats| PathOutcome::Fetched {
+                    stats,
+                    downloaded_bytes,
+                }),
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
             let (p, error) = (path.clone(), e.to_string());
             self.record_state(move |store| store.record_fetch_failed(&p, &error))
                 .await;
         }
         result
+    }
+
+    /// See [`Fetcher::commit_after_references`].
+    async fn commit_after_references(
+        self: &Arc<Self>,
+        prepared: PreparedPath,
+    ) -> Result<IngestStats, PathError> {
+        let path = prepared.store_path().clone();
+        let stats = prepared.stats().clone();
+        if !prepared.already_stored() {
+            let mut waits = Vec::new();
+            for reference in self.missing_references(&prepared).await? {
+                let joined = self.in_flight.lock().get(&reference).cloned();
+                let fut = match joined {
+                    Some(f) => f,
+                    None => match self.subs.lookup(&reference).await {
+                        Ok(Some(sub)) => self.clone().fetch_shared(sub, None),
+                        Ok(None) => {
+                            return Err(PathError::ReferenceUnavailable { path, reference });
+                        }
+                        Err(source) => {
+                            return Err(PathError::ReferenceLookup {
+                                path,
+                                reference,
+                                source,
+                            })
+                        }
+                    },
+                };
+                waits.push(async move { (reference, fut.await) });
+            }
+            for (reference, result) in futures_util::future::join_all(waits).await {
+                if let Err(source) = result {
+                    tracing::debug!(%path, %reference, "not committed: a reference failed");
+                    return Err(PathError::Reference {
+                        path,
+                        reference,
+                        source,
+                    });
+                }
+            }
+        }
+        let store = self.store.clone();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || store.commit_prepared(vec![prepared]))
+            .await
+            .map_err(|e| PathError::Aborted {
+                path: p.clone(),
+                url: String::new(),
+                reason: "its commit task ended without a result".into(),
+                source: Some(e),
+            })?
+            .map_err(|source| PathError::Commit { path: p, source })?;
+        Ok(stats)
+    }
+
+    /// The References of `prepared` (other than itself) that are not stored.
+    async fn missing_references(
+        &self,
+        prepared: &PreparedPath,
+    ) -> Result<Vec<StorePath>, PathError> {
+        let path = prepared.store_path().clone();
+        let refs: Vec<StorePath> = prepared
+            .references()
+            .iter()
+            .filter(|r| **r != path)
+            .cloned()
+            .collect();
+        if refs.is_empty() {
+            return Ok(refs);
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::new();
+            for r in refs {
+                if !store.has_path(&r)? {
+                    missing.push(r);
+                }
+            }
+            Ok(missing)
+        })
+        .await
+        .map_err(|e| PathError::Aborted {
+            path: path.clone(),
+            url: String::new(),
+            reason: "its task ended without a result".into(),
+            source: Some(e),
+        })?
+        .map_err(|source| PathError::Store { path, source })
     }
 
     /// Records fetch state in the store. Bookkeeping only: a failure to record is logged and
@@ -727,7 +897,7 @@ impl Inner {
         mut sub: Arc<Substitute>,
         events: Option<EventSink>,
         tee: Option<Arc<dyn NarTee>>,
-    ) -> Result<PathOutcome, PathError> {
+    ) -> Result<Attempted, PathError> {
         let path = sub.info.store_path.clone();
         let attempts = self.opts.retry.attempts.max(1);
         let mut attempt = 1;
@@ -742,7 +912,7 @@ impl Inner {
                 ),
             };
             if self.has_path(&path).await? {
-                return Ok(PathOutcome::AlreadyPresent);
+                return Ok(Attempted::AlreadyPresent);
             }
             let (p, source) = (path.clone(), sub.cache.nar_url(&sub.info));
             self.record_state(move |store| store.record_fetch_started(&p, &source))
@@ -795,13 +965,14 @@ impl Inner {
             })
     }
 
-    /// One attempt: stream the NAR from the cache through the verifying pipeline into the store.
+    /// One attempt: stream the NAR from the cache through the verifying pipeline into the store,
+    /// which prepares the path (commits nothing).
     async fn download(
         &self,
         sub: &Substitute,
         events: Option<&EventSink>,
         tee: Option<Arc<dyn NarTee>>,
-    ) -> Result<PathOutcome, PathError> {
+    ) -> Result<Attempted, PathError> {
         let info = sub.info.clone();
         let path = info.store_path.clone();
         let url = sub.cache.nar_url(&info);
@@ -839,7 +1010,7 @@ impl Inner {
             if let Some(t) = &reader.tee {
                 t.restart();
             }
-            Some(store.ingest_nar(&info, &source_cache, &mut reader))
+            Some(store.prepare_nar(&info, &source_cache, &mut reader))
         });
         let (downloaded, ingested) = tokio::join!(pump(stream, tx, &path, events), ingest);
         let ingested = ingested.map_err(|e| PathError::Aborted {
@@ -854,8 +1025,8 @@ impl Inner {
             return Err(cause);
         }
         match ingested {
-            Some(Ok(stats)) => Ok(PathOutcome::Fetched {
-                stats,
+            Some(Ok(prepared)) => Ok(Attempted::Prepared {
+                prepared,
                 downloaded_bytes: downloaded,
             }),
             Some(Err(source)) => Err(PathError::Ingest { path, url, source }),
@@ -867,6 +1038,17 @@ impl Inner {
             }),
         }
     }
+}
+
+/// What the download attempts of one path came to.
+enum Attempted {
+    /// It was stored already.
+    AlreadyPresent,
+    /// Downloaded and prepared, not committed.
+    Prepared {
+        prepared: PreparedPath,
+        downloaded_bytes: u64,
+    },
 }
 
 /// One message from the download task to the ingest thread.

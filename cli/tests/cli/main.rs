@@ -7,6 +7,7 @@
 
 mod support;
 
+mod closure_rule;
 mod faults;
 mod floxhub;
 mod interop;

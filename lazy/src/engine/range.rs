@@ -411,9 +411,28 @@ impl LazyStore {
         let result = tokio::task::spawn_blocking(move || {
             let f = File::open(&partial)?;
             let mut r = BufReader::with_capacity(1 << 20, f);
-            Ok::<_, std::io::Error>(store.ingest_nar(&info, &source, &mut r))
+            Ok::<_, std::io::Error>(store.prepare_nar(&info, &source, &mut r))
         })
         .await;
+        // Nix's closure rule: committed after its References, fetched whole first if needed.
+        let result = match result {
+            Ok(Ok(Ok(prepared))) => Ok(Ok(self
+                .fetcher
+                .commit_after_references(prepared)
+                .await
+                .map_err(|e| LazyError::Fetch(Arc::new(e))))),
+            // A full disk is not a verdict on the bytes.
+            Ok(Ok(Err(source))) if source.is_no_space() => Ok(Ok(Err(LazyError::Store {
+                path: path.clone(),
+                source: Box::new(source),
+            }))),
+            Ok(Ok(Err(source))) => Ok(Ok(Err(LazyError::Refused {
+                path: path.clone(),
+                source: Box::new(source),
+            }))),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        };
         let failure = match result {
             Ok(Ok(Ok(stats))) => {
                 if st.lock().no_space.take().is_some() {
@@ -424,15 +443,7 @@ impl LazyStore {
                 self.mark_stored(&st);
                 return;
             }
-            // A full disk is not a verdict on the bytes.
-            Ok(Ok(Err(source))) if source.is_no_space() => LazyError::Store {
-                path: path.clone(),
-                source: Box::new(source),
-            },
-            Ok(Ok(Err(source))) => LazyError::Refused {
-                path: path.clone(),
-                source: Box::new(source),
-            },
+            Ok(Ok(Err(failure))) => failure,
             Ok(Err(source)) => partial_error(&path, &st.partial, source),
             Err(e) => spawn_err(&path, e),
         };
