@@ -211,6 +211,20 @@ impl StoreError {
         }
     }
 
+    /// This error, with the database's `SQLITE_FULL` made a [`StoreError::NoSpace`] naming the
+    /// database file `db` (the SQLite error kept as the `io::Error`'s inner error).
+    pub(crate) fn naming_db(self, db: &std::path::Path) -> Self {
+        match self {
+            StoreError::Db(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) => {
+                StoreError::NoSpace {
+                    path: db.to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::StorageFull, e),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Whether this failure is a full file system: [`StoreError::NoSpace`], or the database's
     /// `SQLITE_FULL` (its transaction rolled back), rather than a fault of the store.
     pub fn is_no_space(&self) -> bool {

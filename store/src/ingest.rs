@@ -523,7 +523,8 @@ impl Store {
         if !written.is_empty() {
             self.objects.sync_filesystem()?;
             let _writer = self.db.write_guard();
-            register_objects(&mut conn, &written)?;
+            register_objects(&mut conn, &written)
+                .map_err(|e| e.naming_db(&self.dir.join("db.sqlite")))?;
         }
         let stats = IngestStats {
             nar_bytes,
@@ -557,6 +558,12 @@ impl Store {
     /// Returns, per path in order, whether this commit stored it (`false`: it was stored
     /// already, by this or another process).
     pub fn commit_prepared(&self, paths: Vec<PreparedPath>) -> Result<Vec<bool>, StoreError> {
+        // A full disk names the database file (`SQLITE_FULL`: the transaction rolled back).
+        self.commit_prepared_in_tx(paths)
+            .map_err(|e| e.naming_db(&self.dir.join("db.sqlite")))
+    }
+
+    fn commit_prepared_in_tx(&self, paths: Vec<PreparedPath>) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.db.get()?;
         let _writer = self.db.write_guard();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;

@@ -180,13 +180,14 @@ fn ingest_on_a_full_file_system_fails_cleanly_and_recovers() {
         Err(e) => {
             eprintln!("a dedup-only ingest on a full file system: {}", chain(&e));
             assert!(e.is_no_space(), "{e:?}");
-            if let StoreError::NoSpace { path, .. } = &e {
-                assert_eq!(
-                    path,
-                    &store_dir.join("db.sqlite"),
-                    "a full database names its file"
-                );
-            }
+            let StoreError::NoSpace { path, .. } = &e else {
+                panic!("a full database is NoSpace: {e:?}");
+            };
+            assert_eq!(
+                path,
+                &store_dir.join("db.sqlite"),
+                "it names the database file"
+            );
             assert!(!store.has_path(&path_a2).unwrap());
         }
     }
