@@ -15,6 +15,21 @@ pub enum FuseError {
         /// The cause.
         source: io::Error,
     },
+    /// The mount was handed over to another server: this one no longer changes it.
+    #[error("the FUSE view at {path} was handed over to another server")]
+    HandedOver {
+        /// The mount point.
+        path: PathBuf,
+    },
+    /// A handed-over mount could not be taken over.
+    #[error("taking over the FUSE view at {path}")]
+    TakeOver {
+        /// The mount point.
+        path: PathBuf,
+        /// What did not match.
+        #[source]
+        source: crate::tree::RestoreError,
+    },
     /// The mount point exists but is not a directory.
     #[error("mount point {path} is not a directory")]
     NotADirectory {

@@ -15,6 +15,11 @@
 //!   with passthrough opens reuses its `BackingId`, which is dropped with the last of them. Our
 //!   counts only drop after the kernel's (release comes after close), so our choice is always one
 //!   the kernel accepts.
+//! - Hand-over ([`crate::Mounted::freeze`]): while frozen, an operation that would change the
+//!   inode table or the open handles waits, holding its request unanswered, so the state handed
+//!   to the successor is everything the kernel was told; the successor asks the kernel to
+//!   resend the requests left unanswered. A hand-over that fails thaws the mount and the waiting
+//!   operations go on.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -29,7 +34,7 @@ use fuser::{
     IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyXattr, Request,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 
 use crate::stats::{Op, OpRecorder};
 use crate::tree::{negative_attr, Resolved, Tree, ROOT_INO};
@@ -63,14 +68,32 @@ pub(crate) struct Shared {
     /// A refused backing file was already logged as a warning.
     backing_refusal_warned: AtomicBool,
     handles: Mutex<Handles>,
+    /// Handed over: state no longer changes here (see the module doc).
+    frozen: AtomicBool,
+    /// Operations wait here while frozen (with `thawed`).
+    freeze_lock: Mutex<()>,
+    thawed: parking_lot::Condvar,
+    /// The connection's `/dev/fuse` descriptor (a duplicate of the session's), set once the
+    /// session exists: what a hand-over passes on, and what closes handed-over backing ids.
+    pub(crate) dev: std::sync::OnceLock<std::os::fd::OwnedFd>,
 }
 
 /// Open file handles and, per store file inode, its open modes.
 #[derive(Default)]
-struct Handles {
+pub(crate) struct Handles {
     next_fh: u64,
     open: HashMap<u64, OpenFile>,
     io: HashMap<u64, InodeIo>,
+}
+
+/// The open handles as a successor rebuilds them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HandlesState {
+    next_fh: u64,
+    /// `(fh, inode, passthrough)`.
+    open: Vec<(u64, u64, bool)>,
+    /// `(inode, backing id)`: passthrough backing files open on the connection.
+    backing: Vec<(u64, u32)>,
 }
 
 struct OpenFile {
@@ -83,10 +106,82 @@ struct OpenFile {
 struct InodeIo {
     cached: u32,
     passthrough: u32,
-    backing: Option<BackingId>,
+    backing: Option<Backing>,
+}
+
+/// A passthrough backing file of an inode, open on the connection.
+enum Backing {
+    /// Opened, or adopted for a new open, by this server: closed when dropped.
+    Owned(BackingId),
+    /// Opened by the server this one took over from: closed by [`close_backing`] with the
+    /// inode's last passthrough handle, or made `Owned` by the next passthrough open.
+    Adopted(u32),
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE` of a backing id the previous server opened. fuser closes the
+/// ids it wraps itself, but a handed-over id is wrapped only when a new open reuses it.
+fn close_backing(dev: &std::os::fd::OwnedFd, id: u32) {
+    use std::os::fd::AsRawFd;
+    // _IOW(229, 2, uint32_t), as in the kernel's uapi/linux/fuse.h.
+    const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = 0x4004_e502;
+    // SAFETY: `dev` is an open /dev/fuse descriptor and `id` lives across the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE, &id) };
+    if rc < 0 {
+        tracing::warn!(backing_id = id, error = %std::io::Error::last_os_error(),
+            "closing a handed-over passthrough backing file failed");
+    }
+}
+
+impl HandlesState {
+    /// Open handles.
+    pub(crate) fn len(&self) -> usize {
+        self.open.len()
+    }
 }
 
 impl Handles {
+    /// Rebuilds the handles `state` lists over the restored inode table.
+    pub(crate) fn restore(
+        state: &HandlesState,
+        tree: &Tree,
+    ) -> Result<Handles, crate::tree::RestoreError> {
+        let mut handles = Handles {
+            next_fh: state.next_fh,
+            ..Handles::default()
+        };
+        for &(fh, ino, passthrough) in &state.open {
+            let content = match tree.entry(ino).map(|e| &**e) {
+                Ok(Entry::Regular { content, .. }) => content.clone(),
+                _ => {
+                    return Err(crate::tree::RestoreError {
+                        ino,
+                        reason: format!("open handle {fh} is not of a regular file"),
+                    })
+                }
+            };
+            if let Content::Store(_) = content {
+                let io = handles.io.entry(ino).or_default();
+                if passthrough {
+                    io.passthrough += 1;
+                } else {
+                    io.cached += 1;
+                }
+            }
+            handles.open.insert(
+                fh,
+                OpenFile {
+                    ino,
+                    content,
+                    passthrough,
+                },
+            );
+        }
+        for &(ino, id) in &state.backing {
+            handles.io.entry(ino).or_default().backing = Some(Backing::Adopted(id));
+        }
+        Ok(handles)
+    }
+
     fn insert(&mut self, file: OpenFile) -> u64 {
         self.next_fh += 1;
         self.open.insert(self.next_fh, file);
@@ -104,7 +199,130 @@ impl Shared {
             passthrough_active: AtomicBool::new(false),
             backing_refusal_warned: AtomicBool::new(false),
             handles: Mutex::new(Handles::default()),
+            frozen: AtomicBool::new(false),
+            freeze_lock: Mutex::new(()),
+            thawed: parking_lot::Condvar::new(),
+            dev: std::sync::OnceLock::new(),
         }
+    }
+
+    /// A server taking over: `tree` and `handles` as its predecessor left them, passthrough as
+    /// the connection's `INIT` settled it.
+    pub(crate) fn resumed(
+        source: Arc<dyn ContentSource>,
+        tree: Tree,
+        handles: Handles,
+        passthrough_active: bool,
+    ) -> Self {
+        Shared {
+            tree: RwLock::new(tree),
+            stats: OpRecorder::default(),
+            source,
+            passthrough_wanted: passthrough_active,
+            passthrough_active: AtomicBool::new(passthrough_active),
+            backing_refusal_warned: AtomicBool::new(false),
+            handles: Mutex::new(handles),
+            frozen: AtomicBool::new(false),
+            freeze_lock: Mutex::new(()),
+            thawed: parking_lot::Condvar::new(),
+            dev: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the kernel granted passthrough.
+    pub(crate) fn passthrough_active(&self) -> bool {
+        self.passthrough_active.load(Ordering::Relaxed)
+    }
+
+    /// Whether this state was handed over.
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// Waits while the state is frozen (for good once the process hands over and exits).
+    fn wait_thawed(&self) {
+        let mut g = self.freeze_lock.lock();
+        while self.is_frozen() {
+            self.thawed.wait(&mut g);
+        }
+    }
+
+    /// The inode table for a change; waits while frozen.
+    pub(crate) fn tree_write(&self) -> RwLockWriteGuard<'_, Tree> {
+        loop {
+            let tree = self.tree.write();
+            if !self.is_frozen() {
+                return tree;
+            }
+            drop(tree);
+            self.wait_thawed();
+        }
+    }
+
+    /// The open handles for a change; waits while frozen.
+    fn handles_lock(&self) -> MutexGuard<'_, Handles> {
+        loop {
+            let handles = self.handles.lock();
+            if !self.is_frozen() {
+                return handles;
+            }
+            drop(handles);
+            self.wait_thawed();
+        }
+    }
+
+    /// Undoes [`Shared::freeze`] after a failed hand-over: the backing ids handed out come back
+    /// (as adopted ones) and the waiting operations go on.
+    pub(crate) fn thaw(&self, state: &HandlesState) {
+        {
+            let mut handles = self.handles.lock();
+            for &(ino, id) in &state.backing {
+                if let Some(io) = handles.io.get_mut(&ino) {
+                    io.backing = Some(Backing::Adopted(id));
+                }
+            }
+        }
+        let _g = self.freeze_lock.lock();
+        self.frozen.store(false, Ordering::SeqCst);
+        self.thawed.notify_all();
+    }
+
+    /// Freezes the state and returns it: until [`Shared::thaw`], no operation changes it or
+    /// answers a change. Passthrough backing ids pass to the successor (this server no longer
+    /// closes them).
+    pub(crate) fn freeze(&self) -> (crate::tree::TreeState, HandlesState) {
+        let tree = self.tree.write();
+        let mut handles = self.handles.lock();
+        {
+            let _g = self.freeze_lock.lock();
+            self.frozen.store(true, Ordering::SeqCst);
+        }
+        let tree_state = tree.snapshot();
+        let mut open: Vec<(u64, u64, bool)> = handles
+            .open
+            .iter()
+            .map(|(&fh, f)| (fh, f.ino, f.passthrough))
+            .collect();
+        open.sort_unstable();
+        let mut backing = Vec::new();
+        for (&ino, io) in handles.io.iter_mut() {
+            match io.backing.take() {
+                Some(Backing::Owned(id)) => backing.push((ino, id.into_raw())),
+                Some(Backing::Adopted(id)) => backing.push((ino, id)),
+                None => {}
+            }
+        }
+        backing.sort_unstable();
+        let next_fh = handles.next_fh;
+        drop(tree);
+        (
+            tree_state,
+            HandlesState {
+                next_fh,
+                open,
+                backing,
+            },
+        )
     }
 
     /// Asks the source's gate for the store path `ino` lies in (if any), holding no lock.
@@ -137,7 +355,7 @@ impl Shared {
                 Resolved::Unallocated(_) => {}
             }
         }
-        let mut tree = self.tree.write();
+        let mut tree = self.tree_write();
         match tree.lookup_alloc(parent, name)? {
             Some(ino) => tree.attr(ino).map(Some),
             None => Ok(None),
@@ -149,7 +367,7 @@ impl Shared {
         let flags = FopenFlags::FOPEN_KEEP_CACHE;
         let mut backing = None;
         if self.passthrough_active.load(Ordering::Relaxed) {
-            let needs_backing = match self.handles.lock().io.get(&ino) {
+            let needs_backing = match self.handles_lock().io.get(&ino) {
                 Some(io) => io.cached == 0 && io.backing.is_none(),
                 None => true,
             };
@@ -163,20 +381,25 @@ impl Shared {
                     });
                 if let Some(local) = local {
                     match reply.open_backing(&local) {
-                        Ok(id) => backing = Some(id),
+                        Ok(id) => backing = Some(Backing::Owned(id)),
                         Err(e) => self.backing_refused(file, &e),
                     }
                 }
             }
         }
-        let mut handles = self.handles.lock();
+        let mut handles = self.handles_lock();
         let Handles { next_fh, open, io } = &mut *handles;
         let io = io.entry(ino).or_default();
         if io.cached == 0 {
             if io.backing.is_none() {
                 io.backing = backing.take();
             }
-            if let Some(id) = &io.backing {
+            if let Some(Backing::Adopted(raw)) = io.backing {
+                // SAFETY: the previous server opened `raw` on this connection and handed it
+                // over; nothing else closes it while it is held here.
+                io.backing = Some(Backing::Owned(unsafe { reply.wrap_backing(raw) }));
+            }
+            if let Some(Backing::Owned(id)) = &io.backing {
                 io.passthrough += 1;
                 *next_fh += 1;
                 open.insert(
@@ -352,7 +575,7 @@ impl Filesystem for KofFs {
         match content {
             Content::Store(file) => self.shared.open_store(ino.0, &file, reply),
             Content::Inline(_) => {
-                let fh = self.shared.handles.lock().insert(OpenFile {
+                let fh = self.shared.handles_lock().insert(OpenFile {
                     ino: ino.0,
                     content,
                     passthrough: false,
@@ -407,13 +630,17 @@ impl Filesystem for KofFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut handles = self.shared.handles.lock();
+        let mut handles = self.shared.handles_lock();
         if let Some(file) = handles.open.remove(&fh.0) {
             if let (Content::Store(_), Some(io)) = (&file.content, handles.io.get_mut(&file.ino)) {
                 if file.passthrough {
                     io.passthrough -= 1;
                     if io.passthrough == 0 {
-                        io.backing = None;
+                        if let Some(Backing::Adopted(raw)) = io.backing.take() {
+                            if let Some(dev) = self.shared.dev.get() {
+                                close_backing(dev, raw);
+                            }
+                        }
                     }
                 } else {
                     io.cached -= 1;
@@ -463,8 +690,7 @@ impl Filesystem for KofFs {
         }
         let result = self
             .shared
-            .tree
-            .write()
+            .tree_write()
             .readdir(ino.0, offset, |entry, next| {
                 reply.add(INodeNo(entry.ino), next, entry.kind, entry.name)
             });

@@ -22,8 +22,8 @@
 //! passthrough when the kernel has it.
 //!
 //! Modules: `tree` (the inode table and its inode scheme), `filesystem` (the FUSE operations,
-//! caching and passthrough), `mount` (mounting, views, unmounting), `stats` (operation latency),
-//! `error`.
+//! caching and passthrough), `mount` (mounting, views, unmounting), `handover` (passing a live
+//! mount to a successor process and taking one over), `stats` (operation latency), `error`.
 
 #![deny(missing_docs)]
 
@@ -33,13 +33,16 @@ use std::sync::Arc;
 
 mod error;
 mod filesystem;
+mod handover;
 mod mount;
 mod stats;
 mod tree;
 
 pub use error::FuseError;
+pub use handover::{is_mounted, resume, HandOver, MountState};
 pub use mount::{mount, MountOptions, Mounted};
 pub use stats::{OpStat, OpStats};
+pub use tree::RestoreError;
 
 /// A regular file inside a Nix store path: enough to find its bytes, locally or in the path's NAR.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

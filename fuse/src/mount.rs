@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use std::os::fd::AsFd;
+
 use fuser::{Config, INodeNo, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
 
 use crate::filesystem::{KofFs, Shared};
@@ -24,7 +26,9 @@ use crate::{ContentSource, Entry, FuseError};
 /// How to mount the view file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
-    /// FUSE worker threads (each with its own cloned `/dev/fuse` descriptor). Default 8.
+    /// FUSE worker threads, all reading the one `/dev/fuse` descriptor: a request a thread has
+    /// read stays on that descriptor's open file until answered, so a hand-over (which passes
+    /// that file on) loses none. Default 8.
     pub threads: usize,
     /// Serve files that are fully local by FUSE passthrough when the kernel supports it. Default
     /// true.
@@ -45,11 +49,15 @@ impl Default for MountOptions {
 
 /// A mounted view file system. Dropping it unmounts (best effort; errors are logged).
 pub struct Mounted {
-    mountpoint: PathBuf,
-    shared: Arc<Shared>,
-    notifier: Notifier,
-    unmounter: Option<SessionUnmounter>,
-    session: Option<JoinHandle<io::Result<()>>>,
+    pub(crate) mountpoint: PathBuf,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) notifier: Notifier,
+    pub(crate) unmounter: Option<SessionUnmounter>,
+    pub(crate) session: Option<JoinHandle<io::Result<()>>>,
+    /// The protocol version the connection's `INIT` settled.
+    pub(crate) proto: (u32, u32),
+    /// Taken over from another server: fuser does not own the mount, we unmount by path.
+    pub(crate) resumed: bool,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -95,7 +103,8 @@ pub fn mount(
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads);
-    config.clone_fd = true;
+    // One descriptor for all workers (see `MountOptions::threads`).
+    config.clone_fd = false;
 
     let shared = Arc::new(Shared::new(source, opts.passthrough));
     let fs = KofFs {
@@ -108,6 +117,18 @@ pub fn mount(
         })?;
     let notifier = session.notifier();
     let unmounter = session.unmount_callable();
+    let proto = session
+        .proto_version()
+        .map(|v| (v.0, v.1))
+        .expect("a mounted session completed its handshake");
+    let dev = session
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| FuseError::Mount {
+            path: mountpoint.clone(),
+            source,
+        })?;
+    let _ = shared.dev.set(dev);
     let handle = std::thread::Builder::new()
         .name("kof-fuse".to_owned())
         .spawn(move || session.run())
@@ -125,6 +146,8 @@ pub fn mount(
         notifier,
         unmounter: Some(unmounter),
         session: Some(handle),
+        proto,
+        resumed: false,
     })
 }
 
@@ -151,9 +174,13 @@ impl Mounted {
         if name.len() > 255 {
             return Err(invalid("longer than 255 bytes"));
         }
+        if self.shared.is_frozen() {
+            return Err(FuseError::HandedOver {
+                path: self.mountpoint.clone(),
+            });
+        }
         self.shared
-            .tree
-            .write()
+            .tree_write()
             .add_view(name, root)
             .map_err(|e| match e {
                 AddViewError::Exists => FuseError::ViewExists {
@@ -191,7 +218,7 @@ impl Mounted {
     /// Removes the view `name`; returns whether it existed. Files already open in it stay
     /// readable; new path lookups through the mount root no longer find it.
     pub fn remove_view(&self, name: &str) -> bool {
-        if !self.shared.tree.write().remove_view(name) {
+        if self.shared.is_frozen() || !self.shared.tree_write().remove_view(name) {
             return false;
         }
         self.invalidate_root_entry(name);
@@ -220,13 +247,20 @@ impl Mounted {
     }
 
     fn unmount_inner(&mut self) -> Result<(), FuseError> {
-        let Some(mut unmounter) = self.unmounter.take() else {
+        let unmounter = self.unmounter.take();
+        if unmounter.is_none() && !self.resumed {
             return Ok(());
-        };
+        }
         // A session that already ended had its connection aborted (or was unmounted by someone
         // else): fuser then skips the unmount, but an aborted mount is still in the mount table.
         let ended = self.session.as_ref().is_none_or(JoinHandle::is_finished);
-        let unmounted = unmounter.unmount();
+        let unmounted = match unmounter {
+            Some(mut u) => u.unmount(),
+            None => {
+                self.resumed = false;
+                umount(&self.mountpoint)
+            }
+        };
         if let (Ok(()), false) = (&unmounted, ended) {
             tracing::info!(mountpoint = %self.mountpoint.display(), "kof FUSE view unmounted");
         } else {
@@ -285,12 +319,21 @@ const _: fn() = || {
     send_sync::<Mounted>();
 };
 
+/// `umount2(path, 0)`, for a mount fuser did not make (taken over).
+fn umount(path: &Path) -> io::Result<()> {
+    umount2(path, 0)
+}
+
 /// `umount2(path, MNT_DETACH)`: libc has it and nothing higher-level is needed for one call.
 fn detach(path: &Path) -> io::Result<()> {
+    umount2(path, libc::MNT_DETACH)
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount point contains NUL"))?;
     // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
-    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), flags) };
     if rc == 0 {
         Ok(())
     } else {

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,6 +92,7 @@ pub(crate) struct DirEntry<'a> {
 }
 
 /// Why a view could not be added.
+#[derive(Debug)]
 pub(crate) enum AddViewError {
     Exists,
     RootNotDirectory,
@@ -172,6 +174,12 @@ impl Tree {
             }
         }
         true
+    }
+
+    /// The tree of view `name`.
+    pub(crate) fn view_root(&self, name: &str) -> Option<Arc<Entry>> {
+        let ino = self.names.get(name)?;
+        Some(self.nodes.get(ino)?.entry.clone())
     }
 
     pub(crate) fn view_names(&self) -> Vec<String> {
@@ -424,4 +432,207 @@ fn make_attr(ino: u64, kind: FileType, perm: u16, size: u64, nlink: u32) -> File
 /// The attributes of a negative entry (inode 0), which the kernel caches as "does not exist".
 pub(crate) fn negative_attr() -> FileAttr {
     make_attr(0, FileType::RegularFile, 0, 0, 0)
+}
+
+/// The inode table as a successor rebuilds it: which inode each name the kernel met was given.
+/// The trees themselves travel separately (by view name); `edges` replays every allocation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TreeState {
+    pub(crate) next_ino: u64,
+    /// `(name, root inode)` of each view.
+    pub(crate) views: Vec<(String, u64)>,
+    /// `(parent, name, child)`: `name` in directory `parent` has inode `child`.
+    pub(crate) edges: Vec<(u64, Vec<u8>, u64)>,
+}
+
+/// Why a handed-over inode table cannot be rebuilt (the trees given do not match it).
+#[derive(Debug, thiserror::Error)]
+#[error("inode {ino}: {reason}")]
+pub struct RestoreError {
+    /// The inode whose place could not be found.
+    pub ino: u64,
+    /// What did not match.
+    pub reason: String,
+}
+
+impl Tree {
+    /// Every view and every allocation, for [`Tree::restore`].
+    pub(crate) fn snapshot(&self) -> TreeState {
+        let views = self
+            .names
+            .iter()
+            .map(|(name, &ino)| (name.clone(), ino))
+            .collect();
+        let mut edges = Vec::new();
+        for (&parent, node) in &self.nodes {
+            for (name, &child) in &node.children {
+                edges.push((parent, name.as_bytes().to_vec(), child));
+            }
+        }
+        // A directory's inode is larger than its parent's (it was allocated by a lookup in the
+        // parent), so replaying by parent inode always finds the parent in place.
+        edges.sort_unstable();
+        TreeState {
+            next_ino: self.next_ino,
+            views,
+            edges,
+        }
+    }
+
+    /// Rebuilds the table `state` describes over the views' trees (by view name), giving every
+    /// entry the inode the kernel knows it by.
+    pub(crate) fn restore(
+        state: &TreeState,
+        trees: &HashMap<String, Arc<Entry>>,
+    ) -> Result<Tree, RestoreError> {
+        let mut tree = Tree::new();
+        for (name, ino) in &state.views {
+            let root = trees.get(name).ok_or_else(|| RestoreError {
+                ino: *ino,
+                reason: format!("no tree given for view {name}"),
+            })?;
+            if !matches!(**root, Entry::Directory(_)) {
+                return Err(RestoreError {
+                    ino: *ino,
+                    reason: format!("the tree of view {name} is not a directory"),
+                });
+            }
+            tree.nodes
+                .insert(*ino, Node::new(root.clone(), *ino, ROOT_INO));
+            tree.views.insert(
+                *ino,
+                View {
+                    owned: vec![*ino],
+                    shared: HashSet::new(),
+                },
+            );
+            tree.names.insert(name.clone(), *ino);
+        }
+        for (parent, name, child) in &state.edges {
+            let name = OsStr::from_bytes(name);
+            let entry = match tree.resolve(*parent, name) {
+                Ok(Resolved::Unallocated(entry)) => entry.clone(),
+                Ok(Resolved::Ino(_)) => {
+                    return Err(RestoreError {
+                        ino: *child,
+                        reason: format!("{name:?} in inode {parent} is listed twice"),
+                    })
+                }
+                Ok(Resolved::Absent) | Err(_) => {
+                    return Err(RestoreError {
+                        ino: *child,
+                        reason: format!("{name:?} is not in directory inode {parent}"),
+                    })
+                }
+            };
+            tree.next_ino = *child;
+            let got = tree.alloc_child(*parent, name, entry);
+            if got != *child {
+                return Err(RestoreError {
+                    ino: *child,
+                    reason: format!(
+                        "{name:?} in inode {parent} is a store file already given inode {got}"
+                    ),
+                });
+            }
+        }
+        tree.next_ino = state.next_ino;
+        Ok(tree)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, exec: bool) -> Arc<Entry> {
+        Arc::new(Entry::Regular {
+            executable: exec,
+            content: Content::Store(FileRef {
+                store_path: Arc::from("aaaa-p"),
+                path: Arc::from(path),
+                nar_offset: 8,
+                size: 3,
+            }),
+        })
+    }
+
+    fn dir(entries: Vec<(&str, Arc<Entry>)>) -> Arc<Entry> {
+        Arc::new(Entry::Directory(
+            entries
+                .into_iter()
+                .map(|(n, e)| (OsString::from(n), e))
+                .collect(),
+        ))
+    }
+
+    fn view() -> Arc<Entry> {
+        let path = dir(vec![("bin", dir(vec![("sh", file("bin/sh", true))]))]);
+        dir(vec![(
+            "nix",
+            dir(vec![("store", dir(vec![("aaaa-p", path)]))]),
+        )])
+    }
+
+    /// Walks `names` from `root` allocating inodes; returns the last one's.
+    fn walk(tree: &mut Tree, root: u64, names: &[&str]) -> u64 {
+        let mut ino = root;
+        for n in names {
+            ino = tree.lookup_alloc(ino, OsStr::new(n)).unwrap().unwrap();
+        }
+        ino
+    }
+
+    #[test]
+    fn a_restored_table_gives_every_name_the_same_inode() {
+        let mut tree = Tree::new();
+        tree.add_view("a", view()).unwrap();
+        tree.add_view("b", view()).unwrap();
+        let (ra, rb) = (tree.names["a"], tree.names["b"]);
+        let sh_a = walk(&mut tree, ra, &["nix", "store", "aaaa-p", "bin", "sh"]);
+        let sh_b = walk(&mut tree, rb, &["nix", "store", "aaaa-p", "bin", "sh"]);
+        // The store file is shared by the two views; the directories are not.
+        assert_eq!(sh_a, sh_b);
+        let bin_a = walk(&mut tree, ra, &["nix", "store", "aaaa-p", "bin"]);
+        let state = tree.snapshot();
+
+        let trees: HashMap<String, Arc<Entry>> =
+            [("a".to_string(), view()), ("b".to_string(), view())].into();
+        let mut restored = Tree::restore(&state, &trees).unwrap();
+        assert_eq!(restored.snapshot(), state);
+        assert_eq!(restored.names, tree.names);
+        for ino in [ra, rb, sh_a, bin_a] {
+            assert_eq!(restored.attr(ino).unwrap(), tree.attr(ino).unwrap());
+        }
+        assert_eq!(restored.gate_of(bin_a).as_deref(), Some("aaaa-p"));
+        // Lookups in the restored table find the same inodes, and new ones go on from
+        // next_ino without reusing any.
+        assert_eq!(
+            walk(&mut restored, rb, &["nix", "store", "aaaa-p", "bin", "sh"]),
+            sh_a
+        );
+        let before = state.next_ino;
+        restored.add_view("c", view()).unwrap();
+        assert_eq!(restored.names["c"], before);
+        // Removing both views drops the shared inode, as in the original.
+        assert!(restored.remove_view("a") && restored.remove_view("b"));
+        assert!(restored.attr(sh_a).is_err());
+    }
+
+    #[test]
+    fn a_tree_that_does_not_match_is_refused_by_name() {
+        let mut tree = Tree::new();
+        tree.add_view("a", view()).unwrap();
+        let ra = tree.names["a"];
+        walk(&mut tree, ra, &["nix", "store", "aaaa-p", "bin", "sh"]);
+        let state = tree.snapshot();
+        let other = dir(vec![("nix", dir(vec![]))]);
+        let trees: HashMap<String, Arc<Entry>> = [("a".to_string(), other)].into();
+        let err = Tree::restore(&state, &trees).err().expect("refused");
+        assert!(err.reason.contains("\"store\""), "{err}");
+        let err = Tree::restore(&state, &HashMap::new())
+            .err()
+            .expect("refused");
+        assert!(err.reason.contains("no tree given for view a"), "{err}");
+    }
 }

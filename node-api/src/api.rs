@@ -381,6 +381,9 @@ pub struct FuseServerInfo {
     pub mount_dir: PathBuf,
     /// The views it serves.
     pub views: Vec<String>,
+    /// Its build: BLAKE3 of its executable (absent from servers older than hand-over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
 }
 
 /// Store totals (the fields of `kof-store stats --json`).

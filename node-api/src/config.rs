@@ -99,6 +99,7 @@ struct RawConfig {
     idle_view_secs: Option<u64>,
     store_max_bytes: Option<RawSize>,
     store_min_free: Option<RawSize>,
+    fuse_server_cgroup: Option<String>,
 }
 
 /// A size as written: bytes as an integer, or a string (`"20GiB"`, `"10%"`).
@@ -237,6 +238,11 @@ pub struct Config {
     /// The least free space the store's file system should keep before the daemon collects by
     /// itself (`store_min_free`); none by default.
     pub store_min_free: Option<SizeLimit>,
+    /// The cgroup (a relative path, made under the root of each cgroup hierarchy of the host)
+    /// the FUSE server moves into at start, so that killing whatever started it (the daemon's
+    /// container) leaves the views serving (`fuse_server_cgroup`, default `kof-fuse-server`;
+    /// `""` to stay in the starter's cgroup).
+    pub fuse_server_cgroup: Option<String>,
 }
 
 /// This machine's Nix system name (`x86_64-linux`, `aarch64-darwin`...).
@@ -272,6 +278,7 @@ impl Default for Config {
             idle_view: std::time::Duration::from_secs(600),
             store_max_bytes: None,
             store_min_free: None,
+            fuse_server_cgroup: Some("kof-fuse-server".to_string()),
         }
     }
 }
@@ -382,6 +389,22 @@ impl Config {
             size_limit(raw.store_max_bytes).map_err(|r| bad("store_max_bytes", r))?;
         let store_min_free =
             size_limit(raw.store_min_free).map_err(|r| bad("store_min_free", r))?;
+        let fuse_server_cgroup = match raw.fuse_server_cgroup {
+            None => d.fuse_server_cgroup,
+            Some(c) if c.is_empty() => None,
+            Some(c) => {
+                let ok = !c.starts_with('/')
+                    && c.split('/')
+                        .all(|p| !p.is_empty() && p != "." && p != ".." && !p.contains('\0'));
+                if !ok {
+                    return Err(bad(
+                        "fuse_server_cgroup",
+                        format!("{c:?} is not a relative cgroup path such as kof-fuse-server"),
+                    ));
+                }
+                Some(c)
+            }
+        };
         let system = raw.system.unwrap_or(d.system);
         if system.is_empty() || !system.contains('-') {
             return Err(bad(
@@ -414,6 +437,7 @@ impl Config {
             idle_view,
             store_max_bytes,
             store_min_free,
+            fuse_server_cgroup,
         })
     }
 }

@@ -24,7 +24,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Sub {
     /// Run the FUSE server (the daemon starts it; it outlives daemon restarts).
-    FuseServer,
+    FuseServer {
+        /// Take the mount over from the running FUSE server (a newer build replacing it)
+        /// instead of mounting.
+        #[arg(long)]
+        take_over: bool,
+    },
     /// Stop the FUSE server: every view disappears (for node shutdown, never for a daemon
     /// restart).
     StopFuseServer,
@@ -46,9 +51,16 @@ fn main() {
     };
     let result = match cli.command {
         None => kof_fetcherd::daemon::run(config).map_err(|e| chain(&e)),
-        Some(Sub::FuseServer) => kof_fetcherd::daemon::fuse_server::run(&config)
-            .map(|_| ())
-            .map_err(|e| chain(&e)),
+        Some(Sub::FuseServer { take_over }) => {
+            let start = if take_over {
+                kof_fetcherd::daemon::fuse_server::Start::TakeOver
+            } else {
+                kof_fetcherd::daemon::fuse_server::Start::Fresh
+            };
+            kof_fetcherd::daemon::fuse_server::run(&config, start)
+                .map(|_| ())
+                .map_err(|e| chain(&e))
+        }
         Some(Sub::StopFuseServer) => {
             let control = kof_fetcherd::daemon::control::RunPaths::of(&config).control;
             kof_fetcherd::daemon::control::ControlClient::connect(&control)

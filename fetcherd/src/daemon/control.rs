@@ -18,6 +18,10 @@
 //! - `{"op":"op_stats"}` → `{"ops":{"read":{"count":N,"sum_seconds":S,"buckets":[[le,n],...]},...}}`
 //! - `{"op":"shutdown"}` → `{"ok":true}`, then the server unmounts and exits (views are gone:
 //!   only for node shutdown and tests, never for a daemon restart).
+//! - `{"op":"hand_over"}` (from a successor, `fuse-server --take-over`) → the hand-over
+//!   payload with three descriptors, then the server exits without unmounting (see
+//!   [`super::handover`]). The ping answer's `build` (BLAKE3 of the server's executable) tells
+//!   the daemon when a newer build should take over.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -103,6 +107,8 @@ pub enum ControlRequest {
     OpStats,
     /// Unmount and exit.
     Shutdown,
+    /// Hand the mount to the caller (a successor) and exit.
+    HandOver,
 }
 
 impl ControlRequest {
@@ -115,6 +121,7 @@ impl ControlRequest {
             ControlRequest::RemoveView { .. } => "remove_view",
             ControlRequest::OpStats => "op_stats",
             ControlRequest::Shutdown => "shutdown",
+            ControlRequest::HandOver => "hand_over",
         }
     }
 }
@@ -264,10 +271,77 @@ pub fn ensure_fuse_server(
         tracing::info!(
             pid = info.pid,
             views = info.views.len(),
+            build = info.build.as_deref().unwrap_or("-"),
             "found the running FUSE server"
         );
-        return Ok(info);
+        let own = match build_id() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hash this executable; the running FUSE server stays");
+                return Ok(info);
+            }
+        };
+        if info.build.as_deref() == Some(own.as_str()) {
+            return Ok(info);
+        }
+        // A different build: the new one takes the mount over, views and open files included.
+        return Ok(upgrade_fuse_server(config, paths, wait, info, &own));
     }
+    spawn_fuse_server(config, paths, wait, false)
+}
+
+/// Starts this build's FUSE server to take over from `running` (another build), and waits until
+/// it answers. The running server stays when the take-over fails (its log and ours say why).
+fn upgrade_fuse_server(
+    config: &Config,
+    paths: &RunPaths,
+    wait: Duration,
+    running: FuseServerInfo,
+    own: &str,
+) -> FuseServerInfo {
+    tracing::info!(
+        pid = running.pid,
+        from = running.build.as_deref().unwrap_or("-"),
+        to = own,
+        "replacing the FUSE server with this build's, without unmounting"
+    );
+    match spawn_fuse_server(config, paths, wait, true) {
+        Ok(info) if info.pid != running.pid && info.build.as_deref() == Some(own) => {
+            tracing::info!(
+                pid = info.pid,
+                views = info.views.len(),
+                "the FUSE server was replaced"
+            );
+            info
+        }
+        Ok(info) => {
+            tracing::warn!(pid = info.pid, log = %paths.log.display(),
+                "the FUSE server did not take over (see its log); the running one stays");
+            info
+        }
+        Err(e) => {
+            tracing::warn!(error = %kof_node_api::report::chain(&e),
+                "the FUSE server did not take over; the running one stays");
+            running
+        }
+    }
+}
+
+/// BLAKE3 of this process's executable (hex): what tells two builds of the FUSE server apart.
+pub fn build_id() -> std::io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(std::fs::File::open("/proc/self/exe")?)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Starts a FUSE server (taking over from the running one when `take_over`), detached in its
+/// own session, and waits until a server of this build answers.
+fn spawn_fuse_server(
+    config: &Config,
+    paths: &RunPaths,
+    wait: Duration,
+    take_over: bool,
+) -> Result<FuseServerInfo, SpawnError> {
     paths.create_dir().map_err(|source| SpawnError::Setup {
         path: paths.dir.clone(),
         source,
@@ -288,8 +362,12 @@ pub fn ensure_fuse_server(
         path: paths.log.clone(),
         source,
     })?;
+    let own = build_id().ok();
     let mut cmd = Command::new(&exe);
     cmd.arg("fuse-server");
+    if take_over {
+        cmd.arg("--take-over");
+    }
     if let Some(src) = &config.source {
         cmd.arg("--config").arg(src);
     }
@@ -318,6 +396,8 @@ pub fn ensure_fuse_server(
     let mut last = None;
     while start.elapsed() < wait {
         match ControlClient::connect(&paths.control).and_then(|mut c| c.ping()) {
+            // Taking over, the old server answers until it hands over.
+            Ok(info) if take_over && info.build != own => {}
             Ok(info) => return Ok(info),
             Err(e) => last = Some(Box::new(e)),
         }

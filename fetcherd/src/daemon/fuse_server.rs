@@ -12,6 +12,12 @@
 //! One FUSE server per run directory (an exclusive `flock` on `fuse.lock`). It stops on its
 //! control socket's `shutdown`, or on SIGTERM/SIGINT, unmounting first.
 //!
+//! It outlives what started it: it leaves the starter's cgroup (`fuse_server_cgroup`, see
+//! [`super::cgroup`]), so killing the daemon's container (a DaemonSet pod replaced, evicted or
+//! OOM-killed) does not kill the views; and a newer build takes its mount over without
+//! unmounting ([`Start::TakeOver`], [`super::handover`]): the daemon of a new version starts
+//! it when the running server's build differs from its own.
+//!
 //! Decoded view trees are kept by content digest (`TreeCache`): views of the same
 //! environment generation share one tree in memory, and a new lease of a generation served
 //! recently is added by digest (`add_cached_view`) instead of its tree crossing the control
@@ -28,6 +34,7 @@ use kof_fuse::{ContentSource, Entry, MountOptions, Mounted};
 use parking_lot::Mutex;
 
 use super::control::{ControlRequest, RunPaths, WireOpStats};
+use super::handover::{self, HandOverError};
 use super::wire::{tree_digest, Decoder};
 use kof_node_api::api::{error_line, ApiError, Client, ErrorKind, FuseServerInfo};
 use kof_node_api::config::Config;
@@ -147,6 +154,15 @@ pub enum FuseServerError {
     /// Mounting failed.
     #[error(transparent)]
     Mount(#[from] kof_fuse::FuseError),
+    /// The running server's mount could not be taken over.
+    #[error("taking the FUSE view over from the server on {control}")]
+    TakeOver {
+        /// Its control socket.
+        control: PathBuf,
+        /// Why.
+        #[source]
+        source: HandOverError,
+    },
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FuseServerError {
@@ -302,52 +318,105 @@ fn clear_dead_mount(dir: &Path) {
     }
 }
 
+/// How the FUSE server comes by its mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Mount afresh (detaching a dead mount left by a crashed server).
+    Fresh,
+    /// Take the mount over from the running server (a newer build replacing it), see
+    /// [`super::handover`].
+    TakeOver,
+}
+
+/// What the control threads share.
+struct Server {
+    mounted: Mutex<Option<Mounted>>,
+    trees: Mutex<TreeCache>,
+    mount_dir: PathBuf,
+    /// BLAKE3 of this executable.
+    build: String,
+    /// The control socket's listener and the lock file: passed on at a hand-over.
+    listener_fd: std::os::fd::RawFd,
+    lock_fd: std::os::fd::RawFd,
+}
+
+/// How long a successor waits for the server it took over from to exit before killing it.
+const PREDECESSOR_EXIT: Duration = Duration::from_secs(10);
+
 /// Runs the FUSE server until shutdown. Returns `Ok(false)` at once when another FUSE server
-/// holds the run directory.
-pub fn run(config: &Config) -> Result<bool, FuseServerError> {
+/// holds the run directory (and `start` is [`Start::Fresh`]).
+pub fn run(config: &Config, start: Start) -> Result<bool, FuseServerError> {
     let paths = RunPaths::of(config);
     paths.create_dir().map_err(io_err("creating", &paths.dir))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&paths.lock)
-        .map_err(io_err("opening", &paths.lock))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            tracing::info!(lock = %paths.lock.display(), "another FUSE server is running");
-            return Ok(false);
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io_err("locking", &paths.lock)(e)),
+    // Before any thread exists: leave the cgroup of whoever started us (the DaemonSet pod's
+    // container), so that killing that container does not kill the views.
+    if let Some(name) = &config.fuse_server_cgroup {
+        super::cgroup::leave_for(name);
     }
+    let build =
+        super::control::build_id().map_err(io_err("hashing", Path::new("/proc/self/exe")))?;
     // Block the stop signals in every thread; one thread waits for them.
     let mut stop = nix::sys::signal::SigSet::empty();
     stop.add(nix::sys::signal::Signal::SIGTERM);
     stop.add(nix::sys::signal::Signal::SIGINT);
     stop.add(nix::sys::signal::Signal::SIGHUP);
     let _ = stop.thread_block();
-    // A dead control socket of a previous server: we hold the lock, so it is stale.
-    let _ = std::fs::remove_file(&paths.control);
-    clear_dead_mount(&config.mount_dir);
-    std::fs::create_dir_all(&config.mount_dir).map_err(io_err("creating", &config.mount_dir))?;
 
     // The same bound as the engine's own (a read never waits longer for the daemon than
     // the daemon would wait for the cache), and never below the transfer stall timeout.
     let bound = config.demand_timeout.max(config.read_timeout);
     let ensure = Arc::new(DaemonEnsure::new(&config.socket, bound));
     let source = content_source(config, ensure)?;
-    let mounted = kof_fuse::mount(&config.mount_dir, source, MountOptions::default())?;
-    tracing::info!(mount_dir = %config.mount_dir.display(), "FUSE view mounted");
-    let mounted = Arc::new(Mutex::new(Some(mounted)));
-    let trees = Arc::new(Mutex::new(TreeCache::default()));
+    let (lock, listener, mounted, trees) = match start {
+        Start::Fresh => {
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&paths.lock)
+                .map_err(io_err("opening", &paths.lock))?;
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::info!(lock = %paths.lock.display(), "another FUSE server is running");
+                    return Ok(false);
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(io_err("locking", &paths.lock)(e))
+                }
+            }
+            // A dead control socket of a previous server: we hold the lock, so it is stale.
+            let _ = std::fs::remove_file(&paths.control);
+            clear_dead_mount(&config.mount_dir);
+            std::fs::create_dir_all(&config.mount_dir)
+                .map_err(io_err("creating", &config.mount_dir))?;
+            let mounted = kof_fuse::mount(&config.mount_dir, source, MountOptions::default())?;
+            tracing::info!(mount_dir = %config.mount_dir.display(), %build, "FUSE view mounted");
+            let listener =
+                UnixListener::bind(&paths.control).map_err(io_err("binding", &paths.control))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&paths.control, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io_err("setting the mode of", &paths.control))?;
+            }
+            (
+                std::os::fd::OwnedFd::from(lock),
+                listener,
+                mounted,
+                TreeCache::default(),
+            )
+        }
+        Start::TakeOver => take_over(&paths, &build, source)?,
+    };
+    let server = Arc::new(Server {
+        mounted: Mutex::new(Some(mounted)),
+        trees: Mutex::new(trees),
+        mount_dir: config.mount_dir.clone(),
+        build,
+        listener_fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+        lock_fd: std::os::fd::AsRawFd::as_raw_fd(&lock),
+    });
 
-    let listener = UnixListener::bind(&paths.control).map_err(io_err("binding", &paths.control))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&paths.control, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("setting the mode of", &paths.control))?;
-    }
     let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
     {
         let done_tx = done_tx.clone();
@@ -358,25 +427,20 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
         });
     }
     {
-        let mounted = mounted.clone();
-        let mount_dir = config.mount_dir.clone();
+        let server = server.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let mounted = mounted.clone();
-                let trees = trees.clone();
-                let mount_dir = mount_dir.clone();
+                let server = server.clone();
                 let done_tx = done_tx.clone();
-                std::thread::spawn(move || {
-                    serve_control(conn, &mounted, &trees, &mount_dir, &done_tx)
-                });
+                std::thread::spawn(move || serve_control(conn, &server, &done_tx));
             }
         });
     }
     let why = done_rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "FUSE server stopping");
     let _ = std::fs::remove_file(&paths.control);
-    let taken = mounted.lock().take();
+    let taken = server.mounted.lock().take();
     if let Some(m) = taken {
         m.unmount()?;
     }
@@ -384,13 +448,71 @@ pub fn run(config: &Config) -> Result<bool, FuseServerError> {
     Ok(true)
 }
 
-fn serve_control(
-    conn: UnixStream,
-    mounted: &Mutex<Option<Mounted>>,
-    trees: &Mutex<TreeCache>,
-    mount_dir: &Path,
-    done: &std::sync::mpsc::Sender<&'static str>,
-) {
+/// Takes the mount, the control socket and the lock over from the running server.
+fn take_over(
+    paths: &RunPaths,
+    build: &str,
+    source: Arc<dyn ContentSource>,
+) -> Result<(std::os::fd::OwnedFd, UnixListener, Mounted, TreeCache), FuseServerError> {
+    let failed = |source: HandOverError| FuseServerError::TakeOver {
+        control: paths.control.clone(),
+        source,
+    };
+    let mut conn =
+        UnixStream::connect(&paths.control).map_err(io_err("connecting to", &paths.control))?;
+    conn.write_all(b"{\"op\":\"hand_over\"}\n")
+        .map_err(io_err("writing to", &paths.control))?;
+    let (payload, [dev, listener, lock]) = handover::receive(&mut conn).map_err(failed)?;
+    tracing::info!(from = payload.pid, from_build = %payload.build, %build,
+        views = payload.views.len(), "taking the FUSE view over");
+    let roots = payload.roots().map_err(failed)?;
+    // The predecessor answers nothing more once it has handed over, and must be gone before
+    // the kernel is asked to resend what it left unanswered. Its end of this connection closes
+    // when its last thread has exited (whatever pid namespace it is in).
+    let gone = conn
+        .set_read_timeout(Some(PREDECESSOR_EXIT))
+        .and_then(|()| conn.read(&mut [0u8; 1]))
+        .is_ok_and(|n| n == 0);
+    if !gone {
+        // Stuck after handing over: kill it, if the pid it gave is that server in our pid
+        // namespace (its executable is of the build it named).
+        let pid = payload.pid as i32;
+        let same = std::fs::File::open(format!("/proc/{pid}/exe"))
+            .and_then(|f| blake3::Hasher::new().update_reader(f).map(|h| h.finalize()))
+            .is_ok_and(|h| h.to_hex().as_str() == payload.build);
+        tracing::warn!(
+            pid,
+            same,
+            "the previous FUSE server did not exit after handing over"
+        );
+        if same {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = kof_node_api::pidfd::wait_exit(pid, Some(PREDECESSOR_EXIT));
+        }
+    }
+    let mounted = kof_fuse::resume(dev, &payload.state, &roots, source, MountOptions::default())?;
+    let mut trees = TreeCache::default();
+    for (view, digest) in &payload.views {
+        if let Some(root) = roots.get(view) {
+            trees.insert(digest, root.clone());
+            trees.view_added(view, Some(digest));
+        }
+    }
+    let (inodes, handles) = payload.state.counts();
+    tracing::info!(
+        from = payload.pid,
+        views = payload.views.len(),
+        inodes,
+        handles,
+        "FUSE view taken over"
+    );
+    Ok((lock, UnixListener::from(listener), mounted, trees))
+}
+
+fn serve_control(conn: UnixStream, server: &Server, done: &std::sync::mpsc::Sender<&'static str>) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
@@ -412,9 +534,10 @@ fn serve_control(
                 ),
                 false,
             ),
+            Ok(ControlRequest::HandOver) => (hand_over(&writer, server), false),
             Ok(req) => {
                 let shutdown = matches!(req, ControlRequest::Shutdown);
-                (handle(req, mounted, trees, mount_dir), shutdown)
+                (handle(req, server), shutdown)
             }
         };
         if writer.write_all(&answer).is_err() {
@@ -423,6 +546,54 @@ fn serve_control(
         if shutdown {
             let _ = done.send("shutdown requested");
             return;
+        }
+    }
+}
+
+/// Hands the mount, the control socket and the lock to the successor on `conn`, then exits
+/// the process (without unmounting). Returns the error line when the hand-over fails (the
+/// mount is thawed and served on).
+fn hand_over(conn: &UnixStream, server: &Server) -> Vec<u8> {
+    let mut guard = server.mounted.lock();
+    let Some(m) = guard.as_ref() else {
+        return error_line(ErrorKind::Fuse, "the FUSE view is being unmounted");
+    };
+    let roots: Vec<(String, Arc<Entry>)> = m
+        .views()
+        .into_iter()
+        .filter_map(|v| m.view_root(&v).map(|r| (v, r)))
+        .collect();
+    let frozen = match m.freeze() {
+        Ok(f) => f,
+        Err(e) => return error_line(ErrorKind::Fuse, kof_node_api::report::chain(&e)),
+    };
+    let kof_fuse::HandOver { fd, state } = frozen;
+    let payload = handover::Payload::new(&server.build, state, roots);
+    let fds = [
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        server.listener_fd,
+        server.lock_fd,
+    ];
+    match handover::send(conn, &payload, fds) {
+        Ok(()) => {
+            if let Some(m) = guard.take() {
+                m.handed_over();
+            }
+            tracing::info!(
+                views = payload.views.len(),
+                "FUSE view handed over; exiting"
+            );
+            // Nothing of ours runs again: no unmount, no destructor; the successor waits for
+            // this exit before it serves.
+            std::process::exit(0);
+        }
+        Err(e) => {
+            m.thaw(kof_fuse::HandOver {
+                fd,
+                state: payload.state,
+            });
+            tracing::error!(error = %kof_node_api::report::chain(&e), "hand-over failed");
+            error_line(ErrorKind::Fuse, kof_node_api::report::chain(&e))
         }
     }
 }
@@ -439,13 +610,9 @@ fn replace_view(m: &Mounted, name: &str, root: Arc<Entry>) -> Result<(), kof_fus
     m.add_view(name, root)
 }
 
-fn handle(
-    req: ControlRequest,
-    mounted: &Mutex<Option<Mounted>>,
-    trees: &Mutex<TreeCache>,
-    mount_dir: &Path,
-) -> Vec<u8> {
-    let guard = mounted.lock();
+fn handle(req: ControlRequest, server: &Server) -> Vec<u8> {
+    let (trees, mount_dir) = (&server.trees, &server.mount_dir);
+    let guard = server.mounted.lock();
     let Some(m) = guard.as_ref() else {
         return error_line(ErrorKind::Fuse, "the FUSE view is being unmounted");
     };
@@ -454,6 +621,7 @@ fn handle(
             pid: std::process::id(),
             mount_dir: mount_dir.to_path_buf(),
             views: m.views(),
+            build: Some(server.build.clone()),
         }),
         ControlRequest::AddView { name, root, tree } => {
             let root = match Decoder::default().entry(&root) {
@@ -525,6 +693,7 @@ fn handle(
             json_line(&WireOpStats { ops })
         }
         ControlRequest::Shutdown => json_line(&serde_json::json!({"ok": true})),
+        ControlRequest::HandOver => unreachable!("answered by hand_over"),
     }
 }
 

@@ -32,8 +32,10 @@
 //! pinned as a gc root for the life of the lease (a root that existed before the lease is
 //! left as it was on release).
 
+pub mod cgroup;
 pub mod control;
 pub mod fuse_server;
+pub mod handover;
 mod leases;
 mod server;
 pub mod wire;
