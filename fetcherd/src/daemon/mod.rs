@@ -12,8 +12,11 @@
 //!   the present ranges of partial NARs, straight from the store directory), and asks the
 //!   daemon only to `ensure` missing NAR ranges.
 //!
-//! The daemon starts the FUSE server detached (its own session, `setsid`) when none answers
-//! on `<run dir>/fuse.sock`, and never stops it. When the daemon dies (crash, `kill -9`,
+//! The daemon starts the FUSE server detached (its own session, `setsid`; the server then
+//! moves into its own cgroup, [`cgroup`], so killing the daemon's container spares it) when
+//! none answers on `<run dir>/fuse.sock`, and never stops it. When the running FUSE server is
+//! another build, the daemon starts this build's to take the mount over without unmounting
+//! ([`handover`]). When the daemon dies (crash, `kill -9`,
 //! upgrade), the mount and the views stay: a read of a stored path goes on as before (no
 //! daemon involved), and a read of a path not yet stored retries its `ensure` until a new
 //! daemon answers, within the read bound (60 s, the lazy engine's). A new daemon finds the
