@@ -15,11 +15,14 @@
 //! - [`podstart`]: pod start through CRI (the flox shim, containerd, runc): cold, warm, plain
 //!   runc and Nix's eager baseline.
 //! - [`seqread`]: sequential read of a large cached file through the view vs native.
+//! - [`nospace`]: time to recover after ENOSPC: a demand read on a node whose store's file
+//!   system filled up, once space is freed.
 
 pub mod coldstart;
 pub mod concurrent;
 pub mod dedup;
 pub mod node;
+pub mod nospace;
 pub mod podstart;
 pub mod prefetch;
 pub mod prepare;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kof_benches::coldstart::ColdStartBench;
 use kof_benches::concurrent::ConcurrentBench;
 use kof_benches::node::Link;
+use kof_benches::nospace::{self, NoSpaceBench};
 use kof_benches::podstart::{self, PodStartBench};
 use kof_benches::prefetch::PrefetchBench;
 use kof_benches::prepare::PrepareBench;
@@ -165,6 +166,19 @@ enum Cmd {
         /// Interval of the CRI log polls, in microseconds.
         #[arg(long, default_value_t = 1000)]
         poll_us: u64,
+    },
+    /// Time to recover after ENOSPC: a demand read through a view once the store's full file
+    /// system has room again (fresh node per run, store on a tmpfs: needs root).
+    Nospace {
+        /// Runs (a fresh node each).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Per-request latency.
+        #[arg(long, default_value_t = 20)]
+        latency_ms: u64,
+        /// Shared bandwidth (`50MB`).
+        #[arg(long, default_value = "50MB", value_parser = parse_bandwidth)]
+        bandwidth: u64,
     },
     /// The lazy-environments issue's set: kof/python and kof/jdk cold starts; 20 ms, 50 MB/s.
     ColdstartAll {
@@ -383,6 +397,22 @@ fn run(cli: Cli) -> Result<()> {
             let r = seqread::run(&work, mib << 20, runs, cold)?;
             println!("{}", report::seqread_table(&r));
             json.insert("seqread".into(), serde_json::to_value(r)?);
+        }
+        Cmd::Nospace {
+            runs,
+            latency_ms,
+            bandwidth,
+        } => {
+            let b = NoSpaceBench {
+                runs,
+                link: Link {
+                    latency: Duration::from_millis(latency_ms),
+                    bandwidth: Some(bandwidth),
+                },
+            };
+            let r = b.run(&cli.fixtures)?;
+            println!("{}", nospace::table(&r));
+            json.insert("nospace".into(), serde_json::to_value(r)?);
         }
         Cmd::Dedup { env } => {
             let r = dedup::run(&cli.fixtures, &manifest, &kof_store, &env)?;
