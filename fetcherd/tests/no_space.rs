@@ -127,7 +127,6 @@ fn a_full_disk_keeps_stored_files_readable_and_fails_only_new_ranges() {
         ..NodeOptions::default()
     });
     // The store's own file system: big enough for kof/tools stored and some of python.
-    // (Dropped after the node: the daemon and its FUSE server go before the unmount.)
     let fs_guard = Tmpfs::mount(&node.store_dir(), "96m");
     node.start_daemon();
     let store_dir = node.store_dir();
@@ -241,7 +240,9 @@ fn a_full_disk_keeps_stored_files_readable_and_fails_only_new_ranges() {
     assert!(report.is_ok(), "{report:?}");
     drop(store);
 
+    // The daemon and its FUSE server first, then the tmpfs, then the node's directory.
     drop(c);
-    drop(node);
+    drop(node.daemon.take());
     drop(fs_guard);
+    drop(node);
 }
