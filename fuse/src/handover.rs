@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fuser::{Config, Session, SessionACL, Version};
@@ -44,20 +44,9 @@ pub struct MountState {
 }
 
 impl MountState {
-    /// The views' names (each needs its tree for [`resume`]), sorted.
-    pub fn views(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.tree.views.iter().map(|(n, _)| n.clone()).collect();
-        v.sort();
-        v
-    }
-
     /// Inodes the kernel was given, and open file handles: what the successor takes on.
     pub fn counts(&self) -> (usize, usize) {
-        (self.tree.edges.len(), self.handles_len())
-    }
-
-    fn handles_len(&self) -> usize {
-        self.handles.len()
+        (self.tree.edges.len(), self.handles.len())
     }
 }
 
@@ -92,7 +81,7 @@ impl Mounted {
             handles,
         };
         tracing::info!(mountpoint = %self.mountpoint.display(), views = state.tree.views.len(),
-            inodes = state.tree.edges.len(), handles = state.handles_len(),
+            inodes = state.tree.edges.len(), handles = state.handles.len(),
             "FUSE view frozen for hand-over");
         Ok(HandOver { fd, state })
     }
@@ -174,7 +163,7 @@ pub fn resume(
              needs Linux 6.9); such readers wait until they are interrupted"),
     }
     tracing::info!(mountpoint = %mountpoint.display(), views = state.tree.views.len(),
-        inodes = state.tree.edges.len(), handles = state.handles_len(),
+        inodes = state.tree.edges.len(), handles = state.handles.len(),
         "FUSE view taken over");
     Ok(Mounted {
         mountpoint,
@@ -209,20 +198,4 @@ fn notify_resend(dev: &OwnedFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Whether `dir` is still a mount of this kind of file system (what a successor checks before
-/// taking over what it was handed).
-pub fn is_mounted(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let Ok(dir) = dir.canonicalize() else {
-        return false;
-    };
-    let dir = dir.to_string_lossy();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        f.len() > 4 && f[4] == dir && l.contains(" - fuse")
-    })
 }

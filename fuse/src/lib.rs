@@ -39,7 +39,7 @@ mod stats;
 mod tree;
 
 pub use error::FuseError;
-pub use handover::{is_mounted, resume, HandOver, MountState};
+pub use handover::{resume, HandOver, MountState};
 pub use mount::{mount, MountOptions, Mounted};
 pub use stats::{OpStat, OpStats};
 pub use tree::RestoreError;
