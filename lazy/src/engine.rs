@@ -417,6 +417,32 @@ impl LazyStore {
         &self.opts
     }
 
+    /// The paths this engine is fetching (each with a fetch state that has not failed) and
+    /// their references: what a live gc keeps, as a path commits only once its references are
+    /// stored.
+    pub fn fetching_with_references(&self) -> Vec<StorePath> {
+        // `paths` and each state's lock are leaves: taken one after the other.
+        let states: Vec<Arc<PathState>> = self.paths.lock().values().cloned().collect();
+        let mut out = Vec::with_capacity(states.len());
+        for st in states {
+            if matches!(st.lock().phase, Phase::Failed(_)) {
+                continue;
+            }
+            out.push(st.path().clone());
+            out.extend(st.sub.info.references.iter().cloned());
+        }
+        out
+    }
+
+    /// Forgets that `paths` are stored (a gc removed them), so that the next read of one
+    /// fetches it again instead of finding nothing in the store.
+    pub fn forget_stored(&self, paths: &[StorePath]) {
+        let mut stored = self.stored.lock();
+        for p in paths {
+            stored.remove(p);
+        }
+    }
+
     /// A snapshot of the counters.
     pub fn counters(&self) -> LazyCounters {
         self.counters.snapshot()

@@ -72,7 +72,8 @@ struct RawWriters {
 /// Reads files of store paths from the store or from partial NAR files.
 pub struct LocalReader {
     store: Arc<Store>,
-    /// Stored paths' files by NAR offset, by base name. Stored paths never change.
+    /// Stored paths' files by NAR offset, by base name. A stored path never changes; one a gc
+    /// removed is dropped at its first failed read.
     stored: Mutex<HashMap<Arc<str>, FileMap>>,
     raw: Arc<Mutex<RawWriters>>,
 }
@@ -136,6 +137,16 @@ impl LocalReader {
         Ok(Some(map))
     }
 
+    /// Drops the cached files of `file`'s path if the path is no longer stored (a gc on the
+    /// live node removed it): `true` if so.
+    fn forget_if_gone(&self, file: &FileRef, path: &StorePath) -> bool {
+        if self.store.has_path(path).unwrap_or(true) {
+            return false;
+        }
+        self.stored.lock().remove(&file.store_path);
+        true
+    }
+
     /// The stored content of `file`, checked against the file's size.
     fn content(&self, file: &FileRef, files: &FileMap) -> io::Result<FileContent> {
         let c = files.get(&file.nar_offset).ok_or_else(|| {
@@ -195,7 +206,12 @@ impl LocalReader {
         let fetching = self.cached_files(file).is_none() && partial.exists();
         if !fetching {
             if let Some(files) = self.stored_files(file, &path)? {
-                return self.read_stored(file, &files, offset, len);
+                match self.read_stored(file, &files, offset, len) {
+                    Ok(buf) => return Ok(buf),
+                    // Removed by a gc since its files were cached: fetched again below.
+                    Err(_) if self.forget_if_gone(file, &path) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         let start = file.nar_offset + offset;

@@ -178,7 +178,7 @@ impl Store {
                 dir: self.dir.clone(),
             });
         }
-        let result = self.collect(&mut || Ok(LiveSet::default()), None);
+        let result = self.collect(&mut || Ok(LiveSet::default()), &mut |_| {}, None);
         let downgraded = self.lock.downgrade();
         let report = result?;
         downgraded?;
@@ -189,15 +189,18 @@ impl Store {
     /// own ingests go on: [`Store::gc`]'s collection with `keep`'s [`LiveSet`] added to the
     /// live set. `keep` is called inside the deleting transaction (the database's write lock
     /// is held: it must not write to this store), so what it names is what is live at the
-    /// moment of deletion. Ingests of this `Store` wait for the collection to end. Orphan
-    /// object files and `tmp/` entries younger than [`LIVE_SWEEP_MIN_AGE`] are left. The run
-    /// is not recorded: see [`Store::record_gc_run`].
+    /// moment of deletion. `removed` is called with the paths removed as soon as their
+    /// removal is committed, before their object files go: a caller that remembers which
+    /// paths are stored forgets them there. Ingests of this `Store` wait for the collection to
+    /// end. Orphan object files and `tmp/` entries younger than [`LIVE_SWEEP_MIN_AGE`] are
+    /// left. The run is not recorded: see [`Store::record_gc_run`].
     pub fn gc_live(
         &self,
         keep: &mut dyn FnMut() -> Result<LiveSet, StoreError>,
+        removed: &mut dyn FnMut(&[StorePath]),
     ) -> Result<GcReport, StoreError> {
         let _excl = self.gc_guard.write();
-        self.collect(keep, Some(LIVE_SWEEP_MIN_AGE))
+        self.collect(keep, removed, Some(LIVE_SWEEP_MIN_AGE))
     }
 
     /// Records a collection in `gc_runs`.
@@ -273,6 +276,7 @@ impl Store {
     fn collect(
         &self,
         keep: &mut dyn FnMut() -> Result<LiveSet, StoreError>,
+        removed: &mut dyn FnMut(&[StorePath]),
         min_age: Option<Duration>,
     ) -> Result<GcReport, StoreError> {
         let mut report = GcReport::default();
@@ -397,6 +401,19 @@ impl Store {
         }
         tx.commit()?;
         drop(writer);
+        let mut gone = Vec::with_capacity(dead.len());
+        for p in dead {
+            gone.push(StorePath::from_base_name(&p).map_err(|source| {
+                StoreError::CorruptStorePath {
+                    what: "stored path",
+                    value: p.clone(),
+                    source,
+                }
+            })?);
+        }
+        gone.sort();
+        report.paths_removed = gone;
+        removed(&report.paths_removed);
 
         for d in &dead_objects {
             report.bytes_freed += self.objects.remove(d)?;
@@ -407,18 +424,6 @@ impl Store {
         report.bytes_freed += orphan_bytes;
         report.bytes_freed += self.clean_tmp_older(min_age)?;
 
-        let mut removed = Vec::with_capacity(dead.len());
-        for p in dead {
-            removed.push(StorePath::from_base_name(&p).map_err(|source| {
-                StoreError::CorruptStorePath {
-                    what: "stored path",
-                    value: p.clone(),
-                    source,
-                }
-            })?);
-        }
-        removed.sort();
-        report.paths_removed = removed;
         info!(
             live = min_age.is_some(),
             paths = report.paths_removed.len(),

@@ -79,19 +79,22 @@ fn gc_live_runs_beside_another_open_store_and_keeps_the_live_set() {
     assert!(matches!(store.gc(), Err(StoreError::Busy { .. })));
     let mut calls = 0;
     let report = store
-        .gc_live(&mut || {
-            calls += 1;
-            Ok(LiveSet {
-                // Leased (its closure follows References: base stays), idle, and one not
-                // recorded (skipped).
-                generations: vec![
-                    ("alice".into(), "web".into(), 1),
-                    ("alice".into(), "web".into(), 2),
-                    ("alice".into(), "web".into(), 9),
-                ],
-                paths: vec![reading.clone()],
-            })
-        })
+        .gc_live(
+            &mut || {
+                calls += 1;
+                Ok(LiveSet {
+                    // Leased (its closure follows References: base stays), idle, and one not
+                    // recorded (skipped).
+                    generations: vec![
+                        ("alice".into(), "web".into(), 1),
+                        ("alice".into(), "web".into(), 2),
+                        ("alice".into(), "web".into(), 9),
+                    ],
+                    paths: vec![reading.clone()],
+                })
+            },
+            &mut |_| {},
+        )
         .unwrap();
     assert_eq!(calls, 1);
     assert_eq!(report.paths_removed, vec![dead.clone()]);
@@ -109,7 +112,9 @@ fn gc_live_runs_beside_another_open_store_and_keeps_the_live_set() {
     assert!(reader.verify().unwrap().is_ok());
 
     // Nothing named: only the roots count (none here).
-    let report = store.gc_live(&mut || Ok(LiveSet::default())).unwrap();
+    let report = store
+        .gc_live(&mut || Ok(LiveSet::default()), &mut |_| {})
+        .unwrap();
     assert_eq!(report.paths_removed.len(), 4);
     assert!(reader.verify().unwrap().is_ok());
     assert_eq!(reader.stats().unwrap().objects, 0);
@@ -218,7 +223,7 @@ fn gc_live_under_load_never_takes_what_a_lease_or_read_holds() {
         let (store, stop, gcs, live_set) = (store.clone(), stop.clone(), gcs.clone(), live_set);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                store.gc_live(&mut || Ok(live_set())).unwrap();
+                store.gc_live(&mut || Ok(live_set()), &mut |_| {}).unwrap();
                 gcs.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -333,7 +338,11 @@ fn gc_live_under_load_never_takes_what_a_lease_or_read_holds() {
         paths: vec![],
     };
     drop(l);
-    store.gc_live(&mut || Ok(live.clone())).unwrap();
+    let mut told = Vec::new();
+    let report = store
+        .gc_live(&mut || Ok(live.clone()), &mut |p| told.extend_from_slice(p))
+        .unwrap();
+    assert_eq!(told, report.paths_removed, "told of every removed path");
     let l = leases.lock();
     for p in l.retired.values() {
         assert!(!store.has_path(p).unwrap(), "{p} (retired) was kept");

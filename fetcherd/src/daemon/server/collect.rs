@@ -6,8 +6,11 @@
 //! 1. derived data (`kof_lazy::derived`: raw copies, then partial NARs no engine has open);
 //! 2. garbage: [`kof_store::Store::gc_live`] with the daemon's live set
 //!    ([`Daemon::live_set`]): the leased generations, the generations of the idle views it
-//!    keeps, and the paths with a demand read in flight, beside the store's own roots (kept
-//!    environments, the pinned roots of leases) and fetches under way;
+//!    keeps, the paths with a demand read in flight, and the paths the lazy engine is
+//!    fetching with their references, beside the store's own roots (kept environments, the
+//!    pinned roots of leases) and fetches under way. The engine forgets the removed paths
+//!    as soon as their removal commits, so a later lease of their generation fetches them
+//!    again (the FUSE server's reader drops its memory of one at its first failed read);
 //! 3. by quota only, while still over: the least recently used idle view (by the
 //!    generation's `last_used_at`, then by when it became idle) is dropped, and garbage is
 //!    collected again. Leased and kept (rooted) generations are never evicted: when nothing
@@ -97,17 +100,19 @@ impl Daemon {
                 .values()
                 .map(|i| i.generation.clone()),
         );
-        let paths = self
+        let mut paths: Vec<StorePath> = self
             .reading
             .lock()
             .keys()
             .filter_map(|p| StorePath::from_base_name(p).ok())
             .collect();
+        // Paths being fetched, with their references (their commit needs them stored).
+        paths.extend(self.prep.lazy().fetching_with_references());
         LiveSet { generations, paths }
     }
 
     /// The bytes the store uses on disk as the quota counts them: objects, the metadata
-    /// database and derived data.
+    /// database (without its write-ahead log) and derived data.
     pub(super) fn store_bytes(&self) -> Result<u64, Failure> {
         let store = self.prep.store();
         let stats = store
@@ -115,11 +120,9 @@ impl Daemon {
             .map_err(|e| store_failure("store totals", &e))?;
         let derived =
             derived_usage(store.dir()).map_err(|e| store_failure("measuring derived data", &e))?;
-        let db: u64 = ["db.sqlite", "db.sqlite-wal", "db.sqlite-shm"]
-            .iter()
-            .filter_map(|f| std::fs::metadata(store.dir().join(f)).ok())
-            .map(|m| m.len())
-            .sum();
+        // The database file, not its write-ahead log (a few MiB that come and go with each
+        // checkpoint: counting them would make the measure jitter around a limit).
+        let db = std::fs::metadata(store.dir().join("db.sqlite")).map_or(0, |m| m.len());
         Ok(stats.stored_bytes + db + derived.bytes())
     }
 
@@ -170,9 +173,11 @@ impl Daemon {
             } else {
                 0
             };
-            let d2 = d.clone();
+            let lazy = d.prep.lazy().clone();
             let report = store
-                .gc_live(&mut || Ok(d2.live_set()))
+                .gc_live(&mut || Ok(d.live_set()), &mut |removed| {
+                    lazy.forget_stored(removed)
+                })
                 .map_err(|e| store_failure("collecting garbage", &e))?;
             Ok((report, derived))
         })
