@@ -865,7 +865,10 @@ impl Daemon {
         self.prep
             .record(&resolved, &closure, Root::Keep)
             .await
-            .map_err(prepare_failure)?;
+            .map_err(|e| {
+                self.after_failure(&e);
+                prepare_failure(e)
+            })?;
         self.touch(&resolved.owner, &resolved.name, resolved.generation)
             .await;
         let summary = self

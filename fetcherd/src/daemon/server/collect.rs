@@ -63,20 +63,10 @@ impl Freed {
     }
 }
 
-/// Whether `e` or one of its causes is a file system out of space (`ENOSPC`).
+/// Whether `e` or one of its causes is a file system out of space: `ENOSPC` or `EDQUOT`, the
+/// store's `NoSpace`, or the database's `SQLITE_FULL` (see [`kof_store::chain_is_no_space`]).
 pub(super) fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::StorageFull
-                || io.raw_os_error() == Some(libc::ENOSPC)
-            {
-                return true;
-            }
-        }
-        cur = c.source();
-    }
-    false
+    kof_store::chain_is_no_space(e)
 }
 
 fn store_failure(what: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
