@@ -276,3 +276,60 @@ pub fn chain_is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_full_file_system_is_told_apart_through_wrappers() {
+        let enospc = || std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = StoreError::io("writing", "/s/objects/ab/.tmp-x", enospc());
+        assert!(
+            matches!(&e, StoreError::NoSpace { path, .. } if path == Path::new("/s/objects/ab/.tmp-x"))
+        );
+        assert_eq!(
+            e.to_string(),
+            "writing /s/objects/ab/.tmp-x: file system full"
+        );
+        assert!(e.is_no_space() && chain_is_no_space(&e));
+        // A quota spent is a full file system too.
+        let e = StoreError::io(
+            "writing",
+            "/s/x",
+            std::io::Error::from_raw_os_error(libc::EDQUOT),
+        );
+        assert!(e.is_no_space());
+        // Other I/O errors are not.
+        let e = StoreError::io(
+            "writing",
+            "/s/x",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert!(matches!(e, StoreError::Io { .. }) && !chain_is_no_space(&e));
+        // Wrapped in an io::Error (as a FUSE content source returns it), or as a cause.
+        let wrapped = std::io::Error::other(StoreError::io("writing", "/s/x", enospc()));
+        assert!(chain_is_no_space(&wrapped));
+        #[derive(Debug, thiserror::Error)]
+        #[error("above the store")]
+        struct Above(#[source] StoreError);
+        assert!(chain_is_no_space(&Above(StoreError::io(
+            "w",
+            "/s/x",
+            enospc()
+        ))));
+        // SQLite's SQLITE_FULL, and it named as the database file.
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let e = StoreError::Db(full);
+        assert!(e.is_no_space() && chain_is_no_space(&e));
+        let e = e.naming_db(Path::new("/s/db.sqlite"));
+        assert!(
+            matches!(&e, StoreError::NoSpace { path, .. } if path == Path::new("/s/db.sqlite"))
+        );
+        assert!(chain_is_no_space(&e));
+    }
+}
