@@ -330,9 +330,42 @@ async fn compressed_cache_streams_each_path_once_for_concurrent_readers() {
         .unwrap();
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     let st = node.server().stats();
-    assert_eq!(st.requests_by_kind.nar, 1, "one GET for 16 readers");
+    // One GET for 16 readers, and one for each of its references (committed first).
+    let nars: Vec<u64> = st
+        .requests_by_path
+        .iter()
+        .filter(|(k, _)| k.contains("/nar/"))
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(
+        st.requests_by_kind.nar,
+        1 + references_of(&bash).len() as u64,
+        "one GET for 16 readers: {nars:?}"
+    );
+    assert!(nars.iter().all(|n| *n == 1), "{nars:?}");
     assert!(node.store.has_path(&bash).unwrap());
     assert!(node.partial_files().is_empty());
+}
+
+/// The references of `p` other than itself, per the manifest. Nix's closure rule: the engine
+/// commits a path after these, fetching them whole first.
+fn references_of(p: &StorePath) -> Vec<StorePath> {
+    manifest().store_paths[&p.to_absolute()]
+        .references
+        .iter()
+        .map(|r| StorePath::parse(r).unwrap())
+        .filter(|r| r != p)
+        .collect()
+}
+
+/// Requests for `hash_part`'s files ending in `suffix` (`kof-index`, `ls`, `narinfo`).
+fn requests_for(st: &serve::Stats, hash_part: &str, suffix: &str) -> u64 {
+    let name = format!("{hash_part}.{suffix}");
+    st.requests_by_path
+        .iter()
+        .filter(|(k, _)| k.ends_with(&name))
+        .map(|(_, n)| *n)
+        .sum()
 }
 
 /// `closure` restricted to `p`.
@@ -355,11 +388,19 @@ async fn no_listing_fetches_the_whole_path_for_its_tree() {
     );
     let st = node.server().stats();
     assert_eq!(
-        (st.requests_by_kind.index, st.requests_by_kind.ls),
+        (
+            requests_for(&st, jq.hash_part(), "kof-index"),
+            requests_for(&st, jq.hash_part(), "ls")
+        ),
         (1, 1),
         "an index, then a listing, asked"
     );
-    assert_eq!(st.statuses.get(&404).copied(), Some(2), "both absent");
+    // (Its references, fetched whole to be committed first, were asked for their indexes.)
+    assert_eq!(
+        st.statuses.get(&404).copied(),
+        Some(st.requests_by_kind.index + st.requests_by_kind.ls),
+        "both absent"
+    );
     let names: Vec<OsString> = match &*entry {
         Entry::Directory(d) => d.keys().cloned().collect(),
         other => panic!("{other:?}"),
@@ -738,8 +779,24 @@ async fn a_cache_ignoring_range_is_streamed_instead() {
     );
     engine.fetch_whole(&sqlite, Cause::Demand).await.unwrap();
     assert!(store.has_path(&sqlite).unwrap());
-    // The refused range request, then one stream.
-    assert_eq!(server.count_matching("nar/"), 2, "{:?}", server.counts());
+    // The refused range request, then one stream (and one for each reference, committed
+    // first).
+    let sqlite_nar = match entry_of(&closure, &sqlite) {
+        ClosureEntry::Remote(sub) => sub.info.url.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        server.count_matching(&sqlite_nar),
+        2,
+        "{:?}",
+        server.counts()
+    );
+    assert_eq!(
+        server.count_matching("nar/"),
+        2 + references_of(&sqlite).len(),
+        "{:?}",
+        server.counts()
+    );
 }
 
 /// Reads file `f` (`rel` inside `p`) through a view's content source over `store` and
@@ -786,6 +843,15 @@ async fn a_hostile_listing_is_not_used() {
     for f in ["nix-cache-info", narinfo_name.as_str(), info.url.as_str()] {
         std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
     }
+    // Its references too (narinfo and NAR, no listing): the path is committed after them.
+    for r in references_of(&p) {
+        let name = format!("{}.narinfo", r.hash_part());
+        let text = std::fs::read_to_string(from.join(&name)).unwrap();
+        let url = kof_nar::NarInfo::parse(&text).unwrap().url;
+        for f in [name.as_str(), url.as_str()] {
+            std::fs::copy(from.join(f), dir.path().join(f)).unwrap();
+        }
+    }
     let mut listing: kof_nar::listing::Listing =
         serde_json::from_slice(&std::fs::read(from.join(format!("{}.ls", p.hash_part()))).unwrap())
             .unwrap();
@@ -811,7 +877,7 @@ async fn a_hostile_listing_is_not_used() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
     let (engine, resolver) = engine_at(&server.url(""), store.clone());
-    // (Only this path is in the cache, not its references: no closure, just its narinfo.)
+    // (No closure, just its narinfo.)
     let sub = resolver.substituters().lookup(&p).await.unwrap().unwrap();
     let entry = engine.entry(&ClosureEntry::Remote(sub)).await.unwrap();
     // The listing was read, refused, and the path fetched whole for its real tree.
@@ -861,7 +927,12 @@ async fn a_chunk_that_fails_verification_sends_the_read_to_the_next_substituter(
         "the bytes came from the second cache: {st:?}"
     );
     assert!(store.has_path(&p).unwrap(), "stored from the honest cache");
-    assert_eq!(engine.counters().paths_refused, 1);
+    // The path, and each of its references (fetched from the same corrupting cache first to be
+    // committed before it), refused once.
+    assert_eq!(
+        engine.counters().paths_refused,
+        1 + references_of(&p).len() as u64
+    );
 }
 
 /// A prefetch GET that brings a good chunk and then one that fails verification (python's

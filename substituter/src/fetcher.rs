@@ -17,9 +17,9 @@
 //! reference order, and a fetch that fails part-way leaves no stored path whose references are
 //! missing: a path whose reference failed is not committed (it fails with
 //! [`PathError::Reference`]), and its objects stay in the store unused, so the next try writes
-//! them no more (gc removes them if none comes). The lazy engine's fetches follow the same rule
-//! ([`Fetcher::fetch_teed`], [`Fetcher::commit_after_references`]): a path it completes waits
-//! for its references, which are fetched whole, before it is committed.
+//! them no more (gc removes them if none comes). The lazy engine follows the same rule: it has
+//! its paths prepared ([`Fetcher::prepare_teed`], or its own partial file for range-fetched
+//! paths) and commits each after its references, which it fetches whole itself.
 //!
 //! Ordering matters: the store prepares a path once it has read the whole NAR and its NarHash
 //! matched. So that a file whose FileHash is wrong (or that carries junk after the compressed
@@ -171,8 +171,8 @@ pub enum PathError {
         path: StorePath,
         /// The reference that failed.
         reference: StorePath,
-        /// Why the reference failed.
-        source: Arc<PathError>,
+        /// Why the reference failed (a [`PathError`], or the lazy engine's error).
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The path was prepared, and is not committed because no cache has one of its References.
     #[error("{path}: no cache has its reference {reference}")]
@@ -564,7 +564,10 @@ impl Fetcher {
             roots,
             self.inner.opts.lookups_in_flight,
             |sub| {
-                let fut = self.inner.clone().fetch_shared(sub.clone(), events.clone());
+                let fut = self
+                    .inner
+                    .clone()
+                    .fetch_shared(sub.clone(), events.clone(), None);
                 started.insert(sub.info.store_path.clone(), fut);
             },
         )
@@ -587,23 +590,46 @@ impl Fetcher {
     }
 
     /// Fetches one path (nothing when it is stored), retrying and trying other caches as
-    /// [`Fetcher::fetch`] does, also handing its NAR bytes to `tee`. Neither single-flight nor
-    /// under this fetcher's download limit: the caller (the lazy engine) provides both. The
-    /// path is committed after its References, which are fetched whole first if they are not
-    /// stored (see [`Fetcher::commit_after_references`]).
+    /// [`Fetcher::fetch`] does, also handing its NAR bytes to `tee`. Not under this fetcher's
+    /// download limit: the caller (the lazy engine) has its own. Single-flight with this
+    /// fetcher's other fetches: a fetch of the path already under way (one started for the
+    /// References of another path, say) is joined, and then `tee` is handed nothing. The path
+    /// is committed after its References, which are fetched whole first if they are not stored
+    /// (see [`Fetcher::commit_after_references`]).
     pub async fn fetch_teed(
         &self,
         sub: Arc<Substitute>,
         tee: Arc<dyn NarTee>,
-    ) -> Result<PathOutcome, PathError> {
-        self.inner.fetch_one(sub, None, Some(tee)).await
+    ) -> Result<PathOutcome, Arc<PathError>> {
+        self.inner.clone().fetch_shared(sub, None, Some(tee)).await
+    }
+
+    /// Downloads and prepares one path as [`Fetcher::fetch_teed`] does (retries, other caches,
+    /// bytes handed to `tee`, fetch state recorded), and commits nothing: the caller commits it
+    /// ([`kof_store::Store::commit_prepared`]) once its References are stored. Neither
+    /// single-flight nor under this fetcher's download limit: the caller (the lazy engine, which
+    /// fetches the references through its own single-flight state, holding no download slot
+    /// while it waits for them) provides both.
+    pub async fn prepare_teed(
+        &self,
+        sub: Arc<Substitute>,
+        tee: Arc<dyn NarTee>,
+    ) -> Result<Prepared, PathError> {
+        let path = sub.info.store_path.clone();
+        let result = self.inner.fetch_attempts(sub, None, Some(tee)).await;
+        if let Err(e) = &result {
+            let (p, error) = (path, e.to_string());
+            self.inner
+                .record_state(move |store| store.record_fetch_failed(&p, &error))
+                .await;
+        }
+        result
     }
 
     /// Commits `prepared` once its References (other than itself) are stored: those not stored
     /// are fetched first, joining their fetches in flight (under this fetcher's download limit,
     /// single-flight). If one of them fails, `prepared` is dropped uncommitted and the error
-    /// names that reference. For a path prepared outside this fetcher (the lazy engine's
-    /// range-fetched paths).
+    /// names that reference. For a path prepared outside this fetcher.
     pub async fn commit_after_references(
         &self,
         prepared: PreparedPath,
@@ -657,7 +683,10 @@ impl Fetcher {
                 ClosureEntry::Remote(sub) => {
                     let fut = match started.remove(&sub.info.store_path) {
                         Some(f) => f,
-                        None => self.inner.clone().fetch_shared(sub.clone(), events.clone()),
+                        None => self
+                            .inner
+                            .clone()
+                            .fetch_shared(sub.clone(), events.clone(), None),
                     };
                     let path = sub.info.store_path.clone();
                     pending.push(async move { (path, fut.await) });
@@ -719,6 +748,7 @@ impl Inner {
         self: Arc<Self>,
         sub: Arc<Substitute>,
         events: Option<EventSink>,
+        tee: Option<Arc<dyn NarTee>>,
     ) -> SharedFetch {
         let path = sub.info.store_path.clone();
         // The lock is held until the new entry is in the map, so the task's own removal (which
@@ -731,7 +761,7 @@ impl Inner {
         let task_path = path.clone();
         let url = sub.cache.nar_url(&sub.info);
         let handle = tokio::spawn(async move {
-            let result = me.fetch_one(sub, events, None).await.map_err(Arc::new);
+            let result = me.fetch_one(sub, events, tee).await.map_err(Arc::new);
             me.in_flight.lock().remove(&task_path);
             result
         });
@@ -764,8 +794,8 @@ impl Inner {
     ) -> Result<PathOutcome, PathError> {
         let path = sub.info.store_path.clone();
         let result = match self.fetch_attempts(sub, events, tee).await {
-            Ok(Attempted::AlreadyPresent) => Ok(PathOutcome::AlreadyPresent),
-            Ok(Attempted::Prepared {
+            Ok(Prepared::AlreadyPresent) => Ok(PathOutcome::AlreadyPresent),
+            Ok(Prepared::Path {
                 prepared,
                 downloaded_bytes,
             }) => self
@@ -799,7 +829,7 @@ impl Inner {
                 let fut = match joined {
                     Some(f) => f,
                     None => match self.subs.lookup(&reference).await {
-                        Ok(Some(sub)) => self.clone().fetch_shared(sub, None),
+                        Ok(Some(sub)) => self.clone().fetch_shared(sub, None, None),
                         Ok(None) => {
                             return Err(PathError::ReferenceUnavailable { path, reference });
                         }
@@ -820,7 +850,7 @@ impl Inner {
                     return Err(PathError::Reference {
                         path,
                         reference,
-                        source,
+                        source: source as Arc<dyn std::error::Error + Send + Sync>,
                     });
                 }
             }
@@ -897,7 +927,7 @@ impl Inner {
         mut sub: Arc<Substitute>,
         events: Option<EventSink>,
         tee: Option<Arc<dyn NarTee>>,
-    ) -> Result<Attempted, PathError> {
+    ) -> Result<Prepared, PathError> {
         let path = sub.info.store_path.clone();
         let attempts = self.opts.retry.attempts.max(1);
         let mut attempt = 1;
@@ -912,7 +942,7 @@ impl Inner {
                 ),
             };
             if self.has_path(&path).await? {
-                return Ok(Attempted::AlreadyPresent);
+                return Ok(Prepared::AlreadyPresent);
             }
             let (p, source) = (path.clone(), sub.cache.nar_url(&sub.info));
             self.record_state(move |store| store.record_fetch_started(&p, &source))
@@ -972,7 +1002,7 @@ impl Inner {
         sub: &Substitute,
         events: Option<&EventSink>,
         tee: Option<Arc<dyn NarTee>>,
-    ) -> Result<Attempted, PathError> {
+    ) -> Result<Prepared, PathError> {
         let info = sub.info.clone();
         let path = info.store_path.clone();
         let url = sub.cache.nar_url(&info);
@@ -1025,7 +1055,7 @@ impl Inner {
             return Err(cause);
         }
         match ingested {
-            Some(Ok(prepared)) => Ok(Attempted::Prepared {
+            Some(Ok(prepared)) => Ok(Prepared::Path {
                 prepared,
                 downloaded_bytes: downloaded,
             }),
@@ -1040,13 +1070,17 @@ impl Inner {
     }
 }
 
-/// What the download attempts of one path came to.
-enum Attempted {
+/// What the download attempts of one path came to: stored already, or downloaded and
+/// prepared (see [`Fetcher::prepare_teed`]).
+#[derive(Debug)]
+pub enum Prepared {
     /// It was stored already.
     AlreadyPresent,
     /// Downloaded and prepared, not committed.
-    Prepared {
+    Path {
+        /// The prepared path, for [`kof_store::Store::commit_prepared`].
         prepared: PreparedPath,
+        /// Bytes downloaded.
         downloaded_bytes: u64,
     },
 }

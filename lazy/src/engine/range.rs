@@ -417,10 +417,8 @@ impl LazyStore {
         // Nix's closure rule: committed after its References, fetched whole first if needed.
         let result = match result {
             Ok(Ok(Ok(prepared))) => Ok(Ok(self
-                .fetcher
-                .commit_after_references(prepared)
-                .await
-                .map_err(|e| LazyError::Fetch(Arc::new(e))))),
+                .commit_after_references(prepared, Cause::Prefetch)
+                .await)),
             // A full disk is not a verdict on the bytes.
             Ok(Ok(Err(source))) if source.is_no_space() => Ok(Ok(Err(LazyError::Store {
                 path: path.clone(),
@@ -463,6 +461,65 @@ impl LazyStore {
 }
 
 impl LazyStore {
+    /// Nix's closure rule for the engine's paths: `prepared` is committed once its References
+    /// are stored; those not stored are fetched whole through this engine first, as `cause`.
+    /// The caller holds no slot meanwhile. A range-fetched path's reads are served from its
+    /// partial file while it waits (its references are fetched as prefetch); a streamed path's
+    /// readers wait for the commit, so a demanded one's references are fetched as demand. If a
+    /// reference fails, nothing is committed and the path's fetch state says why.
+    pub(super) async fn commit_after_references(
+        &self,
+        prepared: kof_store::PreparedPath,
+        cause: Cause,
+    ) -> Result<kof_store::IngestStats, LazyError> {
+        let path = prepared.store_path().clone();
+        let waits = prepared
+            .references()
+            .iter()
+            .filter(|r| **r != path)
+            .map(|r| {
+                let ensure = self.arc().ensure_reference(r.clone(), cause);
+                async move { (r.clone(), ensure.await) }
+            });
+        for (reference, result) in futures_util::future::join_all(waits).await {
+            if let Err(e) = result {
+                let failure = kof_substituter::fetcher::PathError::Reference {
+                    path: path.clone(),
+                    reference,
+                    source: Arc::new(e),
+                };
+                let (store, error) = (self.store.clone(), chain(&failure));
+                let p = path.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || store.record_fetch_failed(&p, &error)).await
+                {
+                    tracing::warn!(%path, error = %chain(&e), "recording fetch state");
+                }
+                return Err(LazyError::Fetch(Arc::new(failure)));
+            }
+        }
+        let stats = prepared.stats().clone();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.commit_prepared(vec![prepared]))
+            .await
+            .map_err(|e| spawn_err(&path, e))?
+            .map_err(|source| LazyError::Store {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(stats)
+    }
+
+    /// Fetches `reference` whole through this engine, as `cause`. A boxed future: the
+    /// completion of a path awaits it, and it may complete other paths.
+    fn ensure_reference(
+        self: Arc<Self>,
+        reference: kof_nar::StorePath,
+        cause: Cause,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), LazyError>> {
+        Box::pin(async move { self.ensure_stored(&reference, cause).await })
+    }
+
     /// After the ingest of `st`'s complete partial file failed because the file system is
     /// full: the path goes back to fetching with every chunk filled (its reads keep being
     /// served from the partial file, which is kept), waiters for the commit get `failure`,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use futures_util::FutureExt;
 use kof_nar::StorePath;
-use kof_substituter::fetcher::{NarTee, PathOutcome};
+use kof_substituter::fetcher::{NarTee, Prepared};
 
 use super::{spawn_err, LazyStore, Mode, PathState, Phase, RunError, StreamJob};
 use crate::{Cause, LazyError};
@@ -91,24 +91,45 @@ impl LazyStore {
             let _in_flight = me.counters.request(cause);
             let t0 = Instant::now();
             tracing::debug!(path = %st.path(), %cause, "streaming the whole NAR");
-            match me
+            let prepared = me
                 .fetcher
-                .fetch_teed(st.sub.clone(), Arc::new(Unread))
-                .await
-            {
-                Ok(outcome) => {
-                    if let PathOutcome::Fetched {
-                        downloaded_bytes, ..
-                    } = outcome
-                    {
+                .prepare_teed(st.sub.clone(), Arc::new(Unread))
+                .await;
+            // Nix's closure rule: committed after its References, which this engine fetches
+            // first, holding no slot meanwhile (see `commit_after_references`).
+            drop((_slot, _in_flight));
+            let committed = match prepared {
+                Ok(Prepared::AlreadyPresent) => Ok(None),
+                Ok(Prepared::Path {
+                    prepared,
+                    downloaded_bytes,
+                }) => {
+                    me.counters.latency(t0.elapsed());
+                    // Its readers wait for the commit: a demanded path's references are
+                    // fetched as demand.
+                    let cause = if st.demanded.load(Ordering::SeqCst) {
+                        Cause::Demand
+                    } else {
+                        cause
+                    };
+                    me.commit_after_references(prepared, cause)
+                        .await
+                        .map(|_| Some(downloaded_bytes))
+                }
+                Err(e) => Err(LazyError::Fetch(Arc::new(e))),
+            };
+            match committed {
+                Ok(downloaded) => {
+                    if let Some(downloaded_bytes) = downloaded {
                         me.counters.bytes(cause, downloaded_bytes);
                         me.counters.completed();
+                    } else {
+                        me.counters.latency(t0.elapsed());
                     }
-                    me.counters.latency(t0.elapsed());
                     me.mark_stored(&st);
                     Ok(())
                 }
-                Err(e) => Err(me.stream_failed(&st, LazyError::Fetch(Arc::new(e)))),
+                Err(e) => Err(me.stream_failed(&st, e)),
             }
         });
         async move {
