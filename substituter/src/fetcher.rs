@@ -799,7 +799,7 @@ impl Inner {
                 prepared,
                 downloaded_bytes,
             }) => self
-                .commit_after_references(prepared)
+                .commit_after_references(*prepared)
                 .await
                 .map(|stats| PathOutcome::Fetched {
                     stats,
@@ -1056,7 +1056,7 @@ impl Inner {
         }
         match ingested {
             Some(Ok(prepared)) => Ok(Prepared::Path {
-                prepared,
+                prepared: Box::new(prepared),
                 downloaded_bytes: downloaded,
             }),
             Some(Err(source)) => Err(PathError::Ingest { path, url, source }),
@@ -1079,7 +1079,7 @@ pub enum Prepared {
     /// Downloaded and prepared, not committed.
     Path {
         /// The prepared path, for [`kof_store::Store::commit_prepared`].
-        prepared: PreparedPath,
+        prepared: Box<PreparedPath>,
         /// Bytes downloaded.
         downloaded_bytes: u64,
     },

@@ -112,7 +112,7 @@ impl LazyStore {
                     } else {
                         cause
                     };
-                    me.commit_after_references(prepared, cause)
+                    me.commit_after_references(*prepared, cause)
                         .await
                         .map(|_| Some(downloaded_bytes))
                 }
