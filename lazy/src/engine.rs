@@ -1,6 +1,21 @@
 //! [`LazyStore`]: per-path fetch state (chunks for the range path, a high-water mark for the
 //! stream path), single-flight fetches, demand and prefetch slots, completion into the store.
 //!
+//! # Nix's closure rule
+//!
+//! The store makes a path valid only with its References. The engine **commits references
+//! first**: a completed path is prepared (from its partial file, or by the fetcher's
+//! [`kof_substituter::fetcher::Fetcher::prepare_teed`] for a stream), then the engine fetches
+//! its missing references whole through its own single-flight state, and commits the path once
+//! they are stored. It holds no slot while it waits (so waiting paths never starve their
+//! references of slots). A range-fetched path's reads are served from its partial file
+//! meanwhile and its references are fetched as prefetch; a streamed path's readers wait for the
+//! commit, so a demanded one's references are fetched as demand. A lease's closure holds every
+//! reference, so this fetches nothing the lease does not pin; the cost is that the first read
+//! of an unindexed path waits for its references as well. If a reference cannot be fetched,
+//! the path is not committed (its reads fail as for a refused path, and its fetch state names
+//! the reference).
+//!
 //! # A full file system
 //!
 //! The engine writes to the store's file system in three places; each meets `ENOSPC` (or
