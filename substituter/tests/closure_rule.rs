@@ -64,6 +64,12 @@ async fn a_failed_reference_withholds_its_dependents_and_the_retry_reuses_their_
     assert!(store.verify().unwrap().is_ok());
     for p in [&fx.app, &fx.lib, &fx.dep] {
         assert!(store.has_path(p).unwrap(), "{p}");
+        let mut nar = Vec::new();
+        store.dump_nar(p, &mut nar).unwrap();
+        assert!(
+            nar == nix_dump(p),
+            "{p}: exactly what nix-store --dump gives"
+        );
     }
     // What dep alone writes into a fresh store.
     let (_dir2, fresh) = temp_store();
