@@ -15,12 +15,15 @@
 //! - [`podstart`]: pod start through CRI (the flox shim, containerd, runc): cold, warm, plain
 //!   runc and Nix's eager baseline.
 //! - [`seqread`]: sequential read of a large cached file through the view vs native.
+//! - [`gc`]: gc on a live node: the store's size over 20 generations with and without a
+//!   quota, gc time, and reads that failed during gc.
 //! - [`nospace`]: time to recover after ENOSPC: a demand read on a node whose store's file
 //!   system filled up, once space is freed.
 
 pub mod coldstart;
 pub mod concurrent;
 pub mod dedup;
+pub mod gc;
 pub mod node;
 pub mod nospace;
 pub mod podstart;

@@ -180,6 +180,16 @@ enum Cmd {
         #[arg(long, default_value = "50MB", value_parser = parse_bandwidth)]
         bandwidth: u64,
     },
+    /// gc on a live node: the store's size over 20 generations with and without a quota, gc
+    /// time, and reads that failed during gc (a leased view read throughout).
+    Gc {
+        /// Room above the leased generation the quota allows, MiB.
+        #[arg(long, default_value_t = 8)]
+        headroom_mib: u64,
+        /// Threads reading the leased view meanwhile.
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
     /// The lazy-environments issue's set: kof/python and kof/jdk cold starts; 20 ms, 50 MB/s.
     ColdstartAll {
         /// Runs of each side.
@@ -413,6 +423,18 @@ fn run(cli: Cli) -> Result<()> {
             let r = b.run(&cli.fixtures)?;
             println!("{}", nospace::table(&r));
             json.insert("nospace".into(), serde_json::to_value(r)?);
+        }
+        Cmd::Gc {
+            headroom_mib,
+            readers,
+        } => {
+            let b = kof_benches::gc::GcBench {
+                headroom_mib,
+                readers,
+            };
+            let r = b.run(&cli.fixtures)?;
+            println!("{}", kof_benches::gc::table(&r));
+            json.insert("gc".into(), serde_json::to_value(r)?);
         }
         Cmd::Dedup { env } => {
             let r = dedup::run(&cli.fixtures, &manifest, &kof_store, &env)?;

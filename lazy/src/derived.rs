@@ -2,8 +2,11 @@
 //! (`<store_dir>/raw/<2 hex>/<64 hex>`, see [`crate::local`]) and the partial NARs
 //! (`<store_dir>/partial/<hashpart>.nar` and their `.json` records, see `engine/partial.rs`).
 //! Neither is needed for correctness: a raw copy is written again on the next open that wants
-//! it, and a partial NAR's bytes are fetched again. The node daemon evicts them first when the
-//! store is over its quota or a write found no space ([`evict_derived`]).
+//! it, and a partial NAR's bytes are fetched again. The node daemon evicts them when the store
+//! is over its quota or a write found no space ([`evict_derived`]): first what serves nothing
+//! (raw copies of contents no stored path holds any more, partial NARs no engine has open),
+//! and raw copies of stored files only as a last resort, as the next open of such a file
+//! writes its copy again.
 //!
 //! What is never removed:
 //! - a partial NAR an engine has open (any engine, in any process): each holds a shared lock
@@ -161,15 +164,24 @@ fn remove(path: &Path) -> Result<bool, DerivedError> {
 
 /// Removes derived data under `store_dir` until at least `want` bytes of disk are freed (or
 /// none is left that may go; `u64::MAX` for all): raw copies first, least recently accessed
-/// first, then partial NARs no engine has open (with their records), oldest first, and
-/// records whose partial NAR is gone.
-pub fn evict_derived(store_dir: &Path, want: u64) -> Result<DerivedEviction, DerivedError> {
+/// first, but those whose content digest (hex, the copy's name) `keep_raw` keeps, then partial
+/// NARs no engine has open (with their records), oldest first, and records whose partial NAR
+/// is gone.
+pub fn evict_derived(
+    store_dir: &Path,
+    want: u64,
+    keep_raw: &mut dyn FnMut(&str) -> bool,
+) -> Result<DerivedEviction, DerivedError> {
     let mut ev = DerivedEviction::default();
     let mut raw = raw_copies(store_dir)?;
     raw.sort_by_key(|(_, _, atime)| *atime);
     for (path, bytes, _) in raw {
         if ev.bytes() >= want {
             return Ok(ev);
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| keep_raw(&n)) {
+            continue;
         }
         if remove(&path)? {
             ev.raw_files += 1;
@@ -268,24 +280,26 @@ mod tests {
         let held = File::open(dir.join("partial/bbb.nar")).unwrap();
         held.lock_shared().unwrap();
 
-        // Asking for little removes the raw copy only.
-        let ev = evict_derived(dir, 1).unwrap();
-        assert_eq!(ev.raw_files, 1);
-        assert_eq!(ev.partial_files, 0);
-        assert!(
-            dir.join("raw/ab/.tmp-x-1-0").exists(),
-            "a copy being written stays"
-        );
-
-        let ev = evict_derived(dir, u64::MAX).unwrap();
+        // Raw copies kept by the predicate stay; unused partial NARs and orphan records go.
+        let ev = evict_derived(dir, u64::MAX, &mut |_| true).unwrap();
+        assert_eq!(ev.raw_files, 0);
         assert_eq!(ev.partial_files, 1);
         assert_eq!(ev.partial_in_use, 1);
         assert!(!dir.join("partial/aaa.nar").exists());
         assert!(!dir.join("partial/aaa.json").exists());
         assert!(!dir.join("partial/ccc.json").exists());
         assert!(dir.join("partial/bbb.nar").exists(), "in use by an engine");
+
+        // Asking for little removes one raw copy, not a copy being written.
+        let ev = evict_derived(dir, 1, &mut |_| false).unwrap();
+        assert_eq!(ev.raw_files, 1);
+        assert!(
+            dir.join("raw/ab/.tmp-x-1-0").exists(),
+            "a copy being written stays"
+        );
+
         drop(held);
-        let ev = evict_derived(dir, u64::MAX).unwrap();
+        let ev = evict_derived(dir, u64::MAX, &mut |_| false).unwrap();
         assert_eq!(ev.partial_files, 1);
         assert_eq!(derived_usage(dir).unwrap().partial_files, 0);
     }

@@ -203,6 +203,16 @@ impl Store {
         self.collect(keep, removed, Some(LIVE_SWEEP_MIN_AGE))
     }
 
+    /// Whether some stored path has a regular file of content `digest` (what a raw copy of
+    /// that content serves).
+    pub fn holds_content(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let conn = self.db.get()?;
+        let found = conn
+            .prepare_cached("SELECT 1 FROM nodes WHERE digest = ? LIMIT 1")?
+            .exists([&digest.0[..]])?;
+        Ok(found)
+    }
+
     /// Records a collection in `gc_runs`.
     pub fn record_gc_run(&self, run: &GcRun) -> Result<(), StoreError> {
         let _writer = self.db.write_guard();

@@ -3,7 +3,9 @@
 //! ([`Daemon::gc_no_space`]).
 //!
 //! One collection runs at a time (`gc_lock`). A collection frees, in this order:
-//! 1. derived data (`kof_lazy::derived`: raw copies, then partial NARs no engine has open);
+//! 1. derived data that serves nothing (`kof_lazy::derived`): raw copies of contents no
+//!    stored path holds, partial NARs no engine has open (a manual `gc` with `derived`, and
+//!    the collection after ENOSPC, take every raw copy);
 //! 2. garbage: [`kof_store::Store::gc_live`] with the daemon's live set
 //!    ([`Daemon::live_set`]): the leased generations, the generations of the idle views it
 //!    keeps, the paths with a demand read in flight, and the paths the lazy engine is
@@ -12,9 +14,15 @@
 //!    as soon as their removal commits, so a later lease of their generation fetches them
 //!    again (the FUSE server's reader drops its memory of one at its first failed read);
 //! 3. by quota only, while still over: the least recently used idle view (by the
-//!    generation's `last_used_at`, then by when it became idle) is dropped, and garbage is
-//!    collected again. Leased and kept (rooted) generations are never evicted: when nothing
-//!    more can go, a warning says how much could not be freed.
+//!    generation's `last_used_at`, then by when it became idle) is dropped, and garbage (and
+//!    the raw copies it leaves unused) collected again;
+//! 4. by quota only, last: raw copies of stored files, which the next open of each file
+//!    writes again (evicting them earlier would only trade disk for churn). Leased and kept
+//!    (rooted) generations are never evicted: when nothing more can go, a warning says how
+//!    much could not be freed.
+//!
+//! Within one step garbage goes first, so the raw copies of the paths it removes go in the
+//! same step.
 //!
 //! Each run is recorded in the store (`gc_runs`) and counted in the metrics (`kof_gc_*`).
 
@@ -26,7 +34,7 @@ use kof_lazy::derived::{derived_usage, evict_derived};
 use kof_nar::StorePath;
 use kof_node_api::api::{ErrorKind, GcDone};
 use kof_node_api::report::chain;
-use kof_store::{GcReport, GcRun, GcTrigger, LiveSet};
+use kof_store::{Digest, GcReport, GcRun, GcTrigger, LiveSet};
 use tracing::{info, warn};
 
 use super::{blocking, fail, now_secs, Daemon, Failure};
@@ -43,6 +51,16 @@ pub(super) struct IdleView {
     pub(super) since: Instant,
     /// (owner, name, generation) of that lease.
     pub(super) generation: (String, String, u64),
+}
+
+/// Which raw copies a step may evict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RawCopies {
+    /// Only those of contents no stored path holds (left by paths gc removed): they serve
+    /// nothing.
+    Unused,
+    /// Every one (the next open of a stored file writes its copy again).
+    All,
 }
 
 /// What the steps of one run freed, summed.
@@ -142,13 +160,29 @@ impl Daemon {
         Ok((over_max.max(short_free), usage))
     }
 
-    /// One step: derived data (up to `derived_want` bytes), then garbage.
-    async fn collect_step(self: &Arc<Self>, derived_want: u64) -> Result<(GcReport, u64), Failure> {
+    /// One step: garbage, then derived data (up to `derived_want` bytes; raw copies of stored
+    /// contents only with [`RawCopies::All`]).
+    async fn collect_step(
+        self: &Arc<Self>,
+        derived_want: u64,
+        raw: RawCopies,
+    ) -> Result<(GcReport, u64), Failure> {
         let d = self.clone();
         blocking("gc", move || {
             let store = d.prep.store().clone();
+            let lazy = d.prep.lazy().clone();
+            let report = store
+                .gc_live(&mut || Ok(d.live_set()), &mut |removed| {
+                    lazy.forget_stored(removed)
+                })
+                .map_err(|e| store_failure("collecting garbage", &e))?;
             let derived = if derived_want > 0 {
-                let ev = evict_derived(store.dir(), derived_want)
+                let mut keep = |name: &str| match raw {
+                    RawCopies::All => false,
+                    RawCopies::Unused => Digest::from_hex(name)
+                        .is_none_or(|digest| store.holds_content(&digest).unwrap_or(true)),
+                };
+                let ev = evict_derived(store.dir(), derived_want, &mut keep)
                     .map_err(|e| store_failure("evicting derived data", &e))?;
                 if ev.bytes() > 0 {
                     info!(
@@ -163,12 +197,6 @@ impl Daemon {
             } else {
                 0
             };
-            let lazy = d.prep.lazy().clone();
-            let report = store
-                .gc_live(&mut || Ok(d.live_set()), &mut |removed| {
-                    lazy.forget_stored(removed)
-                })
-                .map_err(|e| store_failure("collecting garbage", &e))?;
             Ok((report, derived))
         })
         .await
@@ -247,7 +275,7 @@ impl Daemon {
         let d = self.clone();
         let before = blocking("measuring the store", move || d.store_bytes()).await?;
         let mut freed = Freed::default();
-        let (report, derived) = self.collect_step(derived_want).await?;
+        let (report, derived) = self.collect_step(derived_want, RawCopies::All).await?;
         freed.add(report, derived);
         self.finish_run(trigger, started_at, started, freed, before)
             .await
@@ -309,22 +337,29 @@ impl Daemon {
         );
         let (started_at, started) = (now_secs(), Instant::now());
         let mut freed = Freed::default();
-        let (report, derived) = self.collect_step(need).await?;
+        let (report, derived) = self.collect_step(need, RawCopies::Unused).await?;
         freed.add(report, derived);
+        let mut last_resort = false;
         loop {
             let d = self.clone();
             let (need, _) = blocking("checking the quota", move || d.quota_need()).await?;
             if need == 0 {
                 break;
             }
-            if !self.evict_lru_idle_view().await {
+            let step = if self.evict_lru_idle_view().await {
+                RawCopies::Unused
+            } else if !last_resort {
+                // Raw copies of stored files: the next open of each writes it again.
+                last_resort = true;
+                RawCopies::All
+            } else {
                 warn!(
                     could_not_free = need,
                     "store over its quota, and nothing more may go (leased and kept generations stay)"
                 );
                 break;
-            }
-            let (report, derived) = self.collect_step(0).await?;
+            };
+            let (report, derived) = self.collect_step(need, step).await?;
             freed.add(report, derived);
         }
         self.finish_run(GcTrigger::Quota, started_at, started, freed, before)
