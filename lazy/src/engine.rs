@@ -9,8 +9,10 @@
 //! its missing references whole through its own single-flight state, and commits the path once
 //! they are stored. It holds no slot while it waits (so waiting paths never starve their
 //! references of slots). A range-fetched path's reads are served from its partial file
-//! meanwhile and its references are fetched as prefetch; a streamed path's readers wait for the
-//! commit, so a demanded one's references are fetched as demand. A lease's closure holds every
+//! meanwhile, but a view's gate may wait for the path to be stored, so its references are
+//! fetched as demand; a streamed path's readers wait for the commit, so its references are
+//! fetched as demand too (a reader may come while they are fetched, and prefetch would wait for
+//! demand to be quiet). A lease's closure holds every
 //! reference, so this fetches nothing the lease does not pin; the cost is that the first read
 //! of an unindexed path waits for its references as well. If a reference cannot be fetched,
 //! the path is not committed (its reads fail as for a refused path, and its fetch state names

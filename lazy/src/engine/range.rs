@@ -416,8 +416,9 @@ impl LazyStore {
         .await;
         // Nix's closure rule: committed after its References, fetched whole first if needed.
         let result = match result {
+            // As demand: a reader may be waiting for the path to be stored (a view's gate).
             Ok(Ok(Ok(prepared))) => Ok(Ok(self
-                .commit_after_references(prepared, Cause::Prefetch)
+                .commit_after_references(prepared, Cause::Demand)
                 .await)),
             // A full disk is not a verdict on the bytes.
             Ok(Ok(Err(source))) if source.is_no_space() => Ok(Ok(Err(LazyError::Store {
@@ -464,9 +465,10 @@ impl LazyStore {
     /// Nix's closure rule for the engine's paths: `prepared` is committed once its References
     /// are stored; those not stored are fetched whole through this engine first, as `cause`.
     /// The caller holds no slot meanwhile. A range-fetched path's reads are served from its
-    /// partial file while it waits (its references are fetched as prefetch); a streamed path's
-    /// readers wait for the commit, so a demanded one's references are fetched as demand. If a
-    /// reference fails, nothing is committed and the path's fetch state says why.
+    /// partial file while it waits, but a view's gate may wait for it to be stored, so its
+    /// references are fetched as demand; a streamed path's readers wait for the commit, so its
+    /// references are fetched as demand too. If a reference fails, nothing is committed and the
+    /// path's fetch state says why.
     pub(super) async fn commit_after_references(
         &self,
         prepared: kof_store::PreparedPath,

@@ -105,14 +105,9 @@ impl LazyStore {
                     downloaded_bytes,
                 }) => {
                     me.counters.latency(t0.elapsed());
-                    // Its readers wait for the commit: a demanded path's references are
-                    // fetched as demand.
-                    let cause = if st.demanded.load(Ordering::SeqCst) {
-                        Cause::Demand
-                    } else {
-                        cause
-                    };
-                    me.commit_after_references(*prepared, cause)
+                    // Its readers (and a view's gate) wait for the commit, demanded or not yet:
+                    // its references are fetched as demand.
+                    me.commit_after_references(*prepared, Cause::Demand)
                         .await
                         .map(|_| Some(downloaded_bytes))
                 }
