@@ -112,6 +112,20 @@ fn store_bytes(port: u16) -> Result<u64> {
     Ok(sample(&metrics(port)?, "kof_store_bytes")? as u64)
 }
 
+/// The store's size once it stops changing (raw copies are written in the background): the
+/// same sample three times in a row, half a second apart, or the last one after 60 s.
+fn settled_bytes(port: u16) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut same) = (store_bytes(port)?, 0);
+    while same < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = store_bytes(port)?;
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    Ok(last)
+}
+
 /// The public generations with a lockfile, but the leased one.
 fn sequence(manifest: &Manifest) -> Vec<(String, u32, Vec<String>)> {
     let mut distinct = Vec::new();
@@ -240,8 +254,7 @@ impl GcBench {
         for p in &kept {
             read_tree(&leased.view_root.join(p.trim_start_matches('/')))?;
         }
-        std::thread::sleep(Duration::from_secs(2));
-        let leased_bytes = store_bytes(port)?;
+        let leased_bytes = settled_bytes(port)?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let (reads, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
