@@ -52,9 +52,12 @@ impl Container {
             let dir = h.join(name);
             std::fs::create_dir_all(&dir).unwrap();
             for file in ["cpuset.cpus", "cpuset.mems"] {
-                if let Ok(own) = std::fs::read_to_string(dir.join(file)) {
+                // v1's cpuset refuses members until it has CPUs and memory nodes (v2's root has
+                // no such files, and needs none).
+                let own = std::fs::read_to_string(dir.join(file));
+                let theirs = std::fs::read_to_string(h.join(file));
+                if let (Ok(own), Ok(theirs)) = (own, theirs) {
                     if own.trim().is_empty() {
-                        let theirs = std::fs::read_to_string(h.join(file)).unwrap();
                         std::fs::write(dir.join(file), theirs.trim()).unwrap();
                     }
                 }

@@ -45,15 +45,18 @@ pub fn leave_for(name: &str) {
 }
 
 /// A new cgroup of v1's cpuset hierarchy starts with no CPUs and no memory nodes, and refuses
-/// members until it has some: it gets its parent's.
+/// members until it has some: it gets its parent's (v2 needs nothing).
 fn inherit_cpuset(parent: &Path, dir: &Path) -> std::io::Result<()> {
     for file in ["cpuset.cpus", "cpuset.mems"] {
         let Ok(own) = std::fs::read_to_string(dir.join(file)) else {
             // Not a cpuset hierarchy.
             return Ok(());
         };
+        // cgroup v2's root has no cpuset files, and an empty v2 cpuset means "the parent's".
+        let Ok(theirs) = std::fs::read_to_string(parent.join(file)) else {
+            return Ok(());
+        };
         if own.trim().is_empty() {
-            let theirs = std::fs::read_to_string(parent.join(file))?;
             std::fs::write(dir.join(file), theirs.trim())?;
         }
     }
