@@ -106,8 +106,8 @@ impl Container {
         pids
     }
 
-    /// Kills the container as runc does: freeze, SIGKILL every member, thaw; waits until the
-    /// cgroups are empty.
+    /// Kills the container as runc does: freeze, SIGKILL every member, thaw (cgroup v1), or
+    /// `cgroup.kill` (v2); waits until the cgroups are empty.
     fn kill(&mut self) {
         let freezer = self
             .cgroups
@@ -116,6 +116,12 @@ impl Container {
             .cloned();
         if let Some(f) = &freezer {
             std::fs::write(f.join("freezer.state"), "FROZEN").unwrap();
+        }
+        // cgroup v2: the kernel kills every member at once.
+        for d in &self.cgroups {
+            if d.join("cgroup.kill").exists() {
+                let _ = std::fs::write(d.join("cgroup.kill"), "1");
+            }
         }
         for pid in self.members() {
             // SAFETY: kill(2) of a member of this test's own cgroup.
