@@ -3,45 +3,19 @@
 //! mount point per test. Every test tears down what it started (daemon, FUSE server, mount)
 //! in a guard, and checks that no mount is left.
 
+mod common;
+
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kof_fixtures::build::Manifest;
+use common::{free_port, metrics, sample, Node, NodeOptions};
 use kof_node_api::api::{ApiError, Client, ErrorKind};
-use kof_testkit::fixtures;
-
-fn manifest() -> &'static Manifest {
-    &fixtures().1
-}
-
-/// The live closure of a fixture environment, absolute paths, sorted.
-fn closure_of(env: &str) -> Vec<String> {
-    let (owner, name) = env.split_once('/').unwrap();
-    let e = manifest()
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .unwrap();
-    let mut c = e
-        .generations
-        .iter()
-        .find(|g| g.number == e.live_generation)
-        .unwrap()
-        .closure
-        .clone();
-    c.sort();
-    c
-}
-
-/// The staged (reference) tree of a fixture store path.
-fn staged(path: &str) -> PathBuf {
-    fixtures().0.join(&manifest().store_paths[path].staged)
-}
+use kof_testkit::{closure_of, fixtures, manifest, staged};
 
 fn sha256_file(p: &Path) -> String {
     kof_nar::NixHash::digest(&std::fs::read(p).unwrap()).to_hex()
@@ -50,7 +24,7 @@ fn sha256_file(p: &Path) -> String {
 /// Checks that kof/hello's `bin/bash` reads through the view at `view_root` with the staged
 /// bytes; a failed read names the deepest path that exists and prints the node's logs.
 fn assert_view_has_bash(node: &Node, view_root: &Path) {
-    let bash = closure_of("kof/hello")
+    let bash = closure_of("kof/hello", None)
         .into_iter()
         .find(|p| p.contains("-bash-"))
         .unwrap();
@@ -82,93 +56,6 @@ fn is_mounted(dir: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(d.as_str()))
 }
 
-/// A node of these tests: the shared scaffold with this package's own `kof-fetcherd`.
-struct NodeOptions {
-    flavour: &'static str,
-    bandwidth: Option<u64>,
-    prefetch: &'static str,
-    metrics_port: Option<u16>,
-    extra_config: String,
-}
-
-impl Default for NodeOptions {
-    fn default() -> Self {
-        NodeOptions {
-            flavour: "zstd",
-            bandwidth: None,
-            prefetch: "none",
-            metrics_port: None,
-            extra_config: String::new(),
-        }
-    }
-}
-
-struct Node(kof_testkit::Node);
-
-impl std::ops::Deref for Node {
-    type Target = kof_testkit::Node;
-    fn deref(&self) -> &kof_testkit::Node {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Node {
-    fn deref_mut(&mut self) -> &mut kof_testkit::Node {
-        &mut self.0
-    }
-}
-
-impl Node {
-    fn new(opts: NodeOptions) -> Node {
-        Node(kof_testkit::Node::new(kof_testkit::NodeOptions {
-            flavour: opts.flavour,
-            bandwidth: opts.bandwidth,
-            prefetch: Some(opts.prefetch),
-            metrics_port: opts.metrics_port,
-            extra_config: opts.extra_config,
-            fetcherd: Some(env!("CARGO_BIN_EXE_kof-fetcherd").into()),
-            prefix: "kof-fetcherd-test",
-            ..kof_testkit::NodeOptions::default()
-        }))
-    }
-
-    /// The FUSE server's pid, from its control socket.
-    fn fuse_pid(&self) -> Option<u32> {
-        kof_fetcherd::daemon::control::ControlClient::connect(&self.control())
-            .and_then(|mut c| c.ping())
-            .ok()
-            .map(|i| i.pid)
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn metrics(port: u16) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
-}
-
 #[test]
 fn prepare_serves_the_closure_and_release_removes_it() {
     let port = free_port();
@@ -198,7 +85,7 @@ fn prepare_serves_the_closure_and_release_removes_it() {
 
     let mut c = node.client();
     let p = c.prepare("kof/hello", "c1", None).unwrap();
-    let closure = closure_of("kof/hello");
+    let closure = closure_of("kof/hello", None);
     assert_eq!(p.closure, closure);
     assert_eq!(p.env, "kof/hello");
     // The view is the generation's, named by its tree, not by the lease.
@@ -385,7 +272,7 @@ fn a_daemon_restart_under_a_running_reader_breaks_nothing() {
         ..NodeOptions::default()
     });
     let p = node.client().prepare("kof/python", "c1", None).unwrap();
-    let python = closure_of("kof/python")
+    let python = closure_of("kof/python", None)
         .into_iter()
         .find(|p| p.contains("-python3-"))
         .unwrap();
@@ -462,7 +349,7 @@ fn no_daemon_is_a_connect_error() {
 fn prefetch_through_the_daemon_fetches_the_closure_once() {
     let node = Node::new(NodeOptions::default());
     let mut c = node.client();
-    let closure = closure_of("kof/hello");
+    let closure = closure_of("kof/hello", None);
     let p = c.prefetch("kof/hello", None).unwrap();
     assert_eq!(p.env, "kof/hello");
     assert_eq!(p.paths, closure.len());
@@ -493,7 +380,7 @@ fn background_prefetch_completes_the_closure() {
         ..NodeOptions::default()
     });
     let mut c = node.client();
-    let closure = closure_of("kof/hello");
+    let closure = closure_of("kof/hello", None);
     c.prepare("kof/hello", "c1", None).unwrap();
     let start = Instant::now();
     loop {
@@ -587,7 +474,7 @@ fn the_first_start_teaches_the_next_cold_start() {
         flavour: "published",
         ..NodeOptions::default()
     });
-    let bash = closure_of("kof/hello")
+    let bash = closure_of("kof/hello", None)
         .into_iter()
         .find(|p| p.contains("-bash-"))
         .unwrap();
@@ -720,7 +607,7 @@ fn leases_of_one_generation_share_the_view_and_release_separately() {
     let p1 = c.prepare("kof/hello", "c1", None).unwrap();
     let mut want = Vec::new();
     view_files(&p1.view_root, &p1.view_root, &mut want);
-    let bash = closure_of("kof/hello")
+    let bash = closure_of("kof/hello", None)
         .into_iter()
         .find(|p| p.contains("-bash-"))
         .unwrap();

@@ -2,44 +2,18 @@
 //! the fixture FloxHub and signed caches over HTTP on loopback. gc runs while views are read,
 //! prepared, released and fetched into, and by quota over a sequence of generations.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kof_fixtures::build::Manifest;
+use common::{free_port, metrics, sample, Node, NodeOptions};
 use kof_nar::StorePath;
 use kof_store::Store;
-use kof_testkit::fixtures;
+use kof_testkit::{closure_of, staged};
 use parking_lot::Mutex;
-
-fn manifest() -> &'static Manifest {
-    &fixtures().1
-}
-
-/// The closure of generation `generation` of a fixture environment (absolute paths, sorted).
-fn closure_of(env: &str, generation: u64) -> Vec<String> {
-    let (owner, name) = env.split_once('/').unwrap();
-    let e = manifest()
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .unwrap();
-    let mut c = e
-        .generations
-        .iter()
-        .find(|g| u64::from(g.number) == generation)
-        .unwrap()
-        .closure
-        .clone();
-    c.sort();
-    c
-}
-
-/// The staged (reference) tree of a fixture store path.
-fn staged(path: &str) -> PathBuf {
-    fixtures().0.join(&manifest().store_paths[path].staged)
-}
 
 fn store_path(abs: &str) -> StorePath {
     StorePath::from_base_name(abs.trim_start_matches("/nix/store/")).unwrap()
@@ -75,48 +49,19 @@ fn read_through_view(view_root: &Path, path: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn metrics(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
-}
-
-fn node(port: u16, extra_config: &str) -> kof_testkit::Node {
-    kof_testkit::Node::new(kof_testkit::NodeOptions {
+fn node(port: u16, extra_config: &str) -> Node {
+    Node::new(NodeOptions {
         flavour: "published",
-        prefetch: Some("closure"),
+        prefetch: "closure",
         metrics_port: Some(port),
         extra_config: extra_config.into(),
-        fetcherd: Some(env!("CARGO_BIN_EXE_kof-fetcherd").into()),
         prefix: "kof-fetcherd-gc",
-        ..kof_testkit::NodeOptions::default()
+        ..NodeOptions::default()
     })
 }
 
 /// Waits (up to 180 s) until every path of `closure` is stored.
-fn wait_stored(store: &Store, closure: &[String], node: &kof_testkit::Node) {
+fn wait_stored(store: &Store, closure: &[String], node: &Node) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let missing: Vec<&String> = closure
@@ -144,7 +89,7 @@ fn gc_races_prepare_reads_and_ingest_without_a_failed_read() {
     let port = free_port();
     let node = node(port, "idle_view_secs = 0\n");
     let mut c = node.client();
-    let steady = closure_of("kof/hello", 2);
+    let steady = closure_of("kof/hello", Some(2));
     let p = c.prepare("kof/hello:2", "steady", None).unwrap();
     let view_root = p.view_root.clone();
 
@@ -202,7 +147,7 @@ fn gc_races_prepare_reads_and_ingest_without_a_failed_read() {
                         continue;
                     }
                 };
-                for path in closure_of("kof/dedup", generation).iter().take(3) {
+                for path in closure_of("kof/dedup", Some(generation)).iter().take(3) {
                     if let Err(e) = read_through_view(&p.view_root, path) {
                         failures.lock().push(format!("lease {lease}: {e}"));
                     }
@@ -263,7 +208,7 @@ fn gc_races_prepare_reads_and_ingest_without_a_failed_read() {
     // The released generations' own paths go (a prefetch of theirs may still be finishing:
     // collect until they are gone).
     let only_dedup: Vec<String> = (1..=5)
-        .flat_map(|g| closure_of("kof/dedup", g))
+        .flat_map(|g| closure_of("kof/dedup", Some(g)))
         .filter(|p| !steady.contains(p))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -313,7 +258,7 @@ fn quota_keeps_the_store_under_its_limit_while_leased_generations_stay() {
     let port = free_port();
     let mut node = node(port, "idle_view_secs = 3600\n");
     let store = Store::open(&node.store_dir()).unwrap();
-    let kept = closure_of("kof/hello", 2);
+    let kept = closure_of("kof/hello", Some(2));
     let p = node.client().prepare("kof/hello:2", "kept", None).unwrap();
     wait_stored(&store, &kept, &node);
     let base = sample(&metrics(port), "kof_store_bytes") as u64;
@@ -345,7 +290,7 @@ fn quota_keeps_the_store_under_its_limit_while_leased_generations_stay() {
         let q = c
             .prepare(&format!("{env}:{generation}"), &lease, None)
             .unwrap();
-        let closure = closure_of(env, *generation);
+        let closure = closure_of(env, Some(*generation));
         wait_stored(&store, &closure, &node);
         // While leased, its closure stays whatever the quota says.
         for path in closure.iter().take(2) {

@@ -11,91 +11,11 @@
 //! successful read is printed ("time to recover after ENOSPC"). The store verifies clean.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kof_testkit::{fixtures, Node, NodeOptions};
-
-/// A tmpfs of `size` mounted at `dir` for the guard's life.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs at {} (the test needs root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-/// Writes `file` until the file system is full, to its last byte.
-fn fill(file: &Path) -> u64 {
-    let mut f = fs::File::create(file).unwrap();
-    let block = vec![0x5au8; 64 << 10];
-    let mut total = 0u64;
-    while let Ok(n) = f.write(&block) {
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    while let Ok(n) = f.write(&block[..1]) {
-        if n == 0 {
-            break;
-        }
-        total += 1;
-    }
-    total
-}
-
-/// The live closure of a fixture environment, absolute paths.
-fn closure_of(env: &str) -> Vec<String> {
-    let (owner, name) = env.split_once('/').unwrap();
-    let e = fixtures()
-        .1
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .unwrap();
-    e.generations
-        .iter()
-        .find(|g| g.number == e.live_generation)
-        .unwrap()
-        .closure
-        .clone()
-}
-
-/// The staged (reference) tree of a fixture store path.
-fn staged(path: &str) -> PathBuf {
-    fixtures().0.join(&fixtures().1.store_paths[path].staged)
-}
+use kof_testkit::{closure_of, fill_file_system, staged, Node, NodeOptions, Tmpfs};
 
 /// Every regular file under `dir`, relative to it.
 fn files_under(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
@@ -137,7 +57,7 @@ fn a_full_disk_keeps_stored_files_readable_and_fails_only_new_ranges() {
     c.prefetch("kof/tools", None).unwrap();
     let tools = c.prepare("kof/tools", "c1", None).unwrap();
     let python = c.prepare("kof/python", "c2", None).unwrap();
-    let python3 = closure_of("kof/python")
+    let python3 = closure_of("kof/python", None)
         .into_iter()
         .find(|p| p.contains("-python3-"))
         .unwrap();
@@ -147,12 +67,12 @@ fn a_full_disk_keeps_stored_files_readable_and_fails_only_new_ranges() {
         .join("bin/python3.11");
     let py_want = fs::read(staged(&python3).join("bin/python3.11")).unwrap();
 
-    let filled = fill(&store_dir.join("filler"));
+    let filled = fill_file_system(&store_dir.join("filler"));
     eprintln!("filler: {filled} bytes; the store's file system is full");
 
     // Every stored file of the tools view reads back whole, while the disk is full.
     let mut checked = (0usize, 0u64);
-    for p in closure_of("kof/tools") {
+    for p in closure_of("kof/tools", None) {
         let src = staged(&p);
         let mut files = Vec::new();
         files_under(&src, Path::new(""), &mut files);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kof_node_api::api::Client;
-use kof_testkit::fixtures;
+use kof_testkit::{closure_of, staged};
 
 /// The mount points of this machine's cgroup hierarchies (one per hierarchy).
 fn hierarchies() -> Vec<PathBuf> {
@@ -207,27 +207,6 @@ fn blake3_file(p: &Path) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// The staged (reference) tree of a fixture store path.
-fn staged(path: &str) -> PathBuf {
-    fixtures().0.join(&fixtures().1.store_paths[path].staged)
-}
-
-/// The live closure of a fixture environment, absolute paths.
-fn closure_of(owner: &str, name: &str) -> Vec<String> {
-    let e = fixtures()
-        .1
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .unwrap();
-    e.generations
-        .iter()
-        .find(|g| g.number == e.live_generation)
-        .unwrap()
-        .closure
-        .clone()
-}
-
 /// The test's node (with its FUSE server's cgroup named), the binary of this build and a newer
 /// build of it (the same program with other bytes: another build id, at another path, as a new
 /// image's binary would be).
@@ -356,7 +335,7 @@ fn an_upgrade_under_a_running_reader_keeps_every_byte() {
     );
     let mount = mount_id(&node.mount_dir()).expect("the views are mounted");
     let p = node.client().prepare("kof/python", "pod-1", None).unwrap();
-    let python = closure_of("kof", "python")
+    let python = closure_of("kof/python", None)
         .into_iter()
         .find(|p| p.contains("-python3-"))
         .expect("the python environment has python");
@@ -464,7 +443,7 @@ fn passthrough_files_stay_open_across_an_upgrade() {
     let first = up.container(1, &up.old_bin, &up.old_build);
     node.client().prefetch("kof/python", None).unwrap();
     let p = node.client().prepare("kof/python", "pod-1", None).unwrap();
-    let python = closure_of("kof", "python")
+    let python = closure_of("kof/python", None)
         .into_iter()
         .find(|p| p.contains("-python3-"))
         .unwrap();

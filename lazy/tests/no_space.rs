@@ -12,10 +12,8 @@
 //! nothing behind, while the file reads through the store as before.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,61 +25,21 @@ use kof_store::{Codec, NodeKind, Store};
 use kof_substituter::cache::{http_client, BinaryCache, HttpOptions, RetryPolicy};
 use kof_substituter::fetcher::{FetchOptions, Fetcher};
 use kof_substituter::substituters::Substituters;
-use kof_testkit::{fixtures, manifest, nix_dump, path_of};
-
-/// A tmpfs of `size` mounted at `dir` for the guard's life.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs at {} (the test needs root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
+use kof_testkit::{fill_file_system, fixtures, manifest, nix_dump, path_of, Tmpfs};
 
 /// Fills the file system of `file` to its last byte, then gives `leave` bytes back.
 fn fill_leaving(file: &Path, leave: u64) {
-    let mut f = fs::File::create(file).unwrap();
-    let block = vec![0x5au8; 64 << 10];
-    let mut total = 0u64;
-    while let Ok(n) = f.write(&block) {
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = fill_file_system(file);
     assert!(
         total > leave,
         "the file system is too small: {total} bytes free"
     );
-    f.set_len(total - leave).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_len(total - leave)
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,73 +7,12 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use common::*;
 use kof_store::{Store, StoreError};
-
-/// A tmpfs of `size` mounted at `dir` for the guard's life.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("running mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs at {} (the test needs root): {}",
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs {
-            dir: dir.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-        }
-    }
-}
-
-/// Writes `file` until the file system is full; returns its size.
-fn fill(file: &Path) -> u64 {
-    let mut f = fs::File::create(file).unwrap();
-    let block = vec![0x5au8; 64 << 10];
-    let mut total = 0u64;
-    loop {
-        match f.write(&block) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-            Err(e) => panic!("filling {}: {e}", file.display()),
-        }
-    }
-    // Whatever a short write left: fill byte by byte to the last one.
-    while let Ok(n) = f.write(&block[..1]) {
-        if n == 0 {
-            break;
-        }
-        total += 1;
-    }
-    total
-}
+use kof_testkit::{fill_file_system, Tmpfs};
 
 /// The NAR of a tree of `seed`: an incompressible file of `big` bytes (chunked above 1 MiB),
 /// compressible text and small files.
@@ -116,7 +55,7 @@ fn ingest_on_a_full_file_system_fails_cleanly_and_recovers() {
     store.ingest_nar(&info_a, "c", &mut &nar_a[..]).unwrap();
 
     let filler = fs_dir.join("filler");
-    let filled = fill(&filler);
+    let filled = fill_file_system(&filler);
     eprintln!("filler: {filled} bytes; the file system is full");
 
     let e = store

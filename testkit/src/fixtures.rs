@@ -33,6 +33,32 @@ pub fn manifest() -> &'static Manifest {
     &fixtures().1
 }
 
+/// The closure of fixture environment `env` (`owner/name`): of generation `generation`, or of
+/// its live generation on `None` (absolute paths, sorted).
+pub fn closure_of(env: &str, generation: Option<u64>) -> Vec<String> {
+    let (owner, name) = env.split_once('/').unwrap();
+    let e = manifest()
+        .environments
+        .iter()
+        .find(|e| e.owner == owner && e.name == name)
+        .unwrap_or_else(|| panic!("no fixture environment {env}"));
+    let number = generation.unwrap_or(u64::from(e.live_generation));
+    let mut c = e
+        .generations
+        .iter()
+        .find(|g| u64::from(g.number) == number)
+        .unwrap_or_else(|| panic!("no generation {number} of {env}"))
+        .closure
+        .clone();
+    c.sort();
+    c
+}
+
+/// The staged (reference) tree of fixture store path `path` (absolute).
+pub fn staged(path: &str) -> PathBuf {
+    fixtures_dir().join(&manifest().store_paths[path].staged)
+}
+
 /// The fixture store path of package `pname` (its first variant).
 pub fn path_of(pname: &str) -> StorePath {
     let (p, _) = manifest()
