@@ -1,16 +1,22 @@
-//! gc on a live node (issue 13's figures): the store's size over 20 generations, with and
-//! without a quota, the time of a collection, and the reads that failed while gc ran.
+//! gc on a live node (issue 13's figures): the store's size over the 20 generations of one
+//! environment, with and without a quota, the time of a collection, and the reads that failed
+//! while gc ran.
 //!
+//! The environment is the fixtures' `kof/series`: generation after generation one package
+//! upgraded to its next point release, bash installed, upgraded and uninstalled on the way.
 //! Each side runs a fresh node (the real `kof-fetcherd` and its FUSE server, the published
 //! cache, prefetch of whole closures, views kept idle for an hour after their last lease).
-//! kof/hello:2 stays leased throughout while readers read every file of its closure through
-//! its view, again and again. Then 20 generations (every public fixture generation with a
-//! lockfile, cycled) are each prepared, fetched whole, read from and released, one after the
-//! other; after each, once the quota's collection has settled, the store's size is sampled
+//! `kof/series:1` stays leased throughout (a pod pinned to the first generation, never
+//! redeployed) while readers read every file of its closure through its view, again and
+//! again. The other pods of the environment are redeployed generation by generation, 1 to 20,
+//! as a rolling update does it: generation N is prepared (leased), fetched whole and its
+//! installed packages read, and only then is generation N-1's lease released. After each
+//! step, once the quota's collection has settled, the store's size is sampled
 //! (`kof_store_bytes`: objects, metadata, derived data). Without a quota nothing is collected
-//! and the size only grows; with one (`store_max_bytes` = the leased generation's size, its
+//! and the size only grows; with one (`store_max_bytes` = the pinned generation's size, its
 //! raw copies included, plus `--headroom-mib`) the daemon evicts derived data, garbage and
-//! least recently used idle views. At the end a manual `gc` is timed on each node.
+//! least recently used idle views. At the end, with the pinned generation and generation 20
+//! still leased, a manual `gc` is timed on each node.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,8 +30,12 @@ use kof_store::Store;
 use kof_testkit::{Node, NodeOptions};
 use serde::Serialize;
 
-/// Generations in the sequence.
-pub const GENERATIONS: usize = 20;
+/// The environment redeployed.
+pub const ENVIRONMENT: &str = "kof/series";
+/// Its generations in the sequence (1 to this).
+pub const GENERATIONS: u32 = 20;
+/// The generation leased and read throughout.
+pub const PINNED: u32 = 1;
 
 /// The bench.
 pub struct GcBench {
@@ -40,6 +50,8 @@ pub struct GcBench {
 pub struct GcStep {
     /// `owner/name:N`.
     pub generation: String,
+    /// The sum of its closure's NarSize, bytes.
+    pub closure_nar_size: u64,
     /// Bytes without a quota.
     pub bytes_no_quota: u64,
     /// Bytes with the quota.
@@ -61,10 +73,13 @@ pub struct GcSide {
     pub manual_gc_seconds: f64,
     /// Bytes the manual gc freed.
     pub manual_gc_freed: u64,
-    /// Reads of the leased view's files.
+    /// Reads of the pinned generation's files through its view.
     pub reads: u64,
     /// Those that failed.
     pub reads_failed: u64,
+    /// Reads of each redeployed generation's installed packages through its view, once it is
+    /// leased and fetched, that failed.
+    pub rollout_reads_failed: u64,
     /// Peak size sampled.
     pub peak_bytes: u64,
     /// Size at the end.
@@ -74,7 +89,8 @@ pub struct GcSide {
 /// What it measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct GcReport {
-    /// The leased generation's size (kof/hello:2, stored whole), bytes.
+    /// The pinned generation's size (kof/series:1, stored whole, its raw copies written),
+    /// bytes.
     pub leased_bytes: u64,
     /// The store's size after each generation.
     pub steps: Vec<GcStep>,
@@ -126,36 +142,33 @@ fn settled_bytes(port: u16) -> Result<u64> {
     Ok(last)
 }
 
-/// The public generations with a lockfile, but the leased one.
-fn sequence(manifest: &Manifest) -> Vec<(String, u32, Vec<String>)> {
-    let mut distinct = Vec::new();
-    for e in &manifest.environments {
-        if e.private {
-            continue;
-        }
-        for g in &e.generations {
-            let name = format!("{}/{}", e.owner, e.name);
-            if g.has_lock && !(name == "kof/hello" && g.number == 2) {
-                distinct.push((name, g.number, g.closure.clone()));
-            }
-        }
-    }
-    distinct.iter().cycle().take(GENERATIONS).cloned().collect()
+/// One generation of the sequence.
+struct Step {
+    number: u32,
+    roots: Vec<String>,
+    closure: Vec<String>,
+    closure_nar_size: u64,
 }
 
-fn closure_of(manifest: &Manifest, env: &str, generation: u32) -> Result<Vec<String>> {
-    let (owner, name) = env.split_once('/').context("owner/name")?;
-    let e = manifest
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .with_context(|| format!("no fixture environment {env}"))?;
-    Ok(e.generations
-        .iter()
-        .find(|g| g.number == generation)
-        .with_context(|| format!("no generation {generation} of {env}"))?
-        .closure
-        .clone())
+/// Generations 1 to [`GENERATIONS`] of [`ENVIRONMENT`].
+fn sequence(manifest: &Manifest) -> Result<Vec<Step>> {
+    let (owner, name) = ENVIRONMENT.split_once('/').context("owner/name")?;
+    let e = manifest.environment(owner, name).with_context(|| {
+        format!("no fixture environment {ENVIRONMENT}: rebuild the fixtures with this kof-fixtures")
+    })?;
+    (1..=GENERATIONS)
+        .map(|n| {
+            let g = e
+                .generation(n)
+                .with_context(|| format!("no generation {n} of {ENVIRONMENT}"))?;
+            Ok(Step {
+                number: n,
+                roots: g.roots.clone(),
+                closure: g.closure.clone(),
+                closure_nar_size: g.closure_nar_size,
+            })
+        })
+        .collect()
 }
 
 fn wait_stored(store: &Store, closure: &[String]) -> Result<()> {
@@ -198,17 +211,18 @@ impl GcBench {
     /// Runs both sides against the fixtures in `fixtures`.
     pub fn run(&self, fixtures: &Path) -> Result<GcReport> {
         let manifest = kof_fixtures::build::load_manifest(fixtures)?;
-        let seq = sequence(&manifest);
-        eprintln!("without a quota: {} generations", seq.len());
-        let a = self.side(fixtures, &manifest, &seq, None)?;
+        let seq = sequence(&manifest)?;
+        eprintln!("without a quota: {ENVIRONMENT}:1..{GENERATIONS}");
+        let a = self.side(fixtures, &seq, None)?;
         let quota = a.leased_bytes + (self.headroom_mib << 20);
-        eprintln!("with store_max_bytes = {quota}: {} generations", seq.len());
-        let b = self.side(fixtures, &manifest, &seq, Some(quota))?;
+        eprintln!("with store_max_bytes = {quota}: {ENVIRONMENT}:1..{GENERATIONS}");
+        let b = self.side(fixtures, &seq, Some(quota))?;
         let steps = seq
             .iter()
             .enumerate()
-            .map(|(i, (env, g, _))| GcStep {
-                generation: format!("{env}:{g}"),
+            .map(|(i, g)| GcStep {
+                generation: format!("{ENVIRONMENT}:{}", g.number),
+                closure_nar_size: g.closure_nar_size,
                 bytes_no_quota: a.samples[i],
                 bytes_quota: b.samples[i],
             })
@@ -221,13 +235,7 @@ impl GcBench {
         })
     }
 
-    fn side(
-        &self,
-        fixtures: &Path,
-        manifest: &Manifest,
-        seq: &[(String, u32, Vec<String>)],
-        quota: Option<u64>,
-    ) -> Result<Side> {
+    fn side(&self, fixtures: &Path, seq: &[Step], quota: Option<u64>) -> Result<Side> {
         let port = free_port()?;
         let mut extra = "idle_view_secs = 3600\n".to_string();
         if let Some(q) = quota {
@@ -244,14 +252,19 @@ impl GcBench {
         });
         let store = Store::open(&node.store_dir())?;
         let mut c = node.client();
-        let kept = closure_of(manifest, "kof/hello", 2)?;
+        let pinned = format!("{ENVIRONMENT}:{PINNED}");
+        let kept = &seq
+            .iter()
+            .find(|g| g.number == PINNED)
+            .context("the pinned generation is in the sequence")?
+            .closure;
         let leased = c
-            .prepare("kof/hello:2", "kept", None)
-            .context("preparing kof/hello:2")?;
-        wait_stored(&store, &kept)?;
+            .prepare(&pinned, "pinned", None)
+            .with_context(|| format!("preparing {pinned}"))?;
+        wait_stored(&store, kept)?;
         // One read of every file first: the raw copies its passthrough opens write belong to
-        // the leased generation's working set.
-        for p in &kept {
+        // the pinned generation's working set.
+        for p in kept {
             read_tree(&leased.view_root.join(p.trim_start_matches('/')))?;
         }
         let leased_bytes = settled_bytes(port)?;
@@ -279,17 +292,26 @@ impl GcBench {
 
         let mut samples = Vec::new();
         let mut peak = leased_bytes;
-        for (i, (env, generation, closure)) in seq.iter().enumerate() {
-            let lease = format!("gen-{i}");
+        let mut rollout_failed = 0;
+        let mut previous: Option<String> = None;
+        for g in seq {
+            let name = format!("{ENVIRONMENT}:{}", g.number);
+            let lease = format!("rollout-{}", g.number);
             let p = c
-                .prepare(&format!("{env}:{generation}"), &lease, None)
-                .with_context(|| format!("preparing {env}:{generation}"))?;
-            wait_stored(&store, closure)?;
-            if let Some(first) = closure.first() {
-                let _ = read_tree(&p.view_root.join(first.trim_start_matches('/')));
+                .prepare(&name, &lease, None)
+                .with_context(|| format!("preparing {name}"))?;
+            wait_stored(&store, &g.closure)?;
+            // The new pods run: what they installed is read.
+            for root in &g.roots {
+                if read_tree(&p.view_root.join(root.trim_start_matches('/'))).is_err() {
+                    rollout_failed += 1;
+                }
             }
             peak = peak.max(store_bytes(port)?);
-            c.release(&lease)?;
+            // The previous generation's pods go once the new ones run.
+            if let Some(old) = previous.replace(lease) {
+                c.release(&old)?;
+            }
             // The quota's collection, prompted by the release, settles.
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut bytes = store_bytes(port)?;
@@ -297,7 +319,7 @@ impl GcBench {
                 std::thread::sleep(Duration::from_millis(100));
                 bytes = store_bytes(port)?;
             }
-            eprintln!("  {env}:{generation}: {:.1} MiB", bytes as f64 / 1048576.0);
+            eprintln!("  {name}: {:.1} MiB", bytes as f64 / 1048576.0);
             samples.push(bytes);
         }
         let done = c.gc(false).context("the manual gc")?;
@@ -319,6 +341,7 @@ impl GcBench {
                 manual_gc_freed: done.bytes_freed + done.derived_bytes_freed,
                 reads: reads.load(Ordering::Relaxed),
                 reads_failed: failed.load(Ordering::Relaxed),
+                rollout_reads_failed: rollout_failed,
                 peak_bytes: peak,
                 final_bytes,
             },
@@ -333,29 +356,33 @@ fn mib(b: u64) -> String {
 /// The report as text tables.
 pub fn table(r: &GcReport) -> String {
     let mut out = format!(
-        "store size (MiB) over {} generations; kof/hello:2 leased throughout ({} MiB)\n",
+        "store size (MiB) over {} generations of {ENVIRONMENT}, redeployed one after the other \
+         (generation N-1 released once N is up); {ENVIRONMENT}:{PINNED} leased and read \
+         throughout ({} MiB)\n",
         r.steps.len(),
         mib(r.leased_bytes)
     );
     out.push_str(&format!(
-        "{:>3}  {:<18} {:>12} {:>12}\n",
+        "{:>3}  {:<16} {:>8} {:>12} {:>12}\n",
         "#",
         "generation",
+        "closure",
         "no quota",
         format!("quota {}", mib(r.quota.quota.unwrap_or(0)))
     ));
     for (i, s) in r.steps.iter().enumerate() {
         out.push_str(&format!(
-            "{:>3}  {:<18} {:>12} {:>12}\n",
+            "{:>3}  {:<16} {:>8} {:>12} {:>12}\n",
             i + 1,
             s.generation,
+            mib(s.closure_nar_size),
             mib(s.bytes_no_quota),
             mib(s.bytes_quota)
         ));
     }
     for (name, s) in [("no quota", &r.no_quota), ("quota", &r.quota)] {
         out.push_str(&format!(
-            "{name}: peak {} MiB, final {} MiB; {} quota collections ({:.3} s in all), {} MiB freed; manual gc {:.3} s freed {} MiB; reads of the leased view during gc: {} ({} failed)\n",
+            "{name}: peak {} MiB, final {} MiB; {} quota collections ({:.3} s in all), {} MiB freed; manual gc {:.3} s freed {} MiB; reads of the pinned view during gc: {} ({} failed); reads of redeployed generations failed: {}\n",
             mib(s.peak_bytes),
             mib(s.final_bytes),
             s.quota_runs,
@@ -364,7 +391,8 @@ pub fn table(r: &GcReport) -> String {
             s.manual_gc_seconds,
             mib(s.manual_gc_freed),
             s.reads,
-            s.reads_failed
+            s.reads_failed,
+            s.rollout_reads_failed
         ));
     }
     out
