@@ -92,7 +92,18 @@ pub enum ContainerdError {
         /// ctr's stderr
         stderr: String,
     },
+    /// An image imported into the CRI namespace was not seen by CRI in time.
+    #[error("CRI did not see the imported image {image} within {waited:?}")]
+    ImportNotSeen {
+        /// the image name ctr reported unpacking
+        image: String,
+        /// how long we waited
+        waited: Duration,
+    },
 }
+
+/// How long CRI may take to see an image imported into its namespace.
+const CRI_SEES_IMPORT: Duration = Duration::from_secs(30);
 
 /// How to start a [`Containerd`].
 #[derive(Debug, Clone)]
@@ -473,7 +484,9 @@ disabled_plugins = [
     }
 
     /// `ctr images import` of an OCI archive (see [`crate::images`]) into `namespace`, unpacked
-    /// for the default (overlayfs) snapshotter. Use [`CRI_NAMESPACE`] for images CRI should see.
+    /// for the default (overlayfs) snapshotter. Use [`CRI_NAMESPACE`] for images CRI should see:
+    /// then it returns once CRI's `ImageStatus` knows each image (containerd 2.x's CRI learns of
+    /// an import from an event, after `ctr` has returned).
     pub fn import_image(&self, namespace: &str, archive: &Path) -> Result<(), ContainerdError> {
         let out = self
             .ctr(namespace)
@@ -491,6 +504,29 @@ disabled_plugins = [
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
+        }
+        if namespace == CRI_NAMESPACE {
+            // `unpacking docker.io/kof/busybox:1 (sha256:...)...done`
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let images = stdout
+                .lines()
+                .filter_map(|l| l.strip_prefix("unpacking "))
+                .filter_map(|l| l.split_whitespace().next());
+            // A containerd without CRI has nothing to wait for.
+            if let Ok(cri) = crate::cri::CriClient::connect(&self.socket) {
+                for image in images {
+                    let start = Instant::now();
+                    while !cri.image_status(image).is_ok_and(|i| i.is_some()) {
+                        if start.elapsed() > CRI_SEES_IMPORT {
+                            return Err(ContainerdError::ImportNotSeen {
+                                image: image.to_string(),
+                                waited: CRI_SEES_IMPORT,
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
         }
         Ok(())
     }
