@@ -216,11 +216,9 @@ impl LeaseDir {
 mod tests {
     use super::*;
 
-    #[test]
-    fn leases_round_trip_and_leftovers_are_cleaned() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = LeaseDir::open(&tmp.path().join("leases")).unwrap();
-        let rec = LeaseRecord {
+    /// The record of lease `c1` of kof/hello's generation 2, its view `view`.
+    fn record(view: Option<String>) -> LeaseRecord {
+        LeaseRecord {
             lease: "c1".into(),
             owner: "kof".into(),
             name: "hello".into(),
@@ -236,8 +234,15 @@ mod tests {
             },
             root_set_by_lease: true,
             created_at: 7,
-            view: Some(view_name("0123456789abcdef0123456789abcdef0123")),
-        };
+            view,
+        }
+    }
+
+    #[test]
+    fn leases_round_trip_and_leftovers_are_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = LeaseDir::open(&tmp.path().join("leases")).unwrap();
+        let rec = record(Some(view_name("0123456789abcdef0123456789abcdef0123")));
         dir.put(&rec).unwrap();
         std::fs::write(tmp.path().join("leases/.tmp-1-c2"), b"{").unwrap();
         assert_eq!(dir.load_all().unwrap(), vec![rec.clone()]);
@@ -257,56 +262,14 @@ mod tests {
     /// record stays whole.
     #[test]
     fn a_full_file_system_fails_the_write_and_leaves_the_old_record() {
-        use std::process::Command;
         let tmp = tempfile::tempdir().unwrap();
         let mnt = tmp.path().join("fs");
-        std::fs::create_dir(&mnt).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs (the test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        struct Unmount(PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let ok = Command::new("umount").arg(&self.0).status();
-                if !ok.is_ok_and(|s| s.success()) {
-                    let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-                }
-            }
-        }
-        let _unmount = Unmount(mnt.clone());
+        let _fs = kof_testkit::Tmpfs::mount(&mnt, "1m");
 
         let dir = LeaseDir::open(&mnt.join("leases")).unwrap();
-        let rec = LeaseRecord {
-            lease: "c1".into(),
-            owner: "kof".into(),
-            name: "hello".into(),
-            generation: 2,
-            pinned: false,
-            activation: kof_node_api::api::Activation {
-                env: "kof/hello:2".into(),
-                flox_env: "/nix/store/abc-flox-env-hello".into(),
-                description: "hello".into(),
-                vars: Default::default(),
-                hook: None,
-                bash: None,
-            },
-            root_set_by_lease: true,
-            created_at: 7,
-            view: None,
-        };
+        let rec = record(None);
         dir.put(&rec).unwrap();
-        // Fill the file system to its last byte.
-        let mut filler = std::fs::File::create(mnt.join("filler")).unwrap();
-        let block = vec![0u8; 4096];
-        while filler.write(&block).is_ok_and(|n| n > 0) {}
-        while filler.write(&block[..1]).is_ok_and(|n| n > 0) {}
+        kof_testkit::fill_file_system(&mnt.join("filler"));
 
         let mut newer = rec.clone();
         newer.generation = 3;
@@ -332,7 +295,6 @@ mod tests {
         assert_eq!(dir.load_all().unwrap(), vec![rec.clone()]);
 
         // Room again: the update goes through.
-        drop(filler);
         std::fs::remove_file(mnt.join("filler")).unwrap();
         dir.put(&newer).unwrap();
         assert_eq!(dir.load_all().unwrap(), vec![newer]);
