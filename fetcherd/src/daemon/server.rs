@@ -154,6 +154,17 @@ fn prepare_failure(e: PrepareError) -> Failure {
     fail(kind, message)
 }
 
+/// Why an idle view could not be removed (it stays idle, and is tried again).
+#[derive(Debug, Error)]
+enum RemoveViewError {
+    /// The FUSE server did not remove it.
+    #[error(transparent)]
+    Control(#[from] ApiError),
+    /// The blocking control call ended without a result.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// The daemon's state, shared by the connection tasks.
 struct Daemon {
     config: Config,
@@ -1100,24 +1111,28 @@ impl Daemon {
                 if self.idle_views.lock().get(&view).map(|i| i.since) != Some(since) {
                     continue;
                 }
-                let control = self.paths.control.clone();
-                let name = view.clone();
-                let removed = tokio::task::spawn_blocking(move || {
-                    ControlClient::connect(&control).and_then(|mut c| c.remove_view(&name))
-                })
-                .await;
-                match removed {
-                    Ok(Ok(_)) => {
-                        self.idle_views.lock().remove(&view);
-                        info!(view = %view, "idle view removed");
-                    }
-                    Ok(Err(e)) => {
+                match self.remove_idle_view(&view).await {
+                    Ok(()) => info!(view = %view, "idle view removed"),
+                    Err(e) => {
                         warn!(view = %view, error = %chain(&e), "removing an idle view; retried later")
                     }
-                    Err(e) => warn!(view = %view, error = %e, "removing an idle view"),
                 }
             }
         }
+    }
+
+    /// Removes idle view `view` through the FUSE server's control socket (a blocking call, run
+    /// off the runtime) and, once it is gone, forgets it as idle. The caller holds the view's
+    /// lock and has checked that it is still idle.
+    async fn remove_idle_view(&self, view: &str) -> Result<(), RemoveViewError> {
+        let control = self.paths.control.clone();
+        let name = view.to_owned();
+        tokio::task::spawn_blocking(move || {
+            ControlClient::connect(&control).and_then(|mut c| c.remove_view(&name))
+        })
+        .await??;
+        self.idle_views.lock().remove(view);
+        Ok(())
     }
 
     /// Background prefetch of every leased closure again (after a restart).

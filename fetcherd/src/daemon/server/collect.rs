@@ -38,7 +38,6 @@ use kof_store::{Digest, GcReport, GcRun, GcTrigger, LiveSet};
 use tracing::{info, warn};
 
 use super::{blocking, fail, now_secs, Daemon, Failure};
-use crate::daemon::control::ControlClient;
 
 /// How often the quota is checked when no prepare, prefetch or release prompts it.
 pub(super) const QUOTA_CHECK_EVERY: Duration = Duration::from_secs(30);
@@ -400,20 +399,10 @@ impl Daemon {
             if self.idle_views.lock().get(&view).map(|i| i.since) != Some(since) {
                 continue;
             }
-            let control = self.paths.control.clone();
-            let name = view.clone();
-            let removed = tokio::task::spawn_blocking(move || {
-                ControlClient::connect(&control).and_then(|mut c| c.remove_view(&name))
-            })
-            .await;
-            match removed {
-                Ok(Ok(_)) => {
-                    self.idle_views.lock().remove(&view);
+            match self.remove_idle_view(&view).await {
+                Ok(()) => {
                     info!(view = %view, "idle view dropped for the quota");
                     return true;
-                }
-                Ok(Err(e)) => {
-                    warn!(view = %view, error = %chain(&e), "dropping an idle view for the quota")
                 }
                 Err(e) => {
                     warn!(view = %view, error = %chain(&e), "dropping an idle view for the quota")
