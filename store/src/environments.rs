@@ -98,15 +98,29 @@ impl Store {
         name: &str,
         generation: u64,
     ) -> Result<Option<EnvironmentRecord>, StoreError> {
+        self.environment_row(ENV_COLUMNS, owner, name, generation, |r| Ok(env_row(r)))?
+            .transpose()
+    }
+
+    /// `columns` of generation `generation` of `owner/name` in `environments`, read by `read`;
+    /// `None` if it is not recorded.
+    fn environment_row<T>(
+        &self,
+        columns: &str,
+        owner: &str,
+        name: &str,
+        generation: u64,
+        read: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Option<T>, StoreError> {
         let conn = self.db.get()?;
         let found = conn
             .prepare_cached(&format!(
-                "SELECT {ENV_COLUMNS} FROM environments
+                "SELECT {columns} FROM environments
                  WHERE owner = ? AND name = ? AND generation = ?"
             ))?
-            .query_row(params![owner, name, generation as i64], |r| Ok(env_row(r)))
+            .query_row(params![owner, name, generation as i64], read)
             .optional()?;
-        found.transpose()
+        Ok(found)
     }
 
     /// Every recorded environment generation, by owner, name and generation.
@@ -165,6 +179,12 @@ impl Store {
         Ok(())
     }
 
+    /// Runs the statement `sql` with `params`: whether it changed any row.
+    fn changed_a_row(&self, sql: &str, params: impl rusqlite::Params) -> Result<bool, StoreError> {
+        let conn = self.db.get()?;
+        Ok(conn.execute(sql, params)? > 0)
+    }
+
     /// Removes a root; `false` if there was none.
     pub fn remove_root(
         &self,
@@ -172,12 +192,10 @@ impl Store {
         name: &str,
         generation: u64,
     ) -> Result<bool, StoreError> {
-        let conn = self.db.get()?;
-        let n = conn.execute(
+        self.changed_a_row(
             "DELETE FROM roots WHERE owner = ? AND name = ? AND generation = ?",
             params![owner, name, generation as i64],
-        )?;
-        Ok(n > 0)
+        )
     }
 
     /// Records that a lease, prepare or prefetch used the generation now
@@ -189,12 +207,10 @@ impl Store {
         name: &str,
         generation: u64,
     ) -> Result<bool, StoreError> {
-        let conn = self.db.get()?;
-        let n = conn.execute(
+        self.changed_a_row(
             "UPDATE environments SET last_used_at = ? WHERE owner = ? AND name = ? AND generation = ?",
             params![now(), owner, name, generation as i64],
-        )?;
-        Ok(n > 0)
+        )
     }
 
     /// When the generation was last used (unix time; `None` if never, or not recorded).
@@ -204,17 +220,10 @@ impl Store {
         name: &str,
         generation: u64,
     ) -> Result<Option<i64>, StoreError> {
-        let conn = self.db.get()?;
-        let found = conn
-            .prepare_cached(
-                "SELECT last_used_at FROM environments
-                 WHERE owner = ? AND name = ? AND generation = ?",
-            )?
-            .query_row(params![owner, name, generation as i64], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .optional()?;
-        Ok(found.flatten())
+        let used = self.environment_row("last_used_at", owner, name, generation, |r| {
+            r.get::<_, Option<i64>>(0)
+        })?;
+        Ok(used.flatten())
     }
 
     /// Every root, by owner, name and generation.
