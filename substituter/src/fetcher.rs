@@ -234,6 +234,17 @@ pub enum PathError {
 }
 
 impl PathError {
+    /// `path`'s task (its NAR at `url`; empty when none) ended without a result: `source`, a
+    /// panic or a cancellation.
+    fn task_ended(path: StorePath, url: String, source: tokio::task::JoinError) -> PathError {
+        PathError::Aborted {
+            path,
+            url,
+            reason: "its task ended without a result".into(),
+            source: Some(source),
+        }
+    }
+
     /// Whether trying the same cache again may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -767,14 +778,9 @@ impl Inner {
         });
         let err_path = path.clone();
         let fut = async move {
-            handle.await.unwrap_or_else(|e| {
-                Err(Arc::new(PathError::Aborted {
-                    path: err_path,
-                    url,
-                    reason: "its task ended without a result".into(),
-                    source: Some(e),
-                }))
-            })
+            handle
+                .await
+                .unwrap_or_else(|e| Err(Arc::new(PathError::task_ended(err_path, url, e))))
         }
         .boxed()
         .shared();
@@ -884,8 +890,7 @@ impl Inner {
         if refs.is_empty() {
             return Ok(refs);
         }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_store(&path, move |store| {
             let mut missing = Vec::new();
             for r in refs {
                 if !store.has_path(&r)? {
@@ -895,13 +900,23 @@ impl Inner {
             Ok(missing)
         })
         .await
-        .map_err(|e| PathError::Aborted {
-            path: path.clone(),
-            url: String::new(),
-            reason: "its task ended without a result".into(),
-            source: Some(e),
-        })?
-        .map_err(|source| PathError::Store { path, source })
+    }
+
+    /// Runs `f` on the store off the runtime; its error, or its task's end without a result,
+    /// is a failure of `path`.
+    async fn on_store<T: Send + 'static>(
+        &self,
+        path: &StorePath,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, PathError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| PathError::task_ended(path.clone(), String::new(), e))?
+            .map_err(|source| PathError::Store {
+                path: path.clone(),
+                source,
+            })
     }
 
     /// Records fetch state in the store. Bookkeeping only: a failure to record is logged and
@@ -979,20 +994,8 @@ impl Inner {
     }
 
     async fn has_path(&self, path: &StorePath) -> Result<bool, PathError> {
-        let store = self.store.clone();
         let p = path.clone();
-        tokio::task::spawn_blocking(move || store.has_path(&p))
-            .await
-            .map_err(|e| PathError::Aborted {
-                path: path.clone(),
-                url: String::new(),
-                reason: "its task ended without a result".into(),
-                source: Some(e),
-            })?
-            .map_err(|source| PathError::Store {
-                path: path.clone(),
-                source,
-            })
+        self.on_store(path, move |store| store.has_path(&p)).await
     }
 
     /// One attempt: stream the NAR from the cache through the verifying pipeline into the store,
@@ -1043,12 +1046,7 @@ impl Inner {
             Some(store.prepare_nar(&info, &source_cache, &mut reader))
         });
         let (downloaded, ingested) = tokio::join!(pump(stream, tx, &path, events), ingest);
-        let ingested = ingested.map_err(|e| PathError::Aborted {
-            path: path.clone(),
-            url: url.clone(),
-            reason: "its task ended without a result".into(),
-            source: Some(e),
-        })?;
+        let ingested = ingested.map_err(|e| PathError::task_ended(path.clone(), url.clone(), e))?;
         // The first cause a reader layer recorded explains any failure better than the store's
         // wrapping of the io::Error it was handed.
         if let Some(cause) = ctx.take_cause() {
