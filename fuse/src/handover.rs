@@ -23,9 +23,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fuser::{Config, Session, SessionACL, Version};
+use fuser::{Session, SessionACL, Version};
 
 use crate::filesystem::{Handles, HandlesState, KofFs, Shared};
+use crate::mount::{session_config, spawn_session};
 use crate::tree::{Tree, TreeState};
 use crate::{ContentSource, Entry, FuseError, MountOptions, Mounted};
 
@@ -133,10 +134,7 @@ pub fn resume(
     };
     let dev = fd.try_clone().map_err(mount_err)?;
     let _ = shared.dev.set(dev);
-    let mut config = Config::default();
-    config.acl = SessionACL::All;
-    config.n_threads = Some(opts.threads);
-    config.clone_fd = false;
+    let config = session_config(&opts);
     let fs = KofFs {
         shared: shared.clone(),
     };
@@ -148,13 +146,7 @@ pub fn resume(
         Version(state.proto.0, state.proto.1),
     );
     let notifier = session.notifier();
-    let handle = std::thread::Builder::new()
-        .name("kof-fuse".to_owned())
-        .spawn(move || session.run())
-        .map_err(|source| FuseError::SpawnSession {
-            path: mountpoint.clone(),
-            source,
-        })?;
+    let handle = spawn_session(session, &mountpoint)?;
     let dev = shared.dev.get().expect("set above");
     match notify_resend(dev) {
         Ok(()) => {}

@@ -92,7 +92,7 @@ pub fn mount(
     if opts.threads == 0 {
         return Err(FuseError::NoThreads { path: mountpoint });
     }
-    let mut config = Config::default();
+    let mut config = session_config(&opts);
     config.mount_options = vec![
         MountOption::RO,
         MountOption::FSName(opts.fs_name.clone()),
@@ -101,10 +101,6 @@ pub fn mount(
         MountOption::NoSuid,
         MountOption::Exec,
     ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(opts.threads);
-    // One descriptor for all workers (see `MountOptions::threads`).
-    config.clone_fd = false;
 
     let shared = Arc::new(Shared::new(source, opts.passthrough));
     let fs = KofFs {
@@ -129,15 +125,8 @@ pub fn mount(
             source,
         })?;
     let _ = shared.dev.set(dev);
-    let handle = std::thread::Builder::new()
-        .name("kof-fuse".to_owned())
-        .spawn(move || session.run())
-        .map_err(|source| FuseError::SpawnSession {
-            path: mountpoint.clone(),
-            source,
-        });
     // On a spawn error the session was dropped inside the failed closure, which unmounted.
-    let handle = handle?;
+    let handle = spawn_session(session, &mountpoint)?;
     tracing::info!(mountpoint = %mountpoint.display(), threads = opts.threads,
         passthrough = opts.passthrough, "kof FUSE view mounted");
     Ok(Mounted {
@@ -149,6 +138,31 @@ pub fn mount(
         proto,
         resumed: false,
     })
+}
+
+/// The session configuration of a mount and of a take-over: every user may enter, `threads`
+/// workers sharing one descriptor (see [`MountOptions::threads`]).
+pub(crate) fn session_config(opts: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads);
+    // One descriptor for all workers (see `MountOptions::threads`).
+    config.clone_fd = false;
+    config
+}
+
+/// Runs `session` (serving `mountpoint`) on a thread of its own, which starts its workers.
+pub(crate) fn spawn_session(
+    session: Session<KofFs>,
+    mountpoint: &Path,
+) -> Result<JoinHandle<io::Result<()>>, FuseError> {
+    std::thread::Builder::new()
+        .name("kof-fuse".to_owned())
+        .spawn(move || session.run())
+        .map_err(|source| FuseError::SpawnSession {
+            path: mountpoint.to_path_buf(),
+            source,
+        })
 }
 
 impl Mounted {
