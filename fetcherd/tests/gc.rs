@@ -135,7 +135,7 @@ fn gc_races_prepare_reads_and_ingest_without_a_failed_read() {
         );
         threads.push(std::thread::spawn(move || {
             let mut c = kof_node_api::api::Client::connect(&socket).unwrap();
-            let mut i = 0u64;
+            let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let generation = 1 + i % 5;
                 let lease = format!("churn-{i}");
@@ -271,7 +271,7 @@ fn quota_keeps_the_store_under_its_limit_while_leased_generations_stay() {
     node.start_daemon();
     let mut c = node.client();
 
-    let sequence: Vec<(&str, u64)> = vec![
+    let sequence: Vec<(&str, u32)> = vec![
         ("kof/dedup", 1),
         ("kof/dedup", 2),
         ("kof/dedup", 3),

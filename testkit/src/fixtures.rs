@@ -35,18 +35,18 @@ pub fn manifest() -> &'static Manifest {
 
 /// The closure of fixture environment `env` (`owner/name`): of generation `generation`, or of
 /// its live generation on `None` (absolute paths, sorted).
-pub fn closure_of(env: &str, generation: Option<u64>) -> Vec<String> {
+pub fn closure_of(env: &str, generation: Option<u32>) -> Vec<String> {
     let (owner, name) = env.split_once('/').unwrap();
     let e = manifest()
         .environments
         .iter()
         .find(|e| e.owner == owner && e.name == name)
         .unwrap_or_else(|| panic!("no fixture environment {env}"));
-    let number = generation.unwrap_or(u64::from(e.live_generation));
+    let number = generation.unwrap_or(e.live_generation);
     let mut c = e
         .generations
         .iter()
-        .find(|g| u64::from(g.number) == number)
+        .find(|g| g.number == number)
         .unwrap_or_else(|| panic!("no generation {number} of {env}"))
         .closure
         .clone();

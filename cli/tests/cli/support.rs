@@ -5,27 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use kof_testkit::{fixtures_dir, manifest};
-
-/// The closure of generation `generation` (or the live one) of `owner/name`, per the manifest.
-pub fn closure_of(env: &str, generation: Option<u32>) -> Vec<String> {
-    let (owner, name) = env.split_once('/').unwrap();
-    let e = manifest()
-        .environments
-        .iter()
-        .find(|e| e.owner == owner && e.name == name)
-        .unwrap_or_else(|| panic!("fixture environment {env}"));
-    let g = generation.unwrap_or(e.live_generation);
-    let mut c = e
-        .generations
-        .iter()
-        .find(|x| x.number == g)
-        .unwrap_or_else(|| panic!("generation {g} of {env}"))
-        .closure
-        .clone();
-    c.sort();
-    c
-}
+pub use kof_testkit::{closure_of, fixtures_dir, manifest, staged};
 
 /// NarSize of a fixture store path.
 pub fn nar_size(path: &str) -> u64 {
@@ -182,11 +162,6 @@ fn unsafe_kill(pid: u32) {
 /// sha256 (hex) of bytes.
 pub fn sha256_hex(b: &[u8]) -> String {
     kof_nar::NixHash::digest(b).to_hex()
-}
-
-/// The staged tree of a fixture store path.
-pub fn staged(path: &str) -> PathBuf {
-    fixtures_dir().join(&manifest().store_paths[path].staged)
 }
 
 /// Runs a command to completion, asserting success; returns stdout bytes.
