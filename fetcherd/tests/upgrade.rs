@@ -518,3 +518,97 @@ fn view_name(view_root: &Path) -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// A FUSE server of a release before hand-over, as far as its control socket goes: it answers
+/// `ping` with another build and refuses `hand_over` as an unknown request.
+fn older_fuse_server(control: &Path, mount_dir: &Path) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    std::fs::create_dir_all(control.parent().unwrap()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(control).unwrap();
+    let mount_dir = mount_dir.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mount_dir = mount_dir.clone();
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                for line in std::io::BufReader::new(conn).lines() {
+                    let Ok(line) = line else { return };
+                    let answer = if line.contains("\"ping\"") {
+                        // No process of its own (pid 0): nothing to stop at the end.
+                        let mut v = serde_json::to_vec(&serde_json::json!({
+                            "pid": 0,
+                            "mount_dir": mount_dir,
+                            "views": [],
+                            "build": "an-older-build",
+                        }))
+                        .unwrap();
+                        v.push(b'\n');
+                        v
+                    } else if line.contains("\"shutdown\"") {
+                        b"{\"ok\":true}\n".to_vec()
+                    } else {
+                        kof_node_api::api::error_line(
+                            kof_node_api::api::ErrorKind::BadRequest,
+                            "bad control request: unknown variant",
+                        )
+                    };
+                    if w.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// A running FUSE server that cannot hand over (a release before hand-over) stays: the new
+/// build's take-over gives up at once, the daemon says so and serves through the running one.
+#[test]
+fn a_fuse_server_that_cannot_hand_over_stays() {
+    let up = Upgrade::new("older", "zstd", None);
+    let node = &up.node;
+    let _older = older_fuse_server(&node.control(), &node.mount_dir());
+    let mut c = Container::start(
+        &format!("kof-test-ds-{}-1", up.tag),
+        &up.old_bin,
+        &node.config,
+        &node.dir().join("daemon-1.log"),
+    );
+    let start = Instant::now();
+    loop {
+        let status = Client::connect(&node.socket()).and_then(|mut c| c.status());
+        if let Ok(s) = status {
+            let info = s.fuse_server.expect("the running FUSE server answers");
+            assert_eq!(info.build.as_deref(), Some("an-older-build"));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the daemon did not come up\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The daemon serves while it adopts the FUSE server: wait for the take-over's outcome.
+    let log = loop {
+        let log = std::fs::read_to_string(node.dir().join("daemon-1.log")).unwrap_or_default();
+        if log.contains("the running one stays") || log.contains("the FUSE server was replaced") {
+            break log;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no outcome of the take-over\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // It gave up because the successor exited, not because the start bound passed.
+    assert!(
+        log.contains("the FUSE server started to take over exited"),
+        "{log}"
+    );
+    let fuse_log = std::fs::read_to_string(node.dir().join("run/fuse-server.log")).unwrap();
+    assert!(fuse_log.contains("instead of handing over"), "{fuse_log}");
+    c.kill();
+}

@@ -245,6 +245,14 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    /// Started to take over, it exited instead.
+    #[error("the FUSE server started to take over exited ({status}; see its log {log})")]
+    TakeOverExited {
+        /// Its exit status.
+        status: String,
+        /// Its log.
+        log: PathBuf,
+    },
     /// It started but never answered on its control socket.
     #[error("the FUSE server did not answer on {control} within {waited:?} (see its log {log})")]
     NoAnswer {
@@ -387,21 +395,39 @@ fn spawn_fuse_server(
         exe: exe.clone(),
         source,
     })?;
-    tracing::info!(pid = child.id(), "started the FUSE server");
-    // Reap it if it exits while we live (it normally outlives us).
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
+    tracing::info!(pid = child.id(), take_over, "started the FUSE server");
     let start = Instant::now();
     let mut last = None;
+    let mut answer = None;
     while start.elapsed() < wait {
         match ControlClient::connect(&paths.control).and_then(|mut c| c.ping()) {
             // Taking over, the old server answers until it hands over.
             Ok(info) if take_over && info.build != own => {}
-            Ok(info) => return Ok(info),
+            Ok(info) => {
+                answer = Some(info);
+                break;
+            }
             Err(e) => last = Some(Box::new(e)),
         }
+        // A successor that gave up (an older server without hand-over, say) has exited: no
+        // need to wait out the bound. (A fresh server that finds another running exits too,
+        // and the loop waits for that one.)
+        if take_over {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(SpawnError::TakeOverExited {
+                    status: status.to_string(),
+                    log: paths.log.clone(),
+                });
+            }
+        }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reap it if it exits while we live (it normally outlives us).
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    if let Some(info) = answer {
+        return Ok(info);
     }
     Err(SpawnError::NoAnswer {
         control: paths.control.clone(),
