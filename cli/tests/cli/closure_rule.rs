@@ -12,21 +12,6 @@ use crate::support::*;
 
 const ENV: &str = "kof/hello";
 
-/// The NAR file name of a fixture path in the zstd cache.
-fn nar_file(path: &str) -> String {
-    let base = path.trim_start_matches("/nix/store/");
-    let narinfo = std::fs::read_to_string(
-        fixtures_dir().join(format!("caches/zstd/{}.narinfo", &base[..32])),
-    )
-    .unwrap();
-    let url = narinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
-    url.rsplit('/').next().unwrap().to_string()
-}
-
 /// The references (other than itself) of each path of `closure`, per the manifest.
 fn references(closure: &[String]) -> HashMap<String, Vec<String>> {
     closure

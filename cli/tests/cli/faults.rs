@@ -7,21 +7,6 @@ use kof_fixtures::serve::{Fault, FaultKind};
 
 use crate::support::*;
 
-/// The NAR file name (`<filehash>.nar.zst`) of a fixture path in the zstd cache.
-fn nar_file(path: &str) -> String {
-    let base = path.trim_start_matches("/nix/store/");
-    let narinfo = std::fs::read_to_string(
-        fixtures_dir().join(format!("caches/zstd/{}.narinfo", &base[..32])),
-    )
-    .unwrap();
-    let url = narinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_string();
-    url.rsplit('/').next().unwrap().to_string()
-}
-
 /// The largest path of an environment's closure (the one a fault is aimed at).
 fn largest(env: &str) -> String {
     closure_of(env, None)

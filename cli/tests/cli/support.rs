@@ -174,3 +174,18 @@ pub fn must(c: &mut Command) -> Vec<u8> {
     );
     out.stdout
 }
+
+/// The NAR file name (`<filehash>.nar.zst`) of a fixture path in the zstd cache.
+pub fn nar_file(path: &str) -> String {
+    let base = path.trim_start_matches("/nix/store/");
+    let narinfo = std::fs::read_to_string(
+        fixtures_dir().join(format!("caches/zstd/{}.narinfo", &base[..32])),
+    )
+    .unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+    url.rsplit('/').next().unwrap().to_string()
+}
