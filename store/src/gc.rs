@@ -37,7 +37,7 @@ use std::fs;
 use std::time::{Duration, SystemTime};
 
 use kof_nar::StorePath;
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use tracing::info;
 
 use crate::error::StoreError;
@@ -94,9 +94,7 @@ impl GcTrigger {
 
     /// The trigger of a stored name.
     pub fn parse(s: &str) -> Option<GcTrigger> {
-        [GcTrigger::Manual, GcTrigger::Quota, GcTrigger::NoSpace]
-            .into_iter()
-            .find(|t| t.as_str() == s)
+        GcTrigger::ALL.into_iter().find(|t| t.as_str() == s)
     }
 
     /// Every trigger, in a fixed order.
@@ -273,11 +271,7 @@ impl Store {
                     })
                 },
             )
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                e => Err(e),
-            })?;
+            .optional()?;
         Ok(h)
     }
 
@@ -320,11 +314,7 @@ impl Store {
                     .query_row(params![owner, name, *generation as i64], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                     })
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
+                    .optional()?;
                 match found {
                     Some((roots, closure)) => {
                         wanted.extend(serde_json::from_str::<Vec<String>>(&roots)?);
