@@ -191,19 +191,7 @@ impl Handles {
 
 impl Shared {
     pub(crate) fn new(source: Arc<dyn ContentSource>, passthrough: bool) -> Self {
-        Shared {
-            tree: RwLock::new(Tree::new()),
-            stats: OpRecorder::default(),
-            source,
-            passthrough_wanted: passthrough,
-            passthrough_active: AtomicBool::new(false),
-            backing_refusal_warned: AtomicBool::new(false),
-            handles: Mutex::new(Handles::default()),
-            frozen: AtomicBool::new(false),
-            freeze_lock: Mutex::new(()),
-            thawed: parking_lot::Condvar::new(),
-            dev: std::sync::OnceLock::new(),
-        }
+        Shared::with(source, Tree::new(), Handles::default(), passthrough, false)
     }
 
     /// A server taking over: `tree` and `handles` as its predecessor left them, passthrough as
@@ -214,11 +202,27 @@ impl Shared {
         handles: Handles,
         passthrough_active: bool,
     ) -> Self {
+        Shared::with(
+            source,
+            tree,
+            handles,
+            passthrough_active,
+            passthrough_active,
+        )
+    }
+
+    fn with(
+        source: Arc<dyn ContentSource>,
+        tree: Tree,
+        handles: Handles,
+        passthrough_wanted: bool,
+        passthrough_active: bool,
+    ) -> Self {
         Shared {
             tree: RwLock::new(tree),
             stats: OpRecorder::default(),
             source,
-            passthrough_wanted: passthrough_active,
+            passthrough_wanted,
             passthrough_active: AtomicBool::new(passthrough_active),
             backing_refusal_warned: AtomicBool::new(false),
             handles: Mutex::new(handles),

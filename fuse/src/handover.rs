@@ -4,11 +4,12 @@
 //!
 //! The kernel keeps a FUSE connection as long as any process holds its `/dev/fuse` file, and
 //! a request a server has read but not answered stays on that file. So:
-//! 1. [`Mounted::hand_over`] freezes the old server's state (the inode table and the open
-//!    handles; from then on an operation that would change them parks, unanswered, see
+//! 1. [`Mounted::freeze`] freezes the old server's state (the inode table and the open
+//!    handles; from then on an operation that would change them waits, unanswered, see
 //!    [`crate::filesystem`]) and returns it with a duplicate of the connection's descriptor.
-//!    The caller passes both to the successor (over a unix socket, `SCM_RIGHTS`) and exits
-//!    without unmounting.
+//!    The caller passes both to the successor (over a unix socket, `SCM_RIGHTS`), gives up
+//!    unmounting ([`Mounted::handed_over`]) and exits; or, if that fails, serves on
+//!    ([`Mounted::thaw`]).
 //! 2. [`resume`] (in the successor, after the old process is gone) rebuilds the inode table
 //!    over the views' trees, giving every entry the inode number the kernel knows it by,
 //!    restores the open handles and the passthrough backing files, starts the worker threads

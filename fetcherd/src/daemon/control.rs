@@ -336,9 +336,20 @@ fn upgrade_fuse_server(
 }
 
 /// BLAKE3 of this process's executable (hex): what tells two builds of the FUSE server apart.
+/// Hashed once per process (the executable does not change under a running process).
 pub fn build_id() -> std::io::Result<String> {
+    static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(b) = BUILD.get() {
+        return Ok(b.clone());
+    }
+    let b = build_of(Path::new("/proc/self/exe"))?;
+    Ok(BUILD.get_or_init(|| b).clone())
+}
+
+/// BLAKE3 (hex) of the executable at `exe` (`/proc/<pid>/exe` for a running process).
+pub fn build_of(exe: &Path) -> std::io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_reader(std::fs::File::open("/proc/self/exe")?)?;
+    hasher.update_reader(std::fs::File::open(exe)?)?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

@@ -462,7 +462,7 @@ fn take_over(
         UnixStream::connect(&paths.control).map_err(io_err("connecting to", &paths.control))?;
     conn.write_all(b"{\"op\":\"hand_over\"}\n")
         .map_err(io_err("writing to", &paths.control))?;
-    let (payload, [dev, listener, lock]) = handover::receive(&mut conn).map_err(failed)?;
+    let (payload, [dev, listener, lock]) = handover::receive(&conn).map_err(failed)?;
     tracing::info!(from = payload.pid, from_build = %payload.build, %build,
         views = payload.views.len(), "taking the FUSE view over");
     let roots = payload.roots().map_err(failed)?;
@@ -477,9 +477,8 @@ fn take_over(
         // Stuck after handing over: kill it, if the pid it gave is that server in our pid
         // namespace (its executable is of the build it named).
         let pid = payload.pid as i32;
-        let same = std::fs::File::open(format!("/proc/{pid}/exe"))
-            .and_then(|f| blake3::Hasher::new().update_reader(f).map(|h| h.finalize()))
-            .is_ok_and(|h| h.to_hex().as_str() == payload.build);
+        let same = super::control::build_of(Path::new(&format!("/proc/{pid}/exe")))
+            .is_ok_and(|b| b == payload.build);
         tracing::warn!(
             pid,
             same,

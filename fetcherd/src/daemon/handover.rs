@@ -13,7 +13,7 @@
 //! tree once, by [`tree_digest`]), so the successor needs nothing from the daemon.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{IoSlice, IoSliceMut, Read};
+use std::io::{BufRead, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -180,7 +180,7 @@ pub(crate) fn send(
 }
 
 /// Receives a payload line and its descriptors.
-pub(crate) fn receive(conn: &mut UnixStream) -> Result<(Payload, [OwnedFd; FDS]), HandOverError> {
+pub(crate) fn receive(conn: &UnixStream) -> Result<(Payload, [OwnedFd; FDS]), HandOverError> {
     let err = |source| HandOverError::Socket {
         what: "receiving",
         source,
@@ -217,16 +217,17 @@ pub(crate) fn receive(conn: &mut UnixStream) -> Result<(Payload, [OwnedFd; FDS])
         }
         return Err(HandOverError::Descriptors { got: fds.len() });
     }
-    while line.last() != Some(&b'\n') {
-        let mut chunk = vec![0u8; 1 << 20];
-        let got = conn.read(&mut chunk).map_err(err)?;
-        if got == 0 {
+    if line.last() != Some(&b'\n') {
+        // The rest of the line: no more descriptors come with it.
+        std::io::BufReader::new(conn)
+            .read_until(b'\n', &mut line)
+            .map_err(err)?;
+        if line.last() != Some(&b'\n') {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "the running FUSE server closed the socket mid-payload",
             )));
         }
-        line.extend_from_slice(&chunk[..got]);
     }
     let payload = serde_json::from_slice(&line).map_err(HandOverError::Decode)?;
     let fds: [OwnedFd; FDS] = fds.try_into().expect("length checked");
