@@ -80,12 +80,6 @@ impl Freed {
     }
 }
 
-/// Whether `e` or one of its causes is a file system out of space: `ENOSPC` or `EDQUOT`, the
-/// store's `NoSpace`, or the database's `SQLITE_FULL` (see [`kof_store::chain_is_no_space`]).
-pub(super) fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
-    kof_store::chain_is_no_space(e)
-}
-
 fn store_failure(what: &str, e: &(dyn std::error::Error + 'static)) -> Failure {
     fail(ErrorKind::Store, format!("{what}: {}", chain(e)))
 }
@@ -304,7 +298,7 @@ impl Daemon {
     /// background (one at a time: failures meanwhile start no other), so the next attempt of
     /// the failed write finds space.
     pub(super) fn after_failure(self: &Arc<Self>, e: &(dyn std::error::Error + 'static)) {
-        if !is_no_space(e) || self.no_space_gc.swap(true, Ordering::AcqRel) {
+        if !kof_store::chain_is_no_space(e) || self.no_space_gc.swap(true, Ordering::AcqRel) {
             return;
         }
         warn!(error = %chain(e), "no space left: collecting");
