@@ -830,6 +830,7 @@ impl Inner {
         let stats = prepared.stats().clone();
         if !prepared.already_stored() {
             let mut waits = Vec::new();
+            let mut unavailable = None;
             for reference in self.missing_references(&prepared).await? {
                 let joined = self.in_flight.lock().get(&reference).cloned();
                 let fut = match joined {
@@ -837,20 +838,31 @@ impl Inner {
                     None => match self.subs.lookup(&reference).await {
                         Ok(Some(sub)) => self.clone().fetch_shared(sub, None, None),
                         Ok(None) => {
-                            return Err(PathError::ReferenceUnavailable { path, reference });
+                            unavailable = Some(PathError::ReferenceUnavailable {
+                                path: path.clone(),
+                                reference,
+                            });
+                            break;
                         }
                         Err(source) => {
-                            return Err(PathError::ReferenceLookup {
-                                path,
+                            unavailable = Some(PathError::ReferenceLookup {
+                                path: path.clone(),
                                 reference,
                                 source,
-                            })
+                            });
+                            break;
                         }
                     },
                 };
                 waits.push(async move { (reference, fut.await) });
             }
-            for (reference, result) in futures_util::future::join_all(waits).await {
+            // The fetches of references already started are let finish (or fail) even when
+            // another reference cannot be had, so none is left in flight when this path fails.
+            let results = futures_util::future::join_all(waits).await;
+            if let Some(e) = unavailable {
+                return Err(e);
+            }
+            for (reference, result) in results {
                 if let Err(source) = result {
                     tracing::debug!(%path, %reference, "not committed: a reference failed");
                     return Err(PathError::Reference {

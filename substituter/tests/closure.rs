@@ -303,11 +303,13 @@ async fn missing_reference_names_the_referrer() {
     // have been fetched (each verified on its own, and finished before the error returned);
     // the missing one is not stored.
     assert!(!store.has_path(&fx.dep).unwrap());
-    assert!(store
-        .fetch_states()
-        .unwrap()
-        .iter()
-        .all(|s| s.state != kof_store::FetchStateKind::Fetching));
+    let states = store.fetch_states().unwrap();
+    assert!(
+        states
+            .iter()
+            .all(|s| s.state != kof_store::FetchStateKind::Fetching),
+        "{states:?}"
+    );
 }
 
 /// Flips `from` to `to` inside the file (first occurrence).
